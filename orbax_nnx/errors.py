@@ -1,0 +1,82 @@
+"""Typed errors raised by orbax_nnx.
+
+Every error names the offending tree path or directory and says what to do.
+All derive from `OrbaxNNXError`, so `except orbax_nnx.errors.OrbaxNNXError` catches them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+_MAX_LISTED = 20
+
+
+def _listing(paths: Iterable[str]) -> str:
+  paths = sorted(paths)
+  shown = '\n'.join(f'    {p}' for p in paths[:_MAX_LISTED])
+  more = len(paths) - _MAX_LISTED
+  return shown + (f'\n    ... and {more} more' if more > 0 else '')
+
+
+class OrbaxNNXError(Exception):
+  """Base class of all orbax_nnx errors."""
+
+
+class NotACheckpointError(OrbaxNNXError, FileNotFoundError):
+  """A path is not (or no longer) a complete Orbax checkpoint."""
+
+  def __init__(self, path, reason: str):
+    self.path = str(path)
+    super().__init__(
+        f'{self.path} is not a readable Orbax checkpoint: {reason}. Pass a step'
+        ' directory written by Orbax (with a _METADATA file per item), an item'
+        ' directory, or a CheckpointManager root.'
+    )
+
+
+class StructureMismatchError(OrbaxNNXError, ValueError):
+  """Target and checkpoint trees have different leaves."""
+
+  def __init__(self, missing: Sequence[str], extra: Sequence[str], where: str = ''):
+    self.missing = sorted(missing)
+    self.extra = sorted(extra)
+    parts = [f'Checkpoint{" " + where if where else ""} does not match the target tree.']
+    if self.missing:
+      parts.append(
+          f'  {len(self.missing)} target leaves are missing from the checkpoint:\n'
+          + _listing(self.missing)
+      )
+    if self.extra:
+      parts.append(
+          f'  {len(self.extra)} checkpoint leaves have no place in the target:\n'
+          + _listing(self.extra)
+      )
+    parts.append(
+        "  Fix the target, or relax the policy: missing='keep' keeps the target's"
+        " values, extra='ignore' skips unused checkpoint leaves."
+    )
+    super().__init__('\n'.join(parts))
+
+
+class ShapeMismatchError(OrbaxNNXError, ValueError):
+  """A stored array has another shape than the one requested."""
+
+  def __init__(self, path: str, stored: Sequence[int], requested: Sequence[int], hint: str = ''):
+    self.path, self.stored, self.requested = path, tuple(stored), tuple(requested)
+    super().__init__(
+        f'Shape mismatch at {path}: stored {self.stored}, requested'
+        f' {self.requested}.'
+        + (f' {hint}' if hint else ' Check the model config matches the checkpoint.')
+    )
+
+
+class LayoutError(OrbaxNNXError, ValueError):
+  """A checkpoint layout could not be recognised or is ambiguous."""
+
+
+class PlanError(OrbaxNNXError, ValueError):
+  """A conversion plan could not be built (e.g. ambiguous scan axis)."""
+
+
+class ShardingError(OrbaxNNXError, ValueError):
+  """A target sharding cannot be used on the available devices."""

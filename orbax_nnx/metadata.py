@@ -1,0 +1,128 @@
+"""Reading Orbax item metadata (never array bytes) into a flat, path-keyed view."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from orbax_nnx import errors
+from orbax_nnx.nnx_tree import DiskPath, VariableRecord
+
+CUSTOM_KEY = 'orbax_nnx'
+METADATA_FILE = '_METADATA'
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafInfo:
+  """Shape, dtype and saved sharding of one stored leaf."""
+
+  shape: tuple[int, ...]
+  dtype: Any
+  metadata: Any  # the Orbax value metadata (ArrayMetadata, ScalarMetadata, ...)
+
+  @property
+  def nbytes(self) -> int:
+    itemsize = 8 if jax.dtypes.issubdtype(self.dtype, jax.dtypes.prng_key) else np.dtype(self.dtype).itemsize
+    return int(np.prod(self.shape, dtype=np.int64)) * itemsize
+
+  def saved_sharding(self) -> jax.sharding.Sharding | None:
+    """The sharding it was saved with, if it can be built on the current devices."""
+    sharding_meta = getattr(self.metadata, 'sharding', None)
+    if sharding_meta is None:
+      return None
+    try:
+      return sharding_meta.to_jax_sharding()
+    except Exception:  # saved on other devices
+      return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemMetadata:
+  """The stored tree of one Orbax item, flattened by path, plus custom metadata."""
+
+  directory: epath.Path
+  leaves: Mapping[DiskPath, LeafInfo]
+  custom: Mapping[str, Any]
+
+  @property
+  def ours(self) -> Mapping[str, Any]:
+    """Our own custom metadata block (empty for checkpoints others wrote)."""
+    block = self.custom.get(CUSTOM_KEY) if isinstance(self.custom, Mapping) else None
+    return block if isinstance(block, Mapping) else {}
+
+  @functools.cached_property
+  def records(self) -> dict[tuple, VariableRecord]:
+    """Variable records keyed by the string-keyed path (as on disk, without 'value')."""
+    out = {}
+    for data in self.ours.get('variables', []):
+      record = VariableRecord.from_json(data)
+      out[tuple(str(k) for k in record.path)] = record
+    return out
+
+
+def _check_dir(directory: epath.Path) -> None:
+  if not directory.exists():
+    raise errors.NotACheckpointError(directory, 'it does not exist')
+  if not directory.is_dir():
+    raise errors.NotACheckpointError(directory, 'it is a file, not a directory')
+  if not (directory / METADATA_FILE).exists():
+    names = sorted(p.name for p in directory.iterdir())[:8]
+    raise errors.NotACheckpointError(
+        directory, f'no {METADATA_FILE} file (found {names or "an empty directory"})'
+    )
+
+
+def _flatten_tree(tree: Any, prefix: DiskPath = ()) -> dict[DiskPath, Any]:
+  out: dict[DiskPath, Any] = {}
+  if isinstance(tree, Mapping):
+    for key, value in tree.items():
+      out.update(_flatten_tree(value, prefix + (str(key),)))
+  elif isinstance(tree, (list, tuple)):
+    for i, value in enumerate(tree):
+      out.update(_flatten_tree(value, prefix + (str(i),)))
+  elif tree is not None:
+    out[prefix] = tree
+  return out
+
+
+def _leaf_info(meta: Any) -> LeafInfo:
+  shape = tuple(getattr(meta, 'shape', ()) or ())
+  dtype = getattr(meta, 'dtype', None)
+  if dtype is None:
+    dtype = np.dtype(np.float64)
+  return LeafInfo(shape, dtype, meta)
+
+
+_READER = None
+
+
+def _reader() -> ocp.PyTreeCheckpointHandler:
+  global _READER
+  if _READER is None:
+    _READER = ocp.PyTreeCheckpointHandler()
+  return _READER
+
+
+def read_item_metadata(
+    directory: epath.PathLike, handler: ocp.PyTreeCheckpointHandler | None = None
+) -> ItemMetadata:
+  """Reads an Orbax PyTree item's metadata; raises NotACheckpointError on bad input."""
+  directory = epath.Path(directory)
+  _check_dir(directory)
+  try:
+    tree_meta = (handler or _reader()).metadata(directory)
+  except errors.OrbaxNNXError:
+    raise
+  except Exception as e:  # corrupt or foreign metadata
+    raise errors.NotACheckpointError(directory, f'its metadata cannot be read ({type(e).__name__}: {e})') from e
+  tree = getattr(tree_meta, 'tree', tree_meta)
+  leaves = {path: _leaf_info(m) for path, m in _flatten_tree(tree).items()}
+  custom = getattr(tree_meta, 'custom_metadata', None) or {}
+  return ItemMetadata(directory, leaves, custom)
