@@ -1,0 +1,40 @@
+"""Assertions shared by the tests."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+
+
+def host(x) -> np.ndarray:
+  """A host copy of an array; typed PRNG keys become their key data."""
+  if isinstance(x, nnx.Variable):
+    x = x.get_value()
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  return np.asarray(x)
+
+
+def flat(state) -> dict:
+  if not isinstance(state, nnx.State):
+    state = nnx.state(state)
+  return {tuple(p): v for p, v in nnx.to_flat_state(state)}
+
+
+def assert_same_state(actual, expected, *, check_types: bool = True) -> None:
+  """Same paths, Variable types, dtypes, shapes and bit-identical values."""
+  a, e = flat(actual), flat(expected)
+  assert sorted(map(str, a)) == sorted(map(str, e)), (sorted(a), sorted(e))
+  for path, ev in e.items():
+    av = a[path]
+    if check_types:
+      assert type(av) is type(ev), (path, type(av), type(ev))
+    ax, ex = (av.get_value() if isinstance(av, nnx.Variable) else av), (ev.get_value() if isinstance(ev, nnx.Variable) else ev)
+    assert ax.dtype == ex.dtype, (path, ax.dtype, ex.dtype)
+    assert ax.shape == ex.shape, (path, ax.shape, ex.shape)
+    np.testing.assert_array_equal(host(ax), host(ex), err_msg=str(path))
+
+
+def shardings(state) -> dict:
+  return {p: v.get_value().sharding for p, v in flat(state).items()}
