@@ -8,6 +8,9 @@ Importing this package registers `NNXCheckpointHandler` with Orbax.
 """
 
 from orbax_nnx import errors
+from orbax_nnx.api import restore
+from orbax_nnx.layout import Layout, LayerGroup, detect_layout
+from orbax_nnx.plan import Plan, plan
 from orbax_nnx.handlers import (
     NNXCheckpointHandler,
     NNXRestore,
@@ -15,16 +18,23 @@ from orbax_nnx.handlers import (
     add_to_registry,
     nnx_registry,
 )
-from orbax_nnx.metadata import read_item_metadata
+from orbax_nnx.metadata import read_item_metadata, resolve_item
 from orbax_nnx.version import __version__
 
 __all__ = [
+    'LayerGroup',
+    'Layout',
     'NNXCheckpointHandler',
+    'Plan',
     'NNXRestore',
     'NNXSave',
     'add_to_registry',
+    'detect_layout',
     'errors',
     'nnx_registry',
+    'plan',
     'read_item_metadata',
+    'resolve_item',
+    'restore',
     '__version__',
 ]

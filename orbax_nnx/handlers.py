@@ -9,7 +9,7 @@ Bytes move through Orbax's own PyTree machinery.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -56,6 +56,15 @@ class NNXRestore(ocp.args.CheckpointArgs):
     default_sharding: for leaves whose target gives no sharding and whose saved
       sharding does not fit the current devices.
     exclude: Variables the target never restores (default: Cache, Intermediate).
+    rules: regex renames `(pattern, replacement)` over canonical source paths
+      (e.g. `('model/(.*)', r'reference_model/\1')`), applied before layout rules.
+    scan_axis: the layer axis of stacked source arrays when shapes leave it
+      ambiguous: an int, or `{regex over canonical paths: axis}`.
+    param_scan_axis: the convention for Params when nothing else decides (MaxText: 1).
+
+  When the stored layout differs from the target (Linen train state, MaxText,
+  other NNX flavour, stacked vs unrolled layers), the restore goes through a plan
+  evaluated lazily per target shard; see `orbax_nnx.plan`.
   """
 
   target: PyTree = None
@@ -63,6 +72,9 @@ class NNXRestore(ocp.args.CheckpointArgs):
   extra: restoring.ExtraPolicy = 'error'
   default_sharding: jax.sharding.Sharding | None = None
   exclude: Any = nnx_tree.DEFAULT_EXCLUDE
+  rules: Sequence[tuple[str, str]] = ()
+  scan_axis: Any = None
+  param_scan_axis: int = 1
 
 
 class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
@@ -145,7 +157,10 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
     raise TypeError(f'NNXCheckpointHandler cannot restore with {type(args).__name__}.')
 
   def _restore_nnx(self, directory: epath.Path, args: NNXRestore) -> Any:
-    meta = read_item_metadata(directory, self._pytree)
+    return self.restore_item(read_item_metadata(directory, self._pytree), args)
+
+  def restore_item(self, meta, args: NNXRestore) -> Any:
+    """Restores from already-read item metadata (used by `orbax_nnx.restore`)."""
     target = args.target
     if target is None:
       return restoring.restore_untargeted(self._pytree, meta, args.default_sharding)
@@ -154,7 +169,8 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
       graphdef, target = target
     restored = restoring.restore_target(
         self._pytree, meta, target, missing=args.missing, extra=args.extra,
-        default_sharding=args.default_sharding, exclude=args.exclude,
+        default_sharding=args.default_sharding, exclude=args.exclude, rules=tuple(args.rules),
+        scan_axis=args.scan_axis, param_scan_axis=args.param_scan_axis,
     )
     return nnx.merge(graphdef, restored) if graphdef is not None else restored
 

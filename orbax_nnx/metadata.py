@@ -126,3 +126,42 @@ def read_item_metadata(
   leaves = {path: _leaf_info(m) for path, m in _flatten_tree(tree).items()}
   custom = getattr(tree_meta, 'custom_metadata', None) or {}
   return ItemMetadata(directory, leaves, custom)
+
+
+def _is_step_dir(path: epath.Path) -> bool:
+  return (path / '_CHECKPOINT_METADATA').exists() or any(
+      (child / METADATA_FILE).exists() for child in path.iterdir() if child.is_dir()
+  )
+
+
+def resolve_item(path: epath.PathLike, *, step: int | None = None, item: str | None = None) -> epath.Path:
+  """The item directory for an item dir, a step dir (+ `item`), or a manager root (+ `step`).
+
+  A manager root defaults to its latest step; a step directory with one item needs no `item`.
+  """
+  path = epath.Path(path)
+  if not path.exists():
+    raise errors.NotACheckpointError(path, 'it does not exist')
+  if not path.is_dir():
+    raise errors.NotACheckpointError(path, 'it is a file, not a directory')
+  if (path / METADATA_FILE).exists():
+    return path
+  steps = sorted(int(c.name) for c in path.iterdir() if c.is_dir() and c.name.isdigit() and _is_step_dir(c))
+  if steps and not _is_step_dir(path):
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise errors.NotACheckpointError(path, f'it has no step {step} (steps: {steps})')
+    path = path / str(step)
+  elif step is not None and path.name != str(step):
+    raise errors.NotACheckpointError(path, f'step={step} given but this is not a manager root')
+  items = sorted(c.name for c in path.iterdir() if c.is_dir() and (c / METADATA_FILE).exists())
+  if item is not None:
+    if item not in items:
+      raise errors.NotACheckpointError(path / item, f'no item {item!r} here (items: {items})')
+    return path / item
+  if len(items) == 1:
+    return path / items[0]
+  if not items:
+    _check_dir(path)  # raises with what was found
+  raise errors.LayoutError(f'{path} holds several items {items}; choose one with item=... (--item).')

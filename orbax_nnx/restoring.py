@@ -7,6 +7,7 @@ NNX flavour), shapes are checked and shardings chosen before Orbax reads a byte.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import jax
@@ -109,17 +110,71 @@ def restore_target(
     extra: ExtraPolicy = 'error',
     default_sharding: jax.sharding.Sharding | None = None,
     exclude=nnx_tree.DEFAULT_EXCLUDE,
+    rules: Sequence[tuple[str, str]] = (),
+    scan_axis: Any = None,
+    param_scan_axis: int = 1,
 ) -> Any:
-  """Restores `target` (abstract state, Module, Optimizer, dict of these)."""
-  matches = match_target(meta, target, missing, extra, exclude)
-  item, restore_args = restore_args_for(matches, meta, default_sharding)
-  partial = len(matches) != len(meta.leaves)
-  restored = impl.restore(
-      meta.directory,
-      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=partial),
-  )
-  values = {m.path: nnx_tree.get_path(restored, m.disk) for m in matches}
+  """Restores `target` (abstract state, Module, Optimizer, dict of these).
+
+  When the stored tree matches the target path for path (either NNX flavour), Orbax
+  reads it directly. Otherwise the layout is detected and a plan (renames, Linen <->
+  NNX, stacking/unrolling layers) is evaluated lazily, per target shard.
+  """
+  if not rules:
+    try:
+      matches = match_target(meta, target, missing, extra, exclude)
+    except errors.StructureMismatchError:
+      matches = None
+    if matches is not None:
+      item, restore_args = restore_args_for(matches, meta, default_sharding)
+      partial = len(matches) != len(meta.leaves)
+      restored = impl.restore(
+          meta.directory,
+          args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=partial),
+      )
+      values = {m.path: nnx_tree.get_path(restored, m.disk) for m in matches}
+      return nnx_tree.rebuild(target, values, exclude)
+  return restore_planned(meta, target, missing=missing, extra=extra, default_sharding=default_sharding,
+                         exclude=exclude, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
+
+
+def restore_planned(meta: ItemMetadata, target: Any, *, missing: MissingPolicy = 'error',
+                    extra: ExtraPolicy = 'error', default_sharding=None, exclude=nnx_tree.DEFAULT_EXCLUDE,
+                    rules=(), scan_axis=None, param_scan_axis: int = 1) -> Any:
+  """Restores `target` from any supported layout through a plan and lazy region reads."""
+  from orbax_nnx.layout import detect  # local: these modules import this one's users
+  from orbax_nnx.plan import build, target_leaves
+  from orbax_nnx.reader import execute
+
+  layout = detect(meta)
+  targets = target_leaves(target, exclude)
+  the_plan = build(layout, targets, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
+  check_plan(the_plan, target, missing, extra, exclude)
+  values_by_target = {path: leaf for path, leaf in nnx_tree.flatten(target, exclude)}
+  sharding_for = {}
+  for path in the_plan.entries:
+    leaf = values_by_target[path]
+    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    sharding_for[path] = (shardings.target_sharding(value, path_str(path)) or default_sharding
+                          or shardings.default_sharding())
+  values = execute(the_plan, sharding_for)
   return nnx_tree.rebuild(target, values, exclude)
+
+
+def check_plan(the_plan, target: Any, missing: MissingPolicy, extra: ExtraPolicy, exclude) -> None:
+  """Raises StructureMismatchError for missing/unused leaves the policies do not allow."""
+  leaves = {path_str(path): leaf for path, leaf in nnx_tree.flatten(target, exclude)}
+  absent = []
+  for name in the_plan.missing:
+    leaf = leaves[name]
+    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    if missing == 'keep' and _is_concrete(value):
+      continue
+    absent.append(name)
+  unused = the_plan.unused if extra == 'error' else []
+  if absent or unused:
+    raise errors.StructureMismatchError(
+        absent, unused, where=f'at {the_plan.source.meta.directory} ({the_plan.source.kind} layout)')
 
 
 def restore_untargeted(

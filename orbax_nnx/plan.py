@@ -1,0 +1,460 @@
+"""Plans: every target leaf as a lazy expression over stored leaves.
+
+An expression is data (`Read`, `Take`, `Stack`, `Transpose`, `Cast`); a `Plan` maps
+each target path to one. Plans are built from a `Layout` (metadata only) and a target
+(an abstract NNX state/model), can be printed and tested without touching arrays, and
+are evaluated per target shard by `orbax_nnx.reader`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Union
+
+import jax
+import numpy as np
+from flax import nnx
+
+from orbax_nnx import errors, nnx_tree
+from orbax_nnx.layout import (MODEL, OPTIMIZER, STACK_HINT_NAMES, UNROLLED_SUFFIX, CanonPath, Layout,
+                              model_start)
+from orbax_nnx.nnx_tree import DiskPath, Path, path_str
+
+ScanAxis = Union[int, Mapping[str, int], None]
+Rule = tuple[str, str]
+
+
+# -- expressions --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Read:
+  """A whole stored array (regions of it are read on demand)."""
+
+  source: DiskPath
+  shape: tuple[int, ...]
+  dtype: Any
+
+  def __str__(self) -> str:
+    return '/'.join(self.source)
+
+
+@dataclasses.dataclass(frozen=True)
+class Take:
+  """Layer `index` of a stacked expression, dropping `axis`."""
+
+  expr: 'Expr'
+  index: int
+  axis: int
+
+  @property
+  def shape(self):
+    s = self.expr.shape
+    return s[: self.axis] + s[self.axis + 1:]
+
+  @property
+  def dtype(self):
+    return self.expr.dtype
+
+  def __str__(self) -> str:
+    return f'take({self.expr}, {self.index}, axis={self.axis})'
+
+
+@dataclasses.dataclass(frozen=True)
+class Stack:
+  """Layers stacked on a new `axis`."""
+
+  exprs: tuple['Expr', ...]
+  axis: int
+
+  @property
+  def shape(self):
+    s = self.exprs[0].shape
+    return s[: self.axis] + (len(self.exprs),) + s[self.axis:]
+
+  @property
+  def dtype(self):
+    return self.exprs[0].dtype
+
+  def __str__(self) -> str:
+    first, last = self.exprs[0], self.exprs[-1]
+    return f'stack([{first} .. {last}] x{len(self.exprs)}, axis={self.axis})'
+
+
+@dataclasses.dataclass(frozen=True)
+class Transpose:
+  """Axes permuted: result axis k is input axis `perm[k]` (moves a layer axis)."""
+
+  expr: 'Expr'
+  perm: tuple[int, ...]
+
+  @property
+  def shape(self):
+    return tuple(self.expr.shape[p] for p in self.perm)
+
+  @property
+  def dtype(self):
+    return self.expr.dtype
+
+  def __str__(self) -> str:
+    return f'transpose({self.expr}, {self.perm})'
+
+
+@dataclasses.dataclass(frozen=True)
+class Cast:
+  expr: 'Expr'
+  dtype: Any
+
+  @property
+  def shape(self):
+    return self.expr.shape
+
+  def __str__(self) -> str:
+    return f'cast({self.expr}, {np.dtype(self.dtype).name})'
+
+
+Expr = Union[Read, Take, Stack, Transpose, Cast]
+
+
+def reads(expr: Expr) -> Iterable[Read]:
+  """The stored arrays an expression reads."""
+  if isinstance(expr, Read):
+    yield expr
+  elif isinstance(expr, Stack):
+    for e in expr.exprs:
+      yield from reads(e)
+  else:
+    yield from reads(expr.expr)
+
+
+# -- targets ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetLeaf:
+  """One target leaf as the planner sees it."""
+
+  path: Path  # target path, original key types
+  canon: CanonPath
+  shape: tuple[int, ...]  # for typed keys: the key *data* shape
+  dtype: Any  # for typed keys: the key data dtype
+  key_impl: Any  # PRNG impl for typed keys, else None
+  param_like: bool
+  out_sharding: tuple | None
+
+
+_NON_PARAM = (nnx.RngState, nnx.BatchStat, nnx.Cache, nnx.Intermediate)
+
+
+def target_leaves(target: Any, exclude=nnx_tree.DEFAULT_EXCLUDE) -> list[TargetLeaf]:
+  """Flattens a target and gives each leaf its canonical path."""
+  flat = list(nnx_tree.flatten(target, exclude))
+  top = {str(p[0]) for p, _ in flat if p}
+  if top & {MODEL, OPTIMIZER}:
+    prefix: tuple = ()
+  elif {'opt_state', 'step'} <= top:
+    prefix = (OPTIMIZER,)
+  else:
+    prefix = (MODEL,)
+  out = []
+  for path, leaf in flat:
+    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    canon = prefix + tuple(str(k) for k in path)
+    shape, dtype, impl = tuple(value.shape), value.dtype, None
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      impl = dtype._impl  # pylint: disable=protected-access
+      shape, dtype = shape + tuple(impl.key_shape), np.dtype('uint32')
+    param_like = not isinstance(leaf, _NON_PARAM)
+    sharding = leaf.get_metadata().get('out_sharding') if isinstance(leaf, nnx.Variable) else None
+    out.append(TargetLeaf(tuple(path), canon, shape, np.dtype(dtype), impl, param_like,
+                          tuple(sharding) if sharding else None))
+  return out
+
+
+# -- the plan -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Plan:
+  """Target path -> expression, plus what could not be matched."""
+
+  source: Layout
+  entries: dict[Path, Expr]
+  leaves: dict[Path, TargetLeaf]
+  missing: list[str]
+  unused: list[str]
+
+  @property
+  def is_identity(self) -> bool:
+    """True when every target leaf is a plain read of a same-shaped, same-dtype stored leaf."""
+    return not self.missing and all(isinstance(e, Read) for e in self.entries.values())
+
+  def bytes_read(self) -> int:
+    seen = {r.source for e in self.entries.values() for r in reads(e)}
+    return sum(self.source.leaves[s].nbytes for s in seen)
+
+  def __str__(self) -> str:
+    lines = [f'# source: {self.source.kind} ({self.source.flavour}); {len(self.entries)} target leaves,'
+             f' {self.bytes_read() / 2**20:.1f} MiB to read']
+    for path, expr in self.entries.items():
+      leaf = self.leaves[path]
+      nbytes = int(np.prod(leaf.shape, dtype=np.int64)) * leaf.dtype.itemsize
+      lines.append(f'{path_str(path)}  <-  {expr}   [{leaf.shape} {leaf.dtype.name}, {nbytes} B]')
+    lines += [f'MISSING {m}' for m in self.missing]
+    lines += [f'UNUSED  {u}' for u in self.unused]
+    return '\n'.join(lines)
+
+
+class _Planner:
+  """Resolves target leaves against a source layout."""
+
+  def __init__(self, layout: Layout, targets: Sequence[TargetLeaf], rules: Sequence[Rule],
+               scan_axis: ScanAxis, param_scan_axis: int):
+    self.layout = layout
+    self.src: dict[CanonPath, DiskPath] = {}
+    compiled = [(re.compile(p), r) for p, r in rules]
+    for canon, disk in layout.canonical.items():
+      self.src[_rename(canon, compiled)] = disk
+    self.targets = targets
+    self.scan_axis = scan_axis
+    self.param_scan_axis = param_scan_axis
+    self.target_group_sizes = _group_sizes(t.canon for t in targets)
+    self.source_group_indices = _group_indices(self.src)
+    self.used: set[CanonPath] = set()
+
+  # - axis choice
+
+  def _explicit_axis(self, canon: CanonPath) -> int | None:
+    if self.scan_axis is None:
+      return None
+    if isinstance(self.scan_axis, int):
+      return self.scan_axis
+    joined = '/'.join(canon)
+    for pattern, axis in self.scan_axis.items():
+      if re.fullmatch(pattern, joined):
+        return axis
+    return None
+
+  def _source_names_axis(self, disk: DiskPath) -> int | None:
+    key = disk[:-1] if disk[-1] == nnx_tree.VALUE_KEY else disk
+    record = self.layout.meta.records.get(key)
+    return _names_axis(record.metadata.get('out_sharding') if record else None)
+
+  def _convention(self, leaf: TargetLeaf) -> int:
+    return self.param_scan_axis if leaf.param_like else 0
+
+  def _choose(self, candidates: list, leaf: TargetLeaf, hints: Sequence[int | None], what: str):
+    if len(candidates) == 1:
+      return candidates[0]
+    for hint in hints:
+      if hint is not None and hint in candidates:
+        return hint
+    raise errors.PlanError(
+        f'{path_str(leaf.path)}: ambiguous layer axis for {what}: any of axes {candidates} fits.'
+        f' Pass scan_axis={{{"/".join(leaf.canon)!r}: AXIS}} (CLI: --scan-axis REGEX=AXIS).'
+    )
+
+  # - resolution
+
+  def resolve(self, leaf: TargetLeaf) -> Expr | None:
+    canon = leaf.canon
+    if canon in self.src:
+      return self._cast(self._fit(self._read(canon), leaf), leaf)
+    start = model_start(canon)
+    for k in range(start, len(canon)):
+      expr = self._unrolled_target(leaf, k) or self._stacked_target(leaf, k)
+      if expr is not None:
+        return self._cast(expr, leaf)
+    return None
+
+  def _read(self, canon: CanonPath) -> Read:
+    self.used.add(canon)
+    disk = self.src[canon]
+    info = self.layout.leaves[disk]
+    return Read(disk, info.shape, np.dtype(info.dtype))
+
+  def _cast(self, expr: Expr, leaf: TargetLeaf) -> Expr:
+    return expr if expr.dtype == leaf.dtype else Cast(expr, leaf.dtype)
+
+  def _fit(self, expr: Read, leaf: TargetLeaf) -> Expr:
+    """Same canonical path: equal shapes read as is; a moved layer axis is transposed."""
+    src, tgt = expr.shape, leaf.shape
+    if src == tgt:
+      return expr
+    perms = sorted({p for p in _moves(len(src)) if tuple(src[i] for i in p) == tgt})
+    if not perms:
+      raise errors.ShapeMismatchError('/'.join(expr.source), src, tgt,
+                                      hint=f'(target {path_str(leaf.path)}) Check the model config.')
+    if len(perms) > 1:
+      src_axis = self._explicit_axis(leaf.canon)
+      if src_axis is None:
+        src_axis = self._source_names_axis(expr.source)
+      if src_axis is None:
+        src_axis = self._convention(leaf) if self.layout.framework == 'linen' else 0
+      tgt_axis = _names_axis(leaf.out_sharding) or 0
+      wanted = _move(len(src), src_axis, tgt_axis)
+      if wanted not in perms:
+        raise errors.PlanError(
+            f'{path_str(leaf.path)}: stored {src} and requested {tgt} differ by a layer-axis move'
+            f' that cannot be decided ({len(perms)} fit). Pass scan_axis={{REGEX: AXIS}} for the source.')
+      perms = [wanted]
+    return Transpose(expr, perms[0])
+
+  def _unrolled_target(self, leaf: TargetLeaf, k: int) -> Expr | None:
+    """Target `.../layers_3/...` or `.../layers/3/...` from a stacked source `.../layers/...`."""
+    canon = leaf.canon
+    m = UNROLLED_SUFFIX.match(canon[k])
+    if m:
+      stacked, index, group = canon[:k] + (m['name'],) + canon[k + 1:], int(m['index']), canon[:k] + (m['name'],)
+    elif canon[k].isdigit() and k > model_start(canon):
+      stacked, index, group = canon[:k] + canon[k + 1:], int(canon[k]), canon[:k]
+    else:
+      return None
+    if stacked not in self.src:
+      return None
+    n = self.target_group_sizes.get(group, 0)
+    source = self._read(stacked)
+    cands = [a for a in range(len(source.shape))
+             if source.shape[a] == n and source.shape[:a] + source.shape[a + 1:] == leaf.shape]
+    if not cands:
+      raise errors.ShapeMismatchError(
+          '/'.join(source.source), source.shape, leaf.shape,
+          hint=f'(target {path_str(leaf.path)} is layer {index} of {n}: no axis of size {n} whose removal'
+          ' gives the requested shape.)')
+    axis = self._choose(cands, leaf, (self._explicit_axis(stacked), self._source_names_axis(source.source),
+                                      self._convention(leaf)), 'unrolling')
+    return Take(source, index, axis)
+
+  def _stacked_target(self, leaf: TargetLeaf, k: int) -> Expr | None:
+    """Target `.../layers/...` (stacked) from unrolled sources `layers_N` or `layers/N`."""
+    canon = leaf.canon
+    for style in ('suffix', 'index'):
+      group = canon[:k] + ((canon[k],) if style == 'suffix' else (canon[k],))
+      indices = self.source_group_indices.get((group, style))
+      if not indices:
+        continue
+      members = []
+      for i in range(len(indices)):
+        member = (canon[:k] + (f'{canon[k]}_{i}',) + canon[k + 1:] if style == 'suffix'
+                  else canon[: k + 1] + (str(i),) + canon[k + 1:])
+        if member not in self.src:
+          break
+        members.append(member)
+      if not members:
+        continue
+      if sorted(indices) != list(range(len(indices))):
+        raise errors.LayoutError(
+            f'{"/".join(group)}: unrolled layer indices {sorted(indices)} have gaps; cannot stack them'
+            f' into {path_str(leaf.path)}.')
+      if len(members) != len(indices):
+        raise errors.LayoutError(f'{path_str(leaf.path)}: layer {len(members)} of {"/".join(group)} lacks'
+                                 f' this leaf ({"/".join(canon[k + 1:])}).')
+      reads_ = [self._read(m) for m in members]
+      shapes = {r.shape for r in reads_}
+      if len(shapes) != 1:
+        raise errors.LayoutError(f'{path_str(leaf.path)}: layers of {"/".join(group)} have unequal shapes'
+                                 f' {sorted(shapes)}; they cannot be stacked.')
+      member_shape, n = reads_[0].shape, len(reads_)
+      cands = [a for a in range(len(leaf.shape))
+               if leaf.shape[a] == n and leaf.shape[:a] + leaf.shape[a + 1:] == member_shape]
+      if not cands:
+        raise errors.ShapeMismatchError(
+            '/'.join(reads_[0].source), member_shape, leaf.shape,
+            hint=f'(stacking {n} layers into {path_str(leaf.path)}: no axis fits.)')
+      axis = self._choose(cands, leaf, (self._explicit_axis(canon), _names_axis(leaf.out_sharding),
+                                        self._convention(leaf)), 'stacking')
+      return Stack(tuple(reads_), axis)
+    return None
+
+
+def _rename(canon: CanonPath, rules) -> CanonPath:
+  joined = '/'.join(canon)
+  for pattern, repl in rules:
+    if pattern.fullmatch(joined):
+      return tuple(pattern.sub(repl, joined).split('/'))
+  return canon
+
+
+def _names_axis(names) -> int | None:
+  if not names:
+    return None
+  for axis, name in enumerate(names):
+    if name in STACK_HINT_NAMES or (isinstance(name, (tuple, list)) and set(name) & set(STACK_HINT_NAMES)):
+      return axis
+  return None
+
+
+def _move(rank: int, src: int, dst: int) -> tuple[int, ...]:
+  order = [i for i in range(rank) if i != src]
+  order.insert(dst, src)
+  return tuple(order)
+
+
+def _moves(rank: int) -> Iterable[tuple[int, ...]]:
+  for a in range(rank):
+    for b in range(rank):
+      if a != b:
+        yield _move(rank, a, b)
+
+
+def _group_sizes(canons: Iterable[CanonPath]) -> dict[CanonPath, int]:
+  """Unrolled groups among target paths: group path -> number of distinct layers."""
+  seen: dict[CanonPath, set[int]] = defaultdict(set)
+  for canon in canons:
+    for k in range(model_start(canon), len(canon)):
+      m = UNROLLED_SUFFIX.match(canon[k])
+      if m:
+        seen[canon[:k] + (m['name'],)].add(int(m['index']))
+      elif canon[k].isdigit() and k > model_start(canon):
+        seen[canon[:k]].add(int(canon[k]))
+  return {g: len(i) for g, i in seen.items()}
+
+
+def _group_indices(src: Iterable[CanonPath]) -> dict[tuple[CanonPath, str], set[int]]:
+  """Unrolled groups among source paths: (group path, style) -> layer indices."""
+  seen: dict[tuple[CanonPath, str], set[int]] = defaultdict(set)
+  for canon in src:
+    for k in range(model_start(canon), len(canon)):
+      m = UNROLLED_SUFFIX.match(canon[k])
+      if m:
+        seen[(canon[:k] + (m['name'],), 'suffix')].add(int(m['index']))
+      elif canon[k].isdigit() and k > model_start(canon):
+        seen[(canon[:k], 'index')].add(int(canon[k]))
+  return seen
+
+
+def build(
+    layout: Layout,
+    targets: Sequence[TargetLeaf],
+    *,
+    rules: Sequence[Rule] = (),
+    scan_axis: ScanAxis = None,
+    param_scan_axis: int = 1,
+) -> Plan:
+  """Builds the plan for `targets` over `layout` (metadata only; reads no arrays)."""
+  planner = _Planner(layout, targets, rules, scan_axis, param_scan_axis)
+  entries, missing = {}, []
+  for leaf in targets:
+    expr = planner.resolve(leaf)
+    if expr is None:
+      missing.append(path_str(leaf.path))
+    else:
+      entries[leaf.path] = expr
+  roots = {t.canon[0] for t in targets}
+  unused = sorted('/'.join(disk) for canon, disk in planner.src.items()
+                  if canon not in planner.used and canon[0] in roots)
+  return Plan(layout, entries, {t.path: t for t in targets}, missing, unused)
+
+
+def plan(source, target, *, rules: Sequence[Rule] = (), scan_axis: ScanAxis = None, param_scan_axis: int = 1,
+         exclude=nnx_tree.DEFAULT_EXCLUDE) -> Plan:
+  """`orbax_nnx.plan(path_or_layout, abstract_target)`: the plan, without reading arrays."""
+  from orbax_nnx.layout import detect_layout  # local: avoid a cycle in type-only users
+  from orbax_nnx.metadata import resolve_item
+
+  layout = source if isinstance(source, Layout) else detect_layout(resolve_item(source))
+  return build(layout, target_leaves(target, exclude), rules=rules, scan_axis=scan_axis,
+               param_scan_axis=param_scan_axis)
