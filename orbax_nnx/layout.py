@@ -185,7 +185,7 @@ def _find_groups(canonical: Mapping[CanonPath, DiskPath], meta: ItemMetadata) ->
       if key.isdigit() and k > 1:
         unrolled[(canon[:k], 'unrolled_index')].add(int(key))
         break
-      if key in STACK_HINT_NAMES:
+      if key in STACK_HINT_NAMES and not (k + 1 < len(canon) and canon[k + 1].isdigit()):
         stacked.add(canon[: k + 1])
         break
   groups = [LayerGroup(path, style, len(idx), tuple(sorted(idx))) for (path, style), idx in sorted(unrolled.items())]

@@ -40,7 +40,8 @@ def disk_path(path: Path, is_variable: bool, flavour: Flavour) -> DiskPath:
 
 
 def is_graph_node(x: Any) -> bool:
-  return graphlib.is_graph_node(x) and not isinstance(x, (Mapping, list, tuple))
+  """A Module, Optimizer or other NNX object (not a Variable, State or container)."""
+  return graphlib.is_graph_node(x) and not isinstance(x, (Mapping, list, tuple, nnx.Variable))
 
 
 def contains_nnx(item: Any) -> bool:

@@ -149,11 +149,16 @@ class TargetLeaf:
 _NON_PARAM = (nnx.RngState, nnx.BatchStat, nnx.Cache, nnx.Intermediate)
 
 
-def target_leaves(target: Any, exclude=nnx_tree.DEFAULT_EXCLUDE) -> list[TargetLeaf]:
-  """Flattens a target and gives each leaf its canonical path."""
+def target_leaves(target: Any, exclude=nnx_tree.DEFAULT_EXCLUDE, rules: Sequence[Rule] = ()) -> list[TargetLeaf]:
+  """Flattens a target and gives each leaf its canonical path.
+
+  A target with top-level `model`/`optimizer` keys (or the root a rename rule writes to)
+  is a train state; one with `opt_state` and `step` an optimizer; anything else a model.
+  """
   flat = list(nnx_tree.flatten(target, exclude))
   top = {str(p[0]) for p, _ in flat if p}
-  if top & {MODEL, OPTIMIZER}:
+  rule_roots = {repl.split('/')[0] for _, repl in rules if '\\' not in repl.split('/')[0]}
+  if top & ({MODEL, OPTIMIZER} | rule_roots):
     prefix: tuple = ()
   elif {'opt_state', 'step'} <= top:
     prefix = (OPTIMIZER,)
@@ -456,5 +461,5 @@ def plan(source, target, *, rules: Sequence[Rule] = (), scan_axis: ScanAxis = No
   from orbax_nnx.metadata import resolve_item
 
   layout = source if isinstance(source, Layout) else detect_layout(resolve_item(source))
-  return build(layout, target_leaves(target, exclude), rules=rules, scan_axis=scan_axis,
+  return build(layout, target_leaves(target, exclude, rules), rules=rules, scan_axis=scan_axis,
                param_scan_axis=param_scan_axis)

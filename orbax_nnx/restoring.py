@@ -67,6 +67,14 @@ def _is_concrete(value: Any) -> bool:
   return isinstance(value, jax.Array) or (hasattr(value, 'shape') and not isinstance(value, jax.ShapeDtypeStruct))
 
 
+def _same_shape(match: LeafMatch, meta: ItemMetadata) -> bool:
+  try:
+    _check_shape(match, meta, match.leaf.get_value() if isinstance(match.leaf, nnx.Variable) else match.leaf)
+  except errors.ShapeMismatchError:
+    return False
+  return True
+
+
 def _check_shape(match: LeafMatch, meta: ItemMetadata, value: Any) -> None:
   info = meta.leaves[match.disk]
   requested = tuple(getattr(value, 'shape', ()))
@@ -125,7 +133,7 @@ def restore_target(
       matches = match_target(meta, target, missing, extra, exclude)
     except errors.StructureMismatchError:
       matches = None
-    if matches is not None:
+    if matches is not None and all(_same_shape(m, meta) for m in matches):
       item, restore_args = restore_args_for(matches, meta, default_sharding)
       partial = len(matches) != len(meta.leaves)
       restored = impl.restore(
@@ -147,7 +155,7 @@ def restore_planned(meta: ItemMetadata, target: Any, *, missing: MissingPolicy =
   from orbax_nnx.reader import execute
 
   layout = detect(meta)
-  targets = target_leaves(target, exclude)
+  targets = target_leaves(target, exclude, rules)
   the_plan = build(layout, targets, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
   check_plan(the_plan, target, missing, extra, exclude)
   values_by_target = {path: leaf for path, leaf in nnx_tree.flatten(target, exclude)}
