@@ -119,3 +119,30 @@ def test_plan_is_printable_and_reads_no_arrays(tmp_path):
   assert 'layers_3/up/kernel  <-  take(params/layers/up/kernel/value, 3, axis=1)' in text
   assert not the_plan.missing
   assert the_plan.source.kind == 'linen'
+
+
+def test_maxtext_nnx_aux_layout_restores_rng_state(tmp_path):
+  state = lc.train(lc.make_state(CFG, maxtext=True), CFG, 2)
+  with jax.set_mesh(ex.make_mesh((2, 4))):
+    donor = ex.Transformer(CFG, rngs=nnx.Rngs(0, dropout=11))
+  rng = nnx.state(donor, nnx.RngState)
+  tree = {'step': state.step, 'params': state.params, 'opt_state': state.opt_state,
+          'nnx_aux': {'model': nnx.to_pure_dict(rng)}}
+  with ocp.CheckpointManager(tmp_path) as mngr:
+    mngr.save(2, args=ocp.args.Composite(items=ocp.args.StandardSave(tree)))
+  layout = orbax_nnx.detect_layout(tmp_path / '2' / 'items')
+  assert layout.kind == 'maxtext'
+
+  def init():
+    model = ex.Transformer(CFG, rngs=nnx.Rngs(5))
+    return {'model': model, 'optimizer': ex.make_optimizer(model)}
+  with jax.set_mesh(ex.make_mesh((4, 2))):
+    abstract = {k: nnx.state(v) for k, v in nnx.eval_shape(init).items()}
+  with ocp.CheckpointManager(tmp_path, handler_registry=orbax_nnx.nnx_registry) as mngr:
+    out = mngr.restore(2, args=ocp.args.Composite(items=ocp.args.StandardRestore(abstract)))['items']
+  key = out['model']['layers']['dropout']['rngs']['key']
+  assert isinstance(key, nnx.RngKey) and jax.dtypes.issubdtype(key.get_value().dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(host(key), host(donor.layers.dropout.rngs.key))
+  assert int(out['optimizer']['step'].get_value()) == 2
+  np.testing.assert_array_equal(host(out['model']['layers']['up']['kernel']),
+                                np.moveaxis(linen_leaf(state.params['params'], 'layers', 'up', 'kernel'), 1, 0))
