@@ -10,7 +10,7 @@ Importing this package registers `NNXCheckpointHandler` with Orbax.
 from orbax_nnx import errors
 from orbax_nnx.api import restore
 from orbax_nnx.layout import Layout, LayerGroup, detect_layout
-from orbax_nnx.plan import Plan, plan
+from orbax_nnx.planner import Plan, plan
 from orbax_nnx.handlers import (
     NNXCheckpointHandler,
     NNXRestore,

@@ -23,7 +23,7 @@ from orbax.checkpoint._src.serialization import tensorstore_utils, types as ser_
 from orbax_nnx import errors
 from orbax_nnx.metadata import ItemMetadata
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
-from orbax_nnx.plan import Cast, Expr, Plan, Read, Stack, Take, TargetLeaf, Transpose, reads
+from orbax_nnx.planner import Cast, Expr, Plan, Read, Stack, Take, TargetLeaf, Transpose, reads
 
 Index = tuple[slice, ...]
 

@@ -151,7 +151,7 @@ def restore_planned(meta: ItemMetadata, target: Any, *, missing: MissingPolicy =
                     rules=(), scan_axis=None, param_scan_axis: int = 1) -> Any:
   """Restores `target` from any supported layout through a plan and lazy region reads."""
   from orbax_nnx.layout import detect  # local: these modules import this one's users
-  from orbax_nnx.plan import build, target_leaves
+  from orbax_nnx.planner import build, target_leaves
   from orbax_nnx.reader import execute
 
   layout = detect(meta)

@@ -1,0 +1,155 @@
+"""`orbax-nnx` command line: thin wrappers over the library.
+
+    orbax-nnx plan SRC [--to nnx|linen] [--scan-layers|--no-scan-layers] [--scan-axis REGEX=AXIS ...]
+    orbax-nnx inspect SRC [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+_USAGE_ERROR = 2
+
+
+def _setup_env() -> None:
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  os.environ.setdefault('MALLOC_ARENA_MAX', '2')
+
+
+def _scan_axis(values):
+  """`--scan-axis 1` or `--scan-axis 'model/layers/.*=1'` (repeatable)."""
+  if not values:
+    return None
+  if len(values) == 1 and re.fullmatch(r'-?\d+', values[0]):
+    return int(values[0])
+  table = {}
+  for value in values:
+    pattern, sep, axis = value.rpartition('=')
+    if not sep or not re.fullmatch(r'-?\d+', axis):
+      raise SystemExit(f'--scan-axis expects REGEX=AXIS or AXIS, got {value!r}')
+    table[pattern] = int(axis)
+  return table
+
+
+def _rules(values):
+  rules = []
+  for value in values or ():
+    pattern, sep, repl = value.partition('=')
+    if not sep:
+      raise SystemExit(f'--rename expects REGEX=REPLACEMENT, got {value!r}')
+    rules.append((pattern, repl))
+  return rules
+
+
+def _add_source(p: argparse.ArgumentParser) -> None:
+  p.add_argument('src', help='item dir, step dir, or CheckpointManager root')
+  p.add_argument('--step', type=int, default=None, help='step of a manager root (default: latest)')
+  p.add_argument('--item', default=None, help='item name inside a step dir with several items')
+
+
+def _add_layout_options(p: argparse.ArgumentParser) -> None:
+  p.add_argument('--to', choices=['auto', 'nnx', 'linen'], default='auto',
+                 help='target framework (auto: the other one)')
+  scan = p.add_mutually_exclusive_group()
+  scan.add_argument('--scan-layers', dest='scan_layers', action='store_true', default=None,
+                    help='stack unrolled layer groups')
+  scan.add_argument('--no-scan-layers', dest='scan_layers', action='store_false',
+                    help='unroll stacked layer groups')
+  p.add_argument('--scan-axis', action='append', metavar='[REGEX=]AXIS',
+                 help='layer axis of stacked arrays (per canonical path regex)')
+  p.add_argument('--param-scan-axis', type=int, default=1, help='convention for Params (MaxText: 1)')
+  p.add_argument('--format', choices=['raw', 'pure'], default='raw', help='NNX flavour to write')
+  p.add_argument('--rename', action='append', metavar='REGEX=REPL', help='rename canonical paths first')
+
+
+def _layout(args):
+  from orbax_nnx.layout import detect_layout
+  from orbax_nnx.metadata import resolve_item
+
+  return detect_layout(resolve_item(args.src, step=args.step, item=args.item))
+
+
+def _target_framework(layout, to: str) -> str:
+  if to != 'auto':
+    return to
+  return 'linen' if layout.framework == 'nnx' else 'nnx'
+
+
+def cmd_plan(args) -> int:
+  from orbax_nnx import planner as plan_lib
+  from orbax_nnx.targets import layout_target
+
+  layout = _layout(args)
+  to = _target_framework(layout, args.to)
+  target = layout_target(layout, to=to, scan_layers=args.scan_layers, scan_axis=_scan_axis(args.scan_axis),
+                         param_scan_axis=args.param_scan_axis, flavour=args.format)
+  axes = {re.escape(k): v for k, v in target.scan_axes.items()}
+  the_plan = plan_lib.build(layout, target.leaves, rules=_rules(args.rename), scan_axis=axes or None,
+                            param_scan_axis=args.param_scan_axis)
+  print(layout.summary())
+  print(f'# to {to}: target path  <-  expression   [shape dtype, bytes]   => stored at')
+  for path, expr in the_plan.entries.items():
+    leaf = the_plan.leaves[path]
+    print(f'{"/".join(path)}  <-  {expr}   [{leaf.shape} {leaf.dtype.name}]   => {"/".join(target.disk[path])}')
+  for m in the_plan.missing:
+    print(f'MISSING {m}')
+  print(f'# {len(the_plan.entries)} leaves, {the_plan.bytes_read() / 2**20:.1f} MiB to read')
+  return 0 if not the_plan.missing else 1
+
+
+def cmd_inspect(args) -> int:
+  layout = _layout(args)
+  rows = []
+  for disk, info in sorted(layout.leaves.items()):
+    rows.append({'path': '/'.join(disk), 'shape': list(info.shape), 'dtype': str(info.dtype),
+                 'bytes': info.nbytes})
+  if args.json:
+    print(json.dumps({'layout': layout.kind, 'flavour': layout.flavour,
+                      'groups': [str(g) for g in layout.groups], 'leaves': rows,
+                      'total_bytes': sum(r['bytes'] for r in rows), 'orbax_nnx': dict(layout.meta.ours)
+                      if layout.meta.ours else None}, default=str))
+    return 0
+  print(layout.summary())
+  width = max((len(r['path']) for r in rows), default=10)
+  for r in rows:
+    print(f'{r["path"]:<{width}}  {str(tuple(r["shape"])):>18}  {r["dtype"]:>10}  {r["bytes"]:>12,}')
+  print(f'{"total":<{width}}  {"":>18}  {"":>10}  {sum(r["bytes"] for r in rows):>12,}')
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog='orbax-nnx', description='Flax NNX tools for Orbax checkpoints.')
+  sub = parser.add_subparsers(dest='command', required=True)
+  p = sub.add_parser('plan', help='print the conversion plan (reads metadata only)')
+  _add_source(p)
+  _add_layout_options(p)
+  p.set_defaults(fn=cmd_plan)
+  p = sub.add_parser('inspect', help='what a checkpoint holds (metadata only)')
+  _add_source(p)
+  p.add_argument('--json', action='store_true')
+  p.set_defaults(fn=cmd_inspect)
+  return parser
+
+
+def main(argv=None) -> int:
+  _setup_env()
+  from orbax_nnx import errors
+
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    return args.fn(args)
+  except BrokenPipeError:  # e.g. piped into `head`
+    sys.stderr.close()
+    return 0
+  except errors.OrbaxNNXError as e:
+    print(f'orbax-nnx {args.command}: error: {e}', file=sys.stderr)
+    return _USAGE_ERROR
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,202 @@
+"""Targets described by a layout name instead of a model: `--to nnx|linen`, `--scan-layers`.
+
+`layout_target(layout, to=..., scan_layers=...)` derives, from a source Layout alone,
+every leaf of the converted checkpoint: its canonical path (for the planner), shape,
+dtype and Variable kind, and where it is stored in the target framework's tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+
+from orbax_nnx import errors
+from orbax_nnx.layout import MODEL, OPTIMIZER, CanonPath, LayerGroup, Layout, model_start
+from orbax_nnx.nnx_tree import VALUE_KEY, DiskPath
+from orbax_nnx.planner import TargetLeaf
+
+Framework = Literal['nnx', 'linen']
+
+_NON_PARAM_TYPES = ('RngKey', 'RngCount', 'RngState', 'BatchStat', 'Cache', 'Intermediate')
+_RNG_NAMES = {'rngs', 'rng', 'dropout_rng'}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutTarget:
+  """Target leaves plus, for each, the path it is written at and its Variable type."""
+
+  leaves: list[TargetLeaf]
+  disk: Mapping[tuple, DiskPath]  # target path -> stored path in the target framework
+  types: Mapping[tuple, str]  # target path -> Variable class name (qualified, for our records)
+  framework: Framework
+  scan_axes: Mapping[str, int]  # canonical group member path -> layer axis used
+
+
+def _is_param_like(layout: Layout, canon: CanonPath, disk: DiskPath) -> bool:
+  record = layout.meta.records.get(disk[:-1] if disk[-1] == VALUE_KEY else disk)
+  if record is not None:
+    return not record.type_name.rsplit('.', 1)[-1] in _NON_PARAM_TYPES
+  if layout.aux_root is not None and disk[: len(layout.aux_root)] == layout.aux_root:
+    return False
+  return not (set(canon) & _RNG_NAMES)
+
+
+def _variable_type(layout: Layout, canon: CanonPath, disk: DiskPath, param_like: bool) -> str:
+  record = layout.meta.records.get(disk[:-1] if disk[-1] == VALUE_KEY else disk)
+  if record is not None:
+    return record.type_name
+  if canon[0] == OPTIMIZER:
+    if canon[-1] == 'step':
+      return 'flax.nnx.training.optimizer.OptState'
+    return 'flax.nnx.training.optimizer.OptVariable' if len(canon) > model_start(canon) else \
+        'flax.nnx.training.optimizer.OptArray'
+  if not param_like:
+    if canon[-1] == 'key':
+      return 'flax.nnx.rnglib.RngKey'
+    if canon[-1] == 'count':
+      return 'flax.nnx.rnglib.RngCount'
+    return 'flax.nnx.variablelib.BatchStat'
+  return 'flax.nnx.variablelib.Param'
+
+
+def _group_of(canon: CanonPath, groups: Sequence[LayerGroup]) -> tuple[LayerGroup, int] | None:
+  """The group a canonical path belongs to (model or moment mirror), with the group key's index."""
+  start = model_start(canon)
+  model_part = canon[start:]
+  for group in groups:
+    gp = group.path[1:]  # drop 'model'
+    if group.style == 'stacked' and model_part[: len(gp)] == gp:
+      return group, start + len(gp) - 1
+    if group.style != 'stacked' and len(model_part) > len(gp):
+      head = model_part[: len(gp)]
+      if group.style == 'unrolled_suffix' and head[:-1] == gp[:-1] and re.fullmatch(
+          re.escape(gp[-1]) + r'_\d+', head[-1]):
+        return group, start + len(gp) - 1
+      if group.style == 'unrolled_index' and head == gp and model_part[len(gp)].isdigit():
+        return group, start + len(gp)
+  return None
+
+
+def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = None,
+                  scan_axis: int | Mapping[str, int] | None = None, param_scan_axis: int = 1,
+                  flavour: Literal['raw', 'pure'] = 'raw', linen_params: Literal['double', 'single'] = 'double',
+                  include: Literal['all', 'params'] = 'all') -> LayoutTarget:
+  """The converted checkpoint's leaves for `layout` converted to framework `to`."""
+  if scan_layers is False:
+    groups = [g for g in layout.groups if g.style == 'stacked']
+  elif scan_layers is True:
+    groups = [g for g in layout.groups if g.style != 'stacked']
+  else:
+    groups = []
+  for g in groups:
+    if g.style == 'stacked' and g.length <= 0:
+      raise errors.PlanError(f'{"/".join(g.path)}: the number of stacked layers cannot be told from the shapes;'
+                             ' pass scan_axis to say where the layer axis is.')
+  recorded = layout.meta.ours.get('scan_axes', {}) if isinstance(layout.meta.ours, Mapping) else {}
+  leaves, disk_of, types, axes = [], {}, {}, {}
+  seen: set[CanonPath] = set()
+  for canon, disk in sorted(layout.canonical.items()):
+    if canon[0] not in (MODEL, OPTIMIZER):
+      continue
+    if include == 'params' and (canon[0] != MODEL or not _is_param_like(layout, canon, disk)):
+      continue
+    info = layout.leaves[disk]
+    param_like = _is_param_like(layout, canon, disk)
+    vtype = _variable_type(layout, canon, disk, param_like)
+    shape, dtype = tuple(info.shape), np.dtype(info.dtype)
+    if canon == (OPTIMIZER, 'step'):
+      dtype = np.dtype('uint32') if to == 'nnx' else np.dtype('int32')
+    hit = _group_of(canon, groups)
+    outputs: list[tuple[CanonPath, tuple]] = []
+    if hit is None:
+      outputs.append((canon, shape))
+    elif hit[0].style == 'stacked':
+      group, k = hit
+      axis = _unstack_axis(canon, shape, group.length, scan_axis, recorded, param_like, param_scan_axis,
+                           layout.framework)
+      axes['/'.join(canon)] = axis
+      member = shape[:axis] + shape[axis + 1:]
+      outputs += [(canon[:k] + (f'{canon[k]}_{i}',) + canon[k + 1:], member) for i in range(group.length)]
+    else:
+      group, k = hit
+      stacked = (canon[:k] + (group.path[-1],) + canon[k + 1:] if group.style == 'unrolled_suffix'
+                 else canon[:k] + canon[k + 1:])
+      if stacked in seen:
+        continue
+      axis = _stack_axis(stacked, scan_axis, recorded, param_like, param_scan_axis, to)
+      axes['/'.join(stacked)] = axis
+      outputs.append((stacked, shape[:axis] + (group.length,) + shape[axis:]))
+    for out_canon, out_shape in outputs:
+      seen.add(out_canon)
+      leaf = TargetLeaf(out_canon, out_canon, tuple(out_shape), dtype, None, param_like, None)
+      leaves.append(leaf)
+      disk_of[out_canon] = _stored_path(out_canon, to, flavour, linen_params, param_like, layout, disk)
+      types[out_canon] = vtype
+  return LayoutTarget(leaves, disk_of, types, to, axes)
+
+
+def _lookup(table, canon: CanonPath):
+  if table is None:
+    return None
+  if isinstance(table, int):
+    return table
+  joined = '/'.join(canon)
+  for pattern, axis in table.items():
+    if re.fullmatch(pattern, joined):
+      return int(axis)
+  return None
+
+
+def _unstack_axis(canon, shape, length, scan_axis, recorded, param_like, param_scan_axis, framework) -> int:
+  explicit = _lookup(scan_axis, canon)
+  if explicit is None:
+    explicit = recorded.get('/'.join(canon))
+  cands = [a for a, n in enumerate(shape) if n == length]
+  if explicit is not None:
+    if explicit not in cands:
+      raise errors.PlanError(f'{"/".join(canon)}: scan axis {explicit} has size'
+                             f' {shape[explicit] if explicit < len(shape) else "?"}, not {length} layers {shape}.')
+    return explicit
+  if len(cands) == 1:
+    return cands[0]
+  conv = (param_scan_axis if param_like else 0) if framework == 'linen' else 0
+  if conv in cands:
+    return conv
+  raise errors.PlanError(f'{"/".join(canon)}: no unique layer axis of size {length} in {shape};'
+                         f' pass scan_axis={{{"/".join(canon)!r}: AXIS}}.')
+
+
+def _stack_axis(canon, scan_axis, recorded, param_like, param_scan_axis, to) -> int:
+  explicit = _lookup(scan_axis, canon)
+  if explicit is None:
+    explicit = recorded.get('/'.join(canon))
+  if explicit is not None:
+    return int(explicit)
+  return (param_scan_axis if param_like else 0) if to == 'linen' else 0
+
+
+def _stored_path(canon: CanonPath, to: Framework, flavour: str, linen_params: str, param_like: bool,
+                 layout: Layout, source_disk: DiskPath) -> DiskPath:
+  if to == 'nnx':
+    if layout.kind == 'params' and canon[0] == MODEL:
+      base = canon[1:]
+    else:
+      base = canon
+    return base + ((VALUE_KEY,) if flavour == 'raw' else ())
+  # Linen: params (optionally double-nested), opt_state with moments mirroring params, step
+  double = linen_params == 'double'
+  if canon[0] == MODEL:
+    if not param_like:
+      return ('nnx_aux', MODEL) + canon[1:]
+    return (('params', 'params') if double else ('params',)) + canon[1:]
+  if canon == (OPTIMIZER, 'step'):
+    return ('step',)
+  start = model_start(canon)
+  rel = canon[2:]
+  if double and start < len(canon):
+    rel = canon[2:start] + ('params',) + canon[start:]
+  return ('opt_state',) + rel
