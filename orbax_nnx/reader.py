@@ -8,6 +8,7 @@ buffer (casts per region), and placed on the devices that hold that shard.
 from __future__ import annotations
 
 import collections
+import itertools
 import concurrent.futures
 import json
 import threading
@@ -31,19 +32,26 @@ DEFAULT_CACHE_BYTES = 256 * 2**20
 
 
 class SourceArrays:
-  """Opens stored arrays of one Orbax item with tensorstore, once each, sharing one context."""
+  """Stored arrays of one Orbax item, read in whole source chunks with a bounded chunk cache.
+
+  A region read costs the whole chunks it touches (a plain Orbax save stores an
+  unsharded array as one chunk), so regions are served from decoded chunks: a chunk
+  only partly needed is kept (LRU, `cache_bytes`, always at least one chunk) until
+  the other regions that need it (e.g. the other layers of a stacked array) are read.
+  Each chunk is decoded once as long as its readers are scheduled together.
+  """
 
   def __init__(self, meta: ItemMetadata, cache_bytes: int = DEFAULT_CACHE_BYTES):
     self.meta = meta
-    raw = meta.directory / '_METADATA'
-    flags = json.loads(raw.read_text())
+    flags = json.loads((meta.directory / '_METADATA').read_text())
     self.use_ocdbt = bool(flags.get('use_ocdbt', True))
     self.use_zarr3 = bool(flags.get('use_zarr3', False))
-    self.context = ts.Context({
-        **tensorstore_utils.get_ts_context(use_ocdbt=self.use_ocdbt).spec.to_json(),
-        'cache_pool': {'total_bytes_limit': cache_bytes},
-    })
+    self.context = tensorstore_utils.get_ts_context(use_ocdbt=self.use_ocdbt)
+    self.cache_bytes = cache_bytes
     self._stores: dict[DiskPath, Any] = {}
+    self._chunks: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
+    self._loading: dict[tuple, concurrent.futures.Future] = {}
+    self._cached_bytes = 0
     self._lock = threading.Lock()
     self.bytes_read = 0
 
@@ -64,7 +72,7 @@ class SourceArrays:
       self._stores[path] = store
     return store
 
-  def read(self, path: DiskPath, index: tuple) -> np.ndarray:
+  def _ts_read(self, path: DiskPath, index: tuple) -> np.ndarray:
     try:
       out = np.asarray(self.store(path)[index].read().result())
     except errors.OrbaxNNXError:
@@ -75,6 +83,61 @@ class SourceArrays:
     with self._lock:
       self.bytes_read += out.nbytes
     return out
+
+  def read(self, path: DiskPath, index: tuple) -> np.ndarray:
+    """The region `index` (slices and ints) of a stored array."""
+    store = self.store(path)
+    shape = tuple(store.shape)
+    squeeze = tuple(i for i, s in enumerate(index) if isinstance(s, (int, np.integer)))
+    region = tuple(slice(s, s + 1) if isinstance(s, (int, np.integer)) else s for s in index)
+    region = _normalize(region, shape)
+    if not shape:
+      return self._ts_read(path, ())
+    chunk = tuple(c or n for c, n in zip(store.chunk_layout.read_chunk.shape or shape, shape))
+    grid = [range(r.start // c, -(-r.stop // c)) if r.stop > r.start else range(0) for r, c in zip(region, chunk)]
+    cells = list(itertools.product(*grid))
+    if not cells or len(cells) == 1 and all(r.start % c == 0 and (r.stop == n or r.stop - r.start == c)
+                                             for r, c, n in zip(region, chunk, shape)):
+      out = self._ts_read(path, region)  # whole chunks requested: nothing to keep
+    else:
+      out = np.empty(tuple(r.stop - r.start for r in region), store.dtype.numpy_dtype)
+      for cell in cells:
+        bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, chunk, shape))
+        data = self._chunk(path, cell, bounds)
+        lo = [max(r.start, b.start) for r, b in zip(region, bounds)]
+        hi = [min(r.stop, b.stop) for r, b in zip(region, bounds)]
+        out[tuple(slice(l - r.start, h - r.start) for l, h, r in zip(lo, hi, region))] = \
+            data[tuple(slice(l - b.start, h - b.start) for l, h, b in zip(lo, hi, bounds))]
+    return out.reshape([n for i, n in enumerate(out.shape) if i not in squeeze]) if squeeze else out
+
+  def _chunk(self, path: DiskPath, cell: tuple, bounds: tuple) -> np.ndarray:
+    key = (path, cell)
+    with self._lock:
+      if key in self._chunks:
+        self._chunks.move_to_end(key)
+        return self._chunks[key]
+      future = self._loading.get(key)
+      owner = future is None
+      if owner:
+        future = self._loading[key] = concurrent.futures.Future()
+    if not owner:
+      return future.result()
+    try:
+      data = self._ts_read(path, bounds)
+    except BaseException as e:
+      with self._lock:
+        del self._loading[key]
+      future.set_exception(e)
+      raise
+    with self._lock:
+      del self._loading[key]
+      self._chunks[key] = data
+      self._cached_bytes += data.nbytes
+      while self._cached_bytes > self.cache_bytes and len(self._chunks) > 1:
+        _, old = self._chunks.popitem(last=False)
+        self._cached_bytes -= old.nbytes
+    future.set_result(data)
+    return data
 
 
 def _normalize(index: Index, shape: tuple[int, ...]) -> tuple[slice, ...]:
