@@ -28,7 +28,7 @@ from orbax_nnx.planner import Cast, Expr, Plan, Read, Stack, Take, TargetLeaf, T
 
 Index = tuple[slice, ...]
 
-DEFAULT_CACHE_BYTES = 256 * 2**20
+DEFAULT_CACHE_BYTES = 512 * 2**20
 
 
 class SourceArrays:
@@ -84,22 +84,42 @@ class SourceArrays:
       self.bytes_read += out.nbytes
     return out
 
-  def read(self, path: DiskPath, index: tuple) -> np.ndarray:
-    """The region `index` (slices and ints) of a stored array."""
+  def _cells(self, path: DiskPath, index: tuple):
+    """(store, region, chunk cells touched, whether whole chunks are requested, squeezed axes)."""
     store = self.store(path)
     shape = tuple(store.shape)
     squeeze = tuple(i for i, s in enumerate(index) if isinstance(s, (int, np.integer)))
     region = tuple(slice(s, s + 1) if isinstance(s, (int, np.integer)) else s for s in index)
     region = _normalize(region, shape)
     if not shape:
-      return self._ts_read(path, ())
+      return store, region, [], True, squeeze, ()
     chunk = tuple(c or n for c, n in zip(store.chunk_layout.read_chunk.shape or shape, shape))
     grid = [range(r.start // c, -(-r.stop // c)) if r.stop > r.start else range(0) for r, c in zip(region, chunk)]
     cells = list(itertools.product(*grid))
-    if not cells or len(cells) == 1 and all(r.start % c == 0 and (r.stop == n or r.stop - r.start == c)
-                                             for r, c, n in zip(region, chunk, shape)):
+    whole = not cells or len(cells) == 1 and all(r.start % c == 0 and (r.stop == n or r.stop - r.start == c)
+                                                 for r, c, n in zip(region, chunk, shape))
+    return store, region, cells, whole, squeeze, chunk
+
+  def prefetch(self, path: DiskPath, index: tuple, pool: concurrent.futures.Executor) -> None:
+    """Starts decoding the chunks a partial region read will need (no-op for whole chunks)."""
+    store, _, cells, whole, _, chunk = self._cells(path, index)
+    if whole:
+      return
+    shape = tuple(store.shape)
+    for cell in cells:
+      bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, chunk, shape))
+      with self._lock:
+        if (path, cell) in self._chunks or (path, cell) in self._loading:
+          continue
+      pool.submit(self._chunk, path, cell, bounds)
+
+  def read(self, path: DiskPath, index: tuple) -> np.ndarray:
+    """The region `index` (slices and ints) of a stored array."""
+    store, region, cells, whole, squeeze, chunk = self._cells(path, index)
+    if whole:
       out = self._ts_read(path, region)  # whole chunks requested: nothing to keep
     else:
+      shape = tuple(store.shape)
       out = np.empty(tuple(r.stop - r.start for r in region), store.dtype.numpy_dtype)
       for cell in cells:
         bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, chunk, shape))
@@ -176,6 +196,26 @@ def evaluate(expr: Expr, index: tuple[slice, ...], source: SourceArrays) -> np.n
   raise TypeError(f'unknown expression {expr!r}')
 
 
+def read_regions(expr: Expr, index: tuple):
+  """The (stored path, region) pairs evaluating `expr` over `index` reads."""
+  if isinstance(expr, Read):
+    yield expr.source, index
+  elif isinstance(expr, Cast):
+    yield from read_regions(expr.expr, index)
+  elif isinstance(expr, Take):
+    yield from read_regions(expr.expr, index[: expr.axis] + (expr.index,) + index[expr.axis:])
+  elif isinstance(expr, Transpose):
+    src_index = [slice(None)] * len(expr.perm)
+    for k, p in enumerate(expr.perm):
+      src_index[p] = index[k]
+    yield from read_regions(expr.expr, tuple(src_index))
+  elif isinstance(expr, Stack):
+    layer = index[expr.axis]
+    rest = index[: expr.axis] + index[expr.axis + 1:]
+    for i in range(layer.start, layer.stop):
+      yield from read_regions(expr.exprs[i], rest)
+
+
 def _read_take(expr: Take, index: tuple, source: SourceArrays) -> np.ndarray:
   """Reads a layer: an integer index into the stacked expression drops that axis."""
   inner = expr.expr
@@ -190,7 +230,8 @@ def _read_take(expr: Take, index: tuple, source: SourceArrays) -> np.ndarray:
 class _Pending:
   """A target array whose shard reads are in flight."""
 
-  def __init__(self, path: Path, expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays, pool):
+  def __init__(self, path: Path, expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays, pool,
+               prefetch_pool=None):
     self.path, self.leaf, self.sharding = path, leaf, sharding
     self.by_index: dict[tuple, list] = defaultdict(list)
     self.futures: dict[tuple, concurrent.futures.Future] = {}
@@ -202,6 +243,9 @@ class _Pending:
       norm = _normalize(index, leaf.shape)
       key = tuple((s.start, s.stop) for s in norm)
       if key not in self.futures:
+        if prefetch_pool is not None:
+          for path_, region in read_regions(expr, norm):
+            source.prefetch(path_, region, prefetch_pool)
         self.futures[key] = pool.submit(evaluate, expr, norm, source)
         self.nbytes += int(np.prod([s.stop - s.start for s in norm], dtype=np.int64)) * leaf.dtype.itemsize
       self.by_index[key].append(device)
@@ -213,7 +257,7 @@ class _Pending:
     arrays = []
     for key, devices in self.by_index.items():
       host = self.futures[key].result()
-      arrays += [jax.device_put(host, d) for d in devices]
+      arrays += [jax.device_put(host, d, may_alias=True) for d in devices]
     return jax.make_array_from_single_device_arrays(self.leaf.shape, self.sharding, arrays)
 
 
@@ -242,11 +286,12 @@ def execute(plan: Plan, shardings: Mapping[Path, jax.sharding.Sharding], source:
       raise errors.OrbaxNNXError(f'{path_str(job.path)}: reading {plan.entries[job.path]} failed: {e}') from e
     inflight -= job.nbytes
 
-  with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
+  with concurrent.futures.ThreadPoolExecutor(max_workers) as pool, \
+      concurrent.futures.ThreadPoolExecutor(2) as prefetch_pool:
     for path in order:
       while pending and inflight >= inflight_bytes:
         finish_one()
-      job = _Pending(path, plan.entries[path], plan.leaves[path], shardings[path], source, pool)
+      job = _Pending(path, plan.entries[path], plan.leaves[path], shardings[path], source, pool, prefetch_pool)
       pending.append(job)
       inflight += job.nbytes
     while pending:

@@ -33,7 +33,8 @@ class LayoutTarget:
   disk: Mapping[tuple, DiskPath]  # target path -> stored path in the target framework
   types: Mapping[tuple, str]  # target path -> Variable class name (qualified, for our records)
   framework: Framework
-  scan_axes: Mapping[str, int]  # canonical group member path -> layer axis used
+  scan_axes: Mapping[str, int]  # canonical stacked path -> layer axis used
+  stacked: Mapping[tuple, int]  # target path -> layer axis, for leaves this conversion stacks
 
 
 def _is_param_like(layout: Layout, canon: CanonPath, disk: DiskPath) -> bool:
@@ -84,8 +85,14 @@ def _group_of(canon: CanonPath, groups: Sequence[LayerGroup]) -> tuple[LayerGrou
 def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = None,
                   scan_axis: int | Mapping[str, int] | None = None, param_scan_axis: int = 1,
                   flavour: Literal['raw', 'pure'] = 'raw', linen_params: Literal['double', 'single'] = 'double',
-                  include: Literal['all', 'params'] = 'all') -> LayoutTarget:
-  """The converted checkpoint's leaves for `layout` converted to framework `to`."""
+                  include: Literal['all', 'params'] = 'all', original: Mapping | None = None) -> LayoutTarget:
+  """The converted checkpoint's leaves for `layout` converted to framework `to`.
+
+  `original` is the conversion record of a checkpoint we wrote: converting back, each
+  leaf goes to its original stored path with its original dtype (bit-exact round trips).
+  """
+  original_paths = dict(original.get('paths', {})) if original else {}
+  original_dtypes = dict(original.get('dtypes', {})) if original else {}
   if scan_layers is False:
     groups = [g for g in layout.groups if g.style == 'stacked']
   elif scan_layers is True:
@@ -97,7 +104,7 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
       raise errors.PlanError(f'{"/".join(g.path)}: the number of stacked layers cannot be told from the shapes;'
                              ' pass scan_axis to say where the layer axis is.')
   recorded = layout.meta.ours.get('scan_axes', {}) if isinstance(layout.meta.ours, Mapping) else {}
-  leaves, disk_of, types, axes = [], {}, {}, {}
+  leaves, disk_of, types, axes, stacked_out = [], {}, {}, {}, {}
   seen: set[CanonPath] = set()
   for canon, disk in sorted(layout.canonical.items()):
     if canon[0] not in (MODEL, OPTIMIZER):
@@ -129,14 +136,18 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
         continue
       axis = _stack_axis(stacked, scan_axis, recorded, param_like, param_scan_axis, to)
       axes['/'.join(stacked)] = axis
+      stacked_out[stacked] = axis
       outputs.append((stacked, shape[:axis] + (group.length,) + shape[axis:]))
     for out_canon, out_shape in outputs:
       seen.add(out_canon)
-      leaf = TargetLeaf(out_canon, out_canon, tuple(out_shape), dtype, None, param_like, None)
+      key = '/'.join(out_canon)
+      out_dtype = np.dtype(original_dtypes[key]) if key in original_dtypes else dtype
+      leaf = TargetLeaf(out_canon, out_canon, tuple(out_shape), out_dtype, None, param_like, None)
       leaves.append(leaf)
-      disk_of[out_canon] = _stored_path(out_canon, to, flavour, linen_params, param_like, layout, disk)
+      disk_of[out_canon] = (tuple(original_paths[key].split('/')) if key in original_paths else
+                            _stored_path(out_canon, to, flavour, linen_params, param_like, layout, disk))
       types[out_canon] = vtype
-  return LayoutTarget(leaves, disk_of, types, to, axes)
+  return LayoutTarget(leaves, disk_of, types, to, axes, stacked_out)
 
 
 def _lookup(table, canon: CanonPath):

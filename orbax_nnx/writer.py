@@ -1,0 +1,130 @@
+"""Streaming writes: Orbax saves a tree of lazy arrays, materializing one array at a time.
+
+`LazyArray` is a plain leaf (not a pytree node, no `__array__`) holding a plan
+expression. `LazyArrayHandler`, an Orbax `ArrayHandler` used only through a local
+type-handler registry, turns each lazy leaf into a `jax.Array` (per-shard region reads)
+just before Orbax writes it, and drops it once written: peak memory is a bounded window
+of arrays, not the checkpoint. `_METADATA` records `jax.Array`, so plain Orbax reads
+the result. Leans on Orbax's serialization internals: pinned to orbax-checkpoint 0.12.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.futures import future as future_lib
+from orbax.checkpoint._src.metadata import array_metadata_store as array_metadata_store_lib
+from orbax.checkpoint._src.serialization import jax_array_handlers, type_handler_registry, types as ser_types
+
+from orbax_nnx.planner import Expr, TargetLeaf
+from orbax_nnx.reader import SourceArrays, _Pending
+
+
+class LazyArray:
+  """A target array not read yet: `expr` evaluated onto `sharding` when written."""
+
+  def __init__(self, expr: Expr, leaf: TargetLeaf, sharding: jax.sharding.Sharding, session: 'WriteSession'):
+    self.expr, self.leaf, self.sharding, self.session = expr, leaf, sharding, session
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.leaf.shape
+
+  @property
+  def dtype(self):
+    return self.leaf.dtype
+
+  @property
+  def ndim(self) -> int:
+    return len(self.leaf.shape)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.leaf.shape, dtype=np.int64))
+
+  @property
+  def nbytes(self) -> int:
+    return self.size * self.leaf.dtype.itemsize
+
+  def start(self) -> _Pending:
+    return _Pending(self.leaf.path, self.expr, self.leaf, self.sharding, self.session.source, self.session.pool)
+
+  def __repr__(self) -> str:
+    return f'LazyArray({self.expr}, shape={self.shape}, dtype={self.dtype})'
+
+
+class WriteSession:
+  """Shared state of one streaming write: the source, the read pool, progress counters."""
+
+  def __init__(self, source: SourceArrays, buffer_bytes: int, max_workers: int = 8, progress=None):
+    self.source = source
+    self.buffer_bytes = buffer_bytes
+    self.pool = concurrent.futures.ThreadPoolExecutor(max_workers)
+    self.progress = progress
+    self.leaves_written = 0
+    self.bytes_written = 0
+
+  def close(self) -> None:
+    self.pool.shutdown(wait=True)
+
+
+class LazyArrayHandler(jax_array_handlers.ArrayHandler):
+  """Writes LazyArrays as `jax.Array`s, a bounded window at a time."""
+
+  async def serialize(self, values: Sequence[LazyArray], infos: Sequence[ser_types.ParamInfo],
+                      args: Sequence[ser_types.SaveArgs] | None = None):
+    args = list(args or [ser_types.SaveArgs()] * len(values))
+    base = super()
+
+    async def write_all():
+      if not values:
+        return
+      session = values[0].session
+      window: list[tuple[int, Any]] = []  # (index, pending read)
+      inflight = 0
+      next_index = 0
+      for i in range(len(values)):
+        # keep reads running ahead of the writer, up to the byte budget
+        while next_index < len(values) and (not window or inflight + values[next_index].nbytes
+                                            <= session.buffer_bytes):
+          window.append((next_index, values[next_index].start()))
+          inflight += values[next_index].nbytes
+          next_index += 1
+        index, pending = window.pop(0)
+        assert index == i
+        array = pending.result()
+        futures = await base.serialize([array], [infos[i]], [args[i]])
+        for f in futures:
+          f.result()
+        inflight -= values[i].nbytes
+        session.leaves_written += 1
+        session.bytes_written += values[i].nbytes
+        if session.progress is not None:
+          session.progress(values[i])
+        del array, pending
+
+    return [future_lib.CommitFutureAwaitingContractedSignals(write_all(), name='orbax_nnx_stream')]
+
+
+def streaming_pytree_handler(**options: Any) -> ocp.PyTreeCheckpointHandler:
+  """A PyTreeCheckpointHandler that also writes LazyArray leaves (local registry only)."""
+  store = array_metadata_store_lib.Store()
+  registry = type_handler_registry.create_type_handler_registry(
+      *[(ty, h) for ty, h in type_handler_registry._DEFAULT_TYPE_HANDLERS if ty is not jax.Array],  # pylint: disable=protected-access
+      (jax.Array, jax_array_handlers.ArrayHandler(array_metadata_store=store)),
+      (LazyArray, LazyArrayHandler(array_metadata_store=store)),
+  )
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, **options)
+
+
+def layer_chunk_args(leaf: TargetLeaf, axis: int | None) -> ocp.SaveArgs | None:
+  """SaveArgs storing a stacked array one layer per chunk along `axis`."""
+  if axis is None or not leaf.shape:
+    return None
+  layer_bytes = leaf.dtype.itemsize * int(np.prod(leaf.shape, dtype=np.int64)) // max(leaf.shape[axis], 1)
+  return ocp.SaveArgs(chunk_byte_size=max(layer_bytes, 1), shard_axes=(axis,))
