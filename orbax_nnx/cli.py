@@ -87,7 +87,7 @@ def cmd_plan(args) -> int:
   to = _target_framework(layout, args.to)
   target = layout_target(layout, to=to, scan_layers=args.scan_layers, scan_axis=_scan_axis(args.scan_axis),
                          param_scan_axis=args.param_scan_axis, flavour=args.format)
-  axes = {re.escape(k): v for k, v in target.scan_axes.items()}
+  axes = target.planner_axes()
   the_plan = plan_lib.build(layout, target.leaves, rules=_rules(args.rename), scan_axis=axes or None,
                             param_scan_axis=args.param_scan_axis)
   print(layout.summary())

@@ -13,6 +13,7 @@ flags and reproduces the source bit-exactly.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import resource
 import sys
@@ -27,7 +28,7 @@ from etils import epath
 from orbax_nnx import errors, nnx_tree, version
 from orbax_nnx.layout import Layout, detect
 from orbax_nnx.metadata import CUSTOM_KEY, read_item_metadata, resolve_item
-from orbax_nnx.planner import Plan, build
+from orbax_nnx.planner import Plan, build, reads
 from orbax_nnx.reader import SourceArrays
 from orbax_nnx.targets import LayoutTarget, layout_target
 from orbax_nnx.writer import LazyArray, WriteSession, layer_chunk_args, streaming_pytree_handler
@@ -107,7 +108,7 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
   target = layout_target(layout, to=to, scan_layers=scan_layers, scan_axis=scan_axis,
                          param_scan_axis=param_scan_axis, flavour=flavour, include=include,
                          original=original)
-  axes = {re.escape(k): v for k, v in target.scan_axes.items()}
+  axes = target.planner_axes()
   the_plan = build(layout, target.leaves, rules=rules, scan_axis=axes or scan_axis,
                    param_scan_axis=param_scan_axis)
   if the_plan.missing:
@@ -116,10 +117,83 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
   return layout, target, the_plan, options
 
 
+def source_structure(item_dir: epath.Path) -> dict[str, Any]:
+  """Container facts of an Orbax tree that leaves alone do not tell: sequence nodes and None leaves."""
+  raw = json.loads((item_dir / '_METADATA').read_text()).get('tree_metadata', {})
+  sequences, nones = set(), []
+  for entry in raw.values():
+    keys = [str(k['key']) for k in entry.get('key_metadata', [])]
+    for depth, k in enumerate(entry.get('key_metadata', [])):
+      if k.get('key_type') == 1:
+        sequences.add('/'.join(keys[:depth]))
+    if (entry.get('value_metadata') or {}).get('value_type') == 'None':
+      nones.append('/'.join(keys))
+  return {'sequences': sorted(sequences), 'nones': sorted(nones)}
+
+
+def structure_from_template(template: Any) -> dict[str, Any]:
+  """Container facts of a pytree (e.g. a Linen TrainState): its sequence nodes and empty entries.
+
+  NNX keeps no optax EmptyState entries; a Linen TrainState has them (as None on disk).
+  Passing the Linen state as `template` to `convert` writes them, so the result restores
+  into that TrainState with plain Orbax.
+  """
+  def empty(x):
+    return x is None or (isinstance(x, tuple) and len(x) == 0)
+
+  sequences, nones = set(), []
+  for keypath, leaf in jax.tree_util.tree_flatten_with_path(template, is_leaf=empty)[0]:
+    names = []
+    for k in keypath:
+      if isinstance(k, jax.tree_util.SequenceKey):
+        sequences.add('/'.join(names))
+        names.append(str(k.idx))
+      else:
+        names.append(str(getattr(k, 'key', getattr(k, 'name', k))))
+    if empty(leaf):
+      nones.append('/'.join(names))
+  return {'sequences': sorted(sequences), 'nones': sorted(nones)}
+
+
+def _shape_containers(tree: dict, structure: Mapping[str, Any] | None, framework: str) -> Any:
+  """Inserts None leaves and turns digit-keyed dicts into lists, as the original tree had them.
+
+  Without a record (a first conversion to Linen), digit-keyed nodes under `opt_state`
+  become lists (optax chains are tuples), EmptyState gaps become None.
+  """
+  sequences = set(structure.get('sequences', ())) if structure else set()
+  for path in (structure.get('nones', ()) if structure else ()):
+    keys = tuple(path.split('/'))
+    parent = tree
+    try:
+      for key in keys[:-1]:
+        parent = parent.setdefault(key, {})
+    except AttributeError:
+      continue
+    if isinstance(parent, dict):
+      parent.setdefault(keys[-1], None)
+
+  def walk(node, path):
+    if not isinstance(node, dict):
+      return node
+    node = {k: walk(v, path + (k,)) for k, v in node.items()}
+    joined = '/'.join(path)
+    digit = bool(node) and all(k.isdigit() for k in node)
+    if digit and (joined in sequences or (not structure and framework == 'linen' and 'opt_state' in path)):
+      size = max(int(k) for k in node) + 1
+      return [node.get(str(i)) for i in range(size)]
+    return node
+
+  return walk(tree, ())
+
+
 def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: Plan, custom: dict, *,
-               overwrite: bool, buffer_bytes: int, progress: Callable | None = None) -> tuple[int, int]:
+               overwrite: bool, buffer_bytes: int, progress: Callable | None = None,
+               structure: Mapping[str, Any] | None = None) -> tuple[int, int]:
   """Streams the plan into an Orbax item at `dst` (atomic). Returns (bytes read, bytes written)."""
-  source = SourceArrays(layout.meta, cache_bytes=max(buffer_bytes, 1))
+  # the chunk cache must hold the chunks a group of layers is sliced from (at least the largest)
+  largest = max((layout.leaves[r.source].nbytes for e in the_plan.entries.values() for r in reads(e)), default=0)
+  source = SourceArrays(layout.meta, cache_bytes=max(buffer_bytes, largest))
   session = WriteSession(source, buffer_bytes, progress=progress)
   tree: dict = {}
   save_args: dict = {}
@@ -129,6 +203,8 @@ def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: 
       disk = target.disk[path]
       nnx_tree.set_path(tree, disk, LazyArray(expr, leaf, _default_sharding(leaf), session))
       nnx_tree.set_path(save_args, disk, layer_chunk_args(leaf, target.stacked.get(path)) or ocp.SaveArgs())
+    tree = _shape_containers(tree, structure, target.framework)
+    save_args = _shape_containers(save_args, structure, target.framework)
     handler = streaming_pytree_handler()
     with ocp.Checkpointer(handler) as ckptr:
       ckptr.save(dst, args=ocp.args.PyTreeSave(item=tree, save_args=save_args, custom_metadata=custom),
@@ -143,12 +219,13 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
             format: Literal['raw', 'pure'] = 'raw', rules: Sequence[tuple[str, str]] = (),
             include: Literal['all', 'params'] = 'all', overwrite: bool = False,
             buffer_bytes: int = DEFAULT_BUFFER_BYTES, step: int | None = None, item: str | None = None,
-            progress: Callable | None = None) -> ConvertReport:
+            progress: Callable | None = None, template: Any = None) -> ConvertReport:
   """Converts the checkpoint at `src` to another layout at `dst` (an Orbax item directory).
 
   `to='auto'` converts to the other framework (or back to the original one after a
   conversion). `scan_layers=False` unrolls stacked layer groups, `True` stacks unrolled
-  ones, `None` keeps them. Optimizer moments follow their params; the step is cast
+  ones, `None` keeps them. `template` (e.g. the Linen TrainState) gives the container
+  structure to write (sequences, EmptyState entries). Optimizer moments follow their params; the step is cast
   (int32 Linen <-> uint32 NNX). DST restores with `orbax_nnx.restore(dst, target)`, with
   `ocp.StandardCheckpointer().restore(dst, abstract_tree)`, or through a manager as an item.
   """
@@ -167,12 +244,20 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
       'scan_axes': dict(target.scan_axes),
       'conversion': {
           'from_kind': layout.kind, 'from_framework': layout.framework, 'scan_layers': options['scan_layers'],
+          'source_scan_axes': {**dict(layout.meta.ours.get('scan_axes', {}) if layout.meta.ours else {}),
+                               **dict(target.source_axes)},
           'paths': {'/'.join(c): '/'.join(d) for c, d in layout.canonical.items()},
           'dtypes': {'/'.join(c): str(layout.leaves[d].dtype) for c, d in layout.canonical.items()},
+          'structure': source_structure(src_item),
       },
   }}
+  record = layout.meta.ours.get('conversion') if layout.meta.ours else None
+  structure = (record.get('structure') if isinstance(record, Mapping) and record.get('from_framework') ==
+               options['to'] else None)
+  if template is not None:
+    structure = structure_from_template(template)
   bytes_read, bytes_written = write_plan(dst, layout, target, the_plan, custom, overwrite=overwrite,
-                                         buffer_bytes=buffer_bytes, progress=progress)
+                                         buffer_bytes=buffer_bytes, progress=progress, structure=structure)
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
   return ConvertReport(str(src_item), str(dst), layout.kind, options['to'], len(the_plan.entries), bytes_read,
                        bytes_written, time.perf_counter() - t0, rss)

@@ -157,7 +157,7 @@ def detect(meta: ItemMetadata) -> Layout:
       add((OPTIMIZER, 'opt_state') + _drop_params_level(rel[len(opt_root):], param_suffixes), p)
     else:
       add(('other',) + rel, p)
-  groups = _find_groups(canonical, meta)
+  groups = _find_groups(canonical, meta, 'nnx' if kind in ('nnx', 'params') else 'linen')
   return Layout(kind, flavour, params_root, opt_root, step_path, aux_root, tuple(groups), canonical,
                 meta.leaves, meta)
 
@@ -170,7 +170,7 @@ def _drop_params_level(rel: DiskPath, param_suffixes: set) -> DiskPath:
   return rel
 
 
-def _find_groups(canonical: Mapping[CanonPath, DiskPath], meta: ItemMetadata) -> list[LayerGroup]:
+def _find_groups(canonical: Mapping[CanonPath, DiskPath], meta: ItemMetadata, framework: str) -> list[LayerGroup]:
   unrolled: dict[tuple[CanonPath, str], set[int]] = defaultdict(set)
   stacked: set[CanonPath] = set()
   for canon in canonical:
@@ -190,15 +190,21 @@ def _find_groups(canonical: Mapping[CanonPath, DiskPath], meta: ItemMetadata) ->
         break
   groups = [LayerGroup(path, style, len(idx), tuple(sorted(idx))) for (path, style), idx in sorted(unrolled.items())]
   for path in sorted(stacked):
-    groups.append(LayerGroup(path, 'stacked', _common_length(canonical, meta, path)))
+    groups.append(LayerGroup(path, 'stacked', _common_length(canonical, meta, path, framework)))
   return groups
 
 
-def _common_length(canonical, meta, prefix: CanonPath) -> int:
-  """The layer count of a stacked group: the dimension every member shares (0 if unclear)."""
+def _common_length(canonical, meta, prefix: CanonPath, framework: str) -> int:
+  """The layer count of a stacked group: the dimension every member shares (0 if unclear).
+
+  When several sizes are shared, our recorded `out_sharding` names decide, then the
+  convention: the size every member has at axis 1 (Linen/MaxText params) or 0 (NNX).
+  """
   common = None
+  shapes = []
   for canon, disk in canonical.items():
     if canon[: len(prefix)] == prefix:
+      shapes.append(meta.leaves[disk].shape)
       dims = set(meta.leaves[disk].shape)
       common = dims if common is None else common & dims
   if common and len(common) == 1:
@@ -213,6 +219,10 @@ def _common_length(canonical, meta, prefix: CanonPath) -> int:
       for axis, name in enumerate(sharding):
         if name in STACK_HINT_NAMES:
           return meta.leaves[disk].shape[axis]
+  for axis in ((1, 0) if framework == 'linen' else (0, 1)):
+    sizes = {s[axis] for s in shapes if len(s) > axis}
+    if len(sizes) == 1 and common and sizes <= common and all(len(s) > axis or not s for s in shapes):
+      return sizes.pop()
   return 0
 
 

@@ -144,6 +144,7 @@ class TargetLeaf:
   key_impl: Any  # PRNG impl for typed keys, else None
   param_like: bool
   out_sharding: tuple | None
+  layer_axis: int | None = None  # the target's layer axis when it is known (layout targets)
 
 
 _NON_PARAM = (nnx.RngState, nnx.BatchStat, nnx.Cache, nnx.Intermediate)
@@ -299,7 +300,7 @@ class _Planner:
         src_axis = self._source_names_axis(expr.source)
       if src_axis is None:
         src_axis = self._convention(leaf) if self.layout.framework == 'linen' else 0
-      tgt_axis = _names_axis(leaf.out_sharding) or 0
+      tgt_axis = leaf.layer_axis if leaf.layer_axis is not None else (_names_axis(leaf.out_sharding) or 0)
       wanted = _move(len(src), src_axis, tgt_axis)
       if wanted not in perms:
         raise errors.PlanError(
@@ -369,7 +370,7 @@ class _Planner:
         raise errors.ShapeMismatchError(
             '/'.join(reads_[0].source), member_shape, leaf.shape,
             hint=f'(stacking {n} layers into {path_str(leaf.path)}: no axis fits.)')
-      axis = self._choose(cands, leaf, (self._explicit_axis(canon), _names_axis(leaf.out_sharding),
+      axis = self._choose(cands, leaf, (leaf.layer_axis, self._explicit_axis(canon), _names_axis(leaf.out_sharding),
                                         self._convention(leaf)), 'stacking')
       return Stack(tuple(reads_), axis)
     return None

@@ -33,8 +33,15 @@ class LayoutTarget:
   disk: Mapping[tuple, DiskPath]  # target path -> stored path in the target framework
   types: Mapping[tuple, str]  # target path -> Variable class name (qualified, for our records)
   framework: Framework
-  scan_axes: Mapping[str, int]  # canonical stacked path -> layer axis used
-  stacked: Mapping[tuple, int]  # target path -> layer axis, for leaves this conversion stacks
+  scan_axes: Mapping[str, int]  # canonical stacked path -> layer axis in the target
+  source_axes: Mapping[str, int]  # canonical stacked path -> layer axis in the source (unrolled/moved)
+  stacked: Mapping[tuple, int]  # target path -> layer axis, for leaves written stacked
+
+  def planner_axes(self) -> dict[str, int]:
+    """`scan_axis` for the planner: source axes where the source is stacked, else target axes."""
+    out = {re.escape(k): v for k, v in self.scan_axes.items()}
+    out.update({re.escape(k): v for k, v in self.source_axes.items()})
+    return out
 
 
 def _is_param_like(layout: Layout, canon: CanonPath, disk: DiskPath) -> bool:
@@ -99,12 +106,16 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
     groups = [g for g in layout.groups if g.style != 'stacked']
   else:
     groups = []
+  # stacked groups that stay stacked across frameworks move to the target's layer-axis convention
+  moved = [g for g in layout.groups if g.style == 'stacked' and g.length > 0 and g not in groups
+           and to != layout.framework]
+  target_recorded = dict(original.get('source_scan_axes', {})) if original else {}
   for g in groups:
     if g.style == 'stacked' and g.length <= 0:
       raise errors.PlanError(f'{"/".join(g.path)}: the number of stacked layers cannot be told from the shapes;'
                              ' pass scan_axis to say where the layer axis is.')
   recorded = layout.meta.ours.get('scan_axes', {}) if isinstance(layout.meta.ours, Mapping) else {}
-  leaves, disk_of, types, axes, stacked_out = [], {}, {}, {}, {}
+  leaves, disk_of, types, axes, source_axes, stacked_out = [], {}, {}, {}, {}, {}
   seen: set[CanonPath] = set()
   for canon, disk in sorted(layout.canonical.items()):
     if canon[0] not in (MODEL, OPTIMIZER):
@@ -118,14 +129,26 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
     if canon == (OPTIMIZER, 'step'):
       dtype = np.dtype('uint32') if to == 'nnx' else np.dtype('int32')
     hit = _group_of(canon, groups)
+    move = _group_of(canon, moved) if hit is None else None
     outputs: list[tuple[CanonPath, tuple]] = []
-    if hit is None:
+    layer_axis = None
+    if move is not None:
+      src = _unstack_axis(canon, shape, move[0].length, scan_axis, recorded, param_like, param_scan_axis,
+                          layout.framework)
+      dst = _stack_axis(canon, None, target_recorded, param_like, param_scan_axis, to)
+      source_axes['/'.join(canon)] = src
+      axes['/'.join(canon)] = dst
+      member = shape[:src] + shape[src + 1:]
+      layer_axis = dst
+      stacked_out[canon] = dst
+      outputs.append((canon, member[:dst] + (move[0].length,) + member[dst:]))
+    elif hit is None:
       outputs.append((canon, shape))
     elif hit[0].style == 'stacked':
       group, k = hit
       axis = _unstack_axis(canon, shape, group.length, scan_axis, recorded, param_like, param_scan_axis,
                            layout.framework)
-      axes['/'.join(canon)] = axis
+      source_axes['/'.join(canon)] = axis
       member = shape[:axis] + shape[axis + 1:]
       outputs += [(canon[:k] + (f'{canon[k]}_{i}',) + canon[k + 1:], member) for i in range(group.length)]
     else:
@@ -134,7 +157,7 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
                  else canon[:k] + canon[k + 1:])
       if stacked in seen:
         continue
-      axis = _stack_axis(stacked, scan_axis, recorded, param_like, param_scan_axis, to)
+      axis = _stack_axis(stacked, scan_axis, target_recorded, param_like, param_scan_axis, to)
       axes['/'.join(stacked)] = axis
       stacked_out[stacked] = axis
       outputs.append((stacked, shape[:axis] + (group.length,) + shape[axis:]))
@@ -142,12 +165,12 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
       seen.add(out_canon)
       key = '/'.join(out_canon)
       out_dtype = np.dtype(original_dtypes[key]) if key in original_dtypes else dtype
-      leaf = TargetLeaf(out_canon, out_canon, tuple(out_shape), out_dtype, None, param_like, None)
+      leaf = TargetLeaf(out_canon, out_canon, tuple(out_shape), out_dtype, None, param_like, None, layer_axis)
       leaves.append(leaf)
       disk_of[out_canon] = (tuple(original_paths[key].split('/')) if key in original_paths else
                             _stored_path(out_canon, to, flavour, linen_params, param_like, layout, disk))
       types[out_canon] = vtype
-  return LayoutTarget(leaves, disk_of, types, to, axes, stacked_out)
+  return LayoutTarget(leaves, disk_of, types, to, axes, source_axes, stacked_out)
 
 
 def _lookup(table, canon: CanonPath):

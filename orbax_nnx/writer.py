@@ -21,7 +21,7 @@ from orbax.checkpoint._src.futures import future as future_lib
 from orbax.checkpoint._src.metadata import array_metadata_store as array_metadata_store_lib
 from orbax.checkpoint._src.serialization import jax_array_handlers, type_handler_registry, types as ser_types
 
-from orbax_nnx.planner import Expr, TargetLeaf
+from orbax_nnx.planner import Expr, TargetLeaf, reads
 from orbax_nnx.reader import SourceArrays, _Pending
 
 
@@ -81,20 +81,23 @@ class LazyArrayHandler(jax_array_handlers.ArrayHandler):
     args = list(args or [ser_types.SaveArgs()] * len(values))
     base = super()
 
+    # leaves reading the same stored arrays go together, so each stored chunk is decoded once
+    order = sorted(range(len(values)), key=lambda i: [r.source for r in reads(values[i].expr)][:1])
+
     async def write_all():
       if not values:
         return
       session = values[0].session
       window: list[tuple[int, Any]] = []  # (index, pending read)
       inflight = 0
-      next_index = 0
-      for i in range(len(values)):
+      position = 0
+      for i in order:
         # keep reads running ahead of the writer, up to the byte budget
-        while next_index < len(values) and (not window or inflight + values[next_index].nbytes
-                                            <= session.buffer_bytes):
-          window.append((next_index, values[next_index].start()))
-          inflight += values[next_index].nbytes
-          next_index += 1
+        while position < len(order) and (not window or inflight + values[order[position]].nbytes
+                                         <= session.buffer_bytes):
+          window.append((order[position], values[order[position]].start()))
+          inflight += values[order[position]].nbytes
+          position += 1
         index, pending = window.pop(0)
         assert index == i
         array = pending.result()

@@ -1,0 +1,185 @@
+"""On-disk conversion: round trips, plain-Orbax readability, memory bound, refusals."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from etils import epath
+from flax import nnx
+
+import orbax_nnx
+from orbax_nnx import errors, examples as ex
+from orbax_nnx.convert import convert
+
+import linen_client as lc
+from helpers import assert_same_state, host
+
+CFG = ex.Config(num_layers=4)
+
+
+def stored(path) -> dict:
+  """Every stored array by '/'-joined path (keys as strings), read with plain Orbax."""
+  tree = ocp.PyTreeCheckpointHandler().restore(epath.Path(path))
+  out = {}
+  for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in keypath)
+    out[name] = np.asarray(jax.random.key_data(leaf) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+                           else leaf)
+  return out
+
+
+def file_digest(path) -> dict:
+  import hashlib
+  import pathlib
+  return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in pathlib.Path(path).rglob('*') if p.is_file()}
+
+
+def assert_same_files(a, b):
+  sa, sb = stored(a), stored(b)
+  assert sorted(sa) == sorted(sb)
+  for name in sa:
+    assert sa[name].dtype == sb[name].dtype, name
+    np.testing.assert_array_equal(sa[name], sb[name], err_msg=name)
+
+
+@pytest.fixture(scope='module')
+def linen_ckpt(tmp_path_factory):
+  root = tmp_path_factory.mktemp('linen')
+  state = lc.train(lc.make_state(CFG, maxtext=True), CFG, 2)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(root / 'ckpt', state)
+  ckptr.wait_until_finished()
+  return root / 'ckpt', state
+
+
+@pytest.mark.parametrize('scan_layers', [None, False], ids=['keep-stacked', 'unroll'])
+def test_linen_nnx_linen_roundtrip_is_bit_exact(tmp_path, linen_ckpt, scan_layers):
+  src, _ = linen_ckpt
+  before = file_digest(src)
+  report = convert(src, tmp_path / 'nnx', scan_layers=scan_layers)
+  assert report.framework == 'nnx' and report.leaves > 0
+  layout = orbax_nnx.detect_layout(tmp_path / 'nnx')
+  assert layout.kind == 'nnx'
+  assert layout.groups[0].style == ('stacked' if scan_layers is None else 'unrolled_suffix')
+  back = convert(tmp_path / 'nnx', tmp_path / 'linen')  # no flags: back to the original layout
+  assert back.framework == 'linen'
+  assert_same_files(src, tmp_path / 'linen')
+  assert file_digest(src) == before, 'the source was modified'
+
+
+def test_converted_nnx_restores_with_plain_orbax_flax_guide(tmp_path, linen_ckpt):
+  src, state = linen_ckpt
+  convert(src, tmp_path / 'nnx')
+  def init():
+    model = ex.Transformer(CFG, rngs=nnx.Rngs(0))
+    return {'model': model, 'optimizer': ex.make_optimizer(model)}
+  _, abstract = nnx.get_abstract_model(init, ex.make_mesh((2, 4)))
+  params_only = {'model': abstract['model'].filter(nnx.Param), 'optimizer': abstract['optimizer']}
+  restored = ocp.StandardCheckpointer().restore(tmp_path / 'nnx', params_only)
+  kernel = host(restored['model']['layers']['up']['kernel'])
+  np.testing.assert_array_equal(kernel, np.moveaxis(np.asarray(state.params['params']['layers']['up']['kernel'].value), 1, 0))
+  assert restored['optimizer']['step'].get_value().dtype == np.uint32
+  mu = host(restored['optimizer']['opt_state'][1][0]['mu']['layers']['down']['kernel'])
+  np.testing.assert_array_equal(
+      mu, np.moveaxis(np.asarray(state.opt_state[1][0].mu['params']['layers']['down']['kernel'].value), 1, 0))
+
+
+def test_nnx_to_linen_restores_into_linen_train_state(tmp_path):
+  with jax.set_mesh(ex.make_mesh((1, 1))):
+    model = ex.Transformer(ex.Config(num_layers=4, scan_layers=False), rngs=nnx.Rngs(0))
+    opt = ex.make_optimizer(model)
+  ex.train_steps(model, opt, 2)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(tmp_path / 'nnx', {'model': nnx.state(model, nnx.Param), 'optimizer': nnx.state(opt)})
+  ckptr.wait_until_finished()
+  target = lc.make_state(CFG, maxtext=True)
+  target = target.replace(params=nn.meta.unbox(target.params),  # MaxText saves unboxed params
+                          opt_state=nn.meta.unbox(target.opt_state))
+  # NNX keeps no optax EmptyState entries: the Linen state as template puts them back
+  convert(tmp_path / 'nnx', tmp_path / 'linen', scan_layers=True, template=target)
+  restored = ocp.StandardCheckpointer().restore(tmp_path / 'linen', target)
+  assert int(restored.step) == 2
+  kernel = np.asarray(restored.params['params']['layers']['up']['kernel'])
+  for i in range(4):  # stacked at MaxText's axis 1
+    np.testing.assert_array_equal(kernel[:, i], host(getattr(model, f'layers_{i}').up.kernel))
+  tokens = lc.batch(CFG, 3)[:, :-1]
+  np.testing.assert_allclose(np.asarray(restored.apply_fn(restored.params, tokens)), np.asarray(model(tokens)),
+                             atol=2e-5)
+  # and back: bit-exact NNX again
+  convert(tmp_path / 'linen', tmp_path / 'nnx2')
+  assert_same_files(tmp_path / 'nnx', tmp_path / 'nnx2')
+
+
+def test_stacked_output_is_one_layer_per_chunk(tmp_path, linen_ckpt):
+  src, _ = linen_ckpt
+  convert(src, tmp_path / 'nnx', scan_layers=False)
+  convert(tmp_path / 'nnx', tmp_path / 'linen')
+  meta = orbax_nnx.read_item_metadata(tmp_path / 'linen')
+  info = meta.leaves[('params', 'params', 'layers', 'up', 'kernel', 'value')]
+  assert info.shape == (32, 4, 64)
+  assert info.metadata.storage.chunk_shape[1] == 1
+
+
+@pytest.mark.parametrize('case', ['exists', 'not-a-checkpoint', 'same', 'inside'])
+def test_refusals(tmp_path, linen_ckpt, case):
+  src, _ = linen_ckpt
+  if case == 'exists':
+    (tmp_path / 'dst').mkdir()
+    args = (src, tmp_path / 'dst')
+  elif case == 'not-a-checkpoint':
+    (tmp_path / 'junk').mkdir()
+    args = (tmp_path / 'junk', tmp_path / 'dst')
+  elif case == 'same':
+    args = (src, src)
+  else:
+    args = (src, epath.Path(src) / 'sub')
+  with pytest.raises(errors.OrbaxNNXError):
+    convert(*args)
+  assert not (epath.Path(src) / 'sub').exists()
+
+
+def test_overwrite_replaces_dst(tmp_path, linen_ckpt):
+  src, _ = linen_ckpt
+  convert(src, tmp_path / 'dst')
+  convert(src, tmp_path / 'dst', scan_layers=False, overwrite=True)
+  assert orbax_nnx.detect_layout(tmp_path / 'dst').groups[0].style == 'unrolled_suffix'
+
+
+@pytest.mark.slow
+def test_memory_is_bounded_by_the_buffer(tmp_path):
+  """Converting N MiB with a 16 MiB buffer: peak RSS growth stays well under N (VmHWM in a subprocess)."""
+  arrays, shape = 16, (512, 16, 1024)  # 16 stored arrays of 32 MiB (one chunk each): N = 512 MiB
+  script = textwrap.dedent(f"""
+      import numpy as np, orbax.checkpoint as ocp
+      rng = np.random.default_rng(0)
+      tree = {{'params': {{'layers': {{f'w{{i}}': rng.standard_normal({shape}, np.float32) for i in range({arrays})}}}},
+              'step': np.int32(1)}}
+      c = ocp.StandardCheckpointer(); c.save({str(tmp_path / 'src')!r}, tree); c.wait_until_finished()
+  """)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), JAX_PLATFORMS='cpu', MALLOC_ARENA_MAX='2')
+  subprocess.run([sys.executable, '-c', script], check=True, env=env, timeout=300, capture_output=True)
+  measure = textwrap.dedent(f"""
+      import json, jax.numpy as jnp
+      from orbax_nnx.convert import convert
+      def hwm():
+        return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024
+      jnp.zeros(1).block_until_ready()
+      base = hwm()
+      report = convert({str(tmp_path / 'src')!r}, {str(tmp_path / 'dst')!r}, scan_layers=False,
+                       buffer_bytes=16 * 2**20)
+      print(json.dumps({{'base': base, 'peak': hwm(), 'read': report.bytes_read}}))
+  """)
+  out = subprocess.run([sys.executable, '-c', measure], check=True, env=env, timeout=300, capture_output=True,
+                       text=True)
+  figures = json.loads(out.stdout.strip().splitlines()[-1])
+  size = arrays * int(np.prod(shape)) * 4
+  assert figures['read'] == size + 4, 'each stored byte (arrays + int32 step) read once'
+  growth = figures['peak'] - figures['base']
+  assert growth < 0.5 * size, (growth / 2**20, size / 2**20)
