@@ -1,7 +1,10 @@
 """`orbax-nnx` command line: thin wrappers over the library.
 
     orbax-nnx plan SRC [--to nnx|linen] [--scan-layers|--no-scan-layers] [--scan-axis REGEX=AXIS ...]
+    orbax-nnx convert SRC DST [same layout options] [--include params] [--overwrite] [--quiet]
     orbax-nnx inspect SRC [--json]
+
+Exit codes: 0 success, 1 a negative answer (e.g. plan with missing leaves), 2 usage or read errors.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ _USAGE_ERROR = 2
 
 def _setup_env() -> None:
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  os.environ.setdefault('MALLOC_ARENA_MAX', '2')
+  try:  # few malloc arenas: RSS otherwise creeps with checkpoint size on many-threaded reads
+    import ctypes
+    ctypes.CDLL('libc.so.6').mallopt(-8, 2)  # M_ARENA_MAX
+  except (OSError, AttributeError):
+    pass
 
 
 def _scan_axis(values):
@@ -101,6 +108,54 @@ def cmd_plan(args) -> int:
   return 0 if not the_plan.missing else 1
 
 
+class _Progress:
+  """A progress bar on a terminal, log lines otherwise, nothing with --quiet."""
+
+  def __init__(self, total_leaves: int, total_bytes: int, quiet: bool):
+    self.total_leaves, self.total_bytes, self.quiet = total_leaves, total_bytes, quiet
+    self.leaves = self.bytes = 0
+    self.tty = sys.stderr.isatty()
+    self.last_log = 0.0
+
+  def __call__(self, lazy) -> None:
+    import time
+
+    self.leaves += 1
+    self.bytes += lazy.nbytes
+    if self.quiet:
+      return
+    frac = self.bytes / max(self.total_bytes, 1)
+    if self.tty:
+      bar = '#' * int(30 * frac)
+      sys.stderr.write(f'\r[{bar:<30}] {self.leaves}/{self.total_leaves} leaves'
+                       f' {self.bytes / 2**20:.0f}/{self.total_bytes / 2**20:.0f} MiB')
+      if self.leaves == self.total_leaves:
+        sys.stderr.write('\n')
+    elif time.monotonic() - self.last_log > 5 or self.leaves == self.total_leaves:
+      self.last_log = time.monotonic()
+      print(f'progress: {self.leaves}/{self.total_leaves} leaves, {self.bytes / 2**20:.0f}/'
+            f'{self.total_bytes / 2**20:.0f} MiB', file=sys.stderr)
+
+
+def cmd_convert(args) -> int:
+  from orbax_nnx.convert import convert, plan_conversion
+  from orbax_nnx.metadata import resolve_item
+
+  src_item = resolve_item(args.src, step=args.step, item=args.item)
+  _, _, the_plan, _ = plan_conversion(src_item, to=args.to, scan_layers=args.scan_layers,
+                                      scan_axis=_scan_axis(args.scan_axis), param_scan_axis=args.param_scan_axis,
+                                      flavour=args.format, rules=_rules(args.rename), include=args.include)
+  total = sum(int(__import__('numpy').prod(l.shape)) * l.dtype.itemsize for l in the_plan.leaves.values())
+  progress = _Progress(len(the_plan.entries), total, args.quiet)
+  report = convert(src_item, args.dst, to=args.to, scan_layers=args.scan_layers,
+                   scan_axis=_scan_axis(args.scan_axis), param_scan_axis=args.param_scan_axis, format=args.format,
+                   rules=_rules(args.rename), include=args.include, overwrite=args.overwrite,
+                   buffer_bytes=args.buffer_mib * 2**20, progress=progress)
+  if not args.quiet:
+    print(report.summary())
+  return 0
+
+
 def cmd_inspect(args) -> int:
   layout = _layout(args)
   rows = []
@@ -128,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
   _add_source(p)
   _add_layout_options(p)
   p.set_defaults(fn=cmd_plan)
+  p = sub.add_parser('convert', help='convert a checkpoint to another layout (streaming, atomic)')
+  _add_source(p)
+  p.add_argument('dst', help='output item directory (written atomically)')
+  _add_layout_options(p)
+  p.add_argument('--include', choices=['all', 'params'], default='all', help="'params': Params only")
+  p.add_argument('--overwrite', action='store_true', help='replace an existing DST')
+  p.add_argument('--buffer-mib', type=int, default=256, help='bytes of arrays in flight (default 256 MiB)')
+  p.add_argument('--quiet', action='store_true')
+  p.set_defaults(fn=cmd_convert)
   p = sub.add_parser('inspect', help='what a checkpoint holds (metadata only)')
   _add_source(p)
   p.add_argument('--json', action='store_true')
