@@ -9,6 +9,8 @@ Importing this package registers `NNXCheckpointHandler` with Orbax.
 
 from orbax_nnx import errors
 from orbax_nnx.api import restore
+from orbax_nnx.conversion import convert
+from orbax_nnx.serving import export_params, load_params
 from orbax_nnx.layout import Layout, LayerGroup, detect_layout
 from orbax_nnx.planner import Plan, plan
 from orbax_nnx.handlers import (
@@ -29,6 +31,9 @@ __all__ = [
     'NNXRestore',
     'NNXSave',
     'add_to_registry',
+    'convert',
+    'export_params',
+    'load_params',
     'detect_layout',
     'errors',
     'nnx_registry',

@@ -138,7 +138,7 @@ class _Progress:
 
 
 def cmd_convert(args) -> int:
-  from orbax_nnx.convert import convert, plan_conversion
+  from orbax_nnx.conversion import convert, plan_conversion
   from orbax_nnx.metadata import resolve_item
 
   src_item = resolve_item(args.src, step=args.step, item=args.item)

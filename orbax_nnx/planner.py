@@ -116,13 +116,27 @@ class Cast:
     return f'cast({self.expr}, {np.dtype(self.dtype).name})'
 
 
-Expr = Union[Read, Take, Stack, Transpose, Cast]
+@dataclasses.dataclass(frozen=True)
+class Const:
+  """A constant array (e.g. `step = 0` of a Linen decode checkpoint)."""
+
+  value: Any
+  shape: tuple[int, ...]
+  dtype: Any
+
+  def __str__(self) -> str:
+    return f'const({self.value})'
+
+
+Expr = Union[Read, Take, Stack, Transpose, Cast, Const]
 
 
 def reads(expr: Expr) -> Iterable[Read]:
   """The stored arrays an expression reads."""
   if isinstance(expr, Read):
     yield expr
+  elif isinstance(expr, Const):
+    return
   elif isinstance(expr, Stack):
     for e in expr.exprs:
       yield from reads(e)
@@ -145,6 +159,7 @@ class TargetLeaf:
   param_like: bool
   out_sharding: tuple | None
   layer_axis: int | None = None  # the target's layer axis when it is known (layout targets)
+  const: Any = None  # a constant value instead of a stored leaf
 
 
 _NON_PARAM = (nnx.RngState, nnx.BatchStat, nnx.Cache, nnx.Intermediate)
@@ -267,6 +282,8 @@ class _Planner:
 
   def resolve(self, leaf: TargetLeaf) -> Expr | None:
     canon = leaf.canon
+    if leaf.const is not None:
+      return Const(leaf.const, leaf.shape, leaf.dtype)
     if canon in self.src:
       return self._cast(self._fit(self._read(canon), leaf), leaf)
     start = model_start(canon)

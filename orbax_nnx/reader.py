@@ -24,7 +24,7 @@ from orbax.checkpoint._src.serialization import tensorstore_utils, types as ser_
 from orbax_nnx import errors
 from orbax_nnx.metadata import ItemMetadata
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
-from orbax_nnx.planner import Cast, Expr, Plan, Read, Stack, Take, TargetLeaf, Transpose, reads
+from orbax_nnx.planner import Cast, Const, Expr, Plan, Read, Stack, Take, TargetLeaf, Transpose, reads
 
 Index = tuple[slice, ...]
 
@@ -172,6 +172,8 @@ def evaluate(expr: Expr, index: tuple[slice, ...], source: SourceArrays) -> np.n
   """The values of `expr` in the region `index` (normalized slices)."""
   if isinstance(expr, Read):
     return source.read(expr.source, index)
+  if isinstance(expr, Const):
+    return np.full(tuple(s.stop - s.start for s in index), expr.value, expr.dtype)
   if isinstance(expr, Cast):
     return evaluate(expr.expr, index, source).astype(expr.dtype)
   if isinstance(expr, Take):
@@ -200,6 +202,8 @@ def read_regions(expr: Expr, index: tuple):
   """The (stored path, region) pairs evaluating `expr` over `index` reads."""
   if isinstance(expr, Read):
     yield expr.source, index
+  elif isinstance(expr, Const):
+    return
   elif isinstance(expr, Cast):
     yield from read_regions(expr.expr, index)
   elif isinstance(expr, Take):

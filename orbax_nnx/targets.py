@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
+import jax.numpy as jnp
 import numpy as np
 
 from orbax_nnx import errors
@@ -92,12 +93,17 @@ def _group_of(canon: CanonPath, groups: Sequence[LayerGroup]) -> tuple[LayerGrou
 def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = None,
                   scan_axis: int | Mapping[str, int] | None = None, param_scan_axis: int = 1,
                   flavour: Literal['raw', 'pure'] = 'raw', linen_params: Literal['double', 'single'] = 'double',
-                  include: Literal['all', 'params'] = 'all', original: Mapping | None = None) -> LayoutTarget:
+                  include: Literal['all', 'params'] = 'all', original: Mapping | None = None,
+                  dtype: Any = None) -> LayoutTarget:
   """The converted checkpoint's leaves for `layout` converted to framework `to`.
 
   `original` is the conversion record of a checkpoint we wrote: converting back, each
   leaf goes to its original stored path with its original dtype (bit-exact round trips).
+  `include='params'` keeps the model's Params only and writes a decode checkpoint (NNX:
+  the model's leaves at the root; Linen: `step`=0 and `params/params/...`); `dtype`
+  casts floating leaves.
   """
+  cast_to = np.dtype(jnp.dtype(dtype)) if dtype is not None else None
   original_paths = dict(original.get('paths', {})) if original else {}
   original_dtypes = dict(original.get('dtypes', {})) if original else {}
   if scan_layers is False:
@@ -165,11 +171,18 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
       seen.add(out_canon)
       key = '/'.join(out_canon)
       out_dtype = np.dtype(original_dtypes[key]) if key in original_dtypes else dtype
+      if cast_to is not None and jnp.issubdtype(out_dtype, jnp.floating):
+        out_dtype = cast_to
       leaf = TargetLeaf(out_canon, out_canon, tuple(out_shape), out_dtype, None, param_like, None, layer_axis)
       leaves.append(leaf)
       disk_of[out_canon] = (tuple(original_paths[key].split('/')) if key in original_paths else
-                            _stored_path(out_canon, to, flavour, linen_params, param_like, layout, disk))
+                            _stored_path(out_canon, to, flavour, linen_params, param_like, layout, disk,
+                                         include))
       types[out_canon] = vtype
+  if include == 'params' and to == 'linen':
+    step = (OPTIMIZER, 'step')
+    leaves.append(TargetLeaf(step, step, (), np.dtype('int32'), None, False, None, None, 0))
+    disk_of[step], types[step] = ('step',), 'flax.nnx.training.optimizer.OptState'
   return LayoutTarget(leaves, disk_of, types, to, axes, source_axes, stacked_out)
 
 
@@ -214,9 +227,9 @@ def _stack_axis(canon, scan_axis, recorded, param_like, param_scan_axis, to) -> 
 
 
 def _stored_path(canon: CanonPath, to: Framework, flavour: str, linen_params: str, param_like: bool,
-                 layout: Layout, source_disk: DiskPath) -> DiskPath:
+                 layout: Layout, source_disk: DiskPath, include: str = 'all') -> DiskPath:
   if to == 'nnx':
-    if layout.kind == 'params' and canon[0] == MODEL:
+    if (layout.kind == 'params' or include == 'params') and canon[0] == MODEL:
       base = canon[1:]
     else:
       base = canon

@@ -16,7 +16,7 @@ from flax import nnx
 
 import orbax_nnx
 from orbax_nnx import errors, examples as ex
-from orbax_nnx.convert import convert
+from orbax_nnx.conversion import convert
 
 import linen_client as lc
 from helpers import assert_same_state, host
@@ -167,7 +167,7 @@ def test_memory_is_bounded_by_the_buffer(tmp_path):
   subprocess.run([sys.executable, '-c', script], check=True, env=env, timeout=300, capture_output=True)
   measure = textwrap.dedent(f"""
       import json, jax.numpy as jnp
-      from orbax_nnx.convert import convert
+      from orbax_nnx.conversion import convert
       def hwm():
         return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024
       jnp.zeros(1).block_until_ready()

@@ -95,7 +95,8 @@ def _reverse_defaults(layout: Layout) -> dict[str, Any]:
 
 def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool | None = None,
                     scan_axis=None, param_scan_axis: int = 1, flavour: str = 'raw',
-                    rules: Sequence[tuple[str, str]] = (), include: str = 'all') -> tuple[Layout, LayoutTarget, Plan, dict]:
+                    rules: Sequence[tuple[str, str]] = (), include: str = 'all',
+                    dtype: Any = None) -> tuple[Layout, LayoutTarget, Plan, dict]:
   """Layout, target and plan of a conversion (metadata only)."""
   layout = detect(read_item_metadata(src_item))
   reverse = _reverse_defaults(layout)
@@ -107,7 +108,7 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
   original = record if isinstance(record, Mapping) and record.get('from_framework') == to else None
   target = layout_target(layout, to=to, scan_layers=scan_layers, scan_axis=scan_axis,
                          param_scan_axis=param_scan_axis, flavour=flavour, include=include,
-                         original=original)
+                         original=original if include == 'all' else None, dtype=dtype)
   axes = target.planner_axes()
   the_plan = build(layout, target.leaves, rules=rules, scan_axis=axes or scan_axis,
                    param_scan_axis=param_scan_axis)
@@ -219,12 +220,13 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
             format: Literal['raw', 'pure'] = 'raw', rules: Sequence[tuple[str, str]] = (),
             include: Literal['all', 'params'] = 'all', overwrite: bool = False,
             buffer_bytes: int = DEFAULT_BUFFER_BYTES, step: int | None = None, item: str | None = None,
-            progress: Callable | None = None, template: Any = None) -> ConvertReport:
+            progress: Callable | None = None, template: Any = None, dtype: Any = None) -> ConvertReport:
   """Converts the checkpoint at `src` to another layout at `dst` (an Orbax item directory).
 
   `to='auto'` converts to the other framework (or back to the original one after a
   conversion). `scan_layers=False` unrolls stacked layer groups, `True` stacks unrolled
-  ones, `None` keeps them. `template` (e.g. the Linen TrainState) gives the container
+  ones, `None` keeps them. `include='params'` writes a param-only (decode) checkpoint and
+  `dtype` casts floating leaves (see `orbax_nnx.export_params`). `template` (e.g. the Linen TrainState) gives the container
   structure to write (sequences, EmptyState entries). Optimizer moments follow their params; the step is cast
   (int32 Linen <-> uint32 NNX). DST restores with `orbax_nnx.restore(dst, target)`, with
   `ocp.StandardCheckpointer().restore(dst, abstract_tree)`, or through a manager as an item.
@@ -235,7 +237,7 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   _check_paths(src_item, dst, overwrite)
   layout, target, the_plan, options = plan_conversion(
       src_item, to=to, scan_layers=scan_layers, scan_axis=scan_axis, param_scan_axis=param_scan_axis,
-      flavour=format, rules=rules, include=include)
+      flavour=format, rules=rules, include=include, dtype=dtype)
   custom = {CUSTOM_KEY: {
       'version': version.__version__,
       'flavour': format,

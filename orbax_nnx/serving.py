@@ -1,0 +1,82 @@
+"""Serve-time loading of Params only, and export of param-only (decode) checkpoints.
+
+`load_params` reads just the bytes of the selected leaves (never the optimizer
+moments), casts while reading, places shards on the target sharding, and stacks or
+unrolls layers to match the target. `export_params` writes a decode checkpoint,
+streaming like `convert`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+from flax import nnx
+
+from orbax_nnx import nnx_tree
+from orbax_nnx.conversion import ConvertReport, convert
+from orbax_nnx.metadata import read_item_metadata, resolve_item
+from orbax_nnx.restoring import restore_planned
+
+
+def _cast_abstract(state: nnx.State, dtype) -> nnx.State:
+  """Floating leaves of an (abstract or live) state as ShapeDtypeStructs of `dtype`."""
+  def cast(x):
+    if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+      return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=getattr(x, 'sharding', None))
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None))
+  return jax.tree.map(cast, state)
+
+
+def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter: Any = nnx.Param,
+                mesh: jax.sharding.Mesh | None = None, rules=(), scan_axis=None, param_scan_axis: int = 1,
+                step: int | None = None, item: str | None = None) -> Any:
+  """Loads only the `filter` leaves (default: Params) of any training or decode checkpoint.
+
+  `target`: an abstract NNX state/model (`nnx.get_abstract_model`, `nnx.eval_shape`) or a live
+  module (updated in place and returned). `dtype` casts floating leaves while reading (e.g.
+  `jnp.bfloat16`); `mesh` shards leaves by their `out_sharding` names when the target has
+  no shardings. Works on Linen and NNX train states (either flavour, scanned or unrolled),
+  MaxText layouts, decode checkpoints, and manager roots (latest step unless `step`).
+  Returns the loaded state (an `nnx.State` of the selected Variables), or the module.
+  """
+  directory = resolve_item(path, step=step, item=item)
+  module = target if nnx_tree.is_graph_node(target) else None
+  state = nnx.state(target, filter) if module is not None else _filter(target, filter)
+  if mesh is not None:
+    shardings = nnx.get_named_sharding(state, mesh)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+  abstract = _cast_abstract(state, dtype)
+  loaded = restore_planned(read_item_metadata(directory), abstract, missing='error', extra='ignore',
+                           rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
+  if module is not None:
+    nnx.update(module, loaded)
+    return module
+  return loaded
+
+
+def _filter(state: Any, filter: Any) -> nnx.State:
+  if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], nnx.GraphDef):
+    state = state[1]
+  if not isinstance(state, nnx.State):
+    state = nnx.state(state)
+  return nnx.filter_state(state, filter) if hasattr(nnx, 'filter_state') else state.filter(filter)
+
+
+def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfloat16',
+                  scan_layers: bool | None = None, format: Literal['nnx', 'linen'] = 'nnx',
+                  overwrite: bool = False, step: int | None = None, item: str | None = None,
+                  scan_axis=None, param_scan_axis: int = 1, buffer_bytes: int | None = None,
+                  progress=None) -> ConvertReport:
+  """Writes a param-only decode checkpoint of `src` at `dst` (streaming, atomic).
+
+  NNX format (default): the model's Param leaves at the root (`.../kernel/value`), no
+  step, no optimizer. Linen format: `step` = 0 and `params/params/...`. Floating leaves
+  are cast to `dtype` (None keeps them); `scan_layers=False` unrolls for decoding.
+  """
+  options = {} if buffer_bytes is None else {'buffer_bytes': buffer_bytes}
+  return convert(src, dst, to=format, scan_layers=scan_layers, include='params', dtype=dtype,
+                 overwrite=overwrite, step=step, item=item, scan_axis=scan_axis,
+                 param_scan_axis=param_scan_axis, progress=progress, **options)
