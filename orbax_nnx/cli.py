@@ -2,6 +2,8 @@
 
     orbax-nnx plan SRC [--to nnx|linen] [--scan-layers|--no-scan-layers] [--scan-axis REGEX=AXIS ...]
     orbax-nnx convert SRC DST [same layout options] [--include params] [--overwrite] [--quiet]
+    orbax-nnx export-params SRC DST [--dtype bfloat16] [--unroll|--keep-scan] [--format nnx|linen]
+    orbax-nnx compare A B [--values] [--atol X --rtol Y] [--only params|optimizer|all] [--json]
     orbax-nnx inspect SRC [--json]
 
 Exit codes: 0 success, 1 a negative answer (e.g. plan with missing leaves), 2 usage or read errors.
@@ -156,6 +158,26 @@ def cmd_convert(args) -> int:
   return 0
 
 
+def cmd_export_params(args) -> int:
+  from orbax_nnx.serving import export_params
+
+  report = export_params(args.src, args.dst, dtype=None if args.dtype == 'keep' else args.dtype,
+                         scan_layers=args.scan_layers, format=args.format, overwrite=args.overwrite,
+                         step=args.step, item=args.item, scan_axis=_scan_axis(args.scan_axis),
+                         param_scan_axis=args.param_scan_axis)
+  if not args.quiet:
+    print(report.summary())
+  return 0
+
+
+def cmd_compare(args) -> int:
+  from orbax_nnx.compare import compare
+
+  report = compare(args.a, args.b, values=args.values, atol=args.atol, rtol=args.rtol, only=args.only)
+  print(json.dumps(report.to_json()) if args.json else report.summary())
+  return 0 if report.equal else 1
+
+
 def cmd_inspect(args) -> int:
   layout = _layout(args)
   rows = []
@@ -192,6 +214,28 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--buffer-mib', type=int, default=256, help='bytes of arrays in flight (default 256 MiB)')
   p.add_argument('--quiet', action='store_true')
   p.set_defaults(fn=cmd_convert)
+  p = sub.add_parser('export-params', help='write a param-only (decode) checkpoint')
+  _add_source(p)
+  p.add_argument('dst')
+  p.add_argument('--dtype', default='bfloat16', help="cast floating params (default bfloat16; 'keep')")
+  scan = p.add_mutually_exclusive_group()
+  scan.add_argument('--keep-scan', dest='scan_layers', action='store_const', const=None, default=None)
+  scan.add_argument('--unroll', dest='scan_layers', action='store_false')
+  p.add_argument('--format', choices=['nnx', 'linen'], default='nnx')
+  p.add_argument('--scan-axis', action='append', metavar='[REGEX=]AXIS')
+  p.add_argument('--param-scan-axis', type=int, default=1)
+  p.add_argument('--overwrite', action='store_true')
+  p.add_argument('--quiet', action='store_true')
+  p.set_defaults(fn=cmd_export_params)
+  p = sub.add_parser('compare', help='compare two checkpoints across layouts (exit 0 equal, 1 not)')
+  p.add_argument('a')
+  p.add_argument('b')
+  p.add_argument('--values', action='store_true', help='compare values too (streamed leaf by leaf)')
+  p.add_argument('--atol', type=float, default=0.0)
+  p.add_argument('--rtol', type=float, default=0.0)
+  p.add_argument('--only', choices=['params', 'optimizer', 'all'], default='all')
+  p.add_argument('--json', action='store_true')
+  p.set_defaults(fn=cmd_compare)
   p = sub.add_parser('inspect', help='what a checkpoint holds (metadata only)')
   _add_source(p)
   p.add_argument('--json', action='store_true')

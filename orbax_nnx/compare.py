@@ -1,0 +1,122 @@
+"""Compare two checkpoints across layouts: are they the same model (and optimizer)?
+
+Both sides are mapped to one canonical view (NNX paths, layer groups unrolled) through
+their plans, so a Linen checkpoint and its NNX conversion, stacked or unrolled, compare
+equal. Structure comes from metadata alone; values (`values=True`) are streamed leaf by
+leaf (peak memory about two leaves), with rng keys compared by their key data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+
+from orbax_nnx.layout import MODEL, OPTIMIZER, Layout, detect
+from orbax_nnx.metadata import read_item_metadata, resolve_item
+from orbax_nnx.planner import Plan, build
+from orbax_nnx.reader import SourceArrays, _normalize, evaluate
+from orbax_nnx.targets import layout_target
+
+Only = Literal['params', 'optimizer', 'all']
+
+
+@dataclasses.dataclass
+class LeafDiff:
+  path: str
+  max_abs: float
+  max_rel: float
+  within: bool
+
+
+@dataclasses.dataclass
+class CompareReport:
+  """Structure and (optionally) value differences between checkpoints A and B."""
+
+  a: str
+  b: str
+  only_a: list[str] = dataclasses.field(default_factory=list)
+  only_b: list[str] = dataclasses.field(default_factory=list)
+  shape_mismatch: list[tuple[str, tuple, tuple]] = dataclasses.field(default_factory=list)
+  dtype_mismatch: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+  values: list[LeafDiff] | None = None
+  compared: int = 0
+
+  @property
+  def equal(self) -> bool:
+    same_structure = not (self.only_a or self.only_b or self.shape_mismatch or self.dtype_mismatch)
+    return same_structure and (self.values is None or all(d.within for d in self.values))
+
+  def to_json(self) -> dict:
+    return {'a': self.a, 'b': self.b, 'equal': self.equal, 'compared': self.compared,
+            'only_a': self.only_a, 'only_b': self.only_b,
+            'shape_mismatch': [list(m) for m in self.shape_mismatch],
+            'dtype_mismatch': [list(m) for m in self.dtype_mismatch],
+            'values': None if self.values is None else [dataclasses.asdict(d) for d in self.values]}
+
+  def summary(self) -> str:
+    lines = [f'A: {self.a}', f'B: {self.b}', f'{self.compared} leaves in common']
+    lines += [f'only in A: {p}' for p in self.only_a] + [f'only in B: {p}' for p in self.only_b]
+    lines += [f'shape {p}: {sa} vs {sb}' for p, sa, sb in self.shape_mismatch]
+    lines += [f'dtype {p}: {da} vs {db}' for p, da, db in self.dtype_mismatch]
+    if self.values is not None:
+      bad = [d for d in self.values if not d.within]
+      lines.append(f'values: {len(self.values) - len(bad)}/{len(self.values)} leaves within tolerance')
+      lines += [f'  differs {d.path}: max abs {d.max_abs:.3g}, max rel {d.max_rel:.3g}' for d in bad]
+    lines.append('EQUAL' if self.equal else 'DIFFERENT')
+    return '\n'.join(lines)
+
+
+def canonical_view(layout: Layout, only: Only = 'all') -> Plan:
+  """A plan giving every leaf of `layout` at its canonical path, layer groups unrolled."""
+  target = layout_target(layout, to='nnx', scan_layers=False)
+  roots = {'params': {MODEL}, 'optimizer': {OPTIMIZER}, 'all': {MODEL, OPTIMIZER}}[only]
+  leaves = [leaf for leaf in target.leaves if leaf.canon[0] in roots]
+  return build(layout, leaves, scan_axis=target.planner_axes() or None)
+
+
+def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0, only: Only = 'all',
+            step_a: int | None = None, step_b: int | None = None) -> CompareReport:
+  """Compares checkpoints `a` and `b` (any layouts). See `CompareReport.equal`."""
+  dir_a, dir_b = resolve_item(a, step=step_a), resolve_item(b, step=step_b)
+  layout_a, layout_b = detect(read_item_metadata(dir_a)), detect(read_item_metadata(dir_b))
+  view_a, view_b = canonical_view(layout_a, only), canonical_view(layout_b, only)
+  paths_a = {'/'.join(p): p for p in view_a.entries}
+  paths_b = {'/'.join(p): p for p in view_b.entries}
+  report = CompareReport(str(dir_a), str(dir_b), sorted(set(paths_a) - set(paths_b)),
+                         sorted(set(paths_b) - set(paths_a)))
+  common = sorted(set(paths_a) & set(paths_b))
+  report.compared = len(common)
+  for name in common:
+    la, lb = view_a.leaves[paths_a[name]], view_b.leaves[paths_b[name]]
+    if la.shape != lb.shape:
+      report.shape_mismatch.append((name, la.shape, lb.shape))
+    elif la.dtype != lb.dtype:
+      report.dtype_mismatch.append((name, la.dtype.name, lb.dtype.name))
+  if values:
+    src_a, src_b = SourceArrays(layout_a.meta), SourceArrays(layout_b.meta)
+    mismatched = {m[0] for m in report.shape_mismatch}
+    report.values = []
+    for name in common:
+      if name in mismatched:
+        continue
+      leaf = view_a.leaves[paths_a[name]]
+      xa = evaluate(view_a.entries[paths_a[name]], _normalize((), leaf.shape), src_a)
+      xb = evaluate(view_b.entries[paths_b[name]], _normalize((), leaf.shape), src_b)
+      report.values.append(_diff(name, xa, xb, atol, rtol))
+  return report
+
+
+def _diff(name: str, xa: np.ndarray, xb: np.ndarray, atol: float, rtol: float) -> LeafDiff:
+  fa, fb = np.asarray(xa, np.float64), np.asarray(xb, np.float64)
+  if fa.size == 0:
+    return LeafDiff(name, 0.0, 0.0, True)
+  diff = np.abs(fa - fb)
+  max_abs = float(np.nanmax(diff)) if diff.size else 0.0
+  with np.errstate(divide='ignore', invalid='ignore'):
+    rel = np.where(diff == 0, 0.0, diff / np.abs(fb))
+  max_rel = float(np.nanmax(rel)) if rel.size else 0.0
+  same_nan = np.array_equal(np.isnan(fa), np.isnan(fb))
+  within = same_nan and bool(np.all((diff <= atol + rtol * np.abs(fb)) | (np.isnan(fa) & np.isnan(fb))))
+  return LeafDiff(name, max_abs, max_rel, within)
