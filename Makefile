@@ -20,6 +20,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_handler.py
+	$(BIN)/python bench/bench_restore.py
+	$(BIN)/python bench/bench_convert.py
+	$(BIN)/python bench/bench_serving.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

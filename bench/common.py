@@ -1,0 +1,57 @@
+"""Shared pieces of the benchmarks: a MaxText-style Linen train state and process figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+EMB, MLP, VOCAB = 1024, 4096, 256
+
+
+def layers_for(params_mib: int) -> int:
+  return max(2, int(params_mib * 2**20 / (2 * EMB * MLP * 4)))
+
+
+def linen_params(layers: int, rng, scale: float) -> dict:
+  """Params scanned on axis 1 (MaxText's param_scan_axis)."""
+  return {'embed': {'embedding': rng.standard_normal((VOCAB, EMB), np.float32) * scale},
+          'layers': {'up': {'kernel': rng.standard_normal((EMB, layers, MLP), np.float32) * scale},
+                     'down': {'kernel': rng.standard_normal((MLP, layers, EMB), np.float32) * scale},
+                     'norm': {'scale': rng.standard_normal((EMB, layers), np.float32) * scale}}}
+
+
+def linen_tree(layers: int, seed: int = 0) -> dict:
+  """A MaxText-style Linen train state: params/params, Adam mu/nu under opt_state, int32 step."""
+  rng = np.random.default_rng(seed)
+  return {'step': np.int32(10), 'params': {'params': linen_params(layers, rng, 1.0)},
+          'opt_state': [None, [{'count': np.int32(10), 'mu': {'params': linen_params(layers, rng, 0.1)},
+                                'nu': {'params': linen_params(layers, rng, 0.01)}}, None, None]]}
+
+
+def vmhwm_mib() -> float:
+  """Peak resident set of this process (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
+  with open('/proc/self/status') as f:
+    return int(next(line for line in f if line.startswith('VmHWM')).split()[1]) / 1024
+
+
+def rchar() -> int:
+  with open('/proc/self/io') as f:
+    return int(next(line for line in f if line.startswith('rchar')).split()[1])
+
+
+def run_worker(script: str, *args) -> dict:
+  out = subprocess.run([sys.executable, script, '--worker', *map(str, args)], capture_output=True, text=True,
+                       check=False)
+  if out.returncode:
+    raise RuntimeError(out.stderr[-4000:])
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def save_plain(path: str, tree) -> None:
+  import orbax.checkpoint as ocp
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path, tree)
+  ckptr.wait_until_finished()
