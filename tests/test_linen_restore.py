@@ -76,17 +76,21 @@ def test_linen_train_state_into_nnx_model(tmp_path, scan_layers, maxtext):
   np.testing.assert_array_equal(got_mu, mu[:, 2])
 
   tokens = lc.batch(CFG, 100)
-  np.testing.assert_allclose(np.asarray(model(tokens[:, :-1])),
+  forward = nnx.jit(lambda m, t: m(t))  # one compiled call: eager collectives on 8 CPU devices are slow
+  np.testing.assert_allclose(np.asarray(forward(model, tokens[:, :-1])),
                              np.asarray(state.apply_fn(state.params, tokens[:, :-1])), atol=2e-5)
 
   # one more optimizer step on both sides gives the same params
   state = lc.train(state, CFG, 1, first_seed=50)
   tokens = lc.batch(CFG, 50)
 
-  def loss(m):
-    return optax.softmax_cross_entropy_with_integer_labels(m(tokens[:, :-1]), tokens[:, 1:]).mean()
+  @nnx.jit
+  def train_step(model, opt, tokens):
+    def loss(m):
+      return optax.softmax_cross_entropy_with_integer_labels(m(tokens[:, :-1]), tokens[:, 1:]).mean()
+    opt.update(model, nnx.grad(loss)(model))
 
-  opt.update(model, nnx.grad(loss)(model))
+  train_step(model, opt, tokens)
   params = linen_params(state, maxtext)
   np.testing.assert_allclose(host(model.embed.embedding), linen_leaf(params, 'embed', 'embedding'), atol=1e-5)
   np.testing.assert_allclose(nnx_layer_leaf(model, 1, 'up', 'kernel'),
