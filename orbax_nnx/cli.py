@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -147,7 +148,7 @@ def cmd_convert(args) -> int:
   _, _, the_plan, _ = plan_conversion(src_item, to=args.to, scan_layers=args.scan_layers,
                                       scan_axis=_scan_axis(args.scan_axis), param_scan_axis=args.param_scan_axis,
                                       flavour=args.format, rules=_rules(args.rename), include=args.include)
-  total = sum(int(__import__('numpy').prod(l.shape)) * l.dtype.itemsize for l in the_plan.leaves.values())
+  total = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in the_plan.leaves.values())
   progress = _Progress(len(the_plan.entries), total, args.quiet)
   report = convert(src_item, args.dst, to=args.to, scan_layers=args.scan_layers,
                    scan_axis=_scan_axis(args.scan_axis), param_scan_axis=args.param_scan_axis, format=args.format,

@@ -50,6 +50,7 @@ def _checksums(state) -> dict:
 def train_and_save(root: str) -> None:
   import json
 
+  import jax
   import orbax.checkpoint as ocp
   from flax import nnx
 
@@ -58,7 +59,7 @@ def train_and_save(root: str) -> None:
 
   cfg = ex.Config()
   mesh = ex.make_mesh((2, 4))
-  with __import__('jax').set_mesh(mesh):
+  with jax.set_mesh(mesh):
     model = ex.Transformer(cfg, rngs=nnx.Rngs(0, dropout=1))
     optimizer = ex.make_optimizer(model)
   loss = ex.train_steps(model, optimizer, 5)

@@ -58,6 +58,15 @@ class StructureMismatchError(OrbaxNNXError, ValueError):
     super().__init__('\n'.join(parts))
 
 
+class CorruptCheckpointError(OrbaxNNXError, ValueError):
+  """A checkpoint's metadata is readable but its array data is missing or damaged."""
+
+  def __init__(self, path, reason: str):
+    self.path = str(path)
+    super().__init__(f'{self.path}: array data cannot be read ({reason}). The checkpoint is incomplete or'
+                     ' damaged; restore an earlier step or re-create it.')
+
+
 class ShapeMismatchError(OrbaxNNXError, ValueError):
   """A stored array has another shape than the one requested."""
 

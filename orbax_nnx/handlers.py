@@ -202,6 +202,13 @@ def to_save_tree(item: PyTree, flavour: nnx_tree.Flavour = 'raw', exclude=nnx_tr
     if is_var:
       records.append(nnx_tree.record_for(path, leaf).to_json())
     disk = nnx_tree.disk_path(path, is_var, flavour)
+    bad = [k for k in disk if '/' in k or k in ('', '.', '..')]
+    if bad:
+      raise errors.OrbaxNNXError(f'Cannot save {nnx_tree.path_str(path)!r}: key {bad[0]!r} is not a valid'
+                                 ' checkpoint key (no "/", ".", ".." or empty keys); rename it.')
+    if getattr(value, 'size', 1) == 0:
+      raise errors.OrbaxNNXError(f'Cannot save {nnx_tree.path_str(path)!r}: it has zero size {value.shape}, which'
+                                 ' Orbax cannot store; drop it from the item or give it at least one element.')
     if not disk:
       raise errors.OrbaxNNXError('Cannot save a single Variable or array as an item; wrap it in a dict.')
     nnx_tree.set_path(tree, disk, value)

@@ -66,8 +66,7 @@ class SourceArrays:
     try:
       store = ts.open(spec.json, context=self.context, open=True, read=True).result()
     except Exception as e:
-      raise errors.NotACheckpointError(self.meta.directory,
-                                       f'array {"/".join(path)} cannot be opened ({e})') from e
+      raise errors.CorruptCheckpointError(self.meta.directory, f'{"/".join(path)} cannot be opened: {e}') from e
     with self._lock:
       self._stores[path] = store
     return store
@@ -78,8 +77,7 @@ class SourceArrays:
     except errors.OrbaxNNXError:
       raise
     except Exception as e:
-      raise errors.NotACheckpointError(self.meta.directory,
-                                       f'array {"/".join(path)} cannot be read ({e})') from e
+      raise errors.CorruptCheckpointError(self.meta.directory, f'{"/".join(path)}: {e}') from e
     with self._lock:
       self.bytes_read += out.nbytes
     return out

@@ -136,14 +136,22 @@ def restore_target(
     if matches is not None and all(_same_shape(m, meta) for m in matches):
       item, restore_args = restore_args_for(matches, meta, default_sharding)
       partial = len(matches) != len(meta.leaves)
-      restored = impl.restore(
-          meta.directory,
-          args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=partial),
-      )
+      restored = _orbax_restore(impl, meta, ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=partial))
       values = {m.path: nnx_tree.get_path(restored, m.disk) for m in matches}
       return nnx_tree.rebuild(target, values, exclude)
   return restore_planned(meta, target, missing=missing, extra=extra, default_sharding=default_sharding,
                          exclude=exclude, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
+
+
+def _orbax_restore(impl: ocp.PyTreeCheckpointHandler, meta: ItemMetadata, args) -> Any:
+  """Orbax's own restore; damaged array data becomes a CorruptCheckpointError."""
+  try:
+    return impl.restore(meta.directory, args=args)
+  except errors.OrbaxNNXError:
+    raise
+  except (ValueError, OSError, RuntimeError) as e:
+    raise errors.CorruptCheckpointError(meta.directory, f'{type(e).__name__}: {str(e)[:500]}') from e
 
 
 def restore_planned(meta: ItemMetadata, target: Any, *, missing: MissingPolicy = 'error',
@@ -199,7 +207,7 @@ def restore_untargeted(
     )['x']
     nnx_tree.set_path(item, disk, info.metadata)
     nnx_tree.set_path(restore_args, disk, restore_args_leaf)
-  restored = impl.restore(meta.directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
+  restored = _orbax_restore(impl, meta, ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
   flat: dict[Path, Any] = {}
   records = meta.records
   for disk in meta.leaves:

@@ -1,0 +1,92 @@
+"""One process of the 2-process test (see test_multiprocess.py). Prints a JSON report."""
+
+import json
+import os
+import sys
+
+process_id, port, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+os.environ['JAX_PLATFORMS'] = 'cpu'
+
+import jax  # noqa: E402
+
+jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2, process_id=process_id)
+
+import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+from etils import epath  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import orbax_nnx  # noqa: E402
+
+L, EMB, MLP = 8, 256, 512
+P = jax.sharding.PartitionSpec
+AUTO = (jax.sharding.AxisType.Auto,) * 2
+
+
+def rchar() -> int:
+  with open('/proc/self/io') as f:
+    return int(next(line for line in f if line.startswith('rchar')).split()[1])
+
+
+def global_array(value: np.ndarray, sharding) -> jax.Array:
+  return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+
+
+def check(array: jax.Array, value: np.ndarray) -> bool:
+  return all(np.array_equal(np.asarray(s.data), value[s.index]) for s in array.addressable_shards)
+
+
+report = {'process': process_id, 'devices': jax.device_count(), 'local': jax.local_device_count()}
+rng = np.random.default_rng(0)
+w = rng.standard_normal((L, EMB, MLP)).astype(np.float32)  # same on both processes
+mu = np.cos(1000 * w)
+save_mesh = jax.make_mesh((2, 4), ('a', 'b'), axis_types=AUTO)
+restore_mesh = jax.make_mesh((4, 2), ('a', 'b'), axis_types=AUTO)
+
+# 1. NNX train state through a CheckpointManager, restored on another mesh
+sh = jax.sharding.NamedSharding(save_mesh, P('a', 'b'))
+state = {'model': nnx.State({'layers': {'w': nnx.Param(global_array(w, sh))}}),
+         'optimizer': nnx.State({'step': nnx.training.optimizer.OptState(global_array(np.uint32(3) * np.ones((), np.uint32),
+                                                                         jax.sharding.NamedSharding(save_mesh, P()))),
+                                 'opt_state': {0: {'mu': {'layers': {'w': nnx.training.optimizer.OptVariable(
+                                     global_array(mu, sh))}}}}})}
+mngr_dir = epath.Path(root) / 'mngr'
+with ocp.CheckpointManager(mngr_dir, handler_registry=orbax_nnx.nnx_registry) as mngr:
+  mngr.save(3, args=ocp.args.Composite(state=orbax_nnx.NNXSave(state)))
+  mngr.wait_until_finished()
+rsh = jax.sharding.NamedSharding(restore_mesh, P('b', 'a'))
+target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rsh if x.ndim == 3 else
+                                                     jax.sharding.NamedSharding(restore_mesh, P())), state)
+with ocp.CheckpointManager(mngr_dir, handler_registry=orbax_nnx.nnx_registry) as mngr:
+  out = mngr.restore(3, args=ocp.args.Composite(state=orbax_nnx.NNXRestore(target)))['state']
+report['nnx_restore'] = (check(out['model']['layers']['w'].get_value(), w)
+                         and check(out['optimizer']['opt_state'][0]['mu']['layers']['w'].get_value(), mu)
+                         and out['model']['layers']['w'].get_value().sharding == rsh)
+
+# 2. a Linen-layout checkpoint (params scanned on axis 1) restored into an unrolled, sharded NNX model
+linen_w = np.moveaxis(w, 0, 1)  # (EMB, L, MLP)
+flat_mesh = jax.make_mesh((8,), ('x',), axis_types=(jax.sharding.AxisType.Auto,))
+linen = {'step': global_array(np.int32(3) * np.ones((), np.int32), jax.sharding.NamedSharding(flat_mesh, P())),
+         'params': {'params': {'layers': {'w': global_array(linen_w, jax.sharding.NamedSharding(flat_mesh, P('x')))}}}}
+ckptr = ocp.StandardCheckpointer()
+ckptr.save(epath.Path(root) / 'linen', linen)
+ckptr.wait_until_finished()
+unrolled_sh = jax.sharding.NamedSharding(restore_mesh, P(('a', 'b'), None))  # fully sharded over 8 devices
+target = nnx.State({f'layers_{i}': {'w': nnx.Param(jax.ShapeDtypeStruct((EMB, MLP), np.float32, sharding=unrolled_sh))}
+                    for i in range(L)})
+r0 = rchar()
+out = orbax_nnx.restore(epath.Path(root) / 'linen', target)
+report['linen_read'] = rchar() - r0
+report['linen_restore'] = all(check(out[f'layers_{i}']['w'].get_value(), w[i]) for i in range(L))
+report['linen_bytes'] = int(w.nbytes)
+
+# 3. Params only from the NNX train state, bf16
+r0 = rchar()
+params = orbax_nnx.load_params(mngr_dir, nnx.State({'layers': {'w': nnx.Param(
+    jax.ShapeDtypeStruct((L, EMB, MLP), np.float32, sharding=rsh))}}), dtype='bfloat16')
+report['params_read'] = rchar() - r0
+value = params['layers']['w'].get_value()
+report['load_params'] = value.dtype == jax.numpy.bfloat16 and check(value, w.astype(value.dtype))
+print(json.dumps(report), flush=True)
+jax.distributed.shutdown()

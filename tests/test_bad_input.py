@@ -1,0 +1,174 @@
+"""Bad input: each case raises a typed orbax_nnx error naming the path and problem, and writes nothing."""
+
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import orbax_nnx
+from orbax_nnx import errors
+
+from helpers import assert_same_state
+
+
+def save(path, tree):
+  with ocp.Checkpointer(orbax_nnx.NNXCheckpointHandler()) as ckptr:
+    ckptr.save(path, args=orbax_nnx.NNXSave(tree))
+  return path
+
+
+def good(tmp_path):
+  return save(tmp_path / 'good', {'layers': {'w': nnx.Param(jnp.arange(24.0).reshape(4, 6))},
+                                  'b': nnx.Param(jnp.ones((6,)))})
+
+
+def target(**shapes):
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  def build(node):
+    if isinstance(node, tuple):
+      return nnx.Param(jax.ShapeDtypeStruct(node, jnp.float32, sharding=sharding))
+    return {k: build(v) for k, v in node.items()}
+  return nnx.State(build(shapes))
+
+
+GOOD_TARGET = {'layers': {'w': (4, 6)}, 'b': (6,)}
+
+
+def snapshot(root: pathlib.Path) -> set:
+  return {str(p) for p in root.rglob('*')}
+
+
+def corrupt_case(name, tmp_path):
+  """Builds the damaged input for `name`; returns (path, target)."""
+  path = good(tmp_path)
+  data_files = [p for p in path.rglob('*') if p.is_file() and p.parent.name == 'd']
+  if name == 'missing-dir':
+    return tmp_path / 'nope', None
+  if name == 'plain-file':
+    (tmp_path / 'file').write_text('x')
+    return tmp_path / 'file', None
+  if name == 'empty-dir':
+    (tmp_path / 'empty').mkdir()
+    return tmp_path / 'empty', None
+  if name == 'foreign-dir':
+    (tmp_path / 'foreign').mkdir()
+    (tmp_path / 'foreign' / 'model.safetensors').write_bytes(b'\0' * 64)
+    return tmp_path / 'foreign', None
+  if name == 'deleted-metadata':
+    (path / '_METADATA').unlink()
+    return path, None
+  if name == 'garbage-metadata':
+    (path / '_METADATA').write_text('{not json')
+    return path, None
+  if name == 'truncated-data':
+    for f in data_files:
+      f.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 3)])
+    return path, target(**GOOD_TARGET)
+  if name == 'deleted-data':
+    for f in data_files:
+      f.unlink()
+    return path, target(**GOOD_TARGET)
+  if name == 'symlink-loop':
+    (tmp_path / 'loop').symlink_to(tmp_path / 'loop')
+    return tmp_path / 'loop', None
+  raise ValueError(name)
+
+
+CORRUPT = ['missing-dir', 'plain-file', 'empty-dir', 'foreign-dir', 'deleted-metadata', 'garbage-metadata',
+           'truncated-data', 'deleted-data', 'symlink-loop']
+
+
+@pytest.mark.parametrize('name', CORRUPT)
+@pytest.mark.parametrize('api', ['restore', 'detect', 'untargeted', 'load_params', 'convert'])
+def test_damaged_or_foreign_input(tmp_path, name, api):
+  path, tgt = corrupt_case(name, tmp_path)
+  tgt = tgt if tgt is not None else target(**GOOD_TARGET)
+  before = snapshot(tmp_path)
+  with pytest.raises(errors.OrbaxNNXError) as info:
+    if api == 'restore':
+      orbax_nnx.restore(path, tgt)
+    elif api == 'untargeted':
+      orbax_nnx.restore(path)
+    elif api == 'detect':
+      orbax_nnx.detect_layout(path)
+      if name in ('truncated-data', 'deleted-data'):  # metadata is fine: the damage shows on read
+        raise errors.CorruptCheckpointError(path, 'metadata only')
+    elif api == 'load_params':
+      orbax_nnx.load_params(path, tgt)
+    else:
+      orbax_nnx.convert(path, tmp_path / 'out')
+  assert str(path) in str(info.value) or path.name in str(info.value)
+  assert snapshot(tmp_path) == before, 'nothing may be written'
+
+
+@pytest.mark.parametrize('case', ['shape', 'missing', 'extra', 'gaps', 'unequal', 'ambiguous'])
+def test_wrong_targets(tmp_path, case):
+  if case in ('shape', 'missing', 'extra'):
+    path = good(tmp_path)
+    tgt = {'shape': target(layers={'w': (4, 7)}, b=(6,)),
+           'missing': target(layers={'w': (4, 6)}, b=(6,), c=(2,)),
+           'extra': target(layers={'w': (4, 6)})}[case]
+    expected = {'shape': errors.ShapeMismatchError, 'missing': errors.StructureMismatchError,
+                'extra': errors.StructureMismatchError}[case]
+    with pytest.raises(expected) as info:
+      orbax_nnx.restore(path, tgt)
+    assert {'shape': 'layers/w', 'missing': 'c', 'extra': 'b'}[case] in str(info.value)
+    return
+  if case == 'gaps':
+    path = save(tmp_path / 'c', {'layers_0': {'w': nnx.Param(jnp.ones(2))}, 'layers_2': {'w': nnx.Param(jnp.ones(2))}})
+    tgt, expected, words = target(layers={'w': (2, 2)}), errors.LayoutError, 'gaps'
+  elif case == 'unequal':
+    path = save(tmp_path / 'c', {'layers_0': {'w': nnx.Param(jnp.ones(2))}, 'layers_1': {'w': nnx.Param(jnp.ones(3))}})
+    tgt, expected, words = target(layers={'w': (2, 2)}), errors.LayoutError, 'unequal'
+  else:
+    path = save(tmp_path / 'c', {'layers': {'w': nnx.Variable(jnp.ones((3, 3)))}})
+    tgt, expected, words = target(**{f'layers_{i}': {'w': (3,)} for i in range(3)}), errors.PlanError, 'ambiguous'
+  with pytest.raises(expected, match=words):
+    orbax_nnx.restore(path, tgt, param_scan_axis=7)
+
+
+@pytest.mark.parametrize('key', ['a/b', '..', '.', ''])
+def test_invalid_keys_are_refused_before_writing(tmp_path, key):
+  with pytest.raises(errors.OrbaxNNXError, match='not a valid checkpoint key'):
+    save(tmp_path / 'c', {key: nnx.Param(jnp.ones(2))})
+  assert not (tmp_path / 'c').exists()
+
+
+def test_odd_but_valid_keys_deep_nesting_zero_size_and_scalars(tmp_path):
+  deep = nnx.Param(jnp.arange(3.0))
+  for i in range(40):
+    deep = {f'level {i}': deep}
+  tree = {'schlüssel mit leerzeichen': nnx.Param(jnp.ones((2,))), 'ключ': nnx.Param(jnp.zeros((1, 3))),
+          'scalar': nnx.Param(jnp.float32(2.5)), 'deep': deep}
+  path = save(tmp_path / 'c', tree)
+  out = orbax_nnx.NNXCheckpointHandler().restore(path)
+  assert_same_state(out, nnx.State(tree))
+
+
+def test_zero_size_arrays_are_refused_before_writing(tmp_path):
+  with pytest.raises(errors.OrbaxNNXError, match="'empty'.*zero size"):
+    save(tmp_path / 'c', {'empty': nnx.Param(jnp.zeros((0, 3))), 'w': nnx.Param(jnp.ones(2))})
+  assert not (tmp_path / 'c').exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root ignores file permissions')
+def test_permission_denied(tmp_path):
+  path = good(tmp_path)
+  os.chmod(path, 0)
+  try:
+    with pytest.raises(errors.OrbaxNNXError):
+      orbax_nnx.restore(path, target(**GOOD_TARGET))
+  finally:
+    os.chmod(path, 0o755)
+
+
+def test_no_pickle_eval_or_exec_in_the_package():
+  root = pathlib.Path(orbax_nnx.__file__).parent
+  for source in root.glob('*.py'):
+    text = source.read_text()
+    for word in ('import pickle', 'pickle.load', 'eval(', 'exec(', 'marshal.', '__import__('):
+      assert word not in text, f'{source.name} uses {word}'
