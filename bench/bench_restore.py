@@ -12,42 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-EMB, MLP = 1024, 4096
+sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402
 
-
-def _vmhwm_mib() -> float:
-  """Peak resident set of this process (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
-  with open('/proc/self/status') as f:
-    return int(next(line for line in f if line.startswith('VmHWM')).split()[1]) / 1024
-
-
-def _layers(params_mib: int) -> int:
-  return max(2, int(params_mib * 2**20 / (2 * EMB * MLP * 4)))
-
-
-def linen_tree(layers: int, seed: int = 0):
-  """A MaxText-style Linen train state: params/params, Adam mu/nu under opt_state, int32 step."""
-  import numpy as np
-
-  rng = np.random.default_rng(seed)
-
-  def params(scale):
-    return {'embed': {'embedding': (rng.standard_normal((256, EMB), np.float32) * scale)},
-            'layers': {'up': {'kernel': rng.standard_normal((EMB, layers, MLP), np.float32) * scale},
-                       'down': {'kernel': rng.standard_normal((MLP, layers, EMB), np.float32) * scale},
-                       'norm': {'scale': rng.standard_normal((EMB, layers), np.float32) * scale}}}
-
-  return {'step': np.int32(10), 'params': {'params': params(1.0)},
-          'opt_state': {'1': {'0': {'count': np.int32(10), 'mu': {'params': params(0.1)},
-                                    'nu': {'params': params(0.01)}}}}}
+EMB, MLP, VOCAB = common.EMB, common.MLP, common.VOCAB
 
 
 def _target(mode: str, layers: int):
@@ -72,7 +46,7 @@ def _target(mode: str, layers: int):
       blocks = {'layers': {'up': {'kernel': var(sds((layers, EMB, MLP)))},
                            'down': {'kernel': var(sds((layers, MLP, EMB)))},
                            'norm': {'scale': var(sds((layers, EMB)))}}}
-    return {'embed': {'embedding': var(sds((256, EMB)))}, **blocks}
+    return {'embed': {'embedding': var(sds((VOCAB, EMB)))}, **blocks}
 
   opt_var = nnx.training.optimizer.OptVariable
   return nnx.State({
@@ -87,19 +61,14 @@ def _target(mode: str, layers: int):
 def _shape_tree(layers):
   import numpy as np
 
-  def params():
-    return {'embed': {'embedding': np.empty((256, EMB), np.float32)},
-            'layers': {'up': {'kernel': np.empty((EMB, layers, MLP), np.float32)},
-                       'down': {'kernel': np.empty((MLP, layers, EMB), np.float32)},
-                       'norm': {'scale': np.empty((EMB, layers), np.float32)}}}
+  class _Empty:
+    def standard_normal(self, shape, dtype):
+      return np.broadcast_to(np.zeros((), dtype), shape)
+
+  params = lambda: common.linen_params(layers, _Empty(), 1.0)  # noqa: E731
   return {'step': np.empty((), np.int32), 'params': {'params': params()},
-          'opt_state': {'1': {'0': {'count': np.empty((), np.int32), 'mu': {'params': params()},
-                                    'nu': {'params': params()}}}}}
-
-
-def _rchar() -> int:
-  with open('/proc/self/io') as f:
-    return int(next(line for line in f if line.startswith('rchar')).split()[1])
+          'opt_state': [None, [{'count': np.empty((), np.int32), 'mu': {'params': params()},
+                                'nu': {'params': params()}}, None, None]]}
 
 
 def worker(mode: str, path: str, layers: int) -> dict:
@@ -109,16 +78,16 @@ def worker(mode: str, path: str, layers: int) -> dict:
   import orbax_nnx
 
   target = _target(mode, layers)
-  base = _vmhwm_mib()
-  r0, t0, c0 = _rchar(), time.perf_counter(), time.process_time()
+  base = common.vmhwm_mib()
+  r0, t0, c0 = common.rchar(), time.perf_counter(), time.process_time()
   if mode == 'plain':
     out = ocp.StandardCheckpointer().restore(path, target)
   else:
     out = orbax_nnx.restore(path, target)
   jax.block_until_ready(jax.tree.leaves(out))
-  wall, cpu, read = time.perf_counter() - t0, time.process_time() - c0, _rchar() - r0
+  wall, cpu, read = time.perf_counter() - t0, time.process_time() - c0, common.rchar() - r0
   restored = sum(x.nbytes for x in jax.tree.leaves(out))
-  return {'wall': wall, 'cpu': cpu, 'peak_rss_mib': _vmhwm_mib(),
+  return {'wall': wall, 'cpu': cpu, 'peak_rss_mib': common.vmhwm_mib(),
           'restored_mib': restored / 2**20, 'read_mib': read / 2**20, 'base_rss_mib': base}
 
 
@@ -135,22 +104,16 @@ def main():
     return
   import orbax.checkpoint as ocp
 
-  layers = _layers(args.params_mib)
+  layers = common.layers_for(args.params_mib)
   root = tempfile.mkdtemp(prefix='bench_restore_')
   path = os.path.join(root, 'linen')
   try:
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(path, linen_tree(layers))
-    ckptr.wait_until_finished()
+    common.save_plain(path, common.linen_tree(layers))
     modes = ('plain', 'unrolled', 'stacked')
     results = {m: [] for m in modes}
     for _ in range(args.reps):
       for mode in modes:
-        out = subprocess.run([sys.executable, __file__, '--worker', mode, path, str(layers)],
-                             capture_output=True, text=True, check=False)
-        if out.returncode:
-          raise RuntimeError(out.stderr[-4000:])
-        results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        results[mode].append(common.run_worker(__file__, mode, path, layers))
   finally:
     shutil.rmtree(root, ignore_errors=True)
   med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
