@@ -28,6 +28,7 @@ CanonPath = tuple[str, ...]
 
 MODEL, OPTIMIZER = 'model', 'optimizer'
 UNROLLED_SUFFIX = re.compile(r'^(?P<name>.*[^\d_])_(?P<index>\d+)$')
+LINEN_STATE_COLLECTIONS = ('batch_stats',)  # Linen variable collections that NNX keeps inside the model
 STACK_HINT_NAMES = ('layers', 'layers_per_stage', 'circular_repeats', 'stage', 'blocks')
 
 
@@ -57,7 +58,7 @@ class Layout:
   params_root: DiskPath | None
   opt_root: DiskPath | None
   step_path: DiskPath | None
-  aux_root: DiskPath | None
+  aux_roots: tuple[DiskPath, ...]  # model-mirroring non-param state: nnx_aux/model, batch_stats
   groups: tuple[LayerGroup, ...]
   canonical: Mapping[CanonPath, DiskPath]  # canonical path -> stored path
   leaves: Mapping[DiskPath, LeafInfo]
@@ -73,7 +74,7 @@ class Layout:
   def summary(self) -> str:
     lines = [f'layout: {self.kind} ({self.flavour} flavour)']
     for label, root in (('params', self.params_root), ('optimizer', self.opt_root),
-                        ('step', self.step_path), ('aux', self.aux_root)):
+                        ('step', self.step_path)) + tuple(('aux', r) for r in self.aux_roots):
       if root is not None:
         lines.append(f'  {label:9} at {"/".join(root) or "<root>"}')
     lines += [f'  group     {g}' for g in self.groups]
@@ -109,15 +110,23 @@ def detect(meta: ItemMetadata) -> Layout:
   top = {p[0] for p in paths if p}
   value_count = sum(1 for p in paths if p[-1] == VALUE_KEY)
   flavour = 'raw' if value_count == len(paths) else 'pure' if value_count == 0 else 'mixed'
-  params_root = opt_root = step_path = aux_root = None
+  params_root = opt_root = step_path = None
+  aux_roots: list[DiskPath] = []
 
-  if 'params' in top and ({'step', 'opt_state'} & top or top <= {'params', 'step', 'nnx_aux'}):
+  if 'params' in top and ({'step', 'opt_state'} & top or top <= {'params', 'step', 'nnx_aux', 'batch_stats'}):
     under = [p for p in paths if p[0] == 'params']
-    params_root = ('params', 'params') if all(len(p) > 2 and p[1] == 'params' for p in under) else ('params',)
+    second = {p[1] for p in under if len(p) > 2}
+    double = ('params' in second and all(len(p) > 2 for p in under)
+              and second <= {'params'} | set(LINEN_STATE_COLLECTIONS))
+    params_root = ('params', 'params') if double else ('params',)
+    if double:
+      aux_roots += [('params', c) for c in LINEN_STATE_COLLECTIONS if c in second]
+    aux_roots += [(c,) for c in LINEN_STATE_COLLECTIONS if c in top]
     opt_root = ('opt_state',) if 'opt_state' in top else None
     step_path = ('step',) if ('step',) in meta.leaves else None
-    aux_root = ('nnx_aux', MODEL) if 'nnx_aux' in top else None
-    kind: Kind = 'maxtext' if aux_root else 'linen'
+    if 'nnx_aux' in top:
+      aux_roots.append(('nnx_aux', MODEL))
+    kind: Kind = 'maxtext' if 'nnx_aux' in top else 'linen'
   elif top & {MODEL, OPTIMIZER}:
     kind = 'nnx'
     params_root = (MODEL,) if MODEL in top else None
@@ -149,8 +158,9 @@ def detect(meta: ItemMetadata) -> Layout:
     rel = _strip_value(p)
     if params_root is not None and p[: len(params_root)] == params_root:
       add((MODEL,) + rel[len(params_root):], p)
-    elif aux_root is not None and p[: len(aux_root)] == aux_root:
-      add((MODEL,) + rel[len(aux_root):], p)
+    elif any(p[: len(r)] == r for r in aux_roots):
+      root = next(r for r in aux_roots if p[: len(r)] == r)
+      add((MODEL,) + rel[len(root):], p)
     elif step_path is not None and p == step_path:
       add((OPTIMIZER, 'step'), p)
     elif opt_root is not None and p[: len(opt_root)] == opt_root:
@@ -158,7 +168,7 @@ def detect(meta: ItemMetadata) -> Layout:
     else:
       add(('other',) + rel, p)
   groups = _find_groups(canonical, meta, 'nnx' if kind in ('nnx', 'params') else 'linen')
-  return Layout(kind, flavour, params_root, opt_root, step_path, aux_root, tuple(groups), canonical,
+  return Layout(kind, flavour, params_root, opt_root, step_path, tuple(aux_roots), tuple(groups), canonical,
                 meta.leaves, meta)
 
 

@@ -49,7 +49,7 @@ def _is_param_like(layout: Layout, canon: CanonPath, disk: DiskPath) -> bool:
   record = layout.meta.records.get(disk[:-1] if disk[-1] == VALUE_KEY else disk)
   if record is not None:
     return not record.type_name.rsplit('.', 1)[-1] in _NON_PARAM_TYPES
-  if layout.aux_root is not None and disk[: len(layout.aux_root)] == layout.aux_root:
+  if any(disk[: len(root)] == root for root in layout.aux_roots):
     return False
   return not (set(canon) & _RNG_NAMES)
 

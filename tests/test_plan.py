@@ -62,13 +62,25 @@ def test_detects_maxtext_nnx_aux_and_groups(tmp_path):
   }
   layout = orbax_nnx.detect_layout(save_plain(tmp_path / 'c', tree))
   assert layout.kind == 'maxtext'
-  assert layout.params_root == ('params', 'params') and layout.aux_root == ('nnx_aux', 'model')
+  assert layout.params_root == ('params', 'params') and layout.aux_roots == (('nnx_aux', 'model'),)
   assert ('model', 'decoder', 'rngs', 'count') in layout.canonical
   assert ('optimizer', 'step') in layout.canonical
   groups = {'/'.join(g.path): (g.style, g.length) for g in layout.groups}
   assert groups['model/decoder/dense_layers'] == ('unrolled_suffix', 2)
   assert groups['model/decoder/moe_layers'] == ('unrolled_suffix', 3)
   assert not any('remainder' in g for g in groups)
+
+
+def test_linen_batch_stats_restore_into_nnx_batchnorm(tmp_path):
+  tree = {'step': jnp.int32(1), 'params': {'bn': {'scale': arange((3,)), 'bias': arange((3,), offset=1)}},
+          'batch_stats': {'bn': {'mean': arange((3,), offset=2), 'var': arange((3,), offset=3)}},
+          'opt_state': {'count': jnp.int32(1)}}
+  layout = orbax_nnx.detect_layout(save_plain(tmp_path / 'c', tree))
+  assert layout.aux_roots == (('batch_stats',),)
+  model = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+  out = orbax_nnx.restore(tmp_path / 'c', nnx.State({'bn': nnx.state(model)}))
+  np.testing.assert_array_equal(host(out['bn']['mean']), arange((3,), offset=2))
+  assert isinstance(out['bn']['var'], nnx.BatchStat)
 
 
 @pytest.mark.parametrize('base', [False, True])
