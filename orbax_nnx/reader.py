@@ -28,7 +28,7 @@ from orbax_nnx.planner import Cast, Const, Expr, Plan, Read, Stack, Take, Target
 
 Index = tuple[slice, ...]
 
-DEFAULT_CACHE_BYTES = 512 * 2**20
+DEFAULT_CACHE_BYTES = 1024 * 2**20  # two 512 MiB chunks decode in parallel
 
 
 class SourceArrays:
@@ -52,6 +52,7 @@ class SourceArrays:
     self._chunks: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
     self._loading: dict[tuple, concurrent.futures.Future] = {}
     self._cached_bytes = 0
+    self._loading_bytes = 0  # chunks being prefetched
     self._lock = threading.Lock()
     self.bytes_read = 0
 
@@ -99,17 +100,32 @@ class SourceArrays:
     return store, region, cells, whole, squeeze, chunk
 
   def prefetch(self, path: DiskPath, index: tuple, pool: concurrent.futures.Executor) -> None:
-    """Starts decoding the chunks a partial region read will need (no-op for whole chunks)."""
+    """Starts decoding the chunks a partial region read will need, while the cache has room.
+
+    No-op for whole-chunk reads; a chunk that would push cached plus loading bytes over
+    `cache_bytes` is left to be read on demand (so memory stays at the budget).
+    """
     store, _, cells, whole, _, chunk = self._cells(path, index)
     if whole:
       return
     shape = tuple(store.shape)
+    itemsize = store.dtype.numpy_dtype.itemsize
     for cell in cells:
       bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, chunk, shape))
+      nbytes = itemsize * int(np.prod([b.stop - b.start for b in bounds], dtype=np.int64))
       with self._lock:
         if (path, cell) in self._chunks or (path, cell) in self._loading:
           continue
-      pool.submit(self._chunk, path, cell, bounds)
+        busy = self._cached_bytes + self._loading_bytes
+        if busy and busy + nbytes > self.cache_bytes:
+          return
+        self._loading_bytes += nbytes
+      future = pool.submit(self._chunk, path, cell, bounds)
+      future.add_done_callback(lambda _, n=nbytes: self._done_loading(n))
+
+  def _done_loading(self, nbytes: int) -> None:
+    with self._lock:
+      self._loading_bytes -= nbytes
 
   def read(self, path: DiskPath, index: tuple) -> np.ndarray:
     """The region `index` (slices and ints) of a stored array."""
