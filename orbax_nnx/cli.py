@@ -4,7 +4,7 @@
     orbax-nnx convert SRC DST [same layout options] [--include params] [--overwrite] [--quiet]
     orbax-nnx export-params SRC DST [--dtype bfloat16] [--unroll|--keep-scan] [--format nnx|linen]
     orbax-nnx compare A B [--values] [--atol X --rtol Y] [--only params|optimizer|all] [--json]
-    orbax-nnx inspect SRC [--json]
+    orbax-nnx inspect SRC [--json] [--depth N] [--filter REGEX]
 
 Exit codes: 0 success, 1 a negative answer (e.g. plan with missing leaves), 2 usage or read errors.
 """
@@ -180,22 +180,34 @@ def cmd_compare(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-  layout = _layout(args)
-  rows = []
-  for disk, info in sorted(layout.leaves.items()):
-    rows.append({'path': '/'.join(disk), 'shape': list(info.shape), 'dtype': str(info.dtype),
-                 'bytes': info.nbytes})
+  from orbax_nnx.inspection import inspect_checkpoint
+
+  facts = inspect_checkpoint(args.src, step=args.step, item=args.item, depth=args.depth, filter=args.filter)
   if args.json:
-    print(json.dumps({'layout': layout.kind, 'flavour': layout.flavour,
-                      'groups': [str(g) for g in layout.groups], 'leaves': rows,
-                      'total_bytes': sum(r['bytes'] for r in rows), 'orbax_nnx': dict(layout.meta.ours)
-                      if layout.meta.ours else None}, default=str))
+    print(json.dumps(facts, default=str))
     return 0
-  print(layout.summary())
+  print(f'{facts["path"]}: {facts["layout"]} layout ({facts["flavour"]} flavour)'
+        + (f', step {facts["step"]}' if facts['step'] is not None else ''))
+  for label, root in facts['roots'].items():
+    print(f'  {label:9} at {root or "<root>"}')
+  for root in facts['aux']:
+    print(f'  aux       at {root}')
+  for group in facts['groups']:
+    print(f'  group     {group}')
+  rows = facts['leaves']
   width = max((len(r['path']) for r in rows), default=10)
   for r in rows:
-    print(f'{r["path"]:<{width}}  {str(tuple(r["shape"])):>18}  {r["dtype"]:>10}  {r["bytes"]:>12,}')
-  print(f'{"total":<{width}}  {"":>18}  {"":>10}  {sum(r["bytes"] for r in rows):>12,}')
+    if 'shape' in r:
+      print(f'{r["path"]:<{width}}  {str(tuple(r["shape"])):>18}  {r["dtype"]:>10}  {r["bytes"]:>14,}')
+    else:
+      print(f'{r["path"]:<{width}}  {r["leaves"]:>12} leaves  {r["bytes"]:>14,}')
+  for category, nbytes in sorted(facts['totals'].items()):
+    print(f'total {category:<10} {nbytes:>14,} B ({nbytes / 2**20:.1f} MiB)')
+  print(f'total {"":<10} {facts["total_bytes"]:>14,} B ({facts["total_bytes"] / 2**20:.1f} MiB)')
+  if facts['orbax_nnx']:
+    print(f'orbax-nnx metadata: version {facts["orbax_nnx"].get("version")}'
+          + (', converted from ' + str(facts['orbax_nnx']['conversion'].get('from_kind'))
+             if facts['orbax_nnx'].get('conversion') else ''))
   return 0
 
 
@@ -240,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser('inspect', help='what a checkpoint holds (metadata only)')
   _add_source(p)
   p.add_argument('--json', action='store_true')
+  p.add_argument('--depth', type=int, default=None, help='aggregate leaves to this path depth')
+  p.add_argument('--filter', default=None, metavar='REGEX', help='only paths matching REGEX')
   p.set_defaults(fn=cmd_inspect)
   return parser
 
