@@ -3,6 +3,7 @@
     orbax-nnx plan SRC [--to nnx|linen] [--scan-layers|--no-scan-layers] [--scan-axis REGEX=AXIS ...]
     orbax-nnx convert SRC DST [same layout options] [--include params] [--overwrite] [--quiet]
     orbax-nnx export-params SRC DST [--dtype bfloat16] [--unroll|--keep-scan] [--format nnx|linen]
+                            [--filter Param|LoRAParam] [--merge-lora]
     orbax-nnx compare A B [--values] [--atol X --rtol Y] [--only params|optimizer|all] [--json]
     orbax-nnx inspect SRC [--json] [--depth N] [--filter REGEX]
 
@@ -165,7 +166,7 @@ def cmd_export_params(args) -> int:
   report = export_params(args.src, args.dst, dtype=None if args.dtype == 'keep' else args.dtype,
                          scan_layers=args.scan_layers, format=args.format, overwrite=args.overwrite,
                          step=args.step, item=args.item, scan_axis=_scan_axis(args.scan_axis),
-                         param_scan_axis=args.param_scan_axis)
+                         param_scan_axis=args.param_scan_axis, filter=args.filter, merge_lora=args.merge_lora)
   if not args.quiet:
     print(report.summary())
   return 0
@@ -235,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
   scan.add_argument('--keep-scan', dest='scan_layers', action='store_const', const=None, default=None)
   scan.add_argument('--unroll', dest='scan_layers', action='store_false')
   p.add_argument('--format', choices=['nnx', 'linen'], default='nnx')
+  p.add_argument('--filter', choices=['Param', 'LoRAParam'], default='Param', help='LoRAParam: adapters only')
+  p.add_argument('--merge-lora', action='store_true', help='fold LoRA adapters into their kernels')
   p.add_argument('--scan-axis', action='append', metavar='[REGEX=]AXIS')
   p.add_argument('--param-scan-axis', type=int, default=1)
   p.add_argument('--overwrite', action='store_true')

@@ -28,7 +28,7 @@ from etils import epath
 from orbax_nnx import errors, nnx_tree, version
 from orbax_nnx.layout import Layout, detect
 from orbax_nnx.metadata import CUSTOM_KEY, read_item_metadata, resolve_item
-from orbax_nnx.planner import Plan, build, reads
+from orbax_nnx.planner import Cast, LoraMerge, Plan, build, reads
 from orbax_nnx.reader import SourceArrays
 from orbax_nnx.targets import LayoutTarget, layout_target
 from orbax_nnx.writer import LazyArray, WriteSession, layer_chunk_args, streaming_pytree_handler
@@ -96,7 +96,7 @@ def _reverse_defaults(layout: Layout) -> dict[str, Any]:
 def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool | None = None,
                     scan_axis=None, param_scan_axis: int = 1, flavour: str = 'raw',
                     rules: Sequence[tuple[str, str]] = (), include: str = 'all',
-                    dtype: Any = None) -> tuple[Layout, LayoutTarget, Plan, dict]:
+                    dtype: Any = None, lora: str | None = None) -> tuple[Layout, LayoutTarget, Plan, dict]:
   """Layout, target and plan of a conversion (metadata only)."""
   layout = detect(read_item_metadata(src_item))
   reverse = _reverse_defaults(layout)
@@ -114,6 +114,8 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
                    param_scan_axis=param_scan_axis)
   if the_plan.missing:
     raise errors.StructureMismatchError(the_plan.missing, [], where=f'at {src_item}')
+  if lora is not None:
+    the_plan = apply_lora(the_plan, target, lora)
   options = {'to': to, 'scan_layers': scan_layers}
   return layout, target, the_plan, options
 
@@ -188,6 +190,53 @@ def _shape_containers(tree: dict, structure: Mapping[str, Any] | None, framework
   return walk(tree, ())
 
 
+_LORA = ('lora', 'lora_a'), ('lora', 'lora_b')
+
+
+def _is_lora(layout: Layout, path: tuple, expr) -> bool:
+  for read in reads(expr):
+    disk = read.source[:-1] if read.source[-1] == nnx_tree.VALUE_KEY else read.source
+    record = layout.meta.records.get(disk)
+    if record is not None:
+      return record.type_name.rsplit('.', 1)[-1] == 'LoRAParam'
+  return path[-1] in ('lora_a', 'lora_b')
+
+
+def _strip_cast(expr):
+  return expr.expr if isinstance(expr, Cast) else expr
+
+
+def apply_lora(the_plan: Plan, target: LayoutTarget, mode: str) -> Plan:
+  """`mode='only'`: keep just the LoRA adapters; `'merge'`: fold `lora_a @ lora_b` into each kernel.
+
+  Adapters are found next to their kernel as `<module>/lora/lora_a|lora_b` (nnx.LoRALinear)
+  or by our recorded Variable type (nnx.LoRAParam).
+  """
+  layout = the_plan.source
+  entries, leaves = dict(the_plan.entries), dict(the_plan.leaves)
+  if mode == 'only':
+    keep = {p for p, e in entries.items() if _is_lora(layout, p, e)}
+    return dataclasses.replace(the_plan, entries={p: entries[p] for p in keep},
+                               leaves={p: leaves[p] for p in keep})
+  if mode != 'merge':
+    raise errors.OrbaxNNXError(f"lora must be 'only' or 'merge', not {mode!r}")
+  merged = 0
+  for path in list(entries):
+    if path[-1] != 'kernel':
+      continue
+    a_path, b_path = path[:-1] + _LORA[0], path[:-1] + _LORA[1]
+    if a_path not in entries or b_path not in entries:
+      continue
+    base = LoraMerge(_strip_cast(entries[path]), _strip_cast(entries.pop(a_path)), _strip_cast(entries.pop(b_path)))
+    leaf = leaves[path]
+    entries[path] = base if base.dtype == leaf.dtype else Cast(base, leaf.dtype)
+    leaves.pop(a_path), leaves.pop(b_path)
+    merged += 1
+  if not merged:
+    raise errors.OrbaxNNXError(f'{layout.meta.directory}: no LoRA adapters (<module>/lora/lora_a, lora_b) to merge.')
+  return dataclasses.replace(the_plan, entries=entries, leaves=leaves)
+
+
 def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: Plan, custom: dict, *,
                overwrite: bool, buffer_bytes: int, progress: Callable | None = None,
                structure: Mapping[str, Any] | None = None) -> tuple[int, int]:
@@ -220,7 +269,8 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
             format: Literal['raw', 'pure'] = 'raw', rules: Sequence[tuple[str, str]] = (),
             include: Literal['all', 'params'] = 'all', overwrite: bool = False,
             buffer_bytes: int = DEFAULT_BUFFER_BYTES, step: int | None = None, item: str | None = None,
-            progress: Callable | None = None, template: Any = None, dtype: Any = None) -> ConvertReport:
+            progress: Callable | None = None, template: Any = None, dtype: Any = None,
+            lora: str | None = None) -> ConvertReport:
   """Converts the checkpoint at `src` to another layout at `dst` (an Orbax item directory).
 
   `to='auto'` converts to the other framework (or back to the original one after a
@@ -237,7 +287,7 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   _check_paths(src_item, dst, overwrite)
   layout, target, the_plan, options = plan_conversion(
       src_item, to=to, scan_layers=scan_layers, scan_axis=scan_axis, param_scan_axis=param_scan_axis,
-      flavour=format, rules=rules, include=include, dtype=dtype)
+      flavour=format, rules=rules, include=include, dtype=dtype, lora=lora)
   custom = {CUSTOM_KEY: {
       'version': version.__version__,
       'flavour': format,

@@ -128,7 +128,27 @@ class Const:
     return f'const({self.value})'
 
 
-Expr = Union[Read, Take, Stack, Transpose, Cast, Const]
+@dataclasses.dataclass(frozen=True)
+class LoraMerge:
+  """`base + a @ b` over the last two axes (a LoRA adapter folded into its kernel)."""
+
+  base: 'Expr'
+  a: 'Expr'
+  b: 'Expr'
+
+  @property
+  def shape(self):
+    return self.base.shape
+
+  @property
+  def dtype(self):
+    return self.base.dtype
+
+  def __str__(self) -> str:
+    return f'merge_lora({self.base} + {self.a} @ {self.b})'
+
+
+Expr = Union[Read, Take, Stack, Transpose, Cast, Const, LoraMerge]
 
 
 def reads(expr: Expr) -> Iterable[Read]:
@@ -137,6 +157,9 @@ def reads(expr: Expr) -> Iterable[Read]:
     yield expr
   elif isinstance(expr, Const):
     return
+  elif isinstance(expr, LoraMerge):
+    for e in (expr.base, expr.a, expr.b):
+      yield from reads(e)
   elif isinstance(expr, Stack):
     for e in expr.exprs:
       yield from reads(e)

@@ -24,7 +24,7 @@ from orbax.checkpoint._src.serialization import tensorstore_utils, types as ser_
 from orbax_nnx import errors
 from orbax_nnx.metadata import ItemMetadata
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
-from orbax_nnx.planner import Cast, Const, Expr, Plan, Read, Stack, Take, TargetLeaf, Transpose, reads
+from orbax_nnx.planner import Cast, Const, Expr, LoraMerge, Plan, Read, Stack, Take, TargetLeaf, Transpose, reads
 
 Index = tuple[slice, ...]
 
@@ -188,6 +188,12 @@ def evaluate(expr: Expr, index: tuple[slice, ...], source: SourceArrays) -> np.n
     return source.read(expr.source, index)
   if isinstance(expr, Const):
     return np.full(tuple(s.stop - s.start for s in index), expr.value, expr.dtype)
+  if isinstance(expr, LoraMerge):
+    a_index, b_index = _lora_regions(expr, index)
+    base = evaluate(expr.base, index, source).astype(np.float32)
+    delta = np.matmul(evaluate(expr.a, a_index, source).astype(np.float32),
+                      evaluate(expr.b, b_index, source).astype(np.float32))
+    return (base + delta).astype(expr.dtype)
   if isinstance(expr, Cast):
     return evaluate(expr.expr, index, source).astype(expr.dtype)
   if isinstance(expr, Take):
@@ -212,12 +218,23 @@ def evaluate(expr: Expr, index: tuple[slice, ...], source: SourceArrays) -> np.n
   raise TypeError(f'unknown expression {expr!r}')
 
 
+def _lora_regions(expr, index: tuple) -> tuple[tuple, tuple]:
+  """Regions of `a` (rows of the kernel region, all ranks) and `b` (all ranks, its columns)."""
+  rank = expr.a.shape[-1]
+  return index[:-1] + (slice(0, rank),), index[:-2] + (slice(0, rank), index[-1])
+
+
 def read_regions(expr: Expr, index: tuple):
   """The (stored path, region) pairs evaluating `expr` over `index` reads."""
   if isinstance(expr, Read):
     yield expr.source, index
   elif isinstance(expr, Const):
     return
+  elif isinstance(expr, LoraMerge):
+    a_index, b_index = _lora_regions(expr, index)
+    yield from read_regions(expr.base, index)
+    yield from read_regions(expr.a, a_index)
+    yield from read_regions(expr.b, b_index)
   elif isinstance(expr, Cast):
     yield from read_regions(expr.expr, index)
   elif isinstance(expr, Take):

@@ -69,14 +69,22 @@ def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfl
                   scan_layers: bool | None = None, format: Literal['nnx', 'linen'] = 'nnx',
                   overwrite: bool = False, step: int | None = None, item: str | None = None,
                   scan_axis=None, param_scan_axis: int = 1, buffer_bytes: int | None = None,
-                  progress=None) -> ConvertReport:
+                  progress=None, filter: Literal['Param', 'LoRAParam'] = 'Param',
+                  merge_lora: bool = False) -> ConvertReport:
   """Writes a param-only decode checkpoint of `src` at `dst` (streaming, atomic).
 
   NNX format (default): the model's Param leaves at the root (`.../kernel/value`), no
   step, no optimizer. Linen format: `step` = 0 and `params/params/...`. Floating leaves
   are cast to `dtype` (None keeps them); `scan_layers=False` unrolls for decoding.
+  `filter='LoRAParam'` exports only the LoRA adapters; `merge_lora=True` folds each
+  `nnx.LoRALinear` adapter into its kernel (`W + A @ B`, computed in float32) and drops it.
   """
   options = {} if buffer_bytes is None else {'buffer_bytes': buffer_bytes}
+  if filter == 'LoRAParam' and merge_lora:
+    raise ValueError('filter=LoRAParam and merge_lora=True exclude each other')
+  lora = 'only' if filter == 'LoRAParam' else 'merge' if merge_lora else None
+  if lora is not None:
+    options['lora'] = lora
   return convert(src, dst, to=format, scan_layers=scan_layers, include='params', dtype=dtype,
                  overwrite=overwrite, step=step, item=item, scan_axis=scan_axis,
                  param_scan_axis=param_scan_axis, progress=progress, **options)

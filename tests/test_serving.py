@@ -149,3 +149,53 @@ def test_export_params_decode_checkpoint(tmp_path, nnx_train_ckpt, fmt):
   server = decode_model()
   orbax_nnx.load_params(tmp_path / 'decode', server, dtype=jnp.bfloat16)
   np.testing.assert_array_equal(host(server.layers_1.down.kernel), host(model.layers.down.kernel)[1].astype(jnp.bfloat16))
+
+
+class LoraModel(nnx.Module):
+  def __init__(self, rngs):
+    self.proj = nnx.LoRALinear(8, 6, lora_rank=2, rngs=rngs)
+    self.out = nnx.Linear(6, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.proj(x))
+
+
+def _lora_ckpt(tmp_path):
+  model = LoraModel(nnx.Rngs(0))
+  # give the adapters non-zero values (lora_b starts at zero)
+  model.proj.lora.lora_b.set_value(jax.random.normal(jax.random.key(1), (2, 6)))
+  with ocp.CheckpointManager(tmp_path / 'train', handler_registry=orbax_nnx.nnx_registry) as mngr:
+    mngr.save(1, args=ocp.args.Composite(model=orbax_nnx.NNXSave(model)))
+  return model
+
+
+def test_export_lora_adapters_only(tmp_path):
+  model = _lora_ckpt(tmp_path)
+  orbax_nnx.export_params(tmp_path / 'train', tmp_path / 'adapters', filter='LoRAParam', dtype=None)
+  meta = orbax_nnx.read_item_metadata(tmp_path / 'adapters')
+  assert sorted(meta.leaves) == [('proj', 'lora', 'lora_a', 'value'), ('proj', 'lora', 'lora_b', 'value')]
+  target = nnx.state(nnx.eval_shape(lambda: LoraModel(nnx.Rngs(0))), nnx.LoRAParam)
+  out = orbax_nnx.load_params(tmp_path / 'adapters', target, filter=nnx.LoRAParam)
+  np.testing.assert_array_equal(host(out['proj']['lora']['lora_b']), host(model.proj.lora.lora_b))
+
+
+def test_merge_lora_folds_adapters_into_kernels(tmp_path):
+  model = _lora_ckpt(tmp_path)
+  orbax_nnx.export_params(tmp_path / 'train', tmp_path / 'merged', merge_lora=True, dtype=None)
+  meta = orbax_nnx.read_item_metadata(tmp_path / 'merged')
+  assert not any('lora' in p for p in meta.leaves)
+  served = MergedModel(nnx.Rngs(5))  # plain Linear layers: no adapters at serving time
+  orbax_nnx.load_params(tmp_path / 'merged', served)
+  want = host(model.proj.kernel) + host(model.proj.lora.lora_a) @ host(model.proj.lora.lora_b)
+  np.testing.assert_allclose(host(served.proj.kernel), want, rtol=1e-6, atol=1e-6)
+  x = jax.random.normal(jax.random.key(3), (4, 8))
+  np.testing.assert_allclose(np.asarray(served(x)), np.asarray(model(x)), rtol=1e-5, atol=1e-5)
+
+
+class MergedModel(nnx.Module):
+  def __init__(self, rngs):
+    self.proj = nnx.Linear(8, 6, rngs=rngs)
+    self.out = nnx.Linear(6, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.proj(x))
