@@ -34,6 +34,7 @@ from orbax_nnx.targets import LayoutTarget, layout_target
 from orbax_nnx.writer import LazyArray, WriteSession, layer_chunk_args, streaming_pytree_handler
 
 DEFAULT_BUFFER_BYTES = 256 * 2**20
+OCDBT_FILE_BYTES = 64 * 2**20  # OCDBT buffers a data file in memory until it is this big
 
 
 @dataclasses.dataclass
@@ -257,7 +258,8 @@ def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: 
     save_args = _shape_containers(save_args, structure, target.framework)
     handler = streaming_pytree_handler()
     with ocp.Checkpointer(handler) as ckptr:
-      ckptr.save(dst, args=ocp.args.PyTreeSave(item=tree, save_args=save_args, custom_metadata=custom),
+      ckptr.save(dst, args=ocp.args.PyTreeSave(item=tree, save_args=save_args, custom_metadata=custom,
+                                               ocdbt_target_data_file_size=OCDBT_FILE_BYTES),
                  force=overwrite)
   finally:
     session.close()

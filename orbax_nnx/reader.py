@@ -28,7 +28,7 @@ from orbax_nnx.planner import Cast, Const, Expr, LoraMerge, Plan, Read, Stack, T
 
 Index = tuple[slice, ...]
 
-DEFAULT_CACHE_BYTES = 1024 * 2**20  # two 512 MiB chunks decode in parallel
+DEFAULT_CACHE_BYTES = 512 * 2**20
 
 
 class SourceArrays:
@@ -297,14 +297,18 @@ class _Pending:
 
 
 def execute(plan: Plan, shardings: Mapping[Path, jax.sharding.Sharding], source: SourceArrays | None = None,
-            max_workers: int = 8, inflight_bytes: int = 512 * 2**20) -> dict[Path, jax.Array]:
+            max_workers: int = 8, inflight_bytes: int = 1024 * 2**20) -> dict[Path, jax.Array]:
   """Evaluates every plan entry onto its sharding; returns target path -> jax.Array.
 
   Shard reads run concurrently; host buffers in flight are bounded by `inflight_bytes`
   (at least one array). Leaves reading the same stored array are scheduled together
   so its chunks are decoded once while cached.
   """
-  source = source or SourceArrays(plan.source.meta)
+  if source is None:
+    # room for two of the largest stored arrays (chunks), so one decodes while the other is sliced
+    largest = max((plan.source.leaves[r.source].nbytes for e in plan.entries.values() for r in reads(e)),
+                  default=0)
+    source = SourceArrays(plan.source.meta, cache_bytes=max(DEFAULT_CACHE_BYTES, 2 * largest + 64 * 2**20))
   order = sorted(plan.entries, key=lambda p: [r.source for r in reads(plan.entries[p])][:1])
   out: dict[Path, jax.Array] = {}
   pending: collections.deque[_Pending] = collections.deque()
