@@ -53,6 +53,9 @@ class SourceArrays:
     self._loading: dict[tuple, concurrent.futures.Future] = {}
     self._cached_bytes = 0
     self._loading_bytes = 0  # chunks being prefetched
+    self._expected: dict[tuple, int] = {}  # chunk -> announced partial reads still to come
+    self._queue: collections.deque = collections.deque()  # chunks to decode ahead, in order
+    self._pool: concurrent.futures.Executor | None = None
     self._lock = threading.Lock()
     self.bytes_read = 0
 
@@ -99,33 +102,65 @@ class SourceArrays:
                                                  for r, c, n in zip(region, chunk, shape))
     return store, region, cells, whole, squeeze, chunk
 
-  def prefetch(self, path: DiskPath, index: tuple, pool: concurrent.futures.Executor) -> None:
-    """Starts decoding the chunks a partial region read will need, while the cache has room.
-
-    No-op for whole-chunk reads; a chunk that would push cached plus loading bytes over
-    `cache_bytes` is left to be read on demand (so memory stays at the budget).
+  def expect(self, path: DiskPath, index: tuple, pool: concurrent.futures.Executor | None = None) -> None:
+    """Announces a partial region read to come: its chunks are kept until their last
+    announced reader has used them (then dropped at once), and decoded ahead of time on
+    `pool` while cached plus loading bytes stay within `cache_bytes`.
     """
     store, _, cells, whole, _, chunk = self._cells(path, index)
     if whole:
       return
     shape = tuple(store.shape)
     itemsize = store.dtype.numpy_dtype.itemsize
-    for cell in cells:
-      bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, chunk, shape))
-      nbytes = itemsize * int(np.prod([b.stop - b.start for b in bounds], dtype=np.int64))
+    with self._lock:
+      for cell in cells:
+        key = (path, cell)
+        self._expected[key] = self._expected.get(key, 0) + 1
+        if self._expected[key] == 1 and key not in self._chunks and key not in self._loading:
+          bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, chunk, shape))
+          nbytes = itemsize * int(np.prod([b.stop - b.start for b in bounds], dtype=np.int64))
+          self._queue.append((key, bounds, nbytes))
+      if pool is not None:
+        self._pool = pool
+    self._pump()
+
+  def _pump(self) -> None:
+    """Starts queued chunk decodes while the budget allows (always at least one)."""
+    while True:
       with self._lock:
-        if (path, cell) in self._chunks or (path, cell) in self._loading:
+        if not self._queue or self._pool is None:
+          return
+        key, bounds, nbytes = self._queue[0]
+        if key in self._chunks or key in self._loading or key not in self._expected:
+          self._queue.popleft()
           continue
         busy = self._cached_bytes + self._loading_bytes
         if busy and busy + nbytes > self.cache_bytes:
           return
+        self._queue.popleft()
         self._loading_bytes += nbytes
-      future = pool.submit(self._chunk, path, cell, bounds)
+      future = self._pool.submit(self._chunk, key[0], key[1], bounds)
       future.add_done_callback(lambda _, n=nbytes: self._done_loading(n))
 
   def _done_loading(self, nbytes: int) -> None:
     with self._lock:
       self._loading_bytes -= nbytes
+    self._pump()
+
+  def _used(self, key: tuple) -> None:
+    """One announced reader of a chunk is done; the last one drops the chunk."""
+    with self._lock:
+      left = self._expected.get(key)
+      if left is None:
+        return
+      if left > 1:
+        self._expected[key] = left - 1
+        return
+      del self._expected[key]
+      data = self._chunks.pop(key, None)
+      if data is not None:
+        self._cached_bytes -= data.nbytes
+    self._pump()
 
   def read(self, path: DiskPath, index: tuple) -> np.ndarray:
     """The region `index` (slices and ints) of a stored array."""
@@ -142,6 +177,8 @@ class SourceArrays:
         hi = [min(r.stop, b.stop) for r, b in zip(region, bounds)]
         out[tuple(slice(l - r.start, h - r.start) for l, h, r in zip(lo, hi, region))] = \
             data[tuple(slice(l - b.start, h - b.start) for l, h, b in zip(lo, hi, bounds))]
+        del data
+        self._used((path, cell))
     return out.reshape([n for i, n in enumerate(out.shape) if i not in squeeze]) if squeeze else out
 
   def _chunk(self, path: DiskPath, cell: tuple, bounds: tuple) -> np.ndarray:
@@ -265,8 +302,7 @@ def _read_take(expr: Take, index: tuple, source: SourceArrays) -> np.ndarray:
 class _Pending:
   """A target array whose shard reads are in flight."""
 
-  def __init__(self, path: Path, expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays, pool,
-               prefetch_pool=None):
+  def __init__(self, path: Path, expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays, pool):
     self.path, self.leaf, self.sharding = path, leaf, sharding
     self.by_index: dict[tuple, list] = defaultdict(list)
     self.futures: dict[tuple, concurrent.futures.Future] = {}
@@ -278,9 +314,6 @@ class _Pending:
       norm = _normalize(index, leaf.shape)
       key = tuple((s.start, s.stop) for s in norm)
       if key not in self.futures:
-        if prefetch_pool is not None:
-          for path_, region in read_regions(expr, norm):
-            source.prefetch(path_, region, prefetch_pool)
         self.futures[key] = pool.submit(evaluate, expr, norm, source)
         self.nbytes += int(np.prod([s.stop - s.start for s in norm], dtype=np.int64)) * leaf.dtype.itemsize
       self.by_index[key].append(device)
@@ -294,6 +327,27 @@ class _Pending:
       host = self.futures[key].result()
       arrays += [jax.device_put(host, d, may_alias=True) for d in devices]
     return jax.make_array_from_single_device_arrays(self.leaf.shape, self.sharding, arrays)
+
+
+def _shard_regions(leaf: TargetLeaf, sharding) -> list[tuple[slice, ...]]:
+  if leaf.key_impl is not None:
+    return [_normalize((), leaf.shape)]
+  seen = {}
+  for index in sharding.addressable_devices_indices_map(leaf.shape).values():
+    norm = _normalize(index, leaf.shape)
+    seen.setdefault(tuple((s.start, s.stop) for s in norm), norm)
+  return list(seen.values())
+
+
+def announce(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays, pool=None) -> None:
+  """Tells `source` every region evaluating `expr` onto `sharding` will read (see `expect`).
+
+  Announce all leaves up front, in the order they will be evaluated: a chunk is then
+  dropped only after its last reader, and decoded ahead while the budget allows.
+  """
+  for region in _shard_regions(leaf, sharding):
+    for path, index in read_regions(expr, region):
+      source.expect(path, index, pool)
 
 
 def execute(plan: Plan, shardings: Mapping[Path, jax.sharding.Sharding], source: SourceArrays | None = None,
@@ -328,9 +382,11 @@ def execute(plan: Plan, shardings: Mapping[Path, jax.sharding.Sharding], source:
   with concurrent.futures.ThreadPoolExecutor(max_workers) as pool, \
       concurrent.futures.ThreadPoolExecutor(2) as prefetch_pool:
     for path in order:
+      announce(plan.entries[path], plan.leaves[path], shardings[path], source, prefetch_pool)
+    for path in order:
       while pending and inflight >= inflight_bytes:
         finish_one()
-      job = _Pending(path, plan.entries[path], plan.leaves[path], shardings[path], source, pool, prefetch_pool)
+      job = _Pending(path, plan.entries[path], plan.leaves[path], shardings[path], source, pool)
       pending.append(job)
       inflight += job.nbytes
     while pending:

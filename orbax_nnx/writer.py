@@ -22,7 +22,7 @@ from orbax.checkpoint._src.metadata import array_metadata_store as array_metadat
 from orbax.checkpoint._src.serialization import jax_array_handlers, type_handler_registry, types as ser_types
 
 from orbax_nnx.planner import Expr, TargetLeaf, reads
-from orbax_nnx.reader import SourceArrays, _Pending
+from orbax_nnx.reader import SourceArrays, _Pending, announce
 
 
 class LazyArray:
@@ -54,6 +54,9 @@ class LazyArray:
   def start(self) -> _Pending:
     return _Pending(self.leaf.path, self.expr, self.leaf, self.sharding, self.session.source, self.session.pool)
 
+  def announce(self) -> None:
+    announce(self.expr, self.leaf, self.sharding, self.session.source, self.session.prefetch_pool)
+
   def __repr__(self) -> str:
     return f'LazyArray({self.expr}, shape={self.shape}, dtype={self.dtype})'
 
@@ -65,12 +68,14 @@ class WriteSession:
     self.source = source
     self.buffer_bytes = buffer_bytes
     self.pool = concurrent.futures.ThreadPoolExecutor(max_workers)
+    self.prefetch_pool = concurrent.futures.ThreadPoolExecutor(2)  # chunk decodes ahead of use
     self.progress = progress
     self.leaves_written = 0
     self.bytes_written = 0
 
   def close(self) -> None:
     self.pool.shutdown(wait=True)
+    self.prefetch_pool.shutdown(wait=True)
 
 
 class LazyArrayHandler(jax_array_handlers.ArrayHandler):
@@ -88,6 +93,8 @@ class LazyArrayHandler(jax_array_handlers.ArrayHandler):
       if not values:
         return
       session = values[0].session
+      for i in order:
+        values[i].announce()
       window: list[tuple[int, Any]] = []  # (index, pending read)
       inflight = 0
       position = 0
