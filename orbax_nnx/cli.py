@@ -261,8 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _maybe_distributed() -> None:
+  """Joins a jax.distributed job when JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID are set."""
+  address, count, index = (os.environ.get(k) for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES',
+                                                      'JAX_PROCESS_ID'))
+  if address and count and index:
+    import jax
+    jax.distributed.initialize(coordinator_address=address, num_processes=int(count), process_id=int(index))
+
+
 def main(argv=None) -> int:
   _setup_env()
+  _maybe_distributed()
   from orbax_nnx import errors
 
   parser = build_parser()
