@@ -102,8 +102,6 @@ def main():
     mode, path, layers = args.worker
     print(json.dumps(worker(mode, path, int(layers))))
     return
-  import orbax.checkpoint as ocp
-
   layers = common.layers_for(args.params_mib)
   root = tempfile.mkdtemp(prefix='bench_restore_')
   path = os.path.join(root, 'linen')

@@ -51,8 +51,6 @@ def worker(mode: str, path: str, layers: str) -> dict:
     out = orbax_nnx.load_params(path, _abstract_params(layers, jnp.bfloat16))
   else:
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    full = common.linen_tree(1)
-    del full
     shapes = {'step': np.int32(0), 'params': {'params': common.linen_params(layers, _Zeros(), 1.0)}}
     if mode == 'plain_full':
       shapes['opt_state'] = [None, [{'count': np.int32(0), 'mu': {'params': common.linen_params(layers, _Zeros(), 1.0)},

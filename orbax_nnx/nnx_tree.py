@@ -18,7 +18,7 @@ from typing import Any, Literal
 import jax
 import flax
 from flax import nnx
-from flax.nnx import graphlib, variablelib
+from flax.nnx import graphlib
 
 Key = str | int
 Path = tuple[Key, ...]

@@ -378,7 +378,7 @@ class _Planner:
     """Target `.../layers/...` (stacked) from unrolled sources `layers_N` or `layers/N`."""
     canon = leaf.canon
     for style in ('suffix', 'index'):
-      group = canon[:k] + ((canon[k],) if style == 'suffix' else (canon[k],))
+      group = canon[: k + 1]
       indices = self.source_group_indices.get((group, style))
       if not indices:
         continue

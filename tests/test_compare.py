@@ -15,7 +15,6 @@ from orbax_nnx import examples as ex
 from orbax_nnx.compare import compare
 from orbax_nnx.testing import add_entropy
 
-import linen_client as lc
 from helpers import host
 
 CFG = ex.Config(num_layers=4)

@@ -19,7 +19,7 @@ from orbax_nnx import errors, examples as ex
 from orbax_nnx.conversion import convert
 
 import linen_client as lc
-from helpers import assert_same_state, host
+from helpers import host
 
 CFG = ex.Config(num_layers=4)
 
