@@ -7,7 +7,6 @@ with numpy, save). Same source, same run, each in its own process.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -60,16 +59,8 @@ def worker(mode: str, src: str, dst: str) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--params-mib', type=int, default=1024)
-  parser.add_argument('--reps', type=int, default=1)
-  parser.add_argument('--worker', nargs=3)
-  args = parser.parse_args()
-  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  os.environ.setdefault('MALLOC_ARENA_MAX', '2')
-  if args.worker:
-    import json
-    print(json.dumps(worker(*args.worker)))
+  args = common.parse_or_work(worker, reps=1)
+  if args is None:
     return
   layers = common.layers_for(args.params_mib)
   root = tempfile.mkdtemp(prefix='bench_convert_')

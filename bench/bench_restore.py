@@ -9,8 +9,6 @@ bytes read (rchar from /proc/self/io) against the bytes restored.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import statistics
@@ -71,12 +69,13 @@ def _shape_tree(layers):
                                 'nu': {'params': params()}}, None, None]]}
 
 
-def worker(mode: str, path: str, layers: int) -> dict:
+def worker(mode: str, path: str, layers) -> dict:
   import jax
   import orbax.checkpoint as ocp
 
   import orbax_nnx
 
+  layers = int(layers)
   target = _target(mode, layers)
   base = common.vmhwm_mib()
   r0, t0, c0 = common.rchar(), time.perf_counter(), time.process_time()
@@ -92,15 +91,8 @@ def worker(mode: str, path: str, layers: int) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--params-mib', type=int, default=1024)
-  parser.add_argument('--reps', type=int, default=2)
-  parser.add_argument('--worker', nargs=3)
-  args = parser.parse_args()
-  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  if args.worker:
-    mode, path, layers = args.worker
-    print(json.dumps(worker(mode, path, int(layers))))
+  args = common.parse_or_work(worker, reps=2)
+  if args is None:
     return
   layers = common.layers_for(args.params_mib)
   root = tempfile.mkdtemp(prefix='bench_restore_')

@@ -7,7 +7,6 @@ the params. Same checkpoint, same run, each in its own process.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -75,15 +74,8 @@ class _Zeros:
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--params-mib', type=int, default=1024)
-  parser.add_argument('--reps', type=int, default=2)
-  parser.add_argument('--worker', nargs=3)
-  args = parser.parse_args()
-  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  if args.worker:
-    import json
-    print(json.dumps(worker(*args.worker)))
+  args = common.parse_or_work(worker, reps=2)
+  if args is None:
     return
   layers = common.layers_for(args.params_mib)
   root = tempfile.mkdtemp(prefix='bench_serving_')

@@ -55,3 +55,21 @@ def save_plain(path: str, tree) -> None:
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(path, tree)
   ckptr.wait_until_finished()
+
+
+def parse_or_work(worker, reps: int):
+  """Parses `--params-mib/--reps`; in `--worker A B C` mode runs `worker(A, B, C)`, prints JSON, returns None."""
+  import argparse
+  import os
+
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--params-mib', type=int, default=1024)
+  parser.add_argument('--reps', type=int, default=reps)
+  parser.add_argument('--worker', nargs=3)
+  args = parser.parse_args()
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  os.environ.setdefault('MALLOC_ARENA_MAX', '2')
+  if args.worker:
+    print(json.dumps(worker(*args.worker)))
+    return None
+  return args
