@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from flax import nnx
 
 import orbax_nnx
@@ -110,3 +111,24 @@ def test_cli_exit_codes_and_inspect(pair):
   assert any('unrolled' in g for g in facts['groups'])
   assert facts['total_bytes'] == sum(leaf['bytes'] for leaf in facts['leaves'])
   assert facts['orbax_nnx']['conversion']['from_framework'] == 'nnx'
+
+
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(shapes=st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=3), min_size=1, max_size=4),
+       dtype=st.sampled_from([np.float32, np.int8, np.uint32]), pick=st.integers(0, 10**6))
+def test_compare_finds_any_single_element_change(tmp_path_factory, shapes, dtype, pick):
+  root = tmp_path_factory.mktemp('prop')
+  rng = np.random.default_rng(0)
+  tree = {f'leaf{i}': {'value': (rng.standard_normal(s) * 50).astype(dtype)} for i, s in enumerate(shapes)}
+  ckptr = ocp.PyTreeCheckpointer()
+  ckptr.save(root / 'a', tree)
+  name = f'leaf{pick % len(shapes)}'
+  changed = np.array(tree[name]['value'])
+  flat = changed.reshape(-1)
+  index = (pick // len(shapes)) % flat.size
+  flat[index] = np.nextafter(flat[index], np.inf) if dtype == np.float32 else flat[index] + 1
+  ckptr.save(root / 'b', {**tree, name: {'value': changed}})
+  report = compare(root / 'a', root / 'b', values=True)
+  assert not report.equal
+  assert [d.path for d in report.values if not d.within] == [f'model/{name}']

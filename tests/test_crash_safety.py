@@ -49,7 +49,9 @@ def check(root: pathlib.Path, src: pathlib.Path, src_digest: dict, seen: set) ->
       assert mngr.latest_step() == (max(steps) if steps else None)
       for step in steps:
         try:
-          state = mngr.restore(step)['state']
+          # explicit args: a kill right after Orbax's rename can leave a complete item without the
+          # step-level _CHECKPOINT_METADATA that a no-args restore needs to find the handler
+          state = mngr.restore(step, args=ocp.args.Composite(state=orbax_nnx.NNXRestore()))['state']
         except Exception as e:  # report which step and what is on disk
           files = sorted(str(p.relative_to(mngr_dir)) for p in (mngr_dir / str(step)).rglob('*'))[:30]
           raise AssertionError(f'step {step} of {steps} does not restore: {e!r}; files: {files}') from e
