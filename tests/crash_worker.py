@@ -20,7 +20,10 @@ def state_for(step: int) -> dict:
 
 start = int(sys.argv[3])
 for i in range(start, start + 1000):
-  options = ocp.CheckpointManagerOptions(max_to_keep=3, enable_async_checkpointing=bool(i % 2))
+  # todelete_subdir: max_to_keep retires old steps by an atomic rename; a plain rmtree killed halfway
+  # leaves a half-deleted step that all_steps() still lists (seen: its _CHECKPOINT_METADATA gone first)
+  options = ocp.CheckpointManagerOptions(max_to_keep=3, enable_async_checkpointing=bool(i % 2),
+                                         todelete_subdir='retired')
   with ocp.CheckpointManager(os.path.join(root, 'mngr'), options=options,
                              handler_registry=orbax_nnx.nnx_registry) as mngr:
     mngr.save(i, args=ocp.args.Composite(state=orbax_nnx.NNXSave(state_for(i))))
