@@ -75,9 +75,12 @@ class SourceArrays:
       self._stores[path] = store
     return store
 
-  def _ts_read(self, path: DiskPath, index: tuple) -> np.ndarray:
+  def _ts_read(self, path: DiskPath, index: tuple, perm: tuple[int, ...] | None = None) -> np.ndarray:
     try:
-      out = np.asarray(self.store(path)[index].read().result())
+      view = self.store(path)[index]
+      if perm is not None:
+        view = view[ts.d[tuple(perm)].transpose[tuple(range(len(perm)))]]
+      out = np.asarray(view.read(order='C').result())
     except errors.OrbaxNNXError:
       raise
     except Exception as e:
@@ -162,9 +165,11 @@ class SourceArrays:
         self._cached_bytes -= data.nbytes
     self._pump()
 
-  def read(self, path: DiskPath, index: tuple) -> np.ndarray:
-    """The region `index` (slices and ints) of a stored array."""
+  def read(self, path: DiskPath, index: tuple, perm: tuple[int, ...] | None = None) -> np.ndarray:
+    """The region `index` (slices and ints) of a stored array, axes permuted by `perm` if given."""
     store, region, cells, whole, squeeze, chunk = self._cells(path, index)
+    if whole and perm is not None and not squeeze:
+      return self._ts_read(path, region, perm)  # the permuted copy happens inside the decode
     if whole:
       out = self._ts_read(path, region)  # whole chunks requested: nothing to keep
     else:
@@ -179,7 +184,9 @@ class SourceArrays:
             data[tuple(slice(l - b.start, h - b.start) for l, h, b in zip(lo, hi, bounds))]
         del data
         self._used((path, cell))
-    return out.reshape([n for i, n in enumerate(out.shape) if i not in squeeze]) if squeeze else out
+    if squeeze:
+      out = out.reshape([n for i, n in enumerate(out.shape) if i not in squeeze])
+    return np.transpose(out, perm) if perm is not None else out
 
   def _chunk(self, path: DiskPath, cell: tuple, bounds: tuple) -> np.ndarray:
     key = (path, cell)
@@ -240,6 +247,8 @@ def evaluate(expr: Expr, index: tuple[slice, ...], source: SourceArrays) -> np.n
     src_index = [slice(None)] * len(expr.perm)
     for k, p in enumerate(expr.perm):
       src_index[p] = index[k]
+    if isinstance(expr.expr, Read):  # tensorstore writes the permuted layout while decoding
+      return source.read(expr.expr.source, tuple(src_index), perm=expr.perm)
     return np.transpose(evaluate(expr.expr, tuple(src_index), source), expr.perm)
   if isinstance(expr, Stack):
     layer = index[expr.axis]
