@@ -195,8 +195,7 @@ _LORA = ('lora', 'lora_a'), ('lora', 'lora_b')
 
 def _is_lora(layout: Layout, path: tuple, expr) -> bool:
   for read in reads(expr):
-    disk = read.source[:-1] if read.source[-1] == nnx_tree.VALUE_KEY else read.source
-    record = layout.meta.records.get(disk)
+    record = layout.meta.record_of(read.source)
     if record is not None:
       return record.type_name.rsplit('.', 1)[-1] == 'LoRAParam'
   return path[-1] in ('lora_a', 'lora_b')

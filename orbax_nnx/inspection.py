@@ -8,7 +8,6 @@ from typing import Any
 
 from orbax_nnx.layout import MODEL, OPTIMIZER, Layout, detect
 from orbax_nnx.metadata import read_item_metadata, resolve_item
-from orbax_nnx.nnx_tree import VALUE_KEY
 
 _RNG_TYPES = ('RngKey', 'RngCount', 'RngState')
 _RNG_NAMES = {'rngs', 'rng'}
@@ -19,7 +18,7 @@ def _category(layout: Layout, canon: tuple, disk: tuple) -> str:
     return 'optimizer'
   if canon[0] != MODEL:
     return 'other'
-  record = layout.meta.records.get(disk[:-1] if disk[-1] == VALUE_KEY else disk)
+  record = layout.meta.record_of(disk)
   if record is not None:
     return 'rng' if record.type_name.rsplit('.', 1)[-1] in _RNG_TYPES else 'params'
   return 'rng' if set(canon) & _RNG_NAMES else 'params'

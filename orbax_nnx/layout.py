@@ -219,11 +219,10 @@ def _common_length(canonical, meta, prefix: CanonPath, framework: str) -> int:
       common = dims if common is None else common & dims
   if common and len(common) == 1:
     return next(iter(common))
-  records = meta.records
   for canon, disk in canonical.items():
     if canon[: len(prefix)] != prefix:
       continue
-    names = records.get(_strip_value(disk))
+    names = meta.record_of(disk)
     sharding = names.metadata.get('out_sharding') if names else None
     if sharding:
       for axis, name in enumerate(sharding):

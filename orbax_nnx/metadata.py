@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from orbax_nnx import errors
-from orbax_nnx.nnx_tree import DiskPath, VariableRecord
+from orbax_nnx.nnx_tree import VALUE_KEY, DiskPath, VariableRecord
 
 CUSTOM_KEY = 'orbax_nnx'
 METADATA_FILE = '_METADATA'
@@ -56,6 +56,10 @@ class ItemMetadata:
     """Our own custom metadata block (empty for checkpoints others wrote)."""
     block = self.custom.get(CUSTOM_KEY) if isinstance(self.custom, Mapping) else None
     return block if isinstance(block, Mapping) else {}
+
+  def record_of(self, disk: DiskPath) -> VariableRecord | None:
+    """Our Variable record for a stored leaf (either NNX flavour), if we wrote one."""
+    return self.records.get(disk[:-1] if disk and disk[-1] == VALUE_KEY else disk)
 
   @functools.cached_property
   def records(self) -> dict[tuple, VariableRecord]:

@@ -272,19 +272,10 @@ class _Planner:
   # - axis choice
 
   def _explicit_axis(self, canon: CanonPath) -> int | None:
-    if self.scan_axis is None:
-      return None
-    if isinstance(self.scan_axis, int):
-      return self.scan_axis
-    joined = '/'.join(canon)
-    for pattern, axis in self.scan_axis.items():
-      if re.fullmatch(pattern, joined):
-        return axis
-    return None
+    return lookup_axis(self.scan_axis, canon)
 
   def _source_names_axis(self, disk: DiskPath) -> int | None:
-    key = disk[:-1] if disk[-1] == nnx_tree.VALUE_KEY else disk
-    record = self.layout.meta.records.get(key)
+    record = self.layout.meta.record_of(disk)
     return _names_axis(record.metadata.get('out_sharding') if record else None)
 
   def _convention(self, leaf: TargetLeaf) -> int:
@@ -414,6 +405,17 @@ class _Planner:
                                         self._convention(leaf)), 'stacking')
       return Stack(tuple(reads_), axis)
     return None
+
+
+def lookup_axis(scan_axis: ScanAxis, canon: CanonPath) -> int | None:
+  """The axis `scan_axis` (an int, or {regex over canonical paths: axis}) gives `canon`, if any."""
+  if scan_axis is None or isinstance(scan_axis, int):
+    return scan_axis
+  joined = '/'.join(canon)
+  for pattern, axis in scan_axis.items():
+    if re.fullmatch(pattern, joined):
+      return int(axis)
+  return None
 
 
 def _rename(canon: CanonPath, rules) -> CanonPath:

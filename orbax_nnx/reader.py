@@ -12,7 +12,6 @@ import itertools
 import concurrent.futures
 import json
 import threading
-from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
@@ -313,19 +312,16 @@ class _Pending:
 
   def __init__(self, path: Path, expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays, pool):
     self.path, self.leaf, self.sharding = path, leaf, sharding
-    self.by_index: dict[tuple, list] = defaultdict(list)
+    self.by_index: dict[tuple, list] = {}
     self.futures: dict[tuple, concurrent.futures.Future] = {}
     self.nbytes = 0
     if leaf.key_impl is not None:  # typed PRNG keys are small: read key data whole
       self.futures[()] = pool.submit(evaluate, expr, _normalize((), leaf.shape), source)
       return
-    for device, index in sharding.addressable_devices_indices_map(leaf.shape).items():
-      norm = _normalize(index, leaf.shape)
-      key = tuple((s.start, s.stop) for s in norm)
-      if key not in self.futures:
-        self.futures[key] = pool.submit(evaluate, expr, norm, source)
-        self.nbytes += int(np.prod([s.stop - s.start for s in norm], dtype=np.int64)) * leaf.dtype.itemsize
-      self.by_index[key].append(device)
+    for key, (norm, devices) in _shards(leaf, sharding).items():
+      self.futures[key] = pool.submit(evaluate, expr, norm, source)
+      self.nbytes += int(np.prod([s.stop - s.start for s in norm], dtype=np.int64)) * leaf.dtype.itemsize
+      self.by_index[key] = devices
 
   def result(self) -> jax.Array:
     if self.leaf.key_impl is not None:
@@ -338,14 +334,19 @@ class _Pending:
     return jax.make_array_from_single_device_arrays(self.leaf.shape, self.sharding, arrays)
 
 
+def _shards(leaf: TargetLeaf, sharding) -> dict[tuple, tuple[tuple[slice, ...], list]]:
+  """Distinct addressable shard regions of a target array: key -> (region, devices holding it)."""
+  out: dict[tuple, tuple[tuple[slice, ...], list]] = {}
+  for device, index in sharding.addressable_devices_indices_map(leaf.shape).items():
+    norm = _normalize(index, leaf.shape)
+    out.setdefault(tuple((s.start, s.stop) for s in norm), (norm, []))[1].append(device)
+  return out
+
+
 def _shard_regions(leaf: TargetLeaf, sharding) -> list[tuple[slice, ...]]:
   if leaf.key_impl is not None:
     return [_normalize((), leaf.shape)]
-  seen = {}
-  for index in sharding.addressable_devices_indices_map(leaf.shape).values():
-    norm = _normalize(index, leaf.shape)
-    seen.setdefault(tuple((s.start, s.stop) for s in norm), norm)
-  return list(seen.values())
+  return [norm for norm, _ in _shards(leaf, sharding).values()]
 
 
 def announce(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays, pool=None) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 from orbax_nnx import errors
 from orbax_nnx.layout import MODEL, OPTIMIZER, CanonPath, LayerGroup, Layout, model_start
 from orbax_nnx.nnx_tree import VALUE_KEY, DiskPath
-from orbax_nnx.planner import TargetLeaf
+from orbax_nnx.planner import TargetLeaf, lookup_axis
 
 Framework = Literal['nnx', 'linen']
 
@@ -46,7 +46,7 @@ class LayoutTarget:
 
 
 def _is_param_like(layout: Layout, canon: CanonPath, disk: DiskPath) -> bool:
-  record = layout.meta.records.get(disk[:-1] if disk[-1] == VALUE_KEY else disk)
+  record = layout.meta.record_of(disk)
   if record is not None:
     return not record.type_name.rsplit('.', 1)[-1] in _NON_PARAM_TYPES
   if any(disk[: len(root)] == root for root in layout.aux_roots):
@@ -55,7 +55,7 @@ def _is_param_like(layout: Layout, canon: CanonPath, disk: DiskPath) -> bool:
 
 
 def _variable_type(layout: Layout, canon: CanonPath, disk: DiskPath, param_like: bool) -> str:
-  record = layout.meta.records.get(disk[:-1] if disk[-1] == VALUE_KEY else disk)
+  record = layout.meta.record_of(disk)
   if record is not None:
     return record.type_name
   if canon[0] == OPTIMIZER:
@@ -186,20 +186,8 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
   return LayoutTarget(leaves, disk_of, types, to, axes, source_axes, stacked_out)
 
 
-def _lookup(table, canon: CanonPath):
-  if table is None:
-    return None
-  if isinstance(table, int):
-    return table
-  joined = '/'.join(canon)
-  for pattern, axis in table.items():
-    if re.fullmatch(pattern, joined):
-      return int(axis)
-  return None
-
-
 def _unstack_axis(canon, shape, length, scan_axis, recorded, param_like, param_scan_axis, framework) -> int:
-  explicit = _lookup(scan_axis, canon)
+  explicit = lookup_axis(scan_axis, canon)
   if explicit is None:
     explicit = recorded.get('/'.join(canon))
   cands = [a for a, n in enumerate(shape) if n == length]
@@ -218,7 +206,7 @@ def _unstack_axis(canon, shape, length, scan_axis, recorded, param_like, param_s
 
 
 def _stack_axis(canon, scan_axis, recorded, param_like, param_scan_axis, to) -> int:
-  explicit = _lookup(scan_axis, canon)
+  explicit = lookup_axis(scan_axis, canon)
   if explicit is None:
     explicit = recorded.get('/'.join(canon))
   if explicit is not None:
