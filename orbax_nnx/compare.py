@@ -13,6 +13,7 @@ from typing import Literal
 
 import numpy as np
 
+from orbax_nnx import budget
 from orbax_nnx.layout import MODEL, OPTIMIZER, Layout, detect
 from orbax_nnx.metadata import read_item_metadata, resolve_item
 from orbax_nnx.planner import Plan, build
@@ -95,8 +96,12 @@ def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0,
     elif la.dtype != lb.dtype:
       report.dtype_mismatch.append((name, la.dtype.name, lb.dtype.name))
   if values:
-    src_a, src_b = SourceArrays(layout_a.meta), SourceArrays(layout_b.meta)
     mismatched = {m[0] for m in report.shape_mismatch}
+    budget.check_fits(dir_a, [(name, view_a.leaves[paths_a[name]].shape, view_a.leaves[paths_a[name]].dtype, None)
+                              for name in common if name not in mismatched],
+                      what='comparing values (both sides of one leaf at a time)', at_once=False, factor=2,
+                      advice='compare structure only (values=False)')
+    src_a, src_b = SourceArrays(layout_a.meta), SourceArrays(layout_b.meta)
     report.values = []
     for name in common:
       if name in mismatched:
@@ -108,15 +113,23 @@ def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0,
   return report
 
 
+_DIFF_BLOCK = 1 << 22  # elements per float64 block, so the working copies stay small
+
+
 def _diff(name: str, xa: np.ndarray, xb: np.ndarray, atol: float, rtol: float) -> LeafDiff:
-  fa, fb = np.asarray(xa, np.float64), np.asarray(xb, np.float64)
-  if fa.size == 0:
-    return LeafDiff(name, 0.0, 0.0, True)
-  diff = np.abs(fa - fb)
-  max_abs = float(np.nanmax(diff)) if diff.size else 0.0
-  with np.errstate(divide='ignore', invalid='ignore'):
-    rel = np.where(diff == 0, 0.0, diff / np.abs(fb))
-  max_rel = float(np.nanmax(rel)) if rel.size else 0.0
-  same_nan = np.array_equal(np.isnan(fa), np.isnan(fb))
-  within = same_nan and bool(np.all((diff <= atol + rtol * np.abs(fb)) | (np.isnan(fa) & np.isnan(fb))))
+  """Max abs/rel differences and whether every element is within tolerance (NaNs must match)."""
+  flat_a, flat_b = np.asarray(xa).reshape(-1), np.asarray(xb).reshape(-1)
+  max_abs, max_rel, within = 0.0, 0.0, True
+  for start in range(0, flat_a.size, _DIFF_BLOCK):
+    fa = flat_a[start:start + _DIFF_BLOCK].astype(np.float64)
+    fb = flat_b[start:start + _DIFF_BLOCK].astype(np.float64)
+    nan_a, nan_b = np.isnan(fa), np.isnan(fb)
+    diff = np.abs(fa - fb)
+    with np.errstate(divide='ignore', invalid='ignore'):
+      rel = np.where(diff == 0, 0.0, diff / np.abs(fb))
+    if not np.all(nan_a | nan_b):
+      max_abs = max(max_abs, float(np.nanmax(diff)))
+      max_rel = max(max_rel, float(np.nanmax(rel)))
+    within = within and bool(np.array_equal(nan_a, nan_b)) and bool(
+        np.all((diff <= atol + rtol * np.abs(fb)) | (nan_a & nan_b)))
   return LeafDiff(name, max_abs, max_rel, within)

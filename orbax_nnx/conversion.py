@@ -24,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from orbax_nnx import errors, nnx_tree, version
+from orbax_nnx import budget, errors, nnx_tree, version
 from orbax_nnx.layout import Layout, detect
 from orbax_nnx.metadata import CUSTOM_KEY, read_item_metadata, resolve_item
 from orbax_nnx.planner import Cast, LoraMerge, Plan, build, reads
@@ -242,6 +242,11 @@ def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: 
   """Streams the plan into an Orbax item at `dst` (atomic). Returns (bytes read, bytes written)."""
   # the chunk cache must hold the chunks a group of layers is sliced from (at least the largest)
   largest = max((layout.leaves[r.source].nbytes for e in the_plan.entries.values() for r in reads(e)), default=0)
+  budget.check_fits(layout.meta.directory, [('/'.join(target.disk[p]), leaf.shape, leaf.dtype,
+                                               _default_sharding(leaf)) for p, leaf in the_plan.leaves.items()
+                                              if p in the_plan.entries],
+                    what='writing the largest converted array', at_once=False,
+                    advice='run the conversion as several jax.distributed processes (each writes its shards)')
   source = SourceArrays(layout.meta, cache_bytes=max(buffer_bytes, largest))
   session = WriteSession(source, buffer_bytes, progress=progress)
   tree: dict = {}

@@ -89,3 +89,7 @@ class PlanError(OrbaxNNXError, ValueError):
 
 class ShardingError(OrbaxNNXError, ValueError):
   """A target sharding cannot be used on the available devices."""
+
+
+class ResourceError(OrbaxNNXError, MemoryError):
+  """An operation would need more memory than this process can get (checked before allocating)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Mapping
@@ -71,6 +72,17 @@ class ItemMetadata:
     return out
 
 
+@contextlib.contextmanager
+def _readable(path: epath.Path):
+  """Turns a PermissionError met while looking at `path` into a NotACheckpointError."""
+  try:
+    yield
+  except PermissionError as e:
+    raise errors.NotACheckpointError(
+        path, f'permission denied on {e.filename or path}; check its file modes or this process\'s storage'
+        ' credentials') from e
+
+
 def _check_dir(directory: epath.Path) -> None:
   if not directory.exists():
     raise errors.NotACheckpointError(directory, 'it does not exist')
@@ -119,7 +131,8 @@ def read_item_metadata(
 ) -> ItemMetadata:
   """Reads an Orbax PyTree item's metadata; raises NotACheckpointError on bad input."""
   directory = epath.Path(directory)
-  _check_dir(directory)
+  with _readable(directory):
+    _check_dir(directory)
   try:
     tree_meta = (handler or _reader()).metadata(directory)
   except errors.OrbaxNNXError:
@@ -144,6 +157,11 @@ def resolve_item(path: epath.PathLike, *, step: int | None = None, item: str | N
   A manager root defaults to its latest step; a step directory with one item needs no `item`.
   """
   path = epath.Path(path)
+  with _readable(path):
+    return _resolve_item(path, step, item)
+
+
+def _resolve_item(path: epath.Path, step: int | None, item: str | None) -> epath.Path:
   if not path.exists():
     raise errors.NotACheckpointError(path, 'it does not exist')
   if not path.is_dir():

@@ -14,7 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from orbax_nnx import errors, shardings
+from orbax_nnx import budget, errors, shardings
 from orbax_nnx import nnx_tree
 from orbax_nnx.metadata import ItemMetadata
 from orbax_nnx.nnx_tree import VALUE_KEY, DiskPath, Path, path_str
@@ -150,7 +150,7 @@ def _orbax_restore(impl: ocp.PyTreeCheckpointHandler, meta: ItemMetadata, args) 
     return impl.restore(meta.directory, args=args)
   except errors.OrbaxNNXError:
     raise
-  except (ValueError, OSError, RuntimeError) as e:
+  except Exception as e:  # Orbax and tensorstore raise plain Exceptions for damaged data too
     raise errors.CorruptCheckpointError(meta.directory, f'{type(e).__name__}: {str(e)[:500]}') from e
 
 
@@ -199,14 +199,18 @@ def restore_untargeted(
     default_sharding: jax.sharding.Sharding | None = None,
 ) -> nnx.State:
   """Restores everything; Variable types come from our records when present."""
-  item, restore_args = {}, {}
+  item, restore_args, allocations = {}, {}, []
   for disk, info in meta.leaves.items():
     sharding = info.saved_sharding() or default_sharding or shardings.default_sharding()
+    allocations.append(('/'.join(disk), info.shape, info.dtype, sharding))
     restore_args_leaf = ocp.checkpoint_utils.construct_restore_args(
         {'x': info.metadata}, {'x': sharding}
     )['x']
     nnx_tree.set_path(item, disk, info.metadata)
     nnx_tree.set_path(restore_args, disk, restore_args_leaf)
+  budget.check_fits(meta.directory, allocations, what='restoring every stored array',
+                    advice='restore into a target that shards the arrays over more devices or processes,'
+                    ' or only a part of them (a partial target, orbax_nnx.load_params)')
   restored = _orbax_restore(impl, meta, ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
   flat: dict[Path, Any] = {}
   records = meta.records

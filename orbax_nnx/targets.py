@@ -90,6 +90,9 @@ def _group_of(canon: CanonPath, groups: Sequence[LayerGroup]) -> tuple[LayerGrou
   return None
 
 
+MAX_UNROLLED_LAYERS = 1 << 16  # a stacked group claiming more layers is damaged metadata
+
+
 def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = None,
                   scan_axis: int | Mapping[str, int] | None = None, param_scan_axis: int = 1,
                   flavour: Literal['raw', 'pure'] = 'raw', linen_params: Literal['double', 'single'] = 'double',
@@ -120,6 +123,11 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
     if g.style == 'stacked' and g.length <= 0:
       raise errors.PlanError(f'{"/".join(g.path)}: the number of stacked layers cannot be told from the shapes;'
                              ' pass scan_axis to say where the layer axis is.')
+    if g.style == 'stacked' and g.length > MAX_UNROLLED_LAYERS:
+      raise errors.PlanError(
+          f'{"/".join(g.path)}: unrolling would make {g.length} layers (more than {MAX_UNROLLED_LAYERS}). No model'
+          ' has that many: check the stored shapes with `orbax-nnx inspect` (damaged metadata?), or pass scan_axis'
+          ' if the layer axis is another one.')
   recorded = layout.meta.ours.get('scan_axes', {}) if isinstance(layout.meta.ours, Mapping) else {}
   leaves, disk_of, types, axes, source_axes, stacked_out = [], {}, {}, {}, {}, {}
   seen: set[CanonPath] = set()

@@ -1,16 +1,24 @@
 """Bad input: each case raises a typed orbax_nnx error naming the path and problem, and writes nothing."""
 
+import json
 import os
 import pathlib
+import re
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import pytest
+import tensorstore as ts
 from flax import nnx
 
 import orbax_nnx
 from orbax_nnx import errors
+from orbax_nnx.compare import compare
+from orbax_nnx.inspection import inspect_checkpoint
 
 from helpers import assert_same_state
 
@@ -105,6 +113,56 @@ def test_damaged_or_foreign_input(tmp_path, name, api):
   assert snapshot(tmp_path) == before, 'nothing may be written'
 
 
+def forge_shape(path: pathlib.Path, key: str, shape: list[int]) -> None:
+  """Rewrites one array's declared shape inside the OCDBT store, as damage or a forger would."""
+  kv = ts.KvStore.open({'driver': 'ocdbt', 'base': f'file://{path}'}).result()
+  name = f'{key}/.zarray'.encode()
+  zarray = json.loads(kv.read(name).result().value)
+  zarray['shape'] = shape
+  kv.write(name, json.dumps(zarray).encode()).result()
+
+
+ENORMOUS = [2**30, 2**20]  # 4 PiB of float32; sizes still fit in int64
+
+
+@pytest.mark.parametrize('api', ['untargeted', 'handler', 'convert', 'export', 'compare', 'restore', 'load_params'])
+def test_enormous_declared_shape_fails_before_allocating(tmp_path, api):
+  path = good(tmp_path)
+  forge_shape(path, 'b.value', [2**50])  # 4 PiB of float32: no machine holds it
+  other = shutil.copytree(path, tmp_path / 'copy')  # same declared shapes: compare would read values
+  assert orbax_nnx.read_item_metadata(path).leaves[('b', 'value')].shape == (2**50,)
+  before = snapshot(tmp_path)
+  expected = errors.ShapeMismatchError if api in ('restore', 'load_params') else errors.ResourceError
+  with pytest.raises(expected) as info:
+    if api == 'untargeted':
+      orbax_nnx.restore(path)
+    elif api == 'handler':
+      orbax_nnx.NNXCheckpointHandler().restore(path)
+    elif api == 'convert':
+      orbax_nnx.convert(path, tmp_path / 'out')
+    elif api == 'export':
+      orbax_nnx.export_params(path, tmp_path / 'out')
+    elif api == 'compare':
+      compare(path, other, values=True)
+    elif api == 'restore':
+      orbax_nnx.restore(path, target(**GOOD_TARGET))
+    else:
+      orbax_nnx.load_params(path, target(**GOOD_TARGET))
+  message = str(info.value)
+  assert re.search(r'\bb\b', message) and str(2**50) in message, message
+  if expected is errors.ResourceError:
+    assert str(path) in message and 'PiB' in message and 'Nothing was allocated' in message
+  assert snapshot(tmp_path) == before, 'nothing may be written'
+
+
+def test_enormous_layer_count_is_not_unrolled(tmp_path):
+  path = good(tmp_path)
+  forge_shape(path, 'layers.w.value', ENORMOUS)
+  assert inspect_checkpoint(path) is not None  # metadata only: inspecting it is fine
+  with pytest.raises(errors.PlanError, match='layers: unrolling would make 1073741824 layers'):
+    compare(path, path)  # the canonical view unrolls layer groups
+
+
 @pytest.mark.parametrize('case', ['shape', 'missing', 'extra', 'gaps', 'unequal', 'ambiguous'])
 def test_wrong_targets(tmp_path, case):
   if case in ('shape', 'missing', 'extra'):
@@ -155,15 +213,54 @@ def test_zero_size_arrays_are_refused_before_writing(tmp_path):
   assert not (tmp_path / 'c').exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason='root ignores file permissions')
-def test_permission_denied(tmp_path):
+PERMISSION_CHILD = """
+import json, sys
+import orbax_nnx
+from orbax_nnx import errors
+path, out, api = sys.argv[1:]
+try:
+  if api == 'restore':
+    orbax_nnx.restore(path)
+  elif api == 'detect':
+    orbax_nnx.detect_layout(path)
+  else:
+    orbax_nnx.convert(path, out)
+  print(json.dumps({'error': None}))
+except errors.OrbaxNNXError as e:
+  print(json.dumps({'error': type(e).__name__, 'message': str(e)}))
+"""
+
+
+# Root ignores file modes; this launcher drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from its
+# capability bounding set (PR_CAPBSET_DROP = 24), then execs the child, which obeys them.
+DROP_DAC_AND_EXEC = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for cap in (1, 2):
+  if libc.prctl(24, cap, 0, 0, 0) != 0:
+    raise OSError(ctypes.get_errno(), 'prctl(PR_CAPBSET_DROP)')
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize('what', ['item-dir', 'data-dir'])
+@pytest.mark.parametrize('api', ['restore', 'detect', 'convert'])
+def test_permission_denied(tmp_path, what, api):
   path = good(tmp_path)
-  os.chmod(path, 0)
+  locked = path if what == 'item-dir' else path / 'd'  # d: the OCDBT b-tree and array data
+  os.chmod(locked, 0)
   try:
-    with pytest.raises(errors.OrbaxNNXError):
-      orbax_nnx.restore(path, target(**GOOD_TARGET))
+    before = snapshot(tmp_path)
+    launcher = [sys.executable, '-c', DROP_DAC_AND_EXEC] if os.geteuid() == 0 else []
+    child = subprocess.run(launcher + [sys.executable, '-c', PERMISSION_CHILD, str(path), str(tmp_path / 'out'), api],
+                           capture_output=True, text=True, timeout=120)
   finally:
-    os.chmod(path, 0o755)
+    os.chmod(locked, 0o755)
+  assert child.returncode == 0, child.stderr[-3000:]
+  report = json.loads(child.stdout.strip().splitlines()[-1])
+  assert report['error'] in ('NotACheckpointError', 'CorruptCheckpointError'), report
+  assert str(path) in report['message'] and 'ermission' in report['message'], report
+  assert snapshot(tmp_path) == before, 'nothing may be written'
 
 
 def test_no_pickle_eval_or_exec_in_the_package():

@@ -1,0 +1,100 @@
+"""Refusing allocations that cannot fit, before making them.
+
+Array shapes come from checkpoint metadata, which may be damaged or forged. Wherever we
+allocate by a *stored* shape (untargeted restores, conversions, `compare` values), the
+bytes this process would hold are checked against the memory it can get first, so a bad
+`.zarray` raises a typed error instead of an OOM kill. Targeted restores allocate by the
+target's shapes, which are checked against the stored ones.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import numpy as np
+
+from orbax_nnx import errors
+
+# (tree path, shape, dtype, sharding or None for "whole array in this process")
+Allocation = tuple[str, tuple[int, ...], Any, Any]
+
+
+def _read_int(path: str) -> int | None:
+  try:
+    with open(path) as f:
+      text = f.read().strip()
+  except OSError:
+    return None
+  return int(text) if text.isdigit() else None
+
+
+def available_bytes() -> int:
+  """Memory this process can still get: MemAvailable, capped by a cgroup limit if any."""
+  avail = None
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          avail = int(line.split()[1]) * 1024
+          break
+  except OSError:
+    pass
+  if avail is None:
+    try:
+      avail = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError):
+      return 2**62  # unknown platform: do not refuse
+  limit, used = _read_int('/sys/fs/cgroup/memory.max'), _read_int('/sys/fs/cgroup/memory.current')
+  if limit is not None and used is not None:
+    avail = min(avail, max(0, limit - used))
+  return avail
+
+
+def local_bytes(shape: tuple[int, ...], dtype: Any, sharding: Any = None) -> int:
+  """Bytes this process holds for an array of `shape` placed with `sharding`."""
+  itemsize = 8 if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) else np.dtype(dtype).itemsize
+  if sharding is None:
+    return math.prod(shape) * itemsize
+  shard = sharding.shard_shape(tuple(shape))
+  return math.prod(shard) * itemsize * len(sharding.addressable_devices)
+
+
+def _dtype_name(dtype: Any) -> str:
+  return 'key' if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) else np.dtype(dtype).name
+
+
+def _human(n: int) -> str:
+  for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'):
+    if n < 1024 or unit == 'PiB':
+      return f'{n:.1f} {unit}' if unit != 'B' else f'{n} B'
+    n /= 1024
+  return f'{n} B'
+
+
+def check_fits(where: Any, allocations: Iterable[Allocation], *, what: str, advice: str, at_once: bool = True,
+               factor: float = 1.0) -> None:
+  """Raises ResourceError if the allocations cannot fit in this process's memory.
+
+  `at_once`: all arrays are alive together (a restore), else one at a time (streaming).
+  `factor`: working copies per array (e.g. 2 when two sides are compared).
+  `advice`: what to do instead when the shapes are real.
+  """
+  sizes = [(path, tuple(shape), dtype, local_bytes(shape, dtype, sharding) * factor)
+           for path, shape, dtype, sharding in allocations]
+  if not sizes:
+    return
+  need = sum(s[3] for s in sizes) if at_once else max(s[3] for s in sizes)
+  avail = available_bytes()
+  if need <= avail:
+    return
+  path, shape, dtype, nbytes = max(sizes, key=lambda s: s[3])
+  raise errors.ResourceError(
+      f'{where}: {what} needs {_human(int(need))} of memory in this process but {_human(avail)} is available;'
+      f' the largest array is {path}, shape {shape} {_dtype_name(dtype)} ({_human(int(nbytes))}), as the'
+      ' checkpoint metadata declares. Nothing was allocated. If that shape is wrong, the metadata is damaged:'
+      f' use an earlier step. Otherwise {advice}.'
+  )
