@@ -116,7 +116,9 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
     raise errors.StructureMismatchError(the_plan.missing, [], where=f'at {src_item}')
   if lora is not None:
     the_plan = apply_lora(the_plan, target, lora)
-  options = {'to': to, 'scan_layers': scan_layers}
+  # record what actually changed, so converting back reverses exactly that
+  changed = scan_layers is not None and any((g.style == 'stacked') != scan_layers for g in layout.groups)
+  options = {'to': to, 'scan_layers': scan_layers if changed else None}
   return layout, target, the_plan, options
 
 

@@ -109,6 +109,11 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
   cast_to = np.dtype(jnp.dtype(dtype)) if dtype is not None else None
   original_paths = dict(original.get('paths', {})) if original else {}
   original_dtypes = dict(original.get('dtypes', {})) if original else {}
+  model_at_root = layout.kind == 'params' or include == 'params'
+  if original_paths and to == 'nnx':  # leaves new to the original (re-stacked ones) follow its conventions
+    model_rels = [(c.split('/', 1)[1], d) for c, d in original_paths.items() if c.startswith(MODEL + '/')]
+    model_at_root = model_at_root or any(d in (rel, f'{rel}/{VALUE_KEY}') for rel, d in model_rels)
+    flavour = 'raw' if any(d.endswith(f'/{VALUE_KEY}') for d in original_paths.values()) else 'pure'
   if scan_layers is False:
     groups = [g for g in layout.groups if g.style == 'stacked']
   elif scan_layers is True:
@@ -184,8 +189,7 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
       leaf = TargetLeaf(out_canon, out_canon, tuple(out_shape), out_dtype, None, param_like, None, layer_axis)
       leaves.append(leaf)
       disk_of[out_canon] = (tuple(original_paths[key].split('/')) if key in original_paths else
-                            _stored_path(out_canon, to, flavour, linen_params, param_like, layout, disk,
-                                         include))
+                            _stored_path(out_canon, to, flavour, linen_params, param_like, model_at_root))
       types[out_canon] = vtype
   if include == 'params' and to == 'linen':
     step = (OPTIMIZER, 'step')
@@ -223,9 +227,9 @@ def _stack_axis(canon, scan_axis, recorded, param_like, param_scan_axis, to) -> 
 
 
 def _stored_path(canon: CanonPath, to: Framework, flavour: str, linen_params: str, param_like: bool,
-                 layout: Layout, source_disk: DiskPath, include: str = 'all') -> DiskPath:
+                 model_at_root: bool) -> DiskPath:
   if to == 'nnx':
-    if (layout.kind == 'params' or include == 'params') and canon[0] == MODEL:
+    if model_at_root and canon[0] == MODEL:
       base = canon[1:]
     else:
       base = canon

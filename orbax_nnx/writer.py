@@ -132,9 +132,14 @@ def streaming_pytree_handler(**options: Any) -> ocp.PyTreeCheckpointHandler:
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, **options)
 
 
+MIN_LAYER_CHUNK_BYTES = 1 << 20  # Orbax warns below this chunk size
+
+
 def layer_chunk_args(leaf: TargetLeaf, axis: int | None) -> ocp.SaveArgs | None:
-  """SaveArgs storing a stacked array one layer per chunk along `axis`."""
+  """SaveArgs storing a stacked array one layer per chunk along `axis` (layers of 1 MiB or more)."""
   if axis is None or not leaf.shape:
     return None
   layer_bytes = leaf.dtype.itemsize * int(np.prod(leaf.shape, dtype=np.int64)) // max(leaf.shape[axis], 1)
+  if layer_bytes < MIN_LAYER_CHUNK_BYTES:  # small layers: Orbax's default chunking is as good and quieter
+    return None
   return ocp.SaveArgs(chunk_byte_size=max(layer_bytes, 1), shard_axes=(axis,))

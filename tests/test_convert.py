@@ -117,14 +117,19 @@ def test_nnx_to_linen_restores_into_linen_train_state(tmp_path):
   assert_same_files(tmp_path / 'nnx', tmp_path / 'nnx2')
 
 
-def test_stacked_output_is_one_layer_per_chunk(tmp_path, linen_ckpt):
-  src, _ = linen_ckpt
-  convert(src, tmp_path / 'nnx', scan_layers=False)
-  convert(tmp_path / 'nnx', tmp_path / 'linen')
+def test_stacked_output_is_one_layer_per_chunk(tmp_path):
+  rng = np.random.default_rng(0)
+  layers = {f'layers_{i}': {'w': nnx.Param(jax.numpy.asarray(rng.standard_normal((512, 512), np.float32))),
+                            'b': nnx.Param(jax.numpy.asarray(rng.standard_normal((512,), np.float32)))}
+            for i in range(4)}
+  with ocp.Checkpointer(orbax_nnx.NNXCheckpointHandler()) as ckptr:
+    ckptr.save(tmp_path / 'nnx', args=orbax_nnx.NNXSave(layers))
+  convert(tmp_path / 'nnx', tmp_path / 'linen', scan_layers=True)
   meta = orbax_nnx.read_item_metadata(tmp_path / 'linen')
-  info = meta.leaves[('params', 'params', 'layers', 'up', 'kernel', 'value')]
-  assert info.shape == (32, 4, 64)
-  assert info.metadata.storage.chunk_shape[1] == 1
+  w = meta.leaves[('params', 'params', 'layers', 'w')]
+  assert w.shape == (512, 4, 512) and w.metadata.storage.chunk_shape == (512, 1, 512)  # 1 MiB layers
+  b = meta.leaves[('params', 'params', 'layers', 'b')]
+  assert b.shape == (512, 4) and b.metadata.storage.chunk_shape == (512, 4)  # 2 KiB layers: one chunk
 
 
 @pytest.mark.parametrize('case', ['exists', 'not-a-checkpoint', 'same', 'inside'])
