@@ -2,7 +2,7 @@
 
     orbax-nnx plan SRC [--to nnx|linen] [--scan-layers|--no-scan-layers] [--scan-axis REGEX=AXIS ...]
     orbax-nnx convert SRC DST [same layout options] [--include params] [--overwrite] [--quiet]
-    orbax-nnx export-params SRC DST [--dtype bfloat16] [--unroll|--keep-scan] [--format nnx|linen]
+    orbax-nnx export-params SRC DST [--dtype bfloat16] [--scan-layers|--no-scan-layers] [--format nnx|linen]
                             [--filter Param|LoRAParam] [--merge-lora]
     orbax-nnx compare A B [--values] [--atol X --rtol Y] [--only params|optimizer|all] [--json]
     orbax-nnx inspect SRC [--json] [--depth N] [--filter REGEX]
@@ -233,8 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('dst')
   p.add_argument('--dtype', default='bfloat16', help="cast floating params (default bfloat16; 'keep')")
   scan = p.add_mutually_exclusive_group()
-  scan.add_argument('--keep-scan', dest='scan_layers', action='store_const', const=None, default=None)
-  scan.add_argument('--unroll', dest='scan_layers', action='store_false')
+  scan.add_argument('--scan-layers', dest='scan_layers', action='store_true', default=None,
+                    help='stack unrolled layer groups')
+  scan.add_argument('--no-scan-layers', '--unroll', dest='scan_layers', action='store_false',
+                    help='unroll stacked layer groups (for decoding)')
+  scan.add_argument('--keep-scan', dest='scan_layers', action='store_const', const=None,
+                    help='keep layer groups as stored (default)')
   p.add_argument('--format', choices=['nnx', 'linen'], default='nnx')
   p.add_argument('--filter', choices=['Param', 'LoRAParam'], default='Param', help='LoRAParam: adapters only')
   p.add_argument('--merge-lora', action='store_true', help='fold LoRA adapters into their kernels')

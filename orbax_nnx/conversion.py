@@ -100,10 +100,10 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
   """Layout, target and plan of a conversion (metadata only)."""
   layout = detect(read_item_metadata(src_item))
   reverse = _reverse_defaults(layout)
-  if to == 'auto':
+  if to == 'auto':  # convert back to the original layout when DST records one
     to = reverse.get('to') or ('linen' if layout.framework == 'nnx' else 'nnx')
-  if scan_layers is None:
-    scan_layers = reverse.get('scan_layers')
+    if scan_layers is None and include == 'all':
+      scan_layers = reverse.get('scan_layers')
   record = layout.meta.ours.get('conversion') if layout.meta.ours else None
   original = record if isinstance(record, Mapping) and record.get('from_framework') == to else None
   target = layout_target(layout, to=to, scan_layers=scan_layers, scan_axis=scan_axis,

@@ -88,5 +88,17 @@ params = orbax_nnx.load_params(mngr_dir, nnx.State({'layers': {'w': nnx.Param(
 report['params_read'] = rchar() - r0
 value = params['layers']['w'].get_value()
 report['load_params'] = value.dtype == jax.numpy.bfloat16 and check(value, w.astype(value.dtype))
+# 4. convert the Linen checkpoint to NNX, unrolled: every process writes its own shards, Orbax commits once
+r0 = rchar()
+orbax_nnx.convert(epath.Path(root) / 'linen', epath.Path(root) / 'converted', scan_layers=False)
+report['convert_read'] = rchar() - r0
+out = orbax_nnx.restore(epath.Path(root) / 'converted', nnx.State({'model': target}), extra='ignore')
+report['convert'] = all(check(out['model'][f'layers_{i}']['w'].get_value(), w[i]) for i in range(L))
+
+# 5. export a bf16 decode checkpoint of the NNX train state; plain Orbax restores it sharded
+orbax_nnx.export_params(mngr_dir, epath.Path(root) / 'decode', dtype='bfloat16')
+decode_target = {'layers': {'w': {'value': jax.ShapeDtypeStruct((L, EMB, MLP), jax.numpy.bfloat16, sharding=rsh)}}}
+decoded = ocp.StandardCheckpointer().restore(epath.Path(root) / 'decode', decode_target)
+report['export'] = check(decoded['layers']['w']['value'], w.astype(jax.numpy.bfloat16))
 print(json.dumps(report), flush=True)
 jax.distributed.shutdown()

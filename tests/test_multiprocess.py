@@ -43,7 +43,64 @@ def test_two_processes(tmp_path):
     reports.append(json.loads(out.strip().splitlines()[-1]))
   for r in reports:
     assert r['devices'] == 8 and r['local'] == 4
-    assert r['nnx_restore'] and r['linen_restore'] and r['load_params'], r
+    assert r['nnx_restore'] and r['linen_restore'] and r['load_params'] and r['convert'] and r['export'], r
     # each process reads its half of the shards (plus a little metadata), not the whole array
     assert r['linen_read'] < 0.7 * r['linen_bytes'], r
     assert r['params_read'] < 0.7 * r['linen_bytes'], r
+    assert r['convert_read'] < 0.7 * r['linen_bytes'], r
+
+
+def _launch(args: list[str], n: int = 2) -> None:
+  """Runs `python -m orbax_nnx ARGS` as n jax.distributed processes (4 CPU devices each)."""
+  port = free_port()
+  procs = []
+  for i in range(n):
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    env.update(PYTHONPATH=os.pathsep.join(sys.path), XLA_FLAGS='--xla_force_host_platform_device_count=4',
+               JAX_PLATFORMS='cpu', JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES=str(n),
+               JAX_PROCESS_ID=str(i))
+    procs.append(subprocess.Popen([sys.executable, '-m', 'orbax_nnx', *args, '--quiet'], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  try:
+    outputs = [p.communicate(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+
+
+@pytest.mark.slow
+def test_cli_convert_and_export_as_two_processes(tmp_path):
+  """The README's recipe: the same CLI command on every process, joined through JAX_* variables."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from flax import nnx
+
+  import orbax_nnx
+
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((4, 64, 128)).astype(np.float32)
+  linen = {'params': {'params': {'layers': {'w': np.moveaxis(w, 0, 1)}}}, 'step': np.int32(9)}
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(tmp_path / 'linen', linen)
+  ckptr.wait_until_finished()
+
+  _launch(['convert', str(tmp_path / 'linen'), str(tmp_path / 'nnx'), '--no-scan-layers'])
+  _launch(['export-params', str(tmp_path / 'nnx'), str(tmp_path / 'decode'), '--dtype', 'bfloat16'])
+
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = nnx.State({'model': {f'layers_{i}': {'w': nnx.Param(jax.ShapeDtypeStruct((64, 128), np.float32,
+                                                                                      sharding=device))}
+                                for i in range(4)}})
+  out = orbax_nnx.restore(tmp_path / 'nnx', target, extra='ignore')
+  for i in range(4):
+    np.testing.assert_array_equal(np.asarray(out['model'][f'layers_{i}']['w'].get_value()), w[i])
+  decoded = orbax_nnx.NNXCheckpointHandler().restore(tmp_path / 'decode')
+  assert decoded['layers_0']['w'].get_value().dtype == jax.numpy.bfloat16
+  for i in range(4):
+    np.testing.assert_array_equal(np.asarray(decoded[f'layers_{i}']['w'].get_value(), np.float32),
+                                  w[i].astype(jax.numpy.bfloat16).astype(np.float32))
