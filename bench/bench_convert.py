@@ -66,7 +66,7 @@ def main():
   root = tempfile.mkdtemp(prefix='bench_convert_')
   src = os.path.join(root, 'linen')
   try:
-    common.save_plain(src, common.linen_tree(layers))
+    common.save_plain(src, common.linen_tree(layers), args.source_chunk_mib)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(src) for f in fs) / 2**20
     results = {m: [] for m in ('in_memory', 'ours', 'ours_back')}
     for rep in range(args.reps):
@@ -81,6 +81,7 @@ def main():
     shutil.rmtree(root, ignore_errors=True)
   med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
   print(f'Linen train state, {layers} layers scanned on axis 1, {size:.0f} MiB on disk; {args.reps} reps, medians')
+  print(f'source chunks: {str(args.source_chunk_mib) + " MiB max" if args.source_chunk_mib else "one per array"}')
   print(f'{"mode":28} {"wall s":>8} {"cpu s":>8} {"wall x":>7} {"cpu x":>7} {"peak RSS MiB":>13} {"RSS/ckpt":>9}')
   labels = {'in_memory': 'in-memory (MaxText way)', 'ours': 'orbax-nnx stacked->unrolled',
             'ours_back': 'orbax-nnx unrolled->stacked'}

@@ -98,7 +98,7 @@ def main():
   root = tempfile.mkdtemp(prefix='bench_restore_')
   path = os.path.join(root, 'linen')
   try:
-    common.save_plain(path, common.linen_tree(layers))
+    common.save_plain(path, common.linen_tree(layers), args.source_chunk_mib)
     modes = ('plain', 'unrolled', 'stacked')
     results = {m: [] for m in modes}
     for _ in range(args.reps):
@@ -109,6 +109,7 @@ def main():
   med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
   size = med['plain']['restored_mib']
   print(f'Linen train state, {layers} scanned layers (axis 1), {size:.0f} MiB restored; {args.reps} reps, medians')
+  print(f'source chunks: {str(args.source_chunk_mib) + " MiB max" if args.source_chunk_mib else "one per array"}')
   print(f'{"mode":10} {"wall s":>8} {"cpu s":>8} {"wall x":>7} {"cpu x":>7} {"RSS MiB":>8} {"RSS/rest":>8}'
         f' {"growth/rest":>11} {"read/rest":>9}')
   for m in ('plain', 'unrolled', 'stacked'):

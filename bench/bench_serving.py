@@ -82,7 +82,7 @@ def main():
   path = os.path.join(root, 'ckpt')
   modes = ('plain_full', 'orbax_partial', 'ours')
   try:
-    common.save_plain(path, common.linen_tree(layers))
+    common.save_plain(path, common.linen_tree(layers), args.source_chunk_mib)
     results = {m: [] for m in modes}
     for _ in range(args.reps):
       for mode in modes:
@@ -91,6 +91,7 @@ def main():
     shutil.rmtree(root, ignore_errors=True)
   med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
   print(f'training checkpoint: {layers} scanned layers, params + Adam; {args.reps} reps, medians')
+  print(f'source chunks: {str(args.source_chunk_mib) + " MiB max" if args.source_chunk_mib else "one per array"}')
   print(f'{"mode":16} {"wall s":>7} {"cpu s":>7} {"x full":>7} {"x partial":>9} {"loaded MiB":>10} '
         f'{"read MiB":>9} {"growth/loaded":>13}')
   for m in modes:

@@ -50,10 +50,17 @@ def run_worker(script: str, *args) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def save_plain(path: str, tree) -> None:
+def save_plain(path: str, tree, chunk_mib: int | None = None) -> None:
+  """Plain Orbax save. `chunk_mib` caps stored chunks (as a sharded save on many devices would);
+  None stores each array as one chunk, the worst case for reading layer slices."""
+  import jax
   import orbax.checkpoint as ocp
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(path, tree)
+  save_args = None
+  if chunk_mib:
+    save_args = jax.tree.map(lambda x: ocp.SaveArgs(chunk_byte_size=chunk_mib * 2**20) if np.ndim(x) else
+                             ocp.SaveArgs(), tree)
+  ckptr.save(path, tree, save_args=save_args)
   ckptr.wait_until_finished()
 
 
@@ -66,6 +73,8 @@ def parse_or_work(worker, reps: int):
   parser.add_argument('--params-mib', type=int, default=1024)
   parser.add_argument('--reps', type=int, default=reps)
   parser.add_argument('--worker', nargs=3)
+  parser.add_argument('--source-chunk-mib', type=int, default=None,
+                      help='cap the source checkpoint chunks (default: one chunk per array, the worst case)')
   args = parser.parse_args()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   os.environ.setdefault('MALLOC_ARENA_MAX', '2')

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 
+from etils import epath
+
 _DEVICES = '--xla_force_host_platform_device_count=8'
 
 
@@ -71,7 +73,7 @@ def train_and_save(root: str) -> None:
     ))
   kernel = model.layers.up.kernel.get_value()
   print(f'[save]  step 5 -> {root}  (layers/up/kernel {kernel.shape}, sharding {kernel.sharding.spec})')
-  with open(os.path.join(root, 'expected.json'), 'w') as f:
+  with (epath.Path(root) / 'expected.json').open('w') as f:
     json.dump({'model': _checksums(nnx.state(model)), 'optimizer': _checksums(nnx.state(optimizer))}, f)
 
 
@@ -86,7 +88,7 @@ def restore_elsewhere(root: str) -> None:
   import orbax_nnx
   from orbax_nnx import examples as ex
 
-  with open(os.path.join(root, 'expected.json')) as f:
+  with (epath.Path(root) / 'expected.json').open() as f:
     expected = json.load(f)
   cfg = ex.Config()
   mesh = ex.make_mesh((4, 2))
@@ -165,11 +167,11 @@ def linen_and_serving(root: str) -> None:
 
   for _ in range(3):
     state = step(state)
-  linen_dir = os.path.join(root, 'linen')
+  linen_dir = epath.Path(root) / 'linen'
   with ocp.CheckpointManager(linen_dir) as mngr:
     mngr.save(3, args=ocp.args.Composite(items=ocp.args.StandardSave(state)))
   print(f'[linen] trained 3 steps, saved a MaxText-style TrainState (params/params, Adam) -> {linen_dir}')
-  print(f'[layout] {orbax_nnx.detect_layout(os.path.join(linen_dir, "3", "items")).summary()}')
+  print(f'[layout] {orbax_nnx.detect_layout(linen_dir / "3" / "items").summary()}')
 
   want = state.apply_fn(state.params, tokens[:, :-1])
   for scan_layers in (True, False):
@@ -185,11 +187,11 @@ def linen_and_serving(root: str) -> None:
     print(f'[linen->nnx] restored into the NNX model, {kind}: step {int(optimizer.step[...])},'
           f' max |logits - linen| = {err:.2e}')
 
-  nnx_dir, back_dir = os.path.join(root, 'converted_nnx'), os.path.join(root, 'converted_back')
+  nnx_dir, back_dir = epath.Path(root) / 'converted_nnx', epath.Path(root) / 'converted_back'
   print(f'[convert] {orbax_nnx.convert(linen_dir, nnx_dir, scan_layers=False).summary()}')
   print(f'[convert] {orbax_nnx.convert(nnx_dir, back_dir).summary()}')
   from orbax_nnx.compare import compare
-  report = compare(os.path.join(linen_dir, '3', 'items'), back_dir, values=True)
+  report = compare(linen_dir / '3' / 'items', back_dir, values=True)
   print(f'[compare] linen vs converted-and-back: {report.compared} leaves,'
         f' {"bit-exact" if report.equal and all(d.max_abs == 0 for d in report.values) else "DIFFERENT"}')
 
@@ -201,7 +203,7 @@ def linen_and_serving(root: str) -> None:
   err = float(jnp.abs(logits.astype(jnp.float32) - want).max())
   print(f'[serve] Params only, bf16, mesh (fsdp=2, tensor=4), unrolled: layers_2/up/kernel {kernel.dtype}'
         f' {kernel.sharding.spec}; max |logits - fp32 linen| = {err:.3f}')
-  decode_dir = os.path.join(root, 'decode_bf16')
+  decode_dir = epath.Path(root) / 'decode_bf16'
   print(f'[export] {orbax_nnx.export_params(linen_dir, decode_dir, scan_layers=False).summary()}')
   del np
 
