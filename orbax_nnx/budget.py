@@ -60,7 +60,13 @@ def local_bytes(shape: tuple[int, ...], dtype: Any, sharding: Any = None) -> int
   if sharding is None:
     return math.prod(shape) * itemsize
   shard = sharding.shard_shape(tuple(shape))
-  return math.prod(shard) * itemsize * len(sharding.addressable_devices)
+  devices = sharding.addressable_devices
+  if all(d.platform == 'cpu' for d in devices):
+    copies = len(devices)  # every device buffer lives in host memory
+  else:  # accelerators: host memory holds each distinct shard once, while it is read
+    indices = sharding.addressable_devices_indices_map(tuple(shape)).values()
+    copies = len({tuple((s.start, s.stop) for s in index) for index in indices})
+  return math.prod(shard) * itemsize * copies
 
 
 def _dtype_name(dtype: Any) -> str:

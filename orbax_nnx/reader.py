@@ -89,7 +89,7 @@ class SourceArrays:
     return out
 
   def _cells(self, path: DiskPath, index: tuple):
-    """(store, region, chunk cells touched, whether whole chunks are requested, squeezed axes)."""
+    """(store, region, chunk cells touched, whether it is made of whole chunks, squeezed axes, chunk shape)."""
     store = self.store(path)
     shape = tuple(store.shape)
     squeeze = tuple(i for i, s in enumerate(index) if isinstance(s, (int, np.integer)))
@@ -100,8 +100,8 @@ class SourceArrays:
     chunk = tuple(c or n for c, n in zip(store.chunk_layout.read_chunk.shape or shape, shape))
     grid = [range(r.start // c, -(-r.stop // c)) if r.stop > r.start else range(0) for r, c in zip(region, chunk)]
     cells = list(itertools.product(*grid))
-    whole = not cells or len(cells) == 1 and all(r.start % c == 0 and (r.stop == n or r.stop - r.start == c)
-                                                 for r, c, n in zip(region, chunk, shape))
+    # a region made of whole chunks needs no cache: tensorstore decodes each one straight into the output
+    whole = all(r.start % c == 0 and (r.stop == n or r.stop % c == 0) for r, c, n in zip(region, chunk, shape))
     return store, region, cells, whole, squeeze, chunk
 
   def expect(self, path: DiskPath, index: tuple, pool: concurrent.futures.Executor | None = None) -> None:
@@ -170,7 +170,7 @@ class SourceArrays:
     if whole and perm is not None and not squeeze:
       return self._ts_read(path, region, perm)  # the permuted copy happens inside the decode
     if whole:
-      out = self._ts_read(path, region)  # whole chunks requested: nothing to keep
+      out = self._ts_read(path, region)  # whole chunks: nothing to keep for other readers
     else:
       shape = tuple(store.shape)
       out = np.empty(tuple(r.stop - r.start for r in region), store.dtype.numpy_dtype)
