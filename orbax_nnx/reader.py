@@ -28,6 +28,7 @@ from orbax_nnx.planner import Cast, Const, Expr, LoraMerge, Plan, Read, Stack, T
 Index = tuple[slice, ...]
 
 DEFAULT_CACHE_BYTES = 512 * 2**20
+SCATTER_INFLIGHT_BYTES = 256 * 2**20  # decoded chunks in flight while scattering layers (at least one)
 _ALIGN = 64  # jax.device_put aliases host buffers aligned like this instead of copying them
 
 
@@ -365,6 +366,90 @@ def _shard_regions(leaf: TargetLeaf, sharding) -> list[tuple[slice, ...]]:
   return [norm for norm, _ in _shards(leaf, sharding).values()]
 
 
+def _layer_of(expr: Expr) -> tuple[Read, int, int] | None:
+  """(stacked stored array, layer, axis) when `expr` is one layer of a stored array, maybe cast."""
+  inner = expr.expr if isinstance(expr, Cast) else expr
+  if isinstance(inner, Take) and isinstance(inner.expr, Read):
+    return inner.expr, inner.index, inner.axis
+  return None
+
+
+class _Scatter:
+  """The layers of one stacked stored array, read chunk by chunk.
+
+  When a stored chunk spans several layers (scanned checkpoints are chunked by their
+  shards, which keep the layer axis whole), reading layer by layer would need every
+  chunk kept until its last layer is read. Here each chunk is decoded once, copied
+  (and cast) into every target shard it overlaps, and dropped: memory is the outputs
+  plus the few chunks in flight.
+  """
+
+  def __init__(self, source: SourceArrays, stored: Read, members: list[tuple[Path, TargetLeaf, Any, int, int]]):
+    self.source, self.path = source, stored.source
+    self.outputs: dict[Path, list[tuple[np.ndarray, list]]] = {}
+    self.by_cell: dict[tuple, list[tuple[tuple, int, int, np.ndarray]]] = collections.defaultdict(list)
+    self.chunk = None
+    for path, leaf, sharding, layer, axis in members:
+      self.outputs[path] = []
+      for norm, devices in _shards(leaf, sharding).values():
+        out = aligned_empty(tuple(r.stop - r.start for r in norm), leaf.dtype)
+        self.outputs[path].append((out, devices))
+        region = norm[:axis] + (slice(layer, layer + 1),) + norm[axis:]
+        _, region, cells, _, _, self.chunk = source._cells(self.path, region)
+        for cell in cells:
+          self.by_cell[cell].append((region, axis, layer, out))
+
+  def run(self, pool: concurrent.futures.Executor, budget_bytes: int) -> None:
+    """Reads every needed chunk once (at most `budget_bytes` of chunks in flight) and scatters it."""
+    store = self.source.store(self.path)
+    shape = tuple(store.shape)
+    chunk_bytes = store.dtype.numpy_dtype.itemsize * int(np.prod(self.chunk, dtype=np.int64))
+    width = max(1, min(8, budget_bytes // max(chunk_bytes, 1)))
+    running: collections.deque = collections.deque()
+    for cell in sorted(self.by_cell):
+      bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, self.chunk, shape))
+      if len(running) >= width:
+        running.popleft().result()
+      running.append(pool.submit(self._scatter_chunk, bounds, self.by_cell[cell]))
+    while running:
+      running.popleft().result()
+
+  def _scatter_chunk(self, bounds: tuple, targets: list) -> None:
+    data = self.source._ts_read(self.path, bounds)
+    for region, axis, layer, out in targets:
+      lo = [max(r.start, b.start) for r, b in zip(region, bounds)]
+      hi = [min(r.stop, b.stop) for r, b in zip(region, bounds)]
+      src = tuple(layer - b.start if k == axis else slice(l - b.start, h - b.start)
+                  for k, (l, h, b) in enumerate(zip(lo, hi, bounds)))
+      dst = tuple(slice(l - r.start, h - r.start) for k, (l, h, r) in enumerate(zip(lo, hi, region)) if k != axis)
+      np.copyto(out[dst], data[src], casting='unsafe')
+
+  def results(self, leaves: Mapping[Path, TargetLeaf], shardings: Mapping[Path, Any]) -> dict[Path, jax.Array]:
+    out = {}
+    for path, parts in self.outputs.items():
+      arrays = [jax.device_put(host, d, may_alias=True) for host, devices in parts for d in devices]
+      out[path] = jax.make_array_from_single_device_arrays(leaves[path].shape, shardings[path], arrays)
+    return out
+
+
+def _scatter_groups(plan: Plan, shardings: Mapping[Path, Any], source: SourceArrays) -> list[_Scatter]:
+  """Target layers read from stored chunks that span several layers, grouped by stored array."""
+  groups: dict[DiskPath, list] = collections.defaultdict(list)
+  for path, expr in plan.entries.items():
+    hit = _layer_of(expr)
+    if hit is not None and plan.leaves[path].key_impl is None and plan.leaves[path].shape:
+      stored, layer, axis = hit
+      groups[stored.source].append((stored, (path, plan.leaves[path], shardings[path], layer, axis)))
+  out = []
+  for members in groups.values():
+    stored, (_, _, _, _, axis) = members[0]
+    store = source.store(stored.source)
+    chunk = store.chunk_layout.read_chunk.shape or tuple(store.shape)
+    if len(members) > 1 and (chunk[axis] or store.shape[axis]) > 1:
+      out.append(_Scatter(source, stored, [m for _, m in members]))
+  return out
+
+
 def announce(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays, pool=None) -> None:
   """Tells `source` every region evaluating `expr` onto `sharding` will read (see `expect`).
 
@@ -389,7 +474,10 @@ def execute(plan: Plan, shardings: Mapping[Path, jax.sharding.Sharding], source:
     largest = max((plan.source.leaves[r.source].nbytes for e in plan.entries.values() for r in reads(e)),
                   default=0)
     source = SourceArrays(plan.source.meta, cache_bytes=max(DEFAULT_CACHE_BYTES, 2 * largest + 64 * 2**20))
-  order = sorted(plan.entries, key=lambda p: [r.source for r in reads(plan.entries[p])][:1])
+  scatters = _scatter_groups(plan, shardings, source)
+  scattered = {path for group in scatters for path in group.outputs}
+  order = sorted((p for p in plan.entries if p not in scattered),
+                 key=lambda p: [r.source for r in reads(plan.entries[p])][:1])
   out: dict[Path, jax.Array] = {}
   pending: collections.deque[_Pending] = collections.deque()
   inflight = 0
@@ -407,6 +495,9 @@ def execute(plan: Plan, shardings: Mapping[Path, jax.sharding.Sharding], source:
 
   with concurrent.futures.ThreadPoolExecutor(max_workers) as pool, \
       concurrent.futures.ThreadPoolExecutor(2) as prefetch_pool:
+    for group in scatters:
+      group.run(pool, SCATTER_INFLIGHT_BYTES)
+      out.update(group.results(plan.leaves, shardings))
     for path in order:
       announce(plan.entries[path], plan.leaves[path], shardings[path], source, prefetch_pool)
     for path in order:

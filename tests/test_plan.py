@@ -237,3 +237,32 @@ def test_stack_unroll_roundtrip_is_identity(tmp_path_factory, n, member, axis_fr
   back_path = save_nnx(root / 'unrolled', unrolled)
   back = orbax_nnx.restore(back_path, abstract({'layers': {'w': (nnx.Param, stacked_shape, dtype)}}), scan_axis=axis)
   assert_same_state(back, nnx.State({'layers': {'w': nnx.Param(x)}}))
+
+
+def test_layers_scattered_from_chunks_that_span_them_read_each_chunk_once(tmp_path):
+  """Chunks keep the layer axis whole (as sharded saves do): each is decoded once and scattered."""
+  from orbax_nnx.planner import build, target_leaves
+  from orbax_nnx.reader import SourceArrays, _scatter_groups, execute
+
+  x = np.asarray(arange((6, 8, 32)))  # layers on axis 1, Linen style
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(tmp_path / 'c', {'params': {'params': {'layers': {'w': x}}}},
+             save_args={'params': {'params': {'layers': {'w': ocp.SaveArgs(chunk_byte_size=6 * 8 * 8 * 4)}}}})
+  ckptr.wait_until_finished()
+  meta = orbax_nnx.read_item_metadata(tmp_path / 'c')
+  assert meta.leaves[('params', 'params', 'layers', 'w')].metadata.storage.chunk_shape[1] == 8  # spans layers
+  mesh = jax.make_mesh((4, 2), ('a', 'b'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('b', 'a'))
+  target = nnx.State({f'layers_{i}': {'w': nnx.Param(jax.ShapeDtypeStruct((6, 32), jnp.bfloat16, sharding=sharding))}
+                      for i in range(8)})
+  layout = orbax_nnx.detect_layout(tmp_path / 'c')
+  the_plan = build(layout, target_leaves(target, (), ()))
+  shardings = {p: sharding for p in the_plan.entries}
+  source = SourceArrays(meta)
+  assert len(_scatter_groups(the_plan, shardings, source)) == 1
+  out = execute(the_plan, shardings, source)
+  assert source.bytes_read == x.nbytes  # every chunk read once
+  for i in range(8):
+    w = out[(f'layers_{i}', 'w')]
+    assert w.sharding == sharding and w.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(w, np.float32), x[:, i].astype(jnp.bfloat16).astype(np.float32))
