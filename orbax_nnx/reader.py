@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import itertools
 import concurrent.futures
+import functools
 import json
 import threading
 from collections.abc import Mapping
@@ -399,20 +400,15 @@ class _Scatter:
         for cell in cells:
           self.by_cell[cell].append((region, axis, layer, out))
 
-  def run(self, pool: concurrent.futures.Executor, budget_bytes: int) -> None:
-    """Reads every needed chunk once (at most `budget_bytes` of chunks in flight) and scatters it."""
+  def tasks(self):
+    """(decoded bytes, job) per needed chunk: each job reads its chunk once and scatters it."""
     store = self.source.store(self.path)
     shape = tuple(store.shape)
-    chunk_bytes = store.dtype.numpy_dtype.itemsize * int(np.prod(self.chunk, dtype=np.int64))
-    width = max(1, min(8, budget_bytes // max(chunk_bytes, 1)))
-    running: collections.deque = collections.deque()
+    itemsize = store.dtype.numpy_dtype.itemsize
     for cell in sorted(self.by_cell):
       bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, self.chunk, shape))
-      if len(running) >= width:
-        running.popleft().result()
-      running.append(pool.submit(self._scatter_chunk, bounds, self.by_cell[cell]))
-    while running:
-      running.popleft().result()
+      nbytes = itemsize * int(np.prod([b.stop - b.start for b in bounds], dtype=np.int64))
+      yield nbytes, functools.partial(self._scatter_chunk, bounds, self.by_cell[cell])
 
   def _scatter_chunk(self, bounds: tuple, targets: list) -> None:
     data = self.source._ts_read(self.path, bounds)
@@ -430,6 +426,23 @@ class _Scatter:
       arrays = [jax.device_put(host, d, may_alias=True) for host, devices in parts for d in devices]
       out[path] = jax.make_array_from_single_device_arrays(leaves[path].shape, shardings[path], arrays)
     return out
+
+
+def _run_scatters(scatters: list[_Scatter], pool: concurrent.futures.Executor, budget_bytes: int) -> None:
+  """Runs every chunk job of `scatters`: decoded bytes in flight stay within `budget_bytes`,
+  but two chunks always run together (one decodes while the other is copied out)."""
+  running: collections.deque = collections.deque()
+  inflight = 0
+  for group in scatters:
+    for nbytes, job in group.tasks():
+      while len(running) >= 2 and inflight + nbytes > budget_bytes:
+        done_bytes, future = running.popleft()
+        future.result()
+        inflight -= done_bytes
+      running.append((nbytes, pool.submit(job)))
+      inflight += nbytes
+  for _, future in running:
+    future.result()
 
 
 def _scatter_groups(plan: Plan, shardings: Mapping[Path, Any], source: SourceArrays) -> list[_Scatter]:
@@ -495,8 +508,8 @@ def execute(plan: Plan, shardings: Mapping[Path, jax.sharding.Sharding], source:
 
   with concurrent.futures.ThreadPoolExecutor(max_workers) as pool, \
       concurrent.futures.ThreadPoolExecutor(2) as prefetch_pool:
+    _run_scatters(scatters, pool, SCATTER_INFLIGHT_BYTES)
     for group in scatters:
-      group.run(pool, SCATTER_INFLIGHT_BYTES)
       out.update(group.results(plan.leaves, shardings))
     for path in order:
       announce(plan.entries[path], plan.leaves[path], shardings[path], source, prefetch_pool)
