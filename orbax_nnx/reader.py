@@ -429,8 +429,8 @@ class _Scatter:
 
 
 def _run_scatters(scatters: list[_Scatter], pool: concurrent.futures.Executor, budget_bytes: int) -> None:
-  """Runs every chunk job of `scatters`: decoded bytes in flight stay within `budget_bytes`,
-  but two chunks always run together (one decodes while the other is copied out)."""
+  """Runs every chunk job of `scatters` with decoded bytes in flight within `budget_bytes`
+  (two chunks at least, so one decodes while the other is copied out)."""
   running: collections.deque = collections.deque()
   inflight = 0
   for group in scatters:
@@ -458,7 +458,11 @@ def _scatter_groups(plan: Plan, shardings: Mapping[Path, Any], source: SourceArr
     stored, (_, _, _, _, axis) = members[0]
     store = source.store(stored.source)
     chunk = store.chunk_layout.read_chunk.shape or tuple(store.shape)
-    if len(members) > 1 and (chunk[axis] or store.shape[axis]) > 1:
+    chunk_bytes = store.dtype.numpy_dtype.itemsize * int(np.prod(
+        [c or n for c, n in zip(chunk, store.shape)], dtype=np.int64))
+    # chunks too big to have two in flight within the budget go through the chunk cache instead
+    # (measured: copying layers out of one huge chunk on many threads is faster)
+    if len(members) > 1 and (chunk[axis] or store.shape[axis]) > 1 and 2 * chunk_bytes <= SCATTER_INFLIGHT_BYTES:
       out.append(_Scatter(source, stored, [m for _, m in members]))
   return out
 
