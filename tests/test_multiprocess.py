@@ -23,24 +23,34 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes(tmp_path):
-  port = free_port()
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['PYTHONPATH'] = os.pathsep.join(sys.path)
-  procs = [subprocess.Popen([sys.executable, WORKER, str(i), str(port), str(tmp_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+def run_together(commands: list[tuple[list[str], dict]], timeout: float = 240) -> list[str]:
+  """Starts every (argv, env) at once, waits for all (killing leftovers), returns their stdouts."""
+  procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for argv, env in commands]
   try:
-    outputs = [p.communicate(timeout=240) for p in procs]
+    outputs = [p.communicate(timeout=timeout) for p in procs]
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
         p.wait()
-  reports = []
-  for p, (out, err) in zip(procs, outputs):
+  for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
-    reports.append(json.loads(out.strip().splitlines()[-1]))
+  return [out for out, _ in outputs]
+
+
+def base_env() -> dict:
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['PYTHONPATH'] = os.pathsep.join(sys.path)
+  return env
+
+
+@pytest.mark.slow
+def test_two_processes(tmp_path):
+  port = free_port()
+  outputs = run_together([([sys.executable, WORKER, str(i), str(port), str(tmp_path)], base_env())
+                          for i in range(2)])
+  reports = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
   for r in reports:
     assert r['devices'] == 8 and r['local'] == 4
     assert r['nnx_restore'] and r['linen_restore'] and r['load_params'] and r['convert'] and r['export'], r
@@ -53,23 +63,10 @@ def test_two_processes(tmp_path):
 def _launch(args: list[str], n: int = 2) -> None:
   """Runs `python -m orbax_nnx ARGS` as n jax.distributed processes (4 CPU devices each)."""
   port = free_port()
-  procs = []
-  for i in range(n):
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-    env.update(PYTHONPATH=os.pathsep.join(sys.path), XLA_FLAGS='--xla_force_host_platform_device_count=4',
-               JAX_PLATFORMS='cpu', JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES=str(n),
-               JAX_PROCESS_ID=str(i))
-    procs.append(subprocess.Popen([sys.executable, '-m', 'orbax_nnx', *args, '--quiet'], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  try:
-    outputs = [p.communicate(timeout=240) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
+  envs = [{**base_env(), 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu',
+           'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAX_NUM_PROCESSES': str(n), 'JAX_PROCESS_ID': str(i)}
+          for i in range(n)]
+  run_together([([sys.executable, '-m', 'orbax_nnx', *args, '--quiet'], env) for env in envs])
 
 
 @pytest.mark.slow
