@@ -11,7 +11,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -62,11 +61,7 @@ def main():
   args = common.parse_or_work(worker, reps=1)
   if args is None:
     return
-  layers = common.layers_for(args.params_mib)
-  root = tempfile.mkdtemp(prefix='bench_convert_')
-  src = os.path.join(root, 'linen')
-  try:
-    common.save_plain(src, common.linen_tree(layers), args.source_chunk_mib)
+  with common.source_checkpoint(args, 'bench_convert_') as (root, src, layers):
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(src) for f in fs) / 2**20
     results = {m: [] for m in ('in_memory', 'ours', 'ours_back')}
     for rep in range(args.reps):
@@ -77,11 +72,9 @@ def main():
                                                     os.path.join(root, f'back_{rep}')))
       for mode in ('in_memory', 'ours', 'back'):
         shutil.rmtree(os.path.join(root, f'{mode}_{rep}'), ignore_errors=True)
-  finally:
-    shutil.rmtree(root, ignore_errors=True)
   med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
   print(f'Linen train state, {layers} layers scanned on axis 1, {size:.0f} MiB on disk; {args.reps} reps, medians')
-  print(f'source chunks: {str(args.source_chunk_mib) + " MiB max" if args.source_chunk_mib else "one per array"}')
+  print(common.describe_source(args))
   print(f'{"mode":28} {"wall s":>8} {"cpu s":>8} {"wall x":>7} {"cpu x":>7} {"peak RSS MiB":>13} {"RSS/ckpt":>9}')
   labels = {'in_memory': 'in-memory (MaxText way)', 'ours': 'orbax-nnx stacked->unrolled',
             'ours_back': 'orbax-nnx unrolled->stacked'}

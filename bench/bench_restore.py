@@ -10,10 +10,8 @@ bytes read (rchar from /proc/self/io) against the bytes restored.
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -94,22 +92,16 @@ def main():
   args = common.parse_or_work(worker, reps=2)
   if args is None:
     return
-  layers = common.layers_for(args.params_mib)
-  root = tempfile.mkdtemp(prefix='bench_restore_')
-  path = os.path.join(root, 'linen')
-  try:
-    common.save_plain(path, common.linen_tree(layers), args.source_chunk_mib)
-    modes = ('plain', 'unrolled', 'stacked')
-    results = {m: [] for m in modes}
+  modes = ('plain', 'unrolled', 'stacked')
+  results = {m: [] for m in modes}
+  with common.source_checkpoint(args, 'bench_restore_') as (_, path, layers):
     for _ in range(args.reps):
       for mode in modes:
         results[mode].append(common.run_worker(__file__, mode, path, layers))
-  finally:
-    shutil.rmtree(root, ignore_errors=True)
   med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
   size = med['plain']['restored_mib']
   print(f'Linen train state, {layers} scanned layers (axis 1), {size:.0f} MiB restored; {args.reps} reps, medians')
-  print(f'source chunks: {str(args.source_chunk_mib) + " MiB max" if args.source_chunk_mib else "one per array"}')
+  print(common.describe_source(args))
   print(f'{"mode":10} {"wall s":>8} {"cpu s":>8} {"wall x":>7} {"cpu x":>7} {"RSS MiB":>8} {"RSS/rest":>8}'
         f' {"growth/rest":>11} {"read/rest":>9}')
   for m in ('plain', 'unrolled', 'stacked'):

@@ -8,10 +8,8 @@ the params. Same checkpoint, same run, each in its own process.
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -77,21 +75,15 @@ def main():
   args = common.parse_or_work(worker, reps=2)
   if args is None:
     return
-  layers = common.layers_for(args.params_mib)
-  root = tempfile.mkdtemp(prefix='bench_serving_')
-  path = os.path.join(root, 'ckpt')
   modes = ('plain_full', 'orbax_partial', 'ours')
-  try:
-    common.save_plain(path, common.linen_tree(layers), args.source_chunk_mib)
-    results = {m: [] for m in modes}
+  results = {m: [] for m in modes}
+  with common.source_checkpoint(args, 'bench_serving_') as (_, path, layers):
     for _ in range(args.reps):
       for mode in modes:
         results[mode].append(common.run_worker(__file__, mode, path, layers))
-  finally:
-    shutil.rmtree(root, ignore_errors=True)
   med = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in results.items()}
   print(f'training checkpoint: {layers} scanned layers, params + Adam; {args.reps} reps, medians')
-  print(f'source chunks: {str(args.source_chunk_mib) + " MiB max" if args.source_chunk_mib else "one per array"}')
+  print(common.describe_source(args))
   print(f'{"mode":16} {"wall s":>7} {"cpu s":>7} {"x full":>7} {"x partial":>9} {"loaded MiB":>10} '
         f'{"read MiB":>9} {"growth/loaded":>13}')
   for m in modes:

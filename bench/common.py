@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 
@@ -62,6 +66,24 @@ def save_plain(path: str, tree, chunk_mib: int | None = None) -> None:
                              ocp.SaveArgs(), tree)
   ckptr.save(path, tree, save_args=save_args)
   ckptr.wait_until_finished()
+
+
+@contextlib.contextmanager
+def source_checkpoint(args, prefix: str):
+  """A temp dir holding the benchmark's Linen train state (as `args` size and chunk it);
+  yields (root, checkpoint path, layers) and removes it all afterwards."""
+  layers = layers_for(args.params_mib)
+  root = tempfile.mkdtemp(prefix=prefix)
+  path = os.path.join(root, 'linen')
+  try:
+    save_plain(path, linen_tree(layers), args.source_chunk_mib)
+    yield root, path, layers
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def describe_source(args) -> str:
+  return f'source chunks: {f"{args.source_chunk_mib} MiB max" if args.source_chunk_mib else "one per array"}'
 
 
 def parse_or_work(worker, reps: int):
