@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from orbax_nnx import budget
+from orbax_nnx import budget, errors
 from orbax_nnx.layout import MODEL, OPTIMIZER, Layout, detect
 from orbax_nnx.metadata import read_item_metadata, resolve_item
 from orbax_nnx.planner import Plan, build
@@ -80,6 +80,8 @@ def canonical_view(layout: Layout, only: Only = 'all') -> Plan:
 def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0, only: Only = 'all',
             step_a: int | None = None, step_b: int | None = None) -> CompareReport:
   """Compares checkpoints `a` and `b` (any layouts). See `CompareReport.equal`."""
+  errors.check_choice('only', only, ('params', 'optimizer', 'all'))
+  errors.check_choice('values', values, (True, False))
   dir_a, dir_b = resolve_item(a, step=step_a), resolve_item(b, step=step_b)
   layout_a, layout_b = detect(read_item_metadata(dir_a)), detect(read_item_metadata(dir_b))
   view_a, view_b = canonical_view(layout_a, only), canonical_view(layout_b, only)

@@ -93,11 +93,23 @@ def _reverse_defaults(layout: Layout) -> dict[str, Any]:
   return out
 
 
+def check_conversion_options(*, to, scan_layers, param_scan_axis, flavour, include, lora) -> None:
+  """Raises OptionError for any conversion option outside its accepted values."""
+  errors.check_choice('to', to, ('auto', 'nnx', 'linen'))
+  errors.check_choice('scan_layers', scan_layers, (None, True, False))
+  errors.check_int('param_scan_axis', param_scan_axis)
+  errors.check_choice('format', flavour, ('raw', 'pure'))
+  errors.check_choice('include', include, ('all', 'params'))
+  errors.check_choice('lora', lora, (None, 'only', 'merge'))
+
+
 def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool | None = None,
                     scan_axis=None, param_scan_axis: int = 1, flavour: str = 'raw',
                     rules: Sequence[tuple[str, str]] = (), include: str = 'all',
                     dtype: Any = None, lora: str | None = None) -> tuple[Layout, LayoutTarget, Plan, dict]:
   """Layout, target and plan of a conversion (metadata only)."""
+  check_conversion_options(to=to, scan_layers=scan_layers, param_scan_axis=param_scan_axis, flavour=flavour,
+                           include=include, lora=lora)
   layout = detect(read_item_metadata(src_item))
   reverse = _reverse_defaults(layout)
   if to == 'auto':  # convert back to the original layout when DST records one
@@ -271,6 +283,13 @@ def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: 
   return source.bytes_read, session.bytes_written
 
 
+def _record_path(path: tuple, disk: tuple[str, ...], flavour: str) -> tuple:
+  """The path a Variable record names: where the leaf is stored (without `value`), int keys kept."""
+  stored = disk[:-1] if flavour == 'raw' and disk and disk[-1] == nnx_tree.VALUE_KEY else disk
+  tail = path[len(path) - len(stored):] if len(stored) <= len(path) else ()
+  return tuple(tail) if tuple(str(k) for k in tail) == tuple(stored) else tuple(stored)
+
+
 def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nnx', 'linen'] = 'auto',
             scan_layers: bool | None = None, scan_axis=None, param_scan_axis: int = 1,
             format: Literal['raw', 'pure'] = 'raw', rules: Sequence[tuple[str, str]] = (),
@@ -289,6 +308,9 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   `ocp.StandardCheckpointer().restore(dst, abstract_tree)`, or through a manager as an item.
   """
   t0 = time.perf_counter()
+  check_conversion_options(to=to, scan_layers=scan_layers, param_scan_axis=param_scan_axis, flavour=format,
+                           include=include, lora=lora)
+  errors.check_int('buffer_bytes', buffer_bytes)
   src_item = resolve_item(src, step=step, item=item)
   dst = epath.Path(dst)
   _check_paths(src_item, dst, overwrite)
@@ -298,8 +320,8 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   custom = {CUSTOM_KEY: {
       'version': version.__version__,
       'flavour': format,
-      'variables': [{'path': list(p), 'type': target.types[p], 'metadata': {}} for p in the_plan.entries]
-      if options['to'] == 'nnx' else [],
+      'variables': [{'path': list(_record_path(p, target.disk[p], format)), 'type': target.types[p], 'metadata': {}}
+                    for p in the_plan.entries] if options['to'] == 'nnx' else [],
       'scan_axes': dict(target.scan_axes),
       'conversion': {
           'from_kind': layout.kind, 'from_framework': layout.framework, 'scan_layers': options['scan_layers'],

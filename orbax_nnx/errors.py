@@ -59,11 +59,11 @@ class StructureMismatchError(OrbaxNNXError, ValueError):
 
 
 class CorruptCheckpointError(OrbaxNNXError, ValueError):
-  """A checkpoint's metadata is readable but its array data is missing or damaged."""
+  """An Orbax item whose stored bytes or metadata are missing or damaged (never raised for a wrong target)."""
 
   def __init__(self, path, reason: str):
     self.path = str(path)
-    super().__init__(f'{self.path}: array data cannot be read ({reason}). The checkpoint is incomplete or'
+    super().__init__(f'{self.path}: stored data cannot be read ({reason}). The checkpoint is incomplete or'
                      ' damaged; restore an earlier step or re-create it.')
 
 
@@ -93,3 +93,27 @@ class ShardingError(OrbaxNNXError, ValueError):
 
 class ResourceError(OrbaxNNXError, MemoryError):
   """An operation would need more memory than this process can get (checked before allocating)."""
+
+
+class OptionError(OrbaxNNXError, ValueError):
+  """An argument has a value the function does not accept (named, with the accepted values)."""
+
+
+class UnsupportedArgumentError(OrbaxNNXError, ValueError):
+  """An Orbax argument that this code path cannot honour (named, with what to do instead)."""
+
+
+class RestoreError(OrbaxNNXError, RuntimeError):
+  """Orbax failed to restore for a reason that is not known to be damaged data (the cause is chained)."""
+
+
+def check_int(name: str, value) -> None:
+  """Raises OptionError unless `value` is an int (not a bool or a string of digits)."""
+  if not isinstance(value, int) or isinstance(value, bool):
+    raise OptionError(f'{name}={value!r} must be an int.')
+
+
+def check_choice(name: str, value, allowed: Sequence) -> None:
+  """Raises OptionError unless `value` is one of `allowed` (compared exactly, case included)."""
+  if not any(value == a and type(value) is type(a) for a in allowed):
+    raise OptionError(f'{name}={value!r} is not accepted; use one of {", ".join(repr(a) for a in allowed)}.')

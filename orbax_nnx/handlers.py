@@ -9,6 +9,7 @@ Bytes move through Orbax's own PyTree machinery.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,12 +17,14 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
-from orbax.checkpoint._src import asyncio_utils
 
-from orbax_nnx import errors, nnx_tree, restoring, version
+from orbax_nnx import compat, errors, nnx_tree, restoring, version
 from orbax_nnx.metadata import CUSTOM_KEY, read_item_metadata
 
 PyTree = Any
+
+
+_SAVE_KINDS = ('nnx', 'standard', 'pytree')
 
 
 @dataclasses.dataclass
@@ -30,16 +33,25 @@ class NNXSave(ocp.args.CheckpointArgs):
 
   Attributes:
     item: what to save.
-    custom_metadata: JSON-able user metadata, stored beside ours.
+    custom_metadata: JSON-able user metadata (a dict), stored beside ours.
     flavour: 'raw' writes `.../kernel/value` (the Flax guide format, default);
       'pure' writes `.../kernel` (the `nnx.to_pure_dict` format).
     exclude: an nnx Filter of Variables never saved (default: Cache, Intermediate).
+    save_args: Orbax `SaveArgs` per leaf, a tree shaped like `item` (as for `StandardSave`).
+    ocdbt_target_data_file_size: as for `PyTreeSave`.
   """
 
   item: PyTree = None
   custom_metadata: Any = None
   flavour: nnx_tree.Flavour = 'raw'
   exclude: Any = nnx_tree.DEFAULT_EXCLUDE
+  save_args: PyTree = None
+  ocdbt_target_data_file_size: int | None = None
+
+  def __post_init__(self):
+    errors.check_choice('flavour', self.flavour, ('raw', 'pure'))
+    if self.custom_metadata is not None and not isinstance(self.custom_metadata, Mapping):
+      raise errors.OptionError(f'custom_metadata must be a JSON-able dict, not {type(self.custom_metadata).__name__}.')
 
 
 @dataclasses.dataclass
@@ -50,6 +62,7 @@ class NNXRestore(ocp.args.CheckpointArgs):
     target: None (returns an `nnx.State` rebuilt from our metadata), an abstract
       `nnx.State`, a live Module/Optimizer (updated in place and returned), a
       `(graphdef, abstract_state)` pair (returns the merged module), or a dict of these.
+      Leaves set to `ocp.PLACEHOLDER` are skipped and come back as `ocp.PLACEHOLDER`.
     missing: 'error' (default) or 'keep': keep the target's own value for
       leaves absent from the checkpoint (target leaves must be concrete).
     extra: 'error' (default) or 'ignore': checkpoint leaves with no place in the target.
@@ -61,6 +74,12 @@ class NNXRestore(ocp.args.CheckpointArgs):
     scan_axis: the layer axis of stacked source arrays when shapes leave it
       ambiguous: an int, or `{regex over canonical paths: axis}`.
     param_scan_axis: the convention for Params when nothing else decides (MaxText: 1).
+    strict: False lets Orbax pad or truncate arrays whose stored shape differs (as
+      `StandardRestore(strict=False)`); only where the stored tree matches the target.
+    support_layout: restore onto the target leaves' `format` (device-local layouts), as
+      `StandardRestore(support_layout=True)`.
+    restore_args: Orbax `RestoreArgs` per leaf, a tree shaped like `target` (as for
+      `PyTreeRestore`); only where the stored tree matches the target.
 
   When the stored layout differs from the target (Linen train state, MaxText,
   other NNX flavour, stacked vs unrolled layers), the restore goes through a plan
@@ -75,24 +94,76 @@ class NNXRestore(ocp.args.CheckpointArgs):
   rules: Sequence[tuple[str, str]] = ()
   scan_axis: Any = None
   param_scan_axis: int = 1
+  strict: bool = True
+  support_layout: bool = False
+  restore_args: PyTree = None
+
+  def __post_init__(self):
+    errors.check_choice('missing', self.missing, ('error', 'keep'))
+    errors.check_choice('extra', self.extra, ('error', 'ignore'))
+    errors.check_choice('strict', self.strict, (True, False))
+    errors.check_choice('support_layout', self.support_layout, (True, False))
+    errors.check_int('param_scan_axis', self.param_scan_axis)
+    if self.default_sharding is not None and not isinstance(self.default_sharding, jax.sharding.Sharding):
+      raise errors.OptionError(f'default_sharding must be a jax.sharding.Sharding, not {self.default_sharding!r}.')
+    rules = list(self.rules)
+    if any(not (isinstance(r, (tuple, list)) and len(r) == 2 and all(isinstance(s, str) for s in r)) for r in rules):
+      raise errors.OptionError(f'rules must be (pattern, replacement) string pairs, got {self.rules!r}.')
+    self.rules = tuple(tuple(r) for r in rules)
+
+
+class _TypestrDescriptor:
+  """`typestr()` on the class: our stable name; on an instance: the name for what it last wrote.
+
+  Orbax records each item's handler typestr in the step metadata, and a no-args restore (in
+  plain Orbax too) picks the handler by it. A plain item saved through `nnx_registry` records
+  the stock handler it went through, so plain Orbax restores it without orbax_nnx.
+  """
+
+  def __get__(self, obj, cls):
+    if obj is None:
+      return lambda: TYPESTR
+    return obj._typestr_for_item  # pylint: disable=protected-access
+
+
+TYPESTR = 'orbax_nnx.NNXCheckpointHandler'
+_STOCK_TYPESTRS = {
+    'standard': ocp.StandardCheckpointHandler.typestr(),
+    'pytree': ocp.PyTreeCheckpointHandler.typestr(),
+}
+
+
+def _item_name(directory: epath.Path) -> str:
+  """The item an item directory holds (Orbax may write it under a temporary name first)."""
+  return directory.name.split('.orbax-checkpoint-tmp')[0]
 
 
 class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
-  """Orbax handler for Flax NNX objects (and any plain PyTree).
+  """Orbax handler for Flax NNX objects, and exactly Orbax for any other PyTree.
 
   Accepts `NNXSave`/`NNXRestore`, and also `StandardSave`/`StandardRestore` and
   `PyTreeSave`/`PyTreeRestore`, so one handler serves an item whatever args the
-  caller uses. Plain (non-NNX) trees are passed to Orbax unchanged.
+  caller uses. A tree with no NNX object in it (and a checkpoint we did not write as
+  NNX) goes to Orbax's own Standard/PyTree handler untouched.
   """
+
+  typestr = _TypestrDescriptor()
 
   def __init__(self, **options: Any):
     """`options` are passed to `ocp.StandardCheckpointHandler` (e.g. use_ocdbt)."""
     self._options = options
     self._standard: ocp.StandardCheckpointHandler | None = None
+    self._saved_kinds: dict[str, str] = {}  # item name -> 'nnx' | 'standard' | 'pytree'
+    self._last_kind = 'nnx'
 
-  @classmethod
-  def typestr(cls) -> str:
-    return 'orbax_nnx.NNXCheckpointHandler'
+  def _typestr_for_item(self) -> str:
+    item = compat.composite_item_in_flight()
+    kind = self._saved_kinds.get(item, 'nnx') if item is not None else self._last_kind
+    return _STOCK_TYPESTRS.get(kind, TYPESTR)
+
+  def _note_save(self, directory: epath.Path, kind: str) -> None:
+    self._saved_kinds[_item_name(epath.Path(directory))] = kind
+    self._last_kind = kind
 
   @property
   def _std(self) -> ocp.StandardCheckpointHandler:
@@ -108,27 +179,31 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
 
   async def async_save(self, directory: epath.Path, args: ocp.args.CheckpointArgs):
     if isinstance(args, NNXSave):
-      return await self._async_save_nnx(directory, args.item, args.custom_metadata, args.flavour, args.exclude)
+      return await self._async_save_nnx(directory, args)
     if isinstance(args, ocp.args.StandardSave):
       if nnx_tree.contains_nnx(args.item):
-        if args.save_args is not None:
-          raise errors.OrbaxNNXError('StandardSave(save_args=...) is not supported for NNX items.')
-        return await self._async_save_nnx(directory, args.item, args.custom_metadata)
+        return await self._async_save_nnx(directory, NNXSave(
+            args.item, custom_metadata=args.custom_metadata, save_args=args.save_args))
+      self._note_save(directory, 'standard')
       return await self._std.async_save(directory, args=args)
     if isinstance(args, ocp.args.PyTreeSave):
       if nnx_tree.contains_nnx(args.item):
-        if args.save_args is not None:
-          raise errors.OrbaxNNXError('PyTreeSave(save_args=...) is not supported for NNX items.')
-        return await self._async_save_nnx(directory, args.item, args.custom_metadata)
+        return await self._async_save_nnx(directory, NNXSave(
+            args.item, custom_metadata=args.custom_metadata, save_args=args.save_args,
+            ocdbt_target_data_file_size=args.ocdbt_target_data_file_size))
+      self._note_save(directory, 'pytree')
       return await self._pytree.async_save(directory, args=args)
     raise TypeError(f'NNXCheckpointHandler cannot save with {type(args).__name__}.')
 
-  async def _async_save_nnx(self, directory, item, custom_metadata, flavour='raw', exclude=nnx_tree.DEFAULT_EXCLUDE):
-    tree, ours = to_save_tree(item, flavour, exclude)
-    return await self._pytree.async_save(
-        directory,
-        args=ocp.args.PyTreeSave(item=tree, custom_metadata=_merge_custom(custom_metadata, ours)),
-    )
+  async def _async_save_nnx(self, directory: epath.Path, args: NNXSave):
+    tree, ours = to_save_tree(args.item, args.flavour, args.exclude)
+    save_args = None
+    if args.save_args is not None:
+      save_args = _disk_tree(args.item, args.save_args, args.flavour, args.exclude, 'save_args', ocp.SaveArgs)
+    self._note_save(directory, 'nnx')
+    return await self._pytree.async_save(directory, args=ocp.args.PyTreeSave(
+        item=tree, save_args=save_args, custom_metadata=_merge_custom(args.custom_metadata, ours),
+        ocdbt_target_data_file_size=args.ocdbt_target_data_file_size))
 
   def save(self, directory: epath.Path, *args, **kwargs) -> None:
     async def run():
@@ -136,25 +211,42 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
       for f in futures or ():
         f.result()
 
-    asyncio_utils.run_sync(run())
+    compat.run_sync(run())
 
   # -- restore ----------------------------------------------------------------
 
   def restore(self, directory: epath.Path, args: ocp.args.CheckpointArgs | None = None) -> Any:
+    directory = epath.Path(directory)
     if args is None:
       args = NNXRestore()
     if isinstance(args, NNXRestore):
       return self._restore_nnx(directory, args)
     if isinstance(args, ocp.args.StandardRestore):
-      if args.item is None or nnx_tree.contains_nnx(args.item):
-        return self._restore_nnx(directory, NNXRestore(target=args.item, default_sharding=args.fallback_sharding))
+      if nnx_tree.contains_nnx(args.item) or (args.item is None and self._written_as_nnx(directory)):
+        return self._restore_nnx(directory, NNXRestore(
+            target=args.item, default_sharding=args.fallback_sharding, strict=args.strict,
+            support_layout=args.support_layout))
       return self._std.restore(directory, args=args)
     if isinstance(args, ocp.args.PyTreeRestore):
-      if nnx_tree.contains_nnx(args.item):
-        extra = 'ignore' if args.partial_restore else 'error'
-        return self._restore_nnx(directory, NNXRestore(target=args.item, extra=extra))
-      return self._pytree.restore(directory, args=args)
+      nnx_item = nnx_tree.contains_nnx(args.item) or (args.item is None and self._written_as_nnx(directory))
+      if not nnx_item:
+        return self._pytree.restore(directory, args=args)
+      for name in ('transforms', 'legacy_transform_fn'):
+        if getattr(args, name) is not None:
+          raise errors.UnsupportedArgumentError(
+              f'PyTreeRestore({name}=...) is not supported for NNX items: pass rules=[(pattern, replacement)]'
+              ' to orbax_nnx.NNXRestore or orbax_nnx.restore, which also stack and unroll layers.')
+      if args.item is None and args.restore_args is not None:
+        raise errors.UnsupportedArgumentError(
+            'PyTreeRestore(restore_args=...) needs item= for an NNX checkpoint: give the target whose'
+            ' leaves the restore_args describe.')
+      return self._restore_nnx(directory, NNXRestore(
+          target=args.item, extra='ignore' if args.partial_restore else 'error', restore_args=args.restore_args))
     raise TypeError(f'NNXCheckpointHandler cannot restore with {type(args).__name__}.')
+
+  def _written_as_nnx(self, directory: epath.Path) -> bool:
+    """Whether the item holds our metadata (an NNX item); plain items restore as stock Orbax does."""
+    return bool(read_item_metadata(directory, self._pytree).ours)
 
   def _restore_nnx(self, directory: epath.Path, args: NNXRestore) -> Any:
     return self.restore_item(read_item_metadata(directory, self._pytree), args)
@@ -163,14 +255,23 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
     """Restores from already-read item metadata (used by `orbax_nnx.restore`)."""
     target = args.target
     if target is None:
+      if not meta.ours:  # not an NNX item we wrote: exactly what Orbax returns
+        return self._std.restore(meta.directory, args=ocp.args.StandardRestore(
+            fallback_sharding=args.default_sharding))
       return restoring.restore_untargeted(self._pytree, meta, args.default_sharding)
     graphdef = None
     if isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], nnx.GraphDef):
       graphdef, target = target
+    restore_args = None
+    if args.restore_args is not None:
+      restore_args = {path: leaf for path, leaf in _flat_args(args.restore_args, args.exclude, 'restore_args',
+                                                             ocp.RestoreArgs)}
     restored = restoring.restore_target(
         self._pytree, meta, target, missing=args.missing, extra=args.extra,
         default_sharding=args.default_sharding, exclude=args.exclude, rules=tuple(args.rules),
         scan_axis=args.scan_axis, param_scan_axis=args.param_scan_axis,
+        orbax=restoring.OrbaxOptions(strict=args.strict, support_layout=args.support_layout,
+                                     restore_args=restore_args),
     )
     return nnx.merge(graphdef, restored) if graphdef is not None else restored
 
@@ -192,11 +293,54 @@ ocp.args.register_with_handler(NNXCheckpointHandler, for_save=True)(NNXSave)
 ocp.args.register_with_handler(NNXCheckpointHandler, for_restore=True)(NNXRestore)
 
 
+def _flat_args(tree: PyTree, exclude, name: str, kind: type):
+  """`(path, Orbax args)` pairs of a `save_args`/`restore_args` tree shaped like the item."""
+  for path, leaf in nnx_tree.flatten(tree, exclude):
+    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    if not isinstance(value, kind):
+      raise errors.OptionError(f'{name} at {nnx_tree.path_str(path)} is a {type(value).__name__}, expected'
+                               f' {kind.__name__} (a tree shaped like the item).')
+    yield path, value
+
+
+def _disk_tree(item: PyTree, args_tree: PyTree, flavour, exclude, name: str, kind: type) -> dict:
+  """An Orbax args tree keyed like the tree we write for `item` (defaults where not given)."""
+  given = dict(_flat_args(args_tree, exclude, name, kind))
+  known = set()
+  out: dict = {}
+  for path, leaf in nnx_tree.flatten(item, exclude, keep_empty=True):
+    known.add(path)
+    disk = nnx_tree.disk_path(path, isinstance(leaf, nnx.Variable), flavour)
+    empty = nnx_tree.is_empty(leaf)  # no data: Orbax wants the same empty node in both trees
+    value = (leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf) if empty else given.get(path, kind())
+    nnx_tree.set_path(out, disk, value)
+  unknown = sorted(nnx_tree.path_str(p) for p in set(given) - known)
+  if unknown:
+    raise errors.StructureMismatchError([], unknown, where=f'{name} (paths that are not in the item)')
+  return out
+
+
+def _drop_false_warnings(record) -> bool:
+  """absl filter: Orbax warns that items "could not be restored" when the registry routes them by
+  args type alone (item None), as `nnx_registry` does; those items do restore, so the warning goes."""
+  if 'was found in the checkpoint, but could not' not in str(record.msg):
+    return True
+  registry = compat.composite_registry_in_flight(depth=24)
+  try:
+    routed = registry is not None and isinstance(registry.get(None, ocp.args.StandardRestore), NNXCheckpointHandler)
+  except Exception:  # no general entry
+    routed = False
+  return not routed
+
+
+logging.getLogger('absl').addFilter(_drop_false_warnings)
+
+
 def to_save_tree(item: PyTree, flavour: nnx_tree.Flavour = 'raw', exclude=nnx_tree.DEFAULT_EXCLUDE):
   """(nested dict of arrays as Orbax will write it, our custom metadata block)."""
   tree: dict = {}
   records = []
-  for path, leaf in nnx_tree.flatten(item, exclude):
+  for path, leaf in nnx_tree.flatten(item, exclude, keep_empty=True):
     is_var = isinstance(leaf, nnx.Variable)
     value = leaf.get_value() if is_var else leaf
     if is_var:

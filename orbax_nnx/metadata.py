@@ -137,8 +137,11 @@ def read_item_metadata(
     tree_meta = (handler or _reader()).metadata(directory)
   except errors.OrbaxNNXError:
     raise
-  except Exception as e:  # corrupt or foreign metadata
-    raise errors.NotACheckpointError(directory, f'its metadata cannot be read ({type(e).__name__}: {e})') from e
+  except Exception as e:  # a _METADATA file is there, so this is an Orbax item: damaged, or not ours to read
+    reason = f'its metadata cannot be read ({type(e).__name__}: {str(e)[:500]})'
+    if 'ermission' in str(e) or isinstance(e, PermissionError):
+      raise errors.NotACheckpointError(directory, reason + '; check its file modes or credentials') from e
+    raise errors.CorruptCheckpointError(directory, reason) from e
   tree = getattr(tree_meta, 'tree', tree_meta)
   leaves = {path: _leaf_info(m) for path, m in _flatten_tree(tree).items()}
   custom = getattr(tree_meta, 'custom_metadata', None) or {}
@@ -151,11 +154,41 @@ def _is_step_dir(path: epath.Path) -> bool:
   )
 
 
+def manager_steps(root: epath.Path) -> dict[int, epath.Path]:
+  """Finalized step directories under a manager root, by step, in any naming Orbax writes.
+
+  Names are read with Orbax's own step API (`ocp.path.step`): plain (`5`), fixed length
+  (`00000005`) and prefixed (`ckpt_5`, `ckpt_00000005`); temporary (uncommitted) steps are skipped.
+  """
+  steps: dict[int, epath.Path] = {}
+  for child in root.iterdir():
+    if not child.is_dir():
+      continue
+    try:
+      step = ocp.path.step.step_from_checkpoint_name(child.name)
+    except ValueError:
+      continue
+    if not ocp.path.step.is_path_finalized(child) or not _is_step_dir(child):
+      continue
+    if step in steps:
+      raise errors.LayoutError(
+          f'{root} holds two directories for step {step}: {steps[step].name!r} and {child.name!r}'
+          ' (two naming schemes in one root); pass the step directory itself.')
+    steps[step] = child
+  return dict(sorted(steps.items()))
+
+
 def resolve_item(path: epath.PathLike, *, step: int | None = None, item: str | None = None) -> epath.Path:
   """The item directory for an item dir, a step dir (+ `item`), or a manager root (+ `step`).
 
   A manager root defaults to its latest step; a step directory with one item needs no `item`.
+  Step directories may be named in any way `CheckpointManagerOptions` allows (`step_prefix`,
+  `step_format_fixed_length`).
   """
+  if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+    raise errors.OptionError(f'step={step!r} is not a step number; use a non-negative int.')
+  if item is not None and not isinstance(item, str):
+    raise errors.OptionError(f'item={item!r} is not an item name; use a str.')
   path = epath.Path(path)
   with _readable(path):
     return _resolve_item(path, step, item)
@@ -168,14 +201,14 @@ def _resolve_item(path: epath.Path, step: int | None, item: str | None) -> epath
     raise errors.NotACheckpointError(path, 'it is a file, not a directory')
   if (path / METADATA_FILE).exists():
     return path
-  steps = sorted(int(c.name) for c in path.iterdir() if c.is_dir() and c.name.isdigit() and _is_step_dir(c))
-  if steps and not _is_step_dir(path):
+  steps = {} if _is_step_dir(path) else manager_steps(path)
+  if steps:
     if step is None:
-      step = steps[-1]
+      step = max(steps)
     elif step not in steps:
-      raise errors.NotACheckpointError(path, f'it has no step {step} (steps: {steps})')
-    path = path / str(step)
-  elif step is not None and path.name != str(step):
+      raise errors.NotACheckpointError(path, f'it has no step {step} (steps: {sorted(steps)})')
+    path = steps[step]
+  elif step is not None and _step_of(path.name) != step:
     raise errors.NotACheckpointError(path, f'step={step} given but this is not a manager root')
   items = sorted(c.name for c in path.iterdir() if c.is_dir() and (c / METADATA_FILE).exists())
   if item is not None:
@@ -187,3 +220,10 @@ def _resolve_item(path: epath.Path, step: int | None, item: str | None) -> epath
   if not items:
     _check_dir(path)  # raises with what was found
   raise errors.LayoutError(f'{path} holds several items {items}; choose one with item=... (--item).')
+
+
+def _step_of(name: str) -> int | None:
+  try:
+    return ocp.path.step.step_from_checkpoint_name(name)
+  except ValueError:
+    return None

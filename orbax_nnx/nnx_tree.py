@@ -18,7 +18,8 @@ from typing import Any, Literal
 import jax
 import flax
 from flax import nnx
-from flax.nnx import graphlib
+
+from orbax_nnx import compat
 
 Key = str | int
 Path = tuple[Key, ...]
@@ -41,7 +42,7 @@ def disk_path(path: Path, is_variable: bool, flavour: Flavour) -> DiskPath:
 
 def is_graph_node(x: Any) -> bool:
   """A Module, Optimizer or other NNX object (not a Variable, State or container)."""
-  return graphlib.is_graph_node(x) and not isinstance(x, (Mapping, list, tuple, nnx.Variable))
+  return compat.is_graph_node(x) and not isinstance(x, (Mapping, list, tuple, nnx.Variable))
 
 
 def contains_nnx(item: Any) -> bool:
@@ -72,19 +73,43 @@ def _filter_state(state: nnx.State, exclude) -> nnx.State:
   return nnx.from_flat_state(flat)
 
 
-def flatten(item: Any, exclude=DEFAULT_EXCLUDE, prefix: Path = ()) -> Iterator[tuple[Path, Any]]:
-  """Yields `(path, leaf)` for an NNX item; leaves are Variables or array-likes."""
+def flatten(item: Any, exclude=DEFAULT_EXCLUDE, prefix: Path = (), *, keep_empty: bool = False
+            ) -> Iterator[tuple[Path, Any]]:
+  """Yields `(path, leaf)` for an NNX item; leaves are Variables or array-likes.
+
+  Variables that hold an empty pytree (optax `MaskedNode`, `EmptyState`, `None`) carry no
+  data, and `ocp.PLACEHOLDER` leaves ask for no data: both are skipped unless `keep_empty`
+  (saving writes empty nodes as Orbax would).
+  """
+  for path, leaf in _flatten(item, exclude, prefix):
+    if keep_empty or not (is_empty(leaf) or is_placeholder(leaf)):
+      yield path, leaf
+
+
+def is_placeholder(leaf: Any) -> bool:
+  """A target leaf set to `ocp.PLACEHOLDER` (`...`): skipped by a restore, returned as is."""
+  value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+  return value is Ellipsis
+
+
+def is_empty(leaf: Any) -> bool:
+  """A leaf with no array data: a Variable or value that is an empty pytree (MaskedNode, None)."""
+  value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+  return not _is_leaf_value(value) and not jax.tree.leaves(value)
+
+
+def _flatten(item: Any, exclude, prefix: Path) -> Iterator[tuple[Path, Any]]:
   if isinstance(item, nnx.State):
     for path, leaf in nnx.to_flat_state(_filter_state(item, exclude)):
       yield prefix + tuple(path), leaf
   elif is_graph_node(item):
-    yield from flatten(item_state(item, exclude), (), prefix)
+    yield from _flatten(item_state(item, exclude), (), prefix)
   elif isinstance(item, Mapping):
     for key in item:
-      yield from flatten(item[key], exclude, prefix + (key,))
+      yield from _flatten(item[key], exclude, prefix + (key,))
   elif isinstance(item, (list, tuple)) and not _is_leaf_value(item):
     for i, value in enumerate(item):
-      yield from flatten(value, exclude, prefix + (i,))
+      yield from _flatten(value, exclude, prefix + (i,))
   elif item is None:
     return
   else:

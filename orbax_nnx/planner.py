@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from orbax_nnx import errors, nnx_tree
+from orbax_nnx import compat, errors, nnx_tree
 from orbax_nnx.layout import (MODEL, OPTIMIZER, STACK_HINT_NAMES, UNROLLED_SUFFIX, CanonPath, Layout,
                               model_start)
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
@@ -209,7 +209,7 @@ def target_leaves(target: Any, exclude=nnx_tree.DEFAULT_EXCLUDE, rules: Sequence
     canon = prefix + tuple(str(k) for k in path)
     shape, dtype, impl = tuple(value.shape), value.dtype, None
     if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-      impl = dtype._impl  # pylint: disable=protected-access
+      impl = compat.key_impl(dtype)
       shape, dtype = shape + tuple(impl.key_shape), np.dtype('uint32')
     param_like = not isinstance(leaf, _NON_PARAM)
     sharding = leaf.get_metadata().get('out_sharding') if isinstance(leaf, nnx.Variable) else None

@@ -19,9 +19,8 @@ from typing import Any
 import jax
 import numpy as np
 import tensorstore as ts
-from orbax.checkpoint._src.serialization import tensorstore_utils, types as ser_types
 
-from orbax_nnx import errors
+from orbax_nnx import compat, errors
 from orbax_nnx.metadata import ItemMetadata
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
 from orbax_nnx.planner import Cast, Const, Expr, LoraMerge, Plan, Read, Stack, Take, TargetLeaf, Transpose, reads
@@ -57,7 +56,7 @@ class SourceArrays:
     flags = json.loads((meta.directory / '_METADATA').read_text())
     self.use_ocdbt = bool(flags.get('use_ocdbt', True))
     self.use_zarr3 = bool(flags.get('use_zarr3', False))
-    self.context = tensorstore_utils.get_ts_context(use_ocdbt=self.use_ocdbt)
+    self.context = compat.get_ts_context(use_ocdbt=self.use_ocdbt)
     self.cache_bytes = cache_bytes
     self._stores: dict[DiskPath, Any] = {}
     self._chunks: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
@@ -74,10 +73,10 @@ class SourceArrays:
     with self._lock:
       if path in self._stores:
         return self._stores[path]
-    info = ser_types.ParamInfo(name='.'.join(path), parent_dir=self.meta.directory,
+    info = compat.ParamInfo(name='.'.join(path), parent_dir=self.meta.directory,
                                is_ocdbt_checkpoint=self.use_ocdbt, use_zarr3=self.use_zarr3,
                                ts_context=self.context)
-    spec = tensorstore_utils.build_array_read_spec(info, use_ocdbt=self.use_ocdbt)
+    spec = compat.build_array_read_spec(info, use_ocdbt=self.use_ocdbt)
     try:
       store = ts.open(spec.json, context=self.context, open=True, read=True).result()
     except Exception as e:

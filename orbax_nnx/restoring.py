@@ -7,14 +7,15 @@ NNX flavour), shapes are checked and shardings chosen before Orbax reads a byte.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from orbax_nnx import budget, errors, shardings
+from orbax_nnx import budget, compat, errors, shardings
 from orbax_nnx import nnx_tree
 from orbax_nnx.metadata import ItemMetadata
 from orbax_nnx.nnx_tree import VALUE_KEY, DiskPath, Path, path_str
@@ -32,6 +33,31 @@ class LeafMatch:
   leaf: Any  # Variable or array-like from the target
 
 
+@dataclasses.dataclass(frozen=True)
+class OrbaxOptions:
+  """Orbax's own restore arguments, honoured where Orbax reads the target's tree as stored.
+
+  Attributes:
+    strict: False lets Orbax pad or truncate arrays whose stored shape differs.
+    support_layout: restore onto each target leaf's `format` (device-local layout).
+    restore_args: `RestoreArgs` by target path, used instead of the ones we build.
+  """
+
+  strict: bool = True
+  support_layout: bool = False
+  restore_args: Mapping[Path, Any] | None = None
+
+  def refuse_in_plan(self, layout_kind: str) -> None:
+    """Raises for options a layout conversion cannot honour."""
+    given = [name for name, on in (('strict=False', not self.strict), ('support_layout=True', self.support_layout),
+                                   ('restore_args', self.restore_args is not None)) if on]
+    if given:
+      raise errors.UnsupportedArgumentError(
+          f'{", ".join(given)}: honoured only when the checkpoint stores the target\'s own tree, but this one'
+          f' is converted on the way ({layout_kind} layout). Drop the argument, or convert the checkpoint'
+          ' first (orbax-nnx convert) and restore the result.')
+
+
 def stored_path(meta: ItemMetadata, path: Path, is_variable: bool) -> DiskPath | None:
   """The disk path of a target leaf, trying the raw flavour then the pure one."""
   keys = tuple(str(k) for k in path)
@@ -40,6 +66,12 @@ def stored_path(meta: ItemMetadata, path: Path, is_variable: bool) -> DiskPath |
     if candidate in meta.leaves:
       return candidate
   return None
+
+
+def placeholder_paths(target: Any, exclude=nnx_tree.DEFAULT_EXCLUDE) -> list[tuple[Path, bool]]:
+  """`(path, is_variable)` of target leaves set to `ocp.PLACEHOLDER` (not restored)."""
+  return [(path, isinstance(leaf, nnx.Variable)) for path, leaf in nnx_tree.flatten(target, exclude, keep_empty=True)
+          if nnx_tree.is_placeholder(leaf)]
 
 
 def match_target(
@@ -56,10 +88,14 @@ def match_target(
       missing_paths.append(path_str(path))
       continue
     matches.append(LeafMatch(path, disk, leaf))
-  used = {m.disk for m in matches}
+  used = {m.disk for m in matches} | {stored_path(meta, p, v) for p, v in placeholder_paths(target, exclude)}
   extra_paths = [] if extra == 'ignore' else ['/'.join(p) for p in meta.leaves if p not in used]
   if missing_paths or extra_paths:
     raise errors.StructureMismatchError(missing_paths, extra_paths, where=f'at {meta.directory}')
+  if not matches and meta.leaves:
+    raise errors.StructureMismatchError(
+        [path_str(p) for p, _ in nnx_tree.flatten(target, exclude)], [],
+        where=f'at {meta.directory}: no target leaf is stored there, so nothing would be restored')
   return matches
 
 
@@ -67,9 +103,13 @@ def _is_concrete(value: Any) -> bool:
   return isinstance(value, jax.Array) or (hasattr(value, 'shape') and not isinstance(value, jax.ShapeDtypeStruct))
 
 
+def _value(leaf: Any) -> Any:
+  return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+
+
 def _same_shape(match: LeafMatch, meta: ItemMetadata) -> bool:
   try:
-    _check_shape(match, meta, match.leaf.get_value() if isinstance(match.leaf, nnx.Variable) else match.leaf)
+    _check_shape(match, meta, _value(match.leaf))
   except errors.ShapeMismatchError:
     return False
   return True
@@ -84,26 +124,55 @@ def _check_shape(match: LeafMatch, meta: ItemMetadata, value: Any) -> None:
     raise errors.ShapeMismatchError('/'.join(match.disk), info.shape, requested)
 
 
-def restore_args_for(matches: list[LeafMatch], meta: ItemMetadata, default_sharding=None):
+def check_sharding(where: str, shape: tuple[int, ...], sharding: Any) -> None:
+  """Raises ShardingError when `sharding` cannot lay out an array of `shape` (e.g. does not divide it)."""
+  if not isinstance(sharding, jax.sharding.Sharding):
+    return
+  try:
+    sharding.shard_shape(tuple(shape))
+  except Exception as e:  # IndivisibleError, rank mismatch
+    raise errors.ShardingError(
+        f'{where}: the requested sharding {sharding} cannot lay out the stored shape {tuple(shape)}: {e}.'
+        ' Give this leaf a sharding whose mesh axes divide its dimensions (or replicate it).') from e
+
+
+def restore_args_for(matches: list[LeafMatch], meta: ItemMetadata, default_sharding=None,
+                     orbax: OrbaxOptions = OrbaxOptions()):
   """(item tree, restore_args tree) for Orbax's PyTree restore, keyed by disk path."""
   item, args = {}, {}
+  given = orbax.restore_args or {}
   for match in matches:
-    value = match.leaf.get_value() if isinstance(match.leaf, nnx.Variable) else match.leaf
+    value = _value(match.leaf)
     if not hasattr(value, 'shape'):
       raise errors.OrbaxNNXError(
           f'Target leaf {path_str(match.path)} is a {type(value).__name__}; expected an array,'
           ' jax.ShapeDtypeStruct or Variable holding one.'
       )
-    _check_shape(match, meta, value)
+    user_arg = given.get(match.path)
+    lenient = not orbax.strict or getattr(user_arg, 'global_shape', None) is not None or (
+        user_arg is not None and not getattr(user_arg, 'strict', True))
+    if not lenient:
+      _check_shape(match, meta, value)
     where = path_str(match.path)
+    if isinstance(value, np.ndarray):  # numpy in the target stays numpy, as in Orbax
+      restore_arg = user_arg or ocp.RestoreArgs(restore_type=np.ndarray, dtype=value.dtype)
+      nnx_tree.set_path(item, match.disk, value)
+      nnx_tree.set_path(args, match.disk, restore_arg)
+      continue
     sharding = (
         shardings.target_sharding(value, where)
         or meta.leaves[match.disk].saved_sharding()
         or default_sharding
         or shardings.default_sharding()
     )
+    if orbax.strict and user_arg is None:
+      check_sharding(where, value.shape, sharding)
     sds = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
-    restore_arg = ocp.checkpoint_utils.construct_restore_args({'x': sds})['x']
+    placement = sharding
+    if orbax.support_layout:
+      placement = compat.get_sharding_or_format(value, support_format=True) or sharding
+    restore_arg = user_arg or ocp.checkpoint_utils.construct_restore_args(
+        {'x': sds}, {'x': placement}, strict=orbax.strict)['x']
     nnx_tree.set_path(item, match.disk, sds)
     nnx_tree.set_path(args, match.disk, restore_arg)
   return item, args
@@ -121,6 +190,7 @@ def restore_target(
     rules: Sequence[tuple[str, str]] = (),
     scan_axis: Any = None,
     param_scan_axis: int = 1,
+    orbax: OrbaxOptions = OrbaxOptions(),
 ) -> Any:
   """Restores `target` (abstract state, Module, Optimizer, dict of these).
 
@@ -133,36 +203,64 @@ def restore_target(
       matches = match_target(meta, target, missing, extra, exclude)
     except errors.StructureMismatchError:
       matches = None
-    if matches is not None and all(_same_shape(m, meta) for m in matches):
-      item, restore_args = restore_args_for(matches, meta, default_sharding)
-      partial = len(matches) != len(meta.leaves)
-      restored = _orbax_restore(impl, meta, ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args, partial_restore=partial))
+    if matches is not None and (not orbax.strict or all(_same_shape(m, meta) for m in matches)):
+      item, restore_args = restore_args_for(matches, meta, default_sharding, orbax)
+      # partial: we ask for exactly the matched leaves (the stored tree may also hold empty
+      # nodes, e.g. optax MaskedNode, and leaves skipped by policy or placeholders)
+      restored = orbax_restore(impl, meta, ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=True))
       values = {m.path: nnx_tree.get_path(restored, m.disk) for m in matches}
       return nnx_tree.rebuild(target, values, exclude)
   return restore_planned(meta, target, missing=missing, extra=extra, default_sharding=default_sharding,
-                         exclude=exclude, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
+                         exclude=exclude, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis,
+                         orbax=orbax)
 
 
-def _orbax_restore(impl: ocp.PyTreeCheckpointHandler, meta: ItemMetadata, args) -> Any:
-  """Orbax's own restore; damaged array data becomes a CorruptCheckpointError."""
+# tensorstore / Orbax messages that mean the stored bytes or metadata are damaged or gone
+_DAMAGE_MARKERS = ('DATA_LOSS', 'NOT_FOUND', 'OUT_OF_RANGE', 'Error reading', 'Error opening', 'Error decoding',
+                   'corrupt', 'Corrupt', 'checksum', 'Checksum', 'truncated', 'Truncated', 'Unexpected end',
+                   'Failed to decode', 'decompress', 'No such file')
+
+
+def looks_damaged(error: BaseException) -> bool:
+  """Whether an exception from Orbax/tensorstore (or its causes) says the stored data is damaged."""
+  seen = 0
+  while error is not None and seen < 8:
+    if isinstance(error, (FileNotFoundError, EOFError)):
+      return True
+    text = f'{error}'
+    if any(marker in text for marker in _DAMAGE_MARKERS):
+      return True
+    error, seen = error.__cause__ or error.__context__, seen + 1
+  return False
+
+
+def orbax_restore(impl: ocp.PyTreeCheckpointHandler, meta: ItemMetadata, args) -> Any:
+  """Orbax's own restore; damaged array data becomes CorruptCheckpointError, anything else RestoreError."""
   try:
     return impl.restore(meta.directory, args=args)
   except errors.OrbaxNNXError:
     raise
-  except Exception as e:  # Orbax and tensorstore raise plain Exceptions for damaged data too
-    raise errors.CorruptCheckpointError(meta.directory, f'{type(e).__name__}: {str(e)[:500]}') from e
+  except Exception as e:
+    if looks_damaged(e):
+      raise errors.CorruptCheckpointError(meta.directory, f'{type(e).__name__}: {str(e)[:500]}') from e
+    raise errors.RestoreError(
+        f'Orbax could not restore {meta.directory}: {type(e).__name__}: {str(e)[:800]}. Its stored data'
+        ' reads fine as far as we can tell; check what was asked of it (target shapes, dtypes, shardings,'
+        ' restore_args).') from e
 
 
 def restore_planned(meta: ItemMetadata, target: Any, *, missing: MissingPolicy = 'error',
                     extra: ExtraPolicy = 'error', default_sharding=None, exclude=nnx_tree.DEFAULT_EXCLUDE,
-                    rules=(), scan_axis=None, param_scan_axis: int = 1) -> Any:
+                    rules=(), scan_axis=None, param_scan_axis: int = 1,
+                    orbax: OrbaxOptions = OrbaxOptions()) -> Any:
   """Restores `target` from any supported layout through a plan and lazy region reads."""
   from orbax_nnx.layout import detect  # local: these modules import this one's users
   from orbax_nnx.planner import build, target_leaves
   from orbax_nnx.reader import execute
 
   layout = detect(meta)
+  orbax.refuse_in_plan(layout.kind)
   targets = target_leaves(target, exclude, rules)
   the_plan = build(layout, targets, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
   check_plan(the_plan, target, missing, extra, exclude)
@@ -173,6 +271,7 @@ def restore_planned(meta: ItemMetadata, target: Any, *, missing: MissingPolicy =
     value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
     sharding_for[path] = (shardings.target_sharding(value, path_str(path)) or default_sharding
                           or shardings.default_sharding())
+    check_sharding(path_str(path), value.shape, sharding_for[path])
   values = execute(the_plan, sharding_for)
   return nnx_tree.rebuild(target, values, exclude)
 
@@ -182,15 +281,18 @@ def check_plan(the_plan, target: Any, missing: MissingPolicy, extra: ExtraPolicy
   leaves = {path_str(path): leaf for path, leaf in nnx_tree.flatten(target, exclude)}
   absent = []
   for name in the_plan.missing:
-    leaf = leaves[name]
-    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-    if missing == 'keep' and _is_concrete(value):
+    if missing == 'keep' and _is_concrete(_value(leaves[name])):
       continue
     absent.append(name)
-  unused = the_plan.unused if extra == 'error' else []
+  skipped = {path_str(p) + suffix for p, _ in placeholder_paths(target, exclude) for suffix in ('', '/' + VALUE_KEY)}
+  unused = [u for u in the_plan.unused if u not in skipped] if extra == 'error' else []
   if absent or unused:
     raise errors.StructureMismatchError(
         absent, unused, where=f'at {the_plan.source.meta.directory} ({the_plan.source.kind} layout)')
+  if not the_plan.entries and leaves:
+    raise errors.StructureMismatchError(
+        sorted(leaves), [], where=f'at {the_plan.source.meta.directory}: no target leaf is stored there'
+        f' ({the_plan.source.kind} layout), so nothing would be restored')
 
 
 def restore_untargeted(
@@ -198,31 +300,27 @@ def restore_untargeted(
     meta: ItemMetadata,
     default_sharding: jax.sharding.Sharding | None = None,
 ) -> nnx.State:
-  """Restores everything; Variable types come from our records when present."""
+  """Restores an NNX item we wrote, everything in it: Orbax reads it as stored (numpy stays
+  numpy, dtypes kept), then our records turn leaves back into their Variable types."""
   item, restore_args, allocations = {}, {}, []
   for disk, info in meta.leaves.items():
-    sharding = info.saved_sharding() or default_sharding or shardings.default_sharding()
+    sharding = None
+    if isinstance(info.metadata, ocp.metadata.ArrayMetadata) and info.metadata.sharding is not None:
+      sharding = info.saved_sharding() or default_sharding or shardings.default_sharding()
     allocations.append(('/'.join(disk), info.shape, info.dtype, sharding))
-    restore_args_leaf = ocp.checkpoint_utils.construct_restore_args(
-        {'x': info.metadata}, {'x': sharding}
-    )['x']
+    restore_arg = ocp.checkpoint_utils.construct_restore_args({'x': info.metadata}, {'x': sharding})['x']
     nnx_tree.set_path(item, disk, info.metadata)
-    nnx_tree.set_path(restore_args, disk, restore_args_leaf)
+    nnx_tree.set_path(restore_args, disk, restore_arg)
   budget.check_fits(meta.directory, allocations, what='restoring every stored array',
                     advice='restore into a target that shards the arrays over more devices or processes,'
                     ' or only a part of them (a partial target, orbax_nnx.load_params)')
-  restored = _orbax_restore(impl, meta, ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
+  restored = orbax_restore(impl, meta, ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
   flat: dict[Path, Any] = {}
-  records = meta.records
   for disk in meta.leaves:
     value = nnx_tree.get_path(restored, disk)
-    wrapped = disk[-1] == VALUE_KEY
-    key = disk[:-1] if wrapped else disk
-    record = records.get(key)
+    record = meta.record_of(disk)
     if record is not None:
       flat[record.path] = nnx_tree.make_variable(record, value)
-    elif wrapped:
-      flat[key] = nnx.Variable(value)
-    else:
+    else:  # a plain leaf inside the NNX item (e.g. a step counter beside the model)
       flat[disk] = value
   return nnx.from_flat_state(flat)

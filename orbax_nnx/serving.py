@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
-from orbax_nnx import nnx_tree
+from orbax_nnx import errors, nnx_tree
 from orbax_nnx.conversion import ConvertReport, convert
 from orbax_nnx.metadata import read_item_metadata, resolve_item
 from orbax_nnx.restoring import restore_planned
@@ -42,6 +42,7 @@ def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter:
   MaxText layouts, decode checkpoints, and manager roots (latest step unless `step`).
   Returns the loaded state (an `nnx.State` of the selected Variables), or the module.
   """
+  errors.check_int('param_scan_axis', param_scan_axis)
   directory = resolve_item(path, step=step, item=item)
   module = target if nnx_tree.is_graph_node(target) else None
   state = nnx.state(target, filter) if module is not None else _filter(target, filter)
@@ -79,9 +80,12 @@ def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfl
   `filter='LoRAParam'` exports only the LoRA adapters; `merge_lora=True` folds each
   `nnx.LoRALinear` adapter into its kernel (`W + A @ B`, computed in float32) and drops it.
   """
+  errors.check_choice('format', format, ('nnx', 'linen'))
+  errors.check_choice('filter', filter, ('Param', 'LoRAParam'))
+  errors.check_choice('merge_lora', merge_lora, (True, False))
   options = {} if buffer_bytes is None else {'buffer_bytes': buffer_bytes}
   if filter == 'LoRAParam' and merge_lora:
-    raise ValueError('filter=LoRAParam and merge_lora=True exclude each other')
+    raise errors.OptionError('filter=LoRAParam and merge_lora=True exclude each other: export the adapters, or merge them.')
   lora = 'only' if filter == 'LoRAParam' else 'merge' if merge_lora else None
   if lora is not None:
     options['lora'] = lora

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from jax._src import mesh as mesh_lib
 
-from orbax_nnx import errors
+from orbax_nnx import compat, errors
 
 
 def concrete_mesh_for(abstract: jax.sharding.AbstractMesh, where: str = '') -> jax.sharding.Mesh:
@@ -16,7 +15,7 @@ def concrete_mesh_for(abstract: jax.sharding.AbstractMesh, where: str = '') -> j
   Uses the mesh set with `jax.set_mesh` when it matches, else lays the mesh out
   over all devices with `jax.make_mesh`.
   """
-  current = mesh_lib.get_concrete_mesh()
+  current = compat.get_concrete_mesh()
   if (
       current is not None
       and not getattr(current, 'empty', False)

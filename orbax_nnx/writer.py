@@ -17,10 +17,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint._src.futures import future as future_lib
-from orbax.checkpoint._src.metadata import array_metadata_store as array_metadata_store_lib
-from orbax.checkpoint._src.serialization import jax_array_handlers, type_handler_registry, types as ser_types
 
+from orbax_nnx import compat
 from orbax_nnx.planner import Expr, TargetLeaf, reads
 from orbax_nnx.reader import SourceArrays, _Pending, announce
 
@@ -78,12 +76,12 @@ class WriteSession:
     self.prefetch_pool.shutdown(wait=True)
 
 
-class LazyArrayHandler(jax_array_handlers.ArrayHandler):
+class LazyArrayHandler(compat.ArrayHandler):
   """Writes LazyArrays as `jax.Array`s, a bounded window at a time."""
 
-  async def serialize(self, values: Sequence[LazyArray], infos: Sequence[ser_types.ParamInfo],
-                      args: Sequence[ser_types.SaveArgs] | None = None):
-    args = list(args or [ser_types.SaveArgs()] * len(values))
+  async def serialize(self, values: Sequence[LazyArray], infos: Sequence[compat.ParamInfo],
+                      args: Sequence[compat.SaveArgs] | None = None):
+    args = list(args or [compat.SaveArgs()] * len(values))
     base = super()
 
     # leaves reading the same stored arrays go together, so each stored chunk is decoded once
@@ -118,15 +116,15 @@ class LazyArrayHandler(jax_array_handlers.ArrayHandler):
           session.progress(values[i])
         del array, pending
 
-    return [future_lib.CommitFutureAwaitingContractedSignals(write_all(), name='orbax_nnx_stream')]
+    return [compat.CommitFuture(write_all(), name='orbax_nnx_stream')]
 
 
 def streaming_pytree_handler(**options: Any) -> ocp.PyTreeCheckpointHandler:
   """A PyTreeCheckpointHandler that also writes LazyArray leaves (local registry only)."""
-  store = array_metadata_store_lib.Store()
-  registry = type_handler_registry.create_type_handler_registry(
-      *[(ty, h) for ty, h in type_handler_registry._DEFAULT_TYPE_HANDLERS if ty is not jax.Array],  # pylint: disable=protected-access
-      (jax.Array, jax_array_handlers.ArrayHandler(array_metadata_store=store)),
+  store = compat.ArrayMetadataStore()
+  registry = compat.create_type_handler_registry(
+      *[(ty, h) for ty, h in compat.default_type_handlers() if ty is not jax.Array],
+      (jax.Array, compat.ArrayHandler(array_metadata_store=store)),
       (LazyArray, LazyArrayHandler(array_metadata_store=store)),
   )
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, **options)

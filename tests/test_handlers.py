@@ -1,5 +1,6 @@
 """NNXCheckpointHandler through CheckpointManager, plain Orbax interop, Variable kinds, errors."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -121,6 +122,7 @@ def test_no_args_restore_in_fresh_process(ckpt_dir):
   script = textwrap.dedent(f"""
       import os, json
       os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+      import hashlib
       import jax, numpy as np, orbax.checkpoint as ocp
       from flax import nnx
       import orbax_nnx
@@ -133,7 +135,7 @@ def test_no_args_restore_in_fresh_process(ckpt_dir):
           if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             x = jax.random.key_data(x)
           report[item + ':' + repr(tuple(path))] = [type(v).__name__, str(v.get_value().dtype),
-                                                    float(np.asarray(x, np.float64).sum())]
+                                                    hashlib.sha256(np.asarray(x).tobytes()).hexdigest()]
       print(json.dumps(report))
   """)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
@@ -144,7 +146,7 @@ def test_no_args_restore_in_fresh_process(ckpt_dir):
   for item, obj in (('model', model), ('optimizer', opt)):
     for path, v in flat(obj).items():
       expected[item + ':' + repr(path)] = [type(v).__name__, str(v.get_value().dtype),
-                                           float(host(v).astype(np.float64).sum())]
+                                           hashlib.sha256(host(v).tobytes()).hexdigest()]
   assert report == expected
 
 
@@ -171,13 +173,16 @@ def test_ours_reads_plain_orbax(tmp_path, flavour):
   handler = orbax_nnx.NNXCheckpointHandler()
   restored = handler.restore(tmp_path / 'plain', orbax_nnx.NNXRestore(abstract_model_state((4, 2))))
   assert_same_state(restored, model)
-  untargeted = handler.restore(tmp_path / 'plain')  # no records: generic Variables (raw) or arrays (pure)
+  # no records of ours: nothing says these dicts were Variables, so the tree comes back as Orbax
+  # returns it (a `value` key stays a key), not guessed into Variables
+  untargeted = handler.restore(tmp_path / 'plain')
+  stock = ocp.StandardCheckpointer().restore(tmp_path / 'plain')
+  assert type(untargeted) is dict and jax.tree.structure(untargeted) == jax.tree.structure(stock)
   leaf = untargeted['layers']['up']['kernel']
   if flavour == 'raw':
-    assert isinstance(leaf, nnx.Variable)
-    np.testing.assert_array_equal(host(leaf), host(model.layers.up.kernel))
-  else:
-    np.testing.assert_array_equal(np.asarray(leaf), host(model.layers.up.kernel))
+    assert type(leaf) is dict and list(leaf) == ['value']
+    leaf = leaf['value']
+  np.testing.assert_array_equal(np.asarray(leaf), host(model.layers.up.kernel))
 
 
 def test_pure_flavour_written_on_request(ckpt_dir):
@@ -307,7 +312,7 @@ def test_shape_mismatch_names_path_and_shapes(ckpt_dir):
   target = abstract_model_state((2, 4), ex.Config(num_layers=3, emb=16))
   with pytest.raises(errors.ShapeMismatchError) as info:
     handler.restore(ckpt_dir, orbax_nnx.NNXRestore(target))
-  assert 'stored (64, 32)' in str(info.value) or 'stored' in str(info.value)
+  assert f'stored {info.value.stored}, requested {info.value.requested}' in str(info.value)
   assert info.value.path.endswith('/value')
   assert info.value.stored != info.value.requested
 

@@ -1,0 +1,235 @@
+"""Every Orbax argument honoured on NNX items (or refused by name), optax containers, Orbax step
+naming, option validation, and an error taxonomy that tells the truth."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import orbax_nnx
+from orbax_nnx import errors
+
+from helpers import assert_same_state, host
+
+SINGLE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def sds(shape, dtype=jnp.float32, sharding=SINGLE):
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def save(path, item, args_type=ocp.args.StandardSave, **kwargs):
+  with ocp.Checkpointer(orbax_nnx.NNXCheckpointHandler()) as ckptr:
+    ckptr.save(path, args=args_type(item, **kwargs))
+  return path
+
+
+def restore(path, args):
+  with ocp.Checkpointer(orbax_nnx.NNXCheckpointHandler()) as ckptr:
+    return ckptr.restore(path, args=args)
+
+
+def small_state():
+  return nnx.State({'emb': nnx.Param(jnp.arange(12.0).reshape(4, 3)), 'b': nnx.Param(jnp.ones(3))})
+
+
+def test_standard_restore_strict_false_pads_like_orbax(tmp_path):
+  path = save(tmp_path / 'c', small_state())
+  grown = nnx.State({'emb': nnx.Param(sds((6, 3))), 'b': nnx.Param(sds((3,)))})
+  with pytest.raises(errors.ShapeMismatchError):
+    restore(path, ocp.args.StandardRestore(grown))
+  out = restore(path, ocp.args.StandardRestore(grown, strict=False))
+  stock = ocp.StandardCheckpointer().restore(path, {'emb': {'value': sds((6, 3))}, 'b': {'value': sds((3,))}},
+                                             strict=False)
+  assert isinstance(out['emb'], nnx.Param) and out['emb'].get_value().shape == (6, 3)
+  np.testing.assert_array_equal(host(out['emb']), np.asarray(stock['emb']['value']))
+  np.testing.assert_array_equal(host(out['emb'])[:4], np.arange(12.0).reshape(4, 3))
+
+
+def test_pytree_restore_args_are_used_per_leaf(tmp_path):
+  path = save(tmp_path / 'c', small_state())
+  target = nnx.State({'emb': nnx.Param(sds((4, 3))), 'b': nnx.Param(sds((3,)))})
+  restore_args = nnx.State({'emb': nnx.Param(ocp.ArrayRestoreArgs(sharding=SINGLE, dtype=jnp.bfloat16)),
+                            'b': nnx.Param(ocp.ArrayRestoreArgs(sharding=SINGLE))})
+  out = restore(path, ocp.args.PyTreeRestore(target, restore_args=restore_args))
+  assert out['emb'].get_value().dtype == jnp.bfloat16 and out['b'].get_value().dtype == jnp.float32
+  np.testing.assert_array_equal(host(out['emb']).astype(np.float32), np.arange(12.0).reshape(4, 3))
+
+
+def test_pytree_restore_transforms_are_refused_by_name(tmp_path):
+  path = save(tmp_path / 'c', small_state())
+  target = nnx.State({'emb': nnx.Param(sds((4, 3))), 'b': nnx.Param(sds((3,)))})
+  with pytest.raises(errors.UnsupportedArgumentError, match=r'transforms=.*rules='):
+    restore(path, ocp.args.PyTreeRestore(target, transforms={}))
+
+
+def test_partial_restore_and_placeholders(tmp_path):
+  path = save(tmp_path / 'c', small_state())
+  only_emb = nnx.State({'emb': nnx.Param(sds((4, 3)))})
+  with pytest.raises(errors.StructureMismatchError, match='b/value'):
+    restore(path, ocp.args.PyTreeRestore(only_emb))
+  out = restore(path, ocp.args.PyTreeRestore(only_emb, partial_restore=True))
+  np.testing.assert_array_equal(host(out['emb']), np.arange(12.0).reshape(4, 3))
+  with_placeholder = nnx.State({'emb': nnx.Param(sds((4, 3))), 'b': nnx.Param(ocp.PLACEHOLDER)})
+  for args in (ocp.args.StandardRestore(with_placeholder), orbax_nnx.NNXRestore(with_placeholder)):
+    out = restore(path, args)
+    assert out['b'].get_value() is ocp.PLACEHOLDER
+    np.testing.assert_array_equal(host(out['emb']), np.arange(12.0).reshape(4, 3))
+
+
+def test_support_layout_is_honoured_or_refused(tmp_path):
+  path = save(tmp_path / 'c', small_state())
+  target = nnx.State({'emb': nnx.Param(sds((4, 3))), 'b': nnx.Param(sds((3,)))})
+  out = restore(path, ocp.args.StandardRestore(target, support_layout=True))
+  assert_same_state(out, small_state())
+  with pytest.raises(errors.UnsupportedArgumentError, match='support_layout=True'):
+    orbax_nnx.restore(path, {'emb': sds((4, 3)), 'x': {'b': sds((3,))}}, support_layout=True, rules=[('b', 'x/b')])
+
+
+def test_save_args_and_ocdbt_file_size_reach_orbax(tmp_path):
+  state = nnx.State({f'w{i}': nnx.Param(jnp.full((64, 64), float(i))) for i in range(4)})
+  save_args = jax.tree.map(lambda _: ocp.SaveArgs(), state)
+  save_args['w0'] = nnx.Param(ocp.SaveArgs(dtype=jnp.bfloat16))
+  path = save(tmp_path / 'a', state, save_args=save_args)
+  meta = orbax_nnx.read_item_metadata(path)
+  assert meta.leaves[('w0', 'value')].dtype == jnp.bfloat16 and meta.leaves[('w1', 'value')].dtype == jnp.float32
+
+  def data_files(p):
+    return [f for f in p.rglob('*') if f.is_file() and f.parent.name == 'd']
+  default = save(tmp_path / 'b', state, ocp.args.PyTreeSave)
+  small = save(tmp_path / 'c', state, ocp.args.PyTreeSave, ocdbt_target_data_file_size=4096)
+  assert len(data_files(small)) > len(data_files(default))
+  out = orbax_nnx.restore(small, jax.tree.map(lambda x: sds(x.shape), state))
+  assert_same_state(out, state)
+
+
+def test_save_args_for_paths_not_in_the_item_are_refused(tmp_path):
+  with pytest.raises(errors.StructureMismatchError, match='nope'):
+    save(tmp_path / 'c', small_state(), save_args={'nope': ocp.SaveArgs()})
+  assert not (tmp_path / 'c').exists()
+
+
+class Small(nnx.Module):
+  def __init__(self, rngs):
+    self.a = nnx.Linear(2, 3, rngs=rngs)
+    self.b = nnx.Linear(3, 2, rngs=rngs)
+
+
+def mask(params):
+  return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+OPTAX = {
+    'masked': lambda: optax.masked(optax.adam(1e-3), mask),
+    'multi_transform': lambda: optax.multi_transform(
+        {'train': optax.adam(1e-3), 'freeze': optax.set_to_zero()},
+        lambda params: jax.tree.map(lambda x: 'train' if x.ndim > 1 else 'freeze', params)),
+    'inject_hyperparams': lambda: optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3),
+    'multi_steps': lambda: optax.MultiSteps(optax.adam(1e-3), every_k_schedule=2),
+    'chain_with_empty_state': lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)),
+}
+
+
+@pytest.mark.parametrize('name', sorted(OPTAX))
+def test_optax_containers_restore_into_nnx(tmp_path, name):
+  model = Small(nnx.Rngs(0))
+  opt = nnx.Optimizer(model, OPTAX[name](), wrt=nnx.Param)
+  grads = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+  opt.update(model, grads)
+  opt.update(model, grads)
+  with ocp.CheckpointManager(tmp_path, handler_registry=orbax_nnx.nnx_registry) as mngr:
+    mngr.save(2, args=ocp.args.Composite(optimizer=ocp.args.StandardSave(nnx.state(opt))))
+  abstract = nnx.state(nnx.eval_shape(lambda: nnx.Optimizer(Small(nnx.Rngs(1)), OPTAX[name](), wrt=nnx.Param)))
+  with ocp.CheckpointManager(tmp_path, handler_registry=orbax_nnx.nnx_registry) as mngr:
+    out = mngr.restore(2, args=ocp.args.Composite(optimizer=ocp.args.StandardRestore(abstract))).optimizer
+    fresh = mngr.restore(2).optimizer
+  assert_same_state(out, nnx.state(opt))
+  assert_same_state(fresh, nnx.state(opt))
+  live = nnx.Optimizer(Small(nnx.Rngs(7)), OPTAX[name](), wrt=nnx.Param)
+  orbax_nnx.restore(tmp_path, live)
+  assert_same_state(nnx.state(live), nnx.state(opt))
+
+
+@pytest.mark.parametrize('options', [{'step_format_fixed_length': 8}, {'step_prefix': 'ckpt'},
+                                     {'step_prefix': 'ckpt', 'step_format_fixed_length': 5}])
+def test_manager_step_naming_options(tmp_path, options):
+  state = small_state()
+  with ocp.CheckpointManager(tmp_path, handler_registry=orbax_nnx.nnx_registry,
+                             options=ocp.CheckpointManagerOptions(**options)) as mngr:
+    for step in (3, 12):
+      mngr.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(
+          jax.tree.map(lambda x: x + step, state))))
+  target = jax.tree.map(lambda x: sds(x.shape), state)
+  latest = orbax_nnx.restore(tmp_path, target)
+  np.testing.assert_array_equal(host(latest['b']), np.full(3, 13.0))
+  third = orbax_nnx.restore(tmp_path, target, step=3)
+  np.testing.assert_array_equal(host(third['b']), np.full(3, 4.0))
+  loaded = orbax_nnx.load_params(tmp_path, target, step=3, dtype=jnp.bfloat16)
+  assert loaded['emb'].get_value().dtype == jnp.bfloat16
+  report = orbax_nnx.convert(tmp_path, tmp_path.parent / f'{tmp_path.name}-out', step=12, format='pure')
+  assert report.leaves == 2
+  with pytest.raises(errors.NotACheckpointError, match='no step 5'):
+    orbax_nnx.restore(tmp_path, target, step=5)
+  from orbax_nnx import cli
+  assert cli.main(['inspect', str(tmp_path), '--step', '3']) == 0
+
+
+@pytest.mark.parametrize('call', [
+    lambda p, t: orbax_nnx.NNXSave({'w': nnx.Param(jnp.ones(2))}, flavour='RAW'),
+    lambda p, t: orbax_nnx.NNXRestore(t, extra='ingore'),
+    lambda p, t: orbax_nnx.NNXRestore(t, missing='Keep'),
+    lambda p, t: orbax_nnx.restore(p, t, extra='ingore'),
+    lambda p, t: orbax_nnx.restore(p, t, step='3'),
+    lambda p, t: orbax_nnx.convert(p, p.parent / 'out', to='NNX'),
+    lambda p, t: orbax_nnx.convert(p, p.parent / 'out', format='Pure'),
+    lambda p, t: orbax_nnx.convert(p, p.parent / 'out', include='param'),
+    lambda p, t: orbax_nnx.export_params(p, p.parent / 'out', format='torch'),
+    lambda p, t: orbax_nnx.load_params(p, t, param_scan_axis='1'),
+], ids=['flavour', 'extra', 'missing', 'restore-extra', 'step', 'to', 'format', 'include', 'export-format',
+        'param_scan_axis'])
+def test_unknown_option_values_are_refused(tmp_path, call):
+  path = save(tmp_path / 'c', small_state())
+  target = jax.tree.map(lambda x: sds(x.shape), small_state())
+  with pytest.raises(errors.OptionError) as info:
+    call(path, target)
+  assert 'use one of' in str(info.value) or 'must be' in str(info.value) or 'use a' in str(info.value)
+  assert not (tmp_path / 'out').exists()
+
+
+def test_indivisible_sharding_is_a_sharding_error_not_corruption(tmp_path):
+  path = save(tmp_path / 'c', small_state())
+  mesh = jax.make_mesh((8,), ('x',))
+  bad = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('x'))  # 8 does not divide 3
+  target = nnx.State({'emb': nnx.Param(sds((4, 3))), 'b': nnx.Param(sds((3,), sharding=bad))})
+  with pytest.raises(errors.ShardingError) as info:
+    orbax_nnx.restore(path, target)
+  assert 'b' in str(info.value) and '(3,)' in str(info.value) and 'divide' in str(info.value)
+  with pytest.raises(errors.ShardingError):  # the planned path too
+    orbax_nnx.restore(path, nnx.to_pure_dict(target) | {'b': sds((3,), sharding=bad)})
+
+
+def test_target_sharing_no_path_is_a_structure_error(tmp_path):
+  path = save(tmp_path / 'c', small_state())
+  target = nnx.State({'other': nnx.Param(jnp.zeros(3))})
+  with pytest.raises(errors.StructureMismatchError, match='nothing would be restored'):
+    orbax_nnx.restore(path, target, missing='keep', extra='ignore')
+
+
+def test_damaged_data_is_corrupt_and_says_so(tmp_path):
+  path = save(tmp_path / 'c', small_state())
+  for f in path.rglob('*'):
+    if f.is_file() and f.parent.name == 'd':
+      f.write_bytes(f.read_bytes()[:10])
+  target = jax.tree.map(lambda x: sds(x.shape), small_state())
+  with pytest.raises(errors.CorruptCheckpointError, match=str(path)):
+    orbax_nnx.restore(path, target)
+
+
+def test_error_classes_form_one_taxonomy():
+  for cls in (errors.OptionError, errors.UnsupportedArgumentError, errors.RestoreError, errors.ShardingError,
+              errors.CorruptCheckpointError, errors.NotACheckpointError, errors.StructureMismatchError):
+    assert issubclass(cls, errors.OrbaxNNXError)
+  assert not issubclass(errors.RestoreError, errors.CorruptCheckpointError)
