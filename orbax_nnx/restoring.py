@@ -314,7 +314,8 @@ def restore_untargeted(
   budget.check_fits(meta.directory, allocations, what='restoring every stored array',
                     advice='restore into a target that shards the arrays over more devices or processes,'
                     ' or only a part of them (a partial target, orbax_nnx.load_params)')
-  restored = orbax_restore(impl, meta, ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
+  restored = orbax_restore(impl, meta, ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                             partial_restore=True))  # skips empty nodes
   flat: dict[Path, Any] = {}
   for disk in meta.leaves:
     value = nnx_tree.get_path(restored, disk)
