@@ -30,6 +30,28 @@ MODEL, OPTIMIZER = 'model', 'optimizer'
 UNROLLED_SUFFIX = re.compile(r'^(?P<name>.*[^\d_])_(?P<index>\d+)$')
 LINEN_STATE_COLLECTIONS = ('batch_stats',)  # Linen variable collections that NNX keeps inside the model
 STACK_HINT_NAMES = ('layers', 'layers_per_stage', 'circular_repeats', 'stage', 'blocks')
+# The names real models give their layer groups. Anything else ending in `_N` (Linen's auto-named
+# submodules `Dense_0`, `Conv_1`, ...) is an ordinary module, never unrolled layers.
+LAYER_GROUP_NAME = re.compile(r'layers?|blocks?|h|stages?|layers_per_stage|circular_repeats|[a-z0-9_]*_(layers|blocks)')
+
+
+def is_group_name(name: str) -> bool:
+  """Whether `name` names a group of layers (`layers`, `blocks`, `h`, `moe_layers`, ...)."""
+  return LAYER_GROUP_NAME.fullmatch(name) is not None
+
+
+def unrolled_member(canon: CanonPath, k: int) -> tuple[CanonPath, str, int] | None:
+  """`(group path, style, index)` when `canon[k]` is one layer of an unrolled group, else None.
+
+  The one place that decides: `layers_3` (suffix) or `layers/3` (index), the group named by
+  `is_group_name`.
+  """
+  m = UNROLLED_SUFFIX.match(canon[k])
+  if m and is_group_name(m['name']):
+    return canon[:k] + (m['name'],), 'unrolled_suffix', int(m['index'])
+  if canon[k].isdigit() and k > 0 and is_group_name(canon[k - 1]):
+    return canon[:k], 'unrolled_index', int(canon[k])
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,12 +210,9 @@ def _find_groups(canonical: Mapping[CanonPath, DiskPath], meta: ItemMetadata, fr
       continue
     for k in range(1, len(canon)):
       key = canon[k]
-      m = UNROLLED_SUFFIX.match(key)
-      if m:
-        unrolled[(canon[:k] + (m['name'],), 'unrolled_suffix')].add(int(m['index']))
-        break
-      if key.isdigit() and k > 1:
-        unrolled[(canon[:k], 'unrolled_index')].add(int(key))
+      member = unrolled_member(canon, k) if k > 1 or not canon[k].isdigit() else None
+      if member is not None:
+        unrolled[member[:2]].add(member[2])
         break
       if key in STACK_HINT_NAMES and not (k + 1 < len(canon) and canon[k + 1].isdigit()):
         stacked.add(canon[: k + 1])

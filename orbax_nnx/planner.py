@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 
 from orbax_nnx import compat, errors, nnx_tree
-from orbax_nnx.layout import (MODEL, OPTIMIZER, STACK_HINT_NAMES, UNROLLED_SUFFIX, CanonPath, Layout,
-                              model_start)
+from orbax_nnx.layout import (MODEL, OPTIMIZER, STACK_HINT_NAMES, CanonPath, Layout,
+                              model_start, unrolled_member)
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
 
 ScanAxis = Union[int, Mapping[str, int], None]
@@ -259,9 +259,21 @@ class _Planner:
                scan_axis: ScanAxis, param_scan_axis: int):
     self.layout = layout
     self.src: dict[CanonPath, DiskPath] = {}
-    compiled = [(re.compile(p), r) for p, r in rules]
+    compiled = []
+    for pattern, repl in rules:
+      try:
+        compiled.append((re.compile(pattern), repl))
+      except re.error as e:
+        raise errors.OptionError(f'rule pattern {pattern!r} is not a regular expression: {e}.') from e
+    matched: set[int] = set()
     for canon, disk in layout.canonical.items():
-      self.src[_rename(canon, compiled)] = disk
+      self.src[_rename(canon, compiled, matched)] = disk
+    unmatched = [rules[i] for i in range(len(rules)) if i not in matched]
+    if unmatched:
+      examples = ', '.join(sorted('/'.join(c) for c in layout.canonical)[:5])
+      raise errors.PlanError(
+          f'rules that match no stored path: {unmatched}. A rule fullmatches a canonical source path (as'
+          f' `orbax-nnx plan` prints it), e.g. {examples}; fix the pattern or drop the rule.')
     self.targets = targets
     self.scan_axis = scan_axis
     self.param_scan_axis = param_scan_axis
@@ -322,6 +334,11 @@ class _Planner:
     if src == tgt:
       return expr
     perms = sorted({p for p in _moves(len(src)) if tuple(src[i] for i in p) == tgt})
+    if perms and not (leaf.layer_axis is not None or self._in_stacked_group(leaf.canon)):
+      raise errors.ShapeMismatchError(
+          '/'.join(expr.source), src, tgt,
+          hint=f'(target {path_str(leaf.path)}) Only stacked layer groups move their layer axis; this leaf is in'
+          ' none, so its axes are not reinterpreted. Check the model config.')
     if not perms:
       raise errors.ShapeMismatchError('/'.join(expr.source), src, tgt,
                                       hint=f'(target {path_str(leaf.path)}) Check the model config.')
@@ -340,16 +357,19 @@ class _Planner:
       perms = [wanted]
     return Transpose(expr, perms[0])
 
+  def _in_stacked_group(self, canon: CanonPath) -> bool:
+    """Whether a canonical path lies inside a stacked layer group of the source (params or moments)."""
+    rel = canon[model_start(canon):]
+    return any(g.style == 'stacked' and rel[:len(g.path) - 1] == g.path[1:] for g in self.layout.groups)
+
   def _unrolled_target(self, leaf: TargetLeaf, k: int) -> Expr | None:
     """Target `.../layers_3/...` or `.../layers/3/...` from a stacked source `.../layers/...`."""
     canon = leaf.canon
-    m = UNROLLED_SUFFIX.match(canon[k])
-    if m:
-      stacked, index, group = canon[:k] + (m['name'],) + canon[k + 1:], int(m['index']), canon[:k] + (m['name'],)
-    elif canon[k].isdigit() and k > model_start(canon):
-      stacked, index, group = canon[:k] + canon[k + 1:], int(canon[k]), canon[:k]
-    else:
+    member = _member(canon, k)
+    if member is None:
       return None
+    group, _, index = member
+    stacked = group + canon[k + 1:]
     if stacked not in self.src:
       return None
     n = self.target_group_sizes.get(group, 0)
@@ -418,10 +438,11 @@ def lookup_axis(scan_axis: ScanAxis, canon: CanonPath) -> int | None:
   return None
 
 
-def _rename(canon: CanonPath, rules) -> CanonPath:
+def _rename(canon: CanonPath, rules, matched: set[int]) -> CanonPath:
   joined = '/'.join(canon)
-  for pattern, repl in rules:
+  for i, (pattern, repl) in enumerate(rules):
     if pattern.fullmatch(joined):
+      matched.add(i)
       return tuple(pattern.sub(repl, joined).split('/'))
   return canon
 
@@ -453,12 +474,17 @@ def _group_sizes(canons: Iterable[CanonPath]) -> dict[CanonPath, int]:
   seen: dict[CanonPath, set[int]] = defaultdict(set)
   for canon in canons:
     for k in range(model_start(canon), len(canon)):
-      m = UNROLLED_SUFFIX.match(canon[k])
-      if m:
-        seen[canon[:k] + (m['name'],)].add(int(m['index']))
-      elif canon[k].isdigit() and k > model_start(canon):
-        seen[canon[:k]].add(int(canon[k]))
+      member = _member(canon, k)
+      if member is not None:
+        seen[member[0]].add(member[2])
   return {g: len(i) for g, i in seen.items()}
+
+
+def _member(canon: CanonPath, k: int) -> tuple[CanonPath, str, int] | None:
+  """`layout.unrolled_member` within the model-mirroring part of a path (not optax chain indices)."""
+  if canon[k].isdigit() and k <= model_start(canon):
+    return None
+  return unrolled_member(canon, k)
 
 
 def _group_indices(src: Iterable[CanonPath]) -> dict[tuple[CanonPath, str], set[int]]:
@@ -466,11 +492,9 @@ def _group_indices(src: Iterable[CanonPath]) -> dict[tuple[CanonPath, str], set[
   seen: dict[tuple[CanonPath, str], set[int]] = defaultdict(set)
   for canon in src:
     for k in range(model_start(canon), len(canon)):
-      m = UNROLLED_SUFFIX.match(canon[k])
-      if m:
-        seen[(canon[:k] + (m['name'],), 'suffix')].add(int(m['index']))
-      elif canon[k].isdigit() and k > model_start(canon):
-        seen[(canon[:k], 'index')].add(int(canon[k]))
+      member = _member(canon, k)
+      if member is not None:
+        seen[(member[0], 'suffix' if member[1] == 'unrolled_suffix' else 'index')].add(member[2])
   return seen
 
 
@@ -503,6 +527,7 @@ def plan(source, target, *, rules: Sequence[Rule] = (), scan_axis: ScanAxis = No
   from orbax_nnx.layout import detect_layout  # local: avoid a cycle in type-only users
   from orbax_nnx.metadata import resolve_item
 
+  errors.check_int('param_scan_axis', param_scan_axis)
   layout = source if isinstance(source, Layout) else detect_layout(resolve_item(source))
   return build(layout, target_leaves(target, exclude, rules), rules=rules, scan_axis=scan_axis,
                param_scan_axis=param_scan_axis)

@@ -12,12 +12,14 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from etils import epath
 from flax import nnx
 
 from orbax_nnx import errors, nnx_tree
 from orbax_nnx.conversion import ConvertReport, convert
 from orbax_nnx.metadata import read_item_metadata, resolve_item
+from orbax_nnx.planner import plan
 from orbax_nnx.restoring import restore_planned
 
 
@@ -32,7 +34,8 @@ def _cast_abstract(state: nnx.State, dtype) -> nnx.State:
 
 def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter: Any = nnx.Param,
                 mesh: jax.sharding.Mesh | None = None, rules=(), scan_axis=None, param_scan_axis: int = 1,
-                step: int | None = None, item: str | None = None) -> Any:
+                step: int | None = None, item: str | None = None, missing: str = 'error',
+                extra: str = 'ignore') -> Any:
   """Loads only the `filter` leaves (default: Params) of any training or decode checkpoint.
 
   `target`: an abstract NNX state/model (`nnx.get_abstract_model`, `nnx.eval_shape`) or a live
@@ -40,9 +43,14 @@ def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter:
   `jnp.bfloat16`); `mesh` shards leaves by their `out_sharding` names when the target has
   no shardings. Works on Linen and NNX train states (either flavour, scanned or unrolled),
   MaxText layouts, decode checkpoints, and manager roots (latest step unless `step`).
+  `missing='keep'` keeps the target's own (concrete) values for leaves the checkpoint lacks;
+  `extra='error'` refuses checkpoint leaves the target has no place for (default: ignored,
+  since a training checkpoint holds more than the params).
   Returns the loaded state (an `nnx.State` of the selected Variables), or the module.
   """
   errors.check_int('param_scan_axis', param_scan_axis)
+  errors.check_choice('missing', missing, ('error', 'keep'))
+  errors.check_choice('extra', extra, ('error', 'ignore'))
   directory = resolve_item(path, step=step, item=item)
   module = target if nnx_tree.is_graph_node(target) else None
   state = nnx.state(target, filter) if module is not None else _filter(target, filter)
@@ -50,11 +58,24 @@ def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter:
     shardings = nnx.get_named_sharding(state, mesh)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
   abstract = _cast_abstract(state, dtype)
-  loaded = restore_planned(read_item_metadata(directory), abstract, missing='error', extra='ignore',
+  meta = read_item_metadata(directory)
+  kept = []
+  if missing == 'keep':  # leaves the checkpoint lacks keep the target's values, uncast
+    absent = set(plan(directory, abstract, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis).missing)
+    kept = [(p, v) for p, v in nnx.to_flat_state(state) if nnx_tree.path_str(p) in absent]
+    abstract_leaves = [(p, v) for p, v in nnx.to_flat_state(abstract) if nnx_tree.path_str(p) not in absent]
+    abstract = nnx.from_flat_state(abstract_leaves)
+    abstract_kept = [nnx_tree.path_str(p) for p, v in kept if not isinstance(v.get_value(), (jax.Array, np.ndarray))]
+    if abstract_kept:
+      raise errors.StructureMismatchError(abstract_kept, [], where=f"at {directory} (missing='keep' keeps only"
+                                          ' concrete target values; these are abstract)')
+  loaded = restore_planned(meta, abstract, missing='error', extra=extra,
                            rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
   if module is not None:
     nnx.update(module, loaded)
     return module
+  if kept:
+    loaded = nnx.from_flat_state(list(nnx.to_flat_state(loaded)) + kept)
   return loaded
 
 

@@ -1,0 +1,95 @@
+"""No silent reinterpretation: layer groups only under layer-group names, no axis moves outside
+stacked groups, and policies on every restore-like call."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import orbax_nnx
+from orbax_nnx import errors
+from orbax_nnx.layout import is_group_name
+
+from helpers import host
+
+SINGLE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def sds(shape):
+  return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=SINGLE)
+
+
+def save(path, tree):
+  with ocp.Checkpointer(orbax_nnx.NNXCheckpointHandler()) as ckptr:
+    ckptr.save(path, args=orbax_nnx.NNXSave(tree))
+  return path
+
+
+@pytest.mark.parametrize('name, expected', [
+    ('layers', True), ('layer', True), ('blocks', True), ('h', True), ('moe_layers', True),
+    ('dense_layers', True), ('encoder_blocks', True), ('Dense', False), ('Conv', False), ('MLP', False),
+    ('layers_remainder', False), ('heads', False)])
+def test_group_names(name, expected):
+  assert is_group_name(name) is expected
+
+
+def test_permuted_target_shape_is_an_error_not_a_transpose(tmp_path):
+  w = jnp.arange(6.0).reshape(2, 3)
+  path = save(tmp_path / 'c', {'dense': {'kernel': nnx.Param(w)}})
+  target = nnx.State({'dense': {'kernel': nnx.Param(sds((3, 2)))}})
+  with pytest.raises(errors.ShapeMismatchError) as info:
+    orbax_nnx.restore(path, target)
+  assert info.value.stored == (2, 3) and info.value.requested == (3, 2)
+  with pytest.raises(errors.ShapeMismatchError):  # the planned path too (other flavour)
+    orbax_nnx.restore(path, {'dense': {'kernel': sds((3, 2))}})
+
+
+def test_auto_named_linen_modules_are_never_layers(tmp_path):
+  linen = {'step': np.int32(1), 'params': {'Dense_0': {'kernel': np.ones((4, 4), np.float32)},
+                                           'Dense_1': {'kernel': np.full((4, 4), 2.0, np.float32)}}}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / 'linen', linen)
+  layout = orbax_nnx.detect_layout(tmp_path / 'linen')
+  assert layout.groups == ()
+  report = orbax_nnx.convert(tmp_path / 'linen', tmp_path / 'nnx', scan_layers=True)
+  meta = orbax_nnx.read_item_metadata(tmp_path / 'nnx')
+  kernels = sorted('/'.join(p) for p in meta.leaves if 'kernel' in p)
+  assert kernels == ['model/Dense_0/kernel/value', 'model/Dense_1/kernel/value'], kernels
+  assert report.leaves == 3
+  target = nnx.State({'Dense_0': {'kernel': nnx.Param(sds((4, 4)))}, 'Dense_1': {'kernel': nnx.Param(sds((4, 4)))}})
+  out = orbax_nnx.load_params(tmp_path / 'linen', target)
+  np.testing.assert_array_equal(host(out['Dense_1']['kernel']), np.full((4, 4), 2.0))
+
+
+def test_real_layer_groups_still_stack_and_unroll(tmp_path):
+  tree = {f'layers_{i}': {'w': nnx.Param(jnp.full((2, 3), float(i)))} for i in range(3)}
+  path = save(tmp_path / 'c', tree)
+  out = orbax_nnx.restore(path, nnx.State({'layers': {'w': nnx.Param(sds((3, 2, 3)))}}))
+  np.testing.assert_array_equal(host(out['layers']['w'])[:, 0, 0], [0.0, 1.0, 2.0])
+
+
+def test_load_params_takes_missing_and_extra_policies(tmp_path):
+  path = save(tmp_path / 'c', {'a': nnx.Param(jnp.ones(2)), 'b': nnx.Param(jnp.ones(3))})
+  target = nnx.State({'a': nnx.Param(jnp.zeros(2)), 'c': nnx.Param(jnp.zeros(4))})
+  with pytest.raises(errors.StructureMismatchError, match='c'):
+    orbax_nnx.load_params(path, target)
+  out = orbax_nnx.load_params(path, target, missing='keep')
+  np.testing.assert_array_equal(host(out['a']), np.ones(2))
+  np.testing.assert_array_equal(host(out['c']), np.zeros(4))
+  with pytest.raises(errors.StructureMismatchError, match='b'):
+    orbax_nnx.load_params(path, nnx.State({'a': nnx.Param(sds((2,)))}), extra='error')
+  with pytest.raises(errors.OptionError):
+    orbax_nnx.load_params(path, target, missing='maybe')
+
+
+def test_a_rule_that_matches_nothing_is_reported(tmp_path):
+  path = save(tmp_path / 'c', {'a': nnx.Param(jnp.ones(2))})
+  target = nnx.State({'b': nnx.Param(sds((2,)))})
+  out = orbax_nnx.restore(path, target, rules=[('model/a', 'model/b')])
+  np.testing.assert_array_equal(host(out['b']), np.ones(2))
+  with pytest.raises(errors.PlanError, match=r"match no stored path.*model/a"):
+    orbax_nnx.restore(path, target, rules=[('model/a', 'model/b'), ('model/nope/(.*)', r'model/b/\1')])
+  with pytest.raises(errors.OptionError, match='not a regular expression'):
+    orbax_nnx.restore(path, target, rules=[('a(', 'b')])
