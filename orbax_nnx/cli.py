@@ -77,32 +77,18 @@ def _add_layout_options(p: argparse.ArgumentParser) -> None:
   p.add_argument('--rename', action='append', metavar='REGEX=REPL', help='rename canonical paths first')
 
 
-def _layout(args):
-  from orbax_nnx.layout import detect_layout
+def cmd_plan(args) -> int:
+  """The plan `convert` would run with the same flags (the same function builds both)."""
+  from orbax_nnx.conversion import plan_conversion
   from orbax_nnx.metadata import resolve_item
 
-  return detect_layout(resolve_item(args.src, step=args.step, item=args.item))
-
-
-def _target_framework(layout, to: str) -> str:
-  if to != 'auto':
-    return to
-  return 'linen' if layout.framework == 'nnx' else 'nnx'
-
-
-def cmd_plan(args) -> int:
-  from orbax_nnx import planner as plan_lib
-  from orbax_nnx.targets import layout_target
-
-  layout = _layout(args)
-  to = _target_framework(layout, args.to)
-  target = layout_target(layout, to=to, scan_layers=args.scan_layers, scan_axis=_scan_axis(args.scan_axis),
-                         param_scan_axis=args.param_scan_axis, flavour=args.format)
-  axes = target.planner_axes()
-  the_plan = plan_lib.build(layout, target.leaves, rules=_rules(args.rename), scan_axis=axes or None,
-                            param_scan_axis=args.param_scan_axis)
+  src_item = resolve_item(args.src, step=args.step, item=args.item)
+  layout, target, the_plan, options = plan_conversion(
+      src_item, to=args.to, scan_layers=args.scan_layers, scan_axis=_scan_axis(args.scan_axis),
+      param_scan_axis=args.param_scan_axis, flavour=args.format, rules=_rules(args.rename),
+      include=getattr(args, 'include', 'all'))
   print(layout.summary())
-  print(f'# to {to}: target path  <-  expression   [shape dtype, bytes]   => stored at')
+  print(f'# to {options["to"]}: target path  <-  expression   [shape dtype, bytes]   => stored at')
   for path, expr in the_plan.entries.items():
     leaf = the_plan.leaves[path]
     print(f'{"/".join(path)}  <-  {expr}   [{leaf.shape} {leaf.dtype.name}]   => {"/".join(target.disk[path])}')
@@ -218,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser('plan', help='print the conversion plan (reads metadata only)')
   _add_source(p)
   _add_layout_options(p)
+  p.add_argument('--include', choices=['all', 'params'], default='all', help="'params': Params only")
   p.set_defaults(fn=cmd_plan)
   p = sub.add_parser('convert', help='convert a checkpoint to another layout (streaming, atomic)')
   _add_source(p)

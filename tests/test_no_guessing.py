@@ -93,3 +93,19 @@ def test_a_rule_that_matches_nothing_is_reported(tmp_path):
     orbax_nnx.restore(path, target, rules=[('model/a', 'model/b'), ('model/nope/(.*)', r'model/b/\1')])
   with pytest.raises(errors.OptionError, match='not a regular expression'):
     orbax_nnx.restore(path, target, rules=[('a(', 'b')])
+
+
+def test_plan_shows_what_convert_does(tmp_path, capsys):
+  from orbax_nnx import cli
+  w = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # (emb, layers, mlp): MaxText axis 1
+  linen = {'step': np.int32(1), 'params': {'params': {'layers': {'w': w}, 'emb': np.ones(2, np.float32)}}}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / 'linen', linen)
+  orbax_nnx.convert(tmp_path / 'linen', tmp_path / 'nnx', scan_layers=False)
+  capsys.readouterr()
+  assert cli.main(['plan', str(tmp_path / 'nnx')]) == 0  # no flags: back to Linen, re-stacked
+  planned = sorted(line.rsplit('=> ', 1)[1] for line in capsys.readouterr().out.splitlines()
+                   if '  <-  ' in line and not line.startswith('#'))
+  orbax_nnx.convert(tmp_path / 'nnx', tmp_path / 'back')
+  written = sorted('/'.join(p) for p in orbax_nnx.read_item_metadata(tmp_path / 'back').leaves)
+  assert planned == written and 'params/params/layers/w' in written, (planned, written)
