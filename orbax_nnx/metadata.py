@@ -51,6 +51,7 @@ class ItemMetadata:
   directory: epath.Path
   leaves: Mapping[DiskPath, LeafInfo]
   custom: Mapping[str, Any]
+  has_empty_nodes: bool = False  # None / empty entries (e.g. optax MaskedNode) in the stored tree
 
   @property
   def ours(self) -> Mapping[str, Any]:
@@ -143,9 +144,11 @@ def read_item_metadata(
       raise errors.NotACheckpointError(directory, reason + '; check its file modes or credentials') from e
     raise errors.CorruptCheckpointError(directory, reason) from e
   tree = getattr(tree_meta, 'tree', tree_meta)
-  leaves = {path: _leaf_info(m) for path, m in _flatten_tree(tree).items()}
+  flat = _flatten_tree(tree)
+  leaves = {path: _leaf_info(m) for path, m in flat.items()}
   custom = getattr(tree_meta, 'custom_metadata', None) or {}
-  return ItemMetadata(directory, leaves, custom)
+  has_empty = len(jax.tree.leaves(tree, is_leaf=lambda x: x is None)) != len(flat)
+  return ItemMetadata(directory, leaves, custom, has_empty)
 
 
 def _is_step_dir(path: epath.Path) -> bool:

@@ -205,10 +205,11 @@ def restore_target(
       matches = None
     if matches is not None and (not orbax.strict or all(_same_shape(m, meta) for m in matches)):
       item, restore_args = restore_args_for(matches, meta, default_sharding, orbax)
-      # partial: we ask for exactly the matched leaves (the stored tree may also hold empty
-      # nodes, e.g. optax MaskedNode, and leaves skipped by policy or placeholders)
+      # partial when we ask for less than the stored tree: leaves skipped by policy or placeholders,
+      # or empty nodes (optax MaskedNode is stored as None)
+      partial = len(matches) != len(meta.leaves) or meta.has_empty_nodes
       restored = orbax_restore(impl, meta, ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args, partial_restore=True))
+          item=item, restore_args=restore_args, partial_restore=partial))
       values = {m.path: nnx_tree.get_path(restored, m.disk) for m in matches}
       return nnx_tree.rebuild(target, values, exclude)
   return restore_planned(meta, target, missing=missing, extra=extra, default_sharding=default_sharding,
@@ -315,7 +316,7 @@ def restore_untargeted(
                     advice='restore into a target that shards the arrays over more devices or processes,'
                     ' or only a part of them (a partial target, orbax_nnx.load_params)')
   restored = orbax_restore(impl, meta, ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                             partial_restore=True))  # skips empty nodes
+                                                             partial_restore=meta.has_empty_nodes))
   flat: dict[Path, Any] = {}
   for disk in meta.leaves:
     value = nnx_tree.get_path(restored, disk)
