@@ -24,9 +24,6 @@ from orbax_nnx.metadata import CUSTOM_KEY, read_item_metadata
 PyTree = Any
 
 
-_SAVE_KINDS = ('nnx', 'standard', 'pytree')
-
-
 @dataclasses.dataclass
 class NNXSave(ocp.args.CheckpointArgs):
   """Save args: an `nnx.State`, Module, Optimizer, or nested dicts of these.

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import orbax_nnx
