@@ -22,6 +22,7 @@ from orbax_nnx.handlers import (
 )
 from orbax_nnx.metadata import read_item_metadata, resolve_item
 from orbax_nnx.version import __version__
+from orbax_nnx.views import View, view
 
 __all__ = [
     'LayerGroup',
@@ -41,5 +42,7 @@ __all__ = [
     'read_item_metadata',
     'resolve_item',
     'restore',
+    'View',
+    'view',
     '__version__',
 ]

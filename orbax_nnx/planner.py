@@ -22,9 +22,10 @@ from orbax_nnx import compat, errors, nnx_tree
 from orbax_nnx.layout import (MODEL, OPTIMIZER, STACK_HINT_NAMES, CanonPath, Layout,
                               model_start, unrolled_member)
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
+from orbax_nnx.views import View
 
 ScanAxis = Union[int, Mapping[str, int], None]
-Rule = tuple[str, str]
+Rule = tuple[str, Union[str, Mapping[str, View]]]  # rename, or target replacement -> view
 
 
 # -- expressions --------------------------------------------------------------
@@ -196,7 +197,8 @@ def target_leaves(target: Any, exclude=nnx_tree.DEFAULT_EXCLUDE, rules: Sequence
   """
   flat = list(nnx_tree.flatten(target, exclude))
   top = {str(p[0]) for p, _ in flat if p}
-  rule_roots = {repl.split('/')[0] for _, repl in rules if '\\' not in repl.split('/')[0]}
+  replacements = [r for _, rhs in rules for r in (rhs if isinstance(rhs, Mapping) else (rhs,))]
+  rule_roots = {repl.split('/')[0] for repl in replacements if '\\' not in repl.split('/')[0]}
   if top & ({MODEL, OPTIMIZER} | rule_roots):
     prefix: tuple = ()
   elif {'opt_state', 'step'} <= top:
@@ -266,8 +268,13 @@ class _Planner:
       except re.error as e:
         raise errors.OptionError(f'rule pattern {pattern!r} is not a regular expression: {e}.') from e
     matched: set[int] = set()
+    self.views: dict[CanonPath, tuple[CanonPath, View]] = {}  # target -> (source, view)
     for canon, disk in layout.canonical.items():
-      self.src[_rename(canon, compiled, matched)] = disk
+      renamed = _rename(canon, compiled, matched)
+      if isinstance(renamed, dict):  # a view rule: the source keeps its path, its views name targets
+        self.views.update({target: (canon, v) for target, v in renamed.items()})
+        renamed = canon
+      self.src[renamed] = disk
     unmatched = [rules[i] for i in range(len(rules)) if i not in matched]
     if unmatched:
       examples = ', '.join(sorted('/'.join(c) for c in layout.canonical)[:5])
@@ -310,6 +317,13 @@ class _Planner:
     canon = leaf.canon
     if leaf.const is not None:
       return Const(leaf.const, leaf.shape, leaf.dtype)
+    if canon in self.views:  # a rule with views names this target: no inference, shapes must agree
+      source, v = self.views[canon]
+      expr = apply_view(v, self._read(source), f'{"/".join(source)} -> {path_str(leaf.path)}')
+      if tuple(expr.shape) != tuple(leaf.shape):
+        raise errors.ShapeMismatchError('/'.join(self.src[source]), expr.shape, leaf.shape,
+                                        hint=f'(after {v}, for target {path_str(leaf.path)})')
+      return self._cast(expr, leaf)
     if canon in self.src:
       return self._cast(self._fit(self._read(canon), leaf), leaf)
     start = model_start(canon)
@@ -438,13 +452,40 @@ def lookup_axis(scan_axis: ScanAxis, canon: CanonPath) -> int | None:
   return None
 
 
-def _rename(canon: CanonPath, rules, matched: set[int]) -> CanonPath:
+def _rename(canon: CanonPath, rules, matched: set[int]) -> CanonPath | dict[CanonPath, View]:
+  """The first matching rule's result: a renamed path, or {target path: view} for a view rule."""
   joined = '/'.join(canon)
   for i, (pattern, repl) in enumerate(rules):
     if pattern.fullmatch(joined):
       matched.add(i)
+      if isinstance(repl, Mapping):
+        return {tuple(pattern.sub(r, joined).split('/')): v for r, v in repl.items()}
       return tuple(pattern.sub(repl, joined).split('/'))
   return canon
+
+
+def apply_view(v: View, expr: Expr, where: str) -> Expr:
+  """Compiles a view's operations into lazy expressions over `expr` (read per shard later)."""
+  for op in v.ops:
+    rank = len(expr.shape)
+    if op[0] == 'take':
+      if rank == 0 or not -expr.shape[0] <= op[1] < expr.shape[0]:
+        raise errors.PlanError(f'{where}: {v} indexes {op[1]} into shape {expr.shape}.')
+      expr = Take(expr, op[1] % expr.shape[0], 0)
+    elif op[0] in ('transpose', 'swapaxes'):
+      if op[0] == 'swapaxes':
+        perm = list(range(rank))
+        a, b = op[1] % max(rank, 1), op[2] % max(rank, 1)
+        perm[a], perm[b] = perm[b], perm[a]
+        perm = tuple(perm)
+      else:
+        perm = tuple(reversed(range(rank))) if op[1] is None else tuple(p % max(rank, 1) for p in op[1])
+      if sorted(perm) != list(range(rank)):
+        raise errors.PlanError(f'{where}: {v} is not a permutation of the {rank} axes of shape {expr.shape}.')
+      expr = expr if perm == tuple(range(rank)) else Transpose(expr, perm)
+    else:
+      expr = expr if expr.dtype == op[1] else Cast(expr, op[1])
+  return expr
 
 
 def _names_axis(names) -> int | None:

@@ -1,0 +1,124 @@
+"""Rules with views: an official-format (flat-key) Gemma-style checkpoint restored into an NNX model
+by rules alone, gate and up split out of one stored array, in both gating layouts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import orbax_nnx
+from orbax_nnx import errors, view
+
+from helpers import host
+
+V, D, F, LAYERS = 32, 8, 16, 2
+
+
+class MLP(nnx.Module):
+  def __init__(self, rngs):
+    self.gate = nnx.Linear(D, F, use_bias=False, rngs=rngs)
+    self.up = nnx.Linear(D, F, use_bias=False, rngs=rngs)
+    self.down = nnx.Linear(F, D, use_bias=False, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down(nnx.gelu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+  def __init__(self, rngs):
+    self.mlp = MLP(rngs)
+
+
+class Gemma(nnx.Module):
+  """A Gemma-shaped NNX model (embedding, gated MLP blocks, tied read-out)."""
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(V, D, rngs=rngs)
+    self.layers = nnx.List([Block(rngs) for _ in range(LAYERS)])
+
+  def __call__(self, tokens):
+    x = self.embed(tokens)
+    for block in self.layers:
+      x = x + block.mlp(x)
+    return self.embed.attend(x)
+
+
+def official_checkpoint(model: Gemma, transposed: bool) -> dict:
+  """The flat `'/'`-joined layout of official Gemma checkpoints; gating as (2, D, F) or (2, F, D)."""
+  params = {'transformer/embedder': {'input_embedding': np.asarray(model.embed.embedding.get_value())}}
+  for i, block in enumerate(model.layers):
+    gate, up = (np.asarray(block.mlp.gate.kernel.get_value()), np.asarray(block.mlp.up.kernel.get_value()))
+    gating = np.stack([gate.T, up.T]) if transposed else np.stack([gate, up])
+    params[f'transformer/layer_{i}/mlp/gating_einsum'] = {'w': gating}
+    params[f'transformer/layer_{i}/mlp/linear'] = {'w': np.asarray(block.mlp.down.kernel.get_value())}
+  return params
+
+
+def gemma_rules(transposed: bool):
+  """What a user writes: renames, and one stored array split into two targets."""
+  pick = (lambda i: view[i].T) if transposed else (lambda i: view[i])
+  return [
+      (r'model/transformer/embedder/input_embedding', r'model/embed/embedding'),
+      (r'model/transformer/layer_(\d+)/mlp/gating_einsum/w', {
+          r'model/layers/\1/mlp/gate/kernel': pick(0),
+          r'model/layers/\1/mlp/up/kernel': pick(1)}),
+      (r'model/transformer/layer_(\d+)/mlp/linear/w', r'model/layers/\1/mlp/down/kernel'),
+  ]
+
+
+def abstract_gemma(mesh=None):
+  if mesh is None:
+    return nnx.state(nnx.eval_shape(lambda: Gemma(nnx.Rngs(1))))
+  _, state = nnx.get_abstract_model(lambda: Gemma(nnx.Rngs(1)), mesh)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'x'))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+@pytest.mark.parametrize('transposed', [False, True], ids=['DF', 'FD'])
+def test_official_gemma_layout_by_rules_only(tmp_path, transposed):
+  reference = Gemma(nnx.Rngs(0))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / 'gemma', official_checkpoint(reference, transposed))
+  rules = gemma_rules(transposed)
+  text = str(orbax_nnx.plan(tmp_path / 'gemma', abstract_gemma(), rules=rules))
+  assert 'take' in text and ('transpose' in text) == transposed, text
+  out = orbax_nnx.restore(tmp_path / 'gemma', abstract_gemma(), rules=rules)
+  for (path, got), (_, want) in zip(nnx.to_flat_state(out), nnx.to_flat_state(nnx.state(reference))):
+    assert type(got) is type(want)
+    np.testing.assert_array_equal(host(got), host(want), err_msg=str(path))
+  model = nnx.merge(nnx.graphdef(reference), out)
+  tokens = jnp.arange(6)[None] % V
+  np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(reference(tokens)))
+
+  mesh = jax.make_mesh((8,), ('x',))  # kernels and embedding split 8 ways on their second axis
+  sharded = orbax_nnx.restore(tmp_path / 'gemma', abstract_gemma(mesh), rules=rules)
+  gate = sharded['layers'][1]['mlp']['gate']['kernel'].get_value()
+  assert gate.sharding.spec == jax.sharding.PartitionSpec(None, 'x') and len(gate.addressable_shards) == 8
+  np.testing.assert_array_equal(np.asarray(gate), host(reference.layers[1].mlp.gate.kernel))
+
+  bf16 = orbax_nnx.load_params(tmp_path / 'gemma', abstract_gemma(mesh), dtype=jnp.bfloat16, rules=rules)
+  up = bf16['layers'][0]['mlp']['up']['kernel'].get_value()
+  assert up.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(up), host(reference.layers[0].mlp.up.kernel).astype(jnp.bfloat16))
+
+
+def test_view_errors_name_the_problem(tmp_path):
+  reference = Gemma(nnx.Rngs(0))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / 'gemma', official_checkpoint(reference, transposed=False))
+  rules = gemma_rules(transposed=False)
+  wrong = [rules[0], (rules[1][0], {k: v.T for k, v in rules[1][1].items()}), rules[2]]
+  with pytest.raises(errors.ShapeMismatchError, match=r'after view\[0\]\.T'):
+    orbax_nnx.restore(tmp_path / 'gemma', abstract_gemma(), rules=wrong)
+  with pytest.raises(errors.PlanError, match='indexes 5'):
+    orbax_nnx.restore(tmp_path / 'gemma', abstract_gemma(),
+                      rules=[rules[0], (rules[1][0], {r'model/layers/\1/mlp/gate/kernel': view[5]}), rules[2]])
+  with pytest.raises(errors.OptionError, match='integer indices'):
+    view[0:1]
+  with pytest.raises(errors.OptionError, match='reshape is not supported'):
+    view.reshape(4, 4)
+  with pytest.raises(errors.OptionError, match='orbax_nnx.view'):
+    orbax_nnx.restore(tmp_path / 'gemma', abstract_gemma(), rules=[('a', {'b': 'c'})])
+  assert str(view[1].T.astype('bfloat16')) == 'view[1].T.astype(bfloat16)'
