@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from flax import nnx
 
 import orbax_nnx
@@ -122,3 +123,44 @@ def test_view_errors_name_the_problem(tmp_path):
   with pytest.raises(errors.OptionError, match='orbax_nnx.view'):
     orbax_nnx.restore(tmp_path / 'gemma', abstract_gemma(), rules=[('a', {'b': 'c'})])
   assert str(view[1].T.astype('bfloat16')) == 'view[1].T.astype(bfloat16)'
+
+
+@st.composite
+def view_chains(draw):
+  """A stored shape and a chain of view operations valid for it, with the numpy reference."""
+  shape = tuple(draw(st.lists(st.integers(2, 4), min_size=2, max_size=4)))
+  v, ref = view, lambda x: x
+  rank = len(shape)
+  for _ in range(draw(st.integers(1, 3))):
+    kind = draw(st.sampled_from(['take', 'T', 'transpose', 'swapaxes', 'astype']))
+    if kind == 'take' and rank > 1:
+      i = draw(st.integers(-2, 1))
+      v, ref, rank = v[i], (lambda r, i: lambda x: r(x)[i])(ref, i), rank - 1
+    elif kind == 'T':
+      v, ref = v.T, (lambda r: lambda x: r(x).T)(ref)
+    elif kind == 'transpose':
+      perm = tuple(draw(st.permutations(range(rank))))
+      v, ref = v.transpose(perm), (lambda r, p: lambda x: np.transpose(r(x), p))(ref, perm)
+    elif kind == 'swapaxes':
+      a, b = draw(st.integers(0, rank - 1)), draw(st.integers(0, rank - 1))
+      v, ref = v.swapaxes(a, b), (lambda r, a, b: lambda x: np.swapaxes(r(x), a, b))(ref, a, b)
+    elif kind == 'astype':
+      v, ref = v.astype('bfloat16'), (lambda r: lambda x: r(x).astype(jnp.bfloat16))(ref)
+  return shape, v, ref
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(case=view_chains())
+def test_views_match_numpy(tmp_path_factory, case):
+  shape, v, ref = case
+  stored = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+  want = ref(stored)
+  path = tmp_path_factory.mktemp('v') / 'c'
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, {'src': stored})
+  target = {'dst': jax.ShapeDtypeStruct(want.shape, want.dtype,
+                                        sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+  out = orbax_nnx.restore(path, target, rules=[('model/src', {'model/dst': v})])
+  got = np.asarray(out['dst'])
+  assert got.dtype == want.dtype and got.shape == want.shape, (str(v), got.shape, want.shape)
+  np.testing.assert_array_equal(got, want, err_msg=str(v))
