@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from orbax_nnx import budget, errors, nnx_tree, version
+from orbax_nnx.views import check_rules
 from orbax_nnx.layout import Layout, detect
 from orbax_nnx.metadata import CUSTOM_KEY, read_item_metadata, resolve_item
 from orbax_nnx.planner import Cast, LoraMerge, Plan, build, reads
@@ -110,6 +111,7 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
   """Layout, target and plan of a conversion (metadata only)."""
   check_conversion_options(to=to, scan_layers=scan_layers, param_scan_axis=param_scan_axis, flavour=flavour,
                            include=include, lora=lora)
+  rules = check_rules(rules)
   layout = detect(read_item_metadata(src_item))
   reverse = _reverse_defaults(layout)
   if to == 'auto':  # convert back to the original layout when DST records one

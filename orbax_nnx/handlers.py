@@ -20,7 +20,7 @@ from flax import nnx
 
 from orbax_nnx import compat, errors, nnx_tree, restoring, version
 from orbax_nnx.metadata import CUSTOM_KEY, read_item_metadata
-from orbax_nnx.views import View
+from orbax_nnx.views import check_rules
 
 PyTree = Any
 
@@ -105,21 +105,6 @@ class NNXRestore(ocp.args.CheckpointArgs):
     if self.default_sharding is not None and not isinstance(self.default_sharding, jax.sharding.Sharding):
       raise errors.OptionError(f'default_sharding must be a jax.sharding.Sharding, not {self.default_sharding!r}.')
     self.rules = check_rules(self.rules)
-
-
-def check_rules(rules: Any) -> tuple:
-  """Rules as a tuple of `(pattern, replacement)` or `(pattern, {target replacement: view})` pairs."""
-  out = []
-  for rule in rules:
-    ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
-    rhs = rule[1] if ok else None
-    ok = ok and (isinstance(rhs, str) or (isinstance(rhs, Mapping) and bool(rhs) and all(
-        isinstance(k, str) and isinstance(v, View) for k, v in rhs.items())))
-    if not ok:
-      raise errors.OptionError(f'rule {rule!r}: use (pattern, replacement) or (pattern, {{replacement: view}})'
-                               ' with views built from orbax_nnx.view (e.g. view[0].T).')
-    out.append((rule[0], dict(rhs) if isinstance(rhs, Mapping) else rhs))
-  return tuple(out)
 
 
 class _TypestrDescriptor:

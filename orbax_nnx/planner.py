@@ -22,7 +22,7 @@ from orbax_nnx import compat, errors, nnx_tree
 from orbax_nnx.layout import (MODEL, OPTIMIZER, STACK_HINT_NAMES, CanonPath, Layout,
                               model_start, unrolled_member)
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
-from orbax_nnx.views import View
+from orbax_nnx.views import View, check_rules
 
 ScanAxis = Union[int, Mapping[str, int], None]
 Rule = tuple[str, Union[str, Mapping[str, View]]]  # rename, or target replacement -> view
@@ -569,6 +569,7 @@ def plan(source, target, *, rules: Sequence[Rule] = (), scan_axis: ScanAxis = No
   from orbax_nnx.metadata import resolve_item
 
   errors.check_int('param_scan_axis', param_scan_axis)
+  rules = check_rules(rules)
   layout = source if isinstance(source, Layout) else detect_layout(resolve_item(source))
   return build(layout, target_leaves(target, exclude, rules), rules=rules, scan_axis=scan_axis,
                param_scan_axis=param_scan_axis)

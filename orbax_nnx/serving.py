@@ -21,6 +21,7 @@ from orbax_nnx.conversion import ConvertReport, convert
 from orbax_nnx.metadata import read_item_metadata, resolve_item
 from orbax_nnx.planner import plan
 from orbax_nnx.restoring import restore_planned
+from orbax_nnx.views import check_rules
 
 
 def _cast_abstract(state: nnx.State, dtype) -> nnx.State:
@@ -51,6 +52,7 @@ def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter:
   errors.check_int('param_scan_axis', param_scan_axis)
   errors.check_choice('missing', missing, ('error', 'keep'))
   errors.check_choice('extra', extra, ('error', 'ignore'))
+  rules = check_rules(rules)
   directory = resolve_item(path, step=step, item=item)
   module = target if nnx_tree.is_graph_node(target) else None
   state = nnx.state(target, filter) if module is not None else _filter(target, filter)

@@ -11,6 +11,7 @@ A view is data (the operations it applies); the planner compiles it into lazy ex
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -75,3 +76,18 @@ class View:
 
 view = View()
 """The identity view; index and chain it: `view[0].T`, `view[1].astype('bfloat16')`."""
+
+
+def check_rules(rules: Any) -> tuple:
+  """Rules as a tuple of `(pattern, replacement)` or `(pattern, {target replacement: view})` pairs."""
+  out = []
+  for rule in rules:
+    ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+    rhs = rule[1] if ok else None
+    ok = ok and (isinstance(rhs, str) or (isinstance(rhs, Mapping) and bool(rhs) and all(
+        isinstance(k, str) and isinstance(v, View) for k, v in rhs.items())))
+    if not ok:
+      raise errors.OptionError(f'rule {rule!r}: use (pattern, replacement) or (pattern, {{replacement: view}})'
+                               ' with views built from orbax_nnx.view (e.g. view[0].T).')
+    out.append((rule[0], dict(rhs) if isinstance(rhs, Mapping) else rhs))
+  return tuple(out)
