@@ -53,28 +53,26 @@ def key_impl(dtype: Any) -> Any:
 _COMPOSITE_FRAMES = ('_get_item_handlers', '_get_item_metadata', 'restore')
 
 
-def composite_item_in_flight(depth: int = 4) -> str | None:
-  """The item name a CompositeCheckpointHandler is asking about, if the caller is one."""
-  frame = sys._getframe(1)  # pylint: disable=protected-access
+def _composite_frame(names: tuple[str, ...], depth: int):
+  """The nearest CompositeCheckpointHandler method frame named in `names` above our caller's caller."""
+  frame = sys._getframe(2)  # pylint: disable=protected-access
   for _ in range(depth):
     frame = frame.f_back
     if frame is None:
       return None
-    if frame.f_code.co_name == '_get_item_handlers' and isinstance(frame.f_locals.get('self'),
-                                                                   _composite.CompositeCheckpointHandler):
-      name = frame.f_locals.get('item_name')
-      return name if isinstance(name, str) else None
+    if frame.f_code.co_name in names and isinstance(frame.f_locals.get('self'), _composite.CompositeCheckpointHandler):
+      return frame
   return None
+
+
+def composite_item_in_flight(depth: int = 4) -> str | None:
+  """The item name a CompositeCheckpointHandler is asking about, if the caller is one."""
+  frame = _composite_frame(('_get_item_handlers',), depth)
+  name = frame.f_locals.get('item_name') if frame is not None else None
+  return name if isinstance(name, str) else None
 
 
 def composite_registry_in_flight(depth: int = 12) -> Any:
   """The handler registry of the CompositeCheckpointHandler on the call stack, if any."""
-  frame = sys._getframe(1)  # pylint: disable=protected-access
-  for _ in range(depth):
-    frame = frame.f_back
-    if frame is None:
-      return None
-    owner = frame.f_locals.get('self')
-    if frame.f_code.co_name in _COMPOSITE_FRAMES and isinstance(owner, _composite.CompositeCheckpointHandler):
-      return getattr(owner, '_handler_registry', None)
-  return None
+  frame = _composite_frame(_COMPOSITE_FRAMES, depth)
+  return getattr(frame.f_locals['self'], '_handler_registry', None) if frame is not None else None

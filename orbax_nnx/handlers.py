@@ -291,7 +291,7 @@ ocp.args.register_with_handler(NNXCheckpointHandler, for_restore=True)(NNXRestor
 def _flat_args(tree: PyTree, exclude, name: str, kind: type):
   """`(path, Orbax args)` pairs of a `save_args`/`restore_args` tree shaped like the item."""
   for path, leaf in nnx_tree.flatten(tree, exclude):
-    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    value = nnx_tree.value_of(leaf)
     if not isinstance(value, kind):
       raise errors.OptionError(f'{name} at {nnx_tree.path_str(path)} is a {type(value).__name__}, expected'
                                f' {kind.__name__} (a tree shaped like the item).')
@@ -307,7 +307,7 @@ def _disk_tree(item: PyTree, args_tree: PyTree, flavour, exclude, name: str, kin
     known.add(path)
     disk = nnx_tree.disk_path(path, isinstance(leaf, nnx.Variable), flavour)
     empty = nnx_tree.is_empty(leaf)  # no data: Orbax wants the same empty node in both trees
-    value = (leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf) if empty else given.get(path, kind())
+    value = nnx_tree.value_of(leaf) if empty else given.get(path, kind())
     nnx_tree.set_path(out, disk, value)
   unknown = sorted(nnx_tree.path_str(p) for p in set(given) - known)
   if unknown:

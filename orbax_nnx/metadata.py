@@ -167,11 +167,8 @@ def manager_steps(root: epath.Path) -> dict[int, epath.Path]:
   for child in root.iterdir():
     if not child.is_dir():
       continue
-    try:
-      step = ocp.path.step.step_from_checkpoint_name(child.name)
-    except ValueError:
-      continue
-    if not ocp.path.step.is_path_finalized(child) or not _is_step_dir(child):
+    step = _step_of(child.name)
+    if step is None or not ocp.path.step.is_path_finalized(child) or not _is_step_dir(child):
       continue
     if step in steps:
       raise errors.LayoutError(

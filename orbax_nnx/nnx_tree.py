@@ -86,15 +86,20 @@ def flatten(item: Any, exclude=DEFAULT_EXCLUDE, prefix: Path = (), *, keep_empty
       yield path, leaf
 
 
+def value_of(leaf: Any) -> Any:
+  """A Variable's value, or the leaf itself."""
+  return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+
+
 def is_placeholder(leaf: Any) -> bool:
   """A target leaf set to `ocp.PLACEHOLDER` (`...`): skipped by a restore, returned as is."""
-  value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+  value = value_of(leaf)
   return value is Ellipsis
 
 
 def is_empty(leaf: Any) -> bool:
   """A leaf with no array data: a Variable or value that is an empty pytree (MaskedNode, None)."""
-  value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+  value = value_of(leaf)
   return not _is_leaf_value(value) and not jax.tree.leaves(value)
 
 

@@ -207,7 +207,7 @@ def target_leaves(target: Any, exclude=nnx_tree.DEFAULT_EXCLUDE, rules: Sequence
     prefix = (MODEL,)
   out = []
   for path, leaf in flat:
-    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    value = nnx_tree.value_of(leaf)
     canon = prefix + tuple(str(k) for k in path)
     shape, dtype, impl = tuple(value.shape), value.dtype, None
     if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):

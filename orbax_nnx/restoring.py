@@ -80,7 +80,7 @@ def match_target(
   """Matches target leaves to stored leaves, raising on mismatch per policy."""
   matches, missing_paths = [], []
   for path, leaf in nnx_tree.flatten(target, exclude):
-    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    value = nnx_tree.value_of(leaf)
     disk = stored_path(meta, path, isinstance(leaf, nnx.Variable))
     if disk is None:
       if missing == 'keep' and _is_concrete(value):
@@ -103,13 +103,9 @@ def _is_concrete(value: Any) -> bool:
   return isinstance(value, jax.Array) or (hasattr(value, 'shape') and not isinstance(value, jax.ShapeDtypeStruct))
 
 
-def _value(leaf: Any) -> Any:
-  return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-
-
 def _same_shape(match: LeafMatch, meta: ItemMetadata) -> bool:
   try:
-    _check_shape(match, meta, _value(match.leaf))
+    _check_shape(match, meta, nnx_tree.value_of(match.leaf))
   except errors.ShapeMismatchError:
     return False
   return True
@@ -142,7 +138,7 @@ def restore_args_for(matches: list[LeafMatch], meta: ItemMetadata, default_shard
   item, args = {}, {}
   given = orbax.restore_args or {}
   for match in matches:
-    value = _value(match.leaf)
+    value = nnx_tree.value_of(match.leaf)
     if not hasattr(value, 'shape'):
       raise errors.OrbaxNNXError(
           f'Target leaf {path_str(match.path)} is a {type(value).__name__}; expected an array,'
@@ -269,7 +265,7 @@ def restore_planned(meta: ItemMetadata, target: Any, *, missing: MissingPolicy =
   sharding_for = {}
   for path in the_plan.entries:
     leaf = values_by_target[path]
-    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    value = nnx_tree.value_of(leaf)
     sharding_for[path] = (shardings.target_sharding(value, path_str(path)) or default_sharding
                           or shardings.default_sharding())
     check_sharding(path_str(path), value.shape, sharding_for[path])
@@ -282,7 +278,7 @@ def check_plan(the_plan, target: Any, missing: MissingPolicy, extra: ExtraPolicy
   leaves = {path_str(path): leaf for path, leaf in nnx_tree.flatten(target, exclude)}
   absent = []
   for name in the_plan.missing:
-    if missing == 'keep' and _is_concrete(_value(leaves[name])):
+    if missing == 'keep' and _is_concrete(nnx_tree.value_of(leaves[name])):
       continue
     absent.append(name)
   skipped = {path_str(p) + suffix for p, _ in placeholder_paths(target, exclude) for suffix in ('', '/' + VALUE_KEY)}
