@@ -250,6 +250,9 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
     """Restores from already-read item metadata (used by `orbax_nnx.restore`)."""
     target = args.target
     if target is None:
+      if meta.format != 'orbax':
+        raise errors.OptionError(f'{meta.directory} is a {meta.format} checkpoint: restoring it needs a target'
+                                 ' (an abstract NNX model or state) and usually rules=...; see `orbax-nnx inspect`.')
       if not meta.ours:  # not an NNX item we wrote: exactly what Orbax returns
         return self._std.restore(meta.directory, args=ocp.args.StandardRestore(
             fallback_sharding=args.default_sharding))

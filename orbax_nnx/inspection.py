@@ -47,7 +47,8 @@ def inspect_checkpoint(path, *, step: int | None = None, item: str | None = None
   if depth is not None:
     grouped: dict[str, dict] = {}
     for row in rows:
-      key = '/'.join(row['path'].split('/')[:depth])
+      sep = '.' if layout.kind == 'safetensors' else '/'
+      key = sep.join(row['path'].split(sep)[:depth])
       entry = grouped.setdefault(key, {'path': key, 'leaves': 0, 'bytes': 0})
       entry['leaves'] += 1
       entry['bytes'] += row['bytes']

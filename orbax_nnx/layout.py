@@ -23,7 +23,7 @@ from orbax_nnx import errors
 from orbax_nnx.metadata import ItemMetadata, LeafInfo, read_item_metadata
 from orbax_nnx.nnx_tree import VALUE_KEY, DiskPath
 
-Kind = Literal['nnx', 'linen', 'maxtext', 'params']
+Kind = Literal['nnx', 'linen', 'maxtext', 'params', 'safetensors']
 CanonPath = tuple[str, ...]
 
 MODEL, OPTIMIZER = 'model', 'optimizer'
@@ -88,7 +88,18 @@ class Layout:
 
   @property
   def framework(self) -> Literal['nnx', 'linen']:
-    return 'nnx' if self.kind in ('nnx', 'params') else 'linen'
+    return 'nnx' if self.kind in ('nnx', 'params', 'safetensors') else 'linen'
+
+  def rule_key(self, canon: CanonPath) -> str:
+    """What a rule pattern fullmatches for a source leaf: the tensor name as stored (safetensors),
+    else the canonical path joined with `/`."""
+    return '.'.join(canon[1:]) if self.kind == 'safetensors' else '/'.join(canon)
+
+  def rule_target(self, replacement: str) -> CanonPath:
+    """The canonical target path a rule's replacement names: a path in the target tree (safetensors),
+    else a canonical path."""
+    parts = tuple(replacement.split('/'))
+    return (MODEL,) + parts if self.kind == 'safetensors' else parts
 
   def info(self, canon: CanonPath) -> LeafInfo:
     return self.leaves[self.canonical[canon]]
@@ -125,10 +136,12 @@ def model_start(canon: CanonPath) -> int:
 
 
 def detect(meta: ItemMetadata) -> Layout:
-  """Detects the layout of one Orbax item from its metadata."""
+  """Detects the layout of one Orbax item (or safetensors source) from its metadata."""
   paths = list(meta.leaves)
   if not paths:
     raise errors.LayoutError(f'{meta.directory}: the checkpoint holds no arrays.')
+  if meta.format == 'safetensors':
+    return _detect_safetensors(meta)
   top = {p[0] for p in paths if p}
   value_count = sum(1 for p in paths if p[-1] == VALUE_KEY)
   flavour = 'raw' if value_count == len(paths) else 'pure' if value_count == 0 else 'mixed'
@@ -192,6 +205,14 @@ def detect(meta: ItemMetadata) -> Layout:
   groups = _find_groups(canonical, meta, 'nnx' if kind in ('nnx', 'params') else 'linen')
   return Layout(kind, flavour, params_root, opt_root, step_path, tuple(aux_roots), tuple(groups), canonical,
                 meta.leaves, meta)
+
+
+def _detect_safetensors(meta: ItemMetadata) -> Layout:
+  """Tensor names split on `.`: `model.layers.3.mlp.up_proj.weight` -> ('model', 'model', 'layers', '3', ...),
+  so layer groups are seen; rules match the names as stored (see `Layout.rule_key`)."""
+  canonical = {(MODEL,) + tuple(path[0].split('.')): path for path in meta.leaves}
+  groups = _find_groups(canonical, meta, 'nnx')
+  return Layout('safetensors', 'pure', (), None, None, (), tuple(groups), canonical, meta.leaves, meta)
 
 
 def _drop_params_level(rel: DiskPath, param_suffixes: set) -> DiskPath:

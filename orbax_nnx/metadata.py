@@ -52,6 +52,7 @@ class ItemMetadata:
   leaves: Mapping[DiskPath, LeafInfo]
   custom: Mapping[str, Any]
   has_empty_nodes: bool = False  # None / empty entries (e.g. optax MaskedNode) in the stored tree
+  format: str = 'orbax'  # 'orbax' (an Orbax PyTree item) or 'safetensors' (leaves keyed by tensor name)
 
   @property
   def ours(self) -> Mapping[str, Any]:
@@ -130,9 +131,13 @@ def _reader() -> ocp.PyTreeCheckpointHandler:
 def read_item_metadata(
     directory: epath.PathLike, handler: ocp.PyTreeCheckpointHandler | None = None
 ) -> ItemMetadata:
-  """Reads an Orbax PyTree item's metadata; raises NotACheckpointError on bad input."""
+  """Reads an Orbax PyTree item's metadata (or safetensors headers); raises NotACheckpointError on bad input."""
+  from orbax_nnx import safetensors_source  # local: it builds on this module
+
   directory = epath.Path(directory)
   with _readable(directory):
+    if safetensors_source.is_safetensors(directory):
+      return safetensors_source.read_metadata(directory)
     _check_dir(directory)
   try:
     tree_meta = (handler or _reader()).metadata(directory)
@@ -181,6 +186,8 @@ def manager_steps(root: epath.Path) -> dict[int, epath.Path]:
 def resolve_item(path: epath.PathLike, *, step: int | None = None, item: str | None = None) -> epath.Path:
   """The item directory for an item dir, a step dir (+ `item`), or a manager root (+ `step`).
 
+  A safetensors file or directory is returned as is.
+
   A manager root defaults to its latest step; a step directory with one item needs no `item`.
   Step directories may be named in any way `CheckpointManagerOptions` allows (`step_prefix`,
   `step_format_fixed_length`).
@@ -195,8 +202,14 @@ def resolve_item(path: epath.PathLike, *, step: int | None = None, item: str | N
 
 
 def _resolve_item(path: epath.Path, step: int | None, item: str | None) -> epath.Path:
+  from orbax_nnx import safetensors_source  # local: it builds on this module
+
   if not path.exists():
     raise errors.NotACheckpointError(path, 'it does not exist')
+  if safetensors_source.is_safetensors(path):
+    if step is not None or item is not None:
+      raise errors.OptionError(f'{path} is a safetensors checkpoint: it has no steps or items (drop step=/item=).')
+    return path
   if not path.is_dir():
     raise errors.NotACheckpointError(path, 'it is a file, not a directory')
   if (path / METADATA_FILE).exists():

@@ -1,6 +1,6 @@
 """Plans: every target leaf as a lazy expression over stored leaves.
 
-An expression is data (`Read`, `Take`, `Stack`, `Transpose`, `Cast`); a `Plan` maps
+An expression is data (`Read`, `Take`, `Slice`, `Reshape`, `Stack`, `Transpose`, `Cast`); a `Plan` maps
 each target path to one. Plans are built from a `Layout` (metadata only) and a target
 (an abstract NNX state/model), can be printed and tested without touching arrays, and
 are evaluated per target shard by `orbax_nnx.reader`.
@@ -105,6 +105,74 @@ class Transpose:
 
 
 @dataclasses.dataclass(frozen=True)
+class Slice:
+  """Indices `start:stop` of `axis` (one part of a fused array, e.g. q out of qkv)."""
+
+  expr: 'Expr'
+  axis: int
+  start: int
+  stop: int
+
+  @property
+  def shape(self):
+    s = self.expr.shape
+    return s[: self.axis] + (self.stop - self.start,) + s[self.axis + 1:]
+
+  @property
+  def dtype(self):
+    return self.expr.dtype
+
+  def __str__(self) -> str:
+    return f'slice({self.expr}, {self.start}:{self.stop}, axis={self.axis})'
+
+
+@dataclasses.dataclass(frozen=True)
+class Reshape:
+  """Row-major reshape (split or merge adjacent axes, e.g. flattened heads into (heads, head_dim))."""
+
+  expr: 'Expr'
+  shape: tuple[int, ...]
+
+  @property
+  def dtype(self):
+    return self.expr.dtype
+
+  def groups(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Runs of (input axes, output axes) with equal sizes: each run is one merge-then-split."""
+    return reshape_groups(tuple(self.expr.shape), tuple(self.shape))
+
+  def __str__(self) -> str:
+    return f'reshape({self.expr}, {self.shape})'
+
+
+def reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+  """Pairs consecutive axes of `src` and `dst` into runs of equal element count (size-1 axes join a run)."""
+  out, i, j = [], 0, 0
+  while i < len(src) or j < len(dst):
+    a, b = [i], [j]
+    na = src[i] if i < len(src) else 1
+    nb = dst[j] if j < len(dst) else 1
+    i, j = i + 1, j + 1
+    while na != nb:
+      if na < nb:
+        na *= src[i]
+        a.append(i)
+        i += 1
+      else:
+        nb *= dst[j]
+        b.append(j)
+        j += 1
+    while i < len(src) and src[i] == 1 and (j >= len(dst) or dst[j] != 1):
+      a.append(i)
+      i += 1
+    while j < len(dst) and dst[j] == 1 and (i >= len(src) or src[i] != 1):
+      b.append(j)
+      j += 1
+    out.append((tuple(k for k in a if k < len(src)), tuple(k for k in b if k < len(dst))))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
 class Cast:
   expr: 'Expr'
   dtype: Any
@@ -149,7 +217,7 @@ class LoraMerge:
     return f'merge_lora({self.base} + {self.a} @ {self.b})'
 
 
-Expr = Union[Read, Take, Stack, Transpose, Cast, Const, LoraMerge]
+Expr = Union[Read, Take, Slice, Reshape, Stack, Transpose, Cast, Const, LoraMerge]
 
 
 def reads(expr: Expr) -> Iterable[Read]:
@@ -270,14 +338,14 @@ class _Planner:
     matched: set[int] = set()
     self.views: dict[CanonPath, tuple[CanonPath, View]] = {}  # target -> (source, view)
     for canon, disk in layout.canonical.items():
-      renamed = _rename(canon, compiled, matched)
+      renamed = _rename(layout, canon, compiled, matched)
       if isinstance(renamed, dict):  # a view rule: the source keeps its path, its views name targets
         self.views.update({target: (canon, v) for target, v in renamed.items()})
         renamed = canon
       self.src[renamed] = disk
     unmatched = [rules[i] for i in range(len(rules)) if i not in matched]
     if unmatched:
-      examples = ', '.join(sorted('/'.join(c) for c in layout.canonical)[:5])
+      examples = ', '.join(sorted(layout.rule_key(c) for c in layout.canonical)[:5])
       raise errors.PlanError(
           f'rules that match no stored path: {unmatched}. A rule fullmatches a canonical source path (as'
           f' `orbax-nnx plan` prints it), e.g. {examples}; fix the pattern or drop the rule.')
@@ -452,15 +520,15 @@ def lookup_axis(scan_axis: ScanAxis, canon: CanonPath) -> int | None:
   return None
 
 
-def _rename(canon: CanonPath, rules, matched: set[int]) -> CanonPath | dict[CanonPath, View]:
+def _rename(layout: Layout, canon: CanonPath, rules, matched: set[int]) -> CanonPath | dict[CanonPath, View]:
   """The first matching rule's result: a renamed path, or {target path: view} for a view rule."""
-  joined = '/'.join(canon)
+  joined = layout.rule_key(canon)
   for i, (pattern, repl) in enumerate(rules):
     if pattern.fullmatch(joined):
       matched.add(i)
       if isinstance(repl, Mapping):
-        return {tuple(pattern.sub(r, joined).split('/')): v for r, v in repl.items()}
-      return tuple(pattern.sub(repl, joined).split('/'))
+        return {layout.rule_target(pattern.sub(r, joined)): v for r, v in repl.items()}
+      return layout.rule_target(pattern.sub(repl, joined))
   return canon
 
 
@@ -472,6 +540,23 @@ def apply_view(v: View, expr: Expr, where: str) -> Expr:
       if rank == 0 or not -expr.shape[0] <= op[1] < expr.shape[0]:
         raise errors.PlanError(f'{where}: {v} indexes {op[1]} into shape {expr.shape}.')
       expr = Take(expr, op[1] % expr.shape[0], 0)
+    elif op[0] == 'slice':
+      axis, start, stop = op[1:]
+      if axis >= rank:
+        raise errors.PlanError(f'{where}: {v} slices axis {axis} of shape {expr.shape}.')
+      start, stop, _ = slice(start, stop).indices(expr.shape[axis])
+      if stop <= start:
+        raise errors.PlanError(f'{where}: {v} selects nothing of axis {axis} (size {expr.shape[axis]}).')
+      expr = expr if (start, stop) == (0, expr.shape[axis]) else Slice(expr, axis, start, stop)
+    elif op[0] == 'reshape':
+      size = int(np.prod(expr.shape, dtype=np.int64))
+      shape = list(op[1])
+      if shape.count(-1) == 1:
+        known = int(np.prod([n for n in shape if n != -1], dtype=np.int64))
+        shape[shape.index(-1)] = size // known if known and size % known == 0 else -1
+      if any(n < 0 for n in shape) or int(np.prod(shape, dtype=np.int64)) != size:
+        raise errors.PlanError(f'{where}: {v} cannot reshape {expr.shape} ({size} elements) into {tuple(op[1])}.')
+      expr = expr if tuple(shape) == tuple(expr.shape) else Reshape(expr, tuple(shape))
     elif op[0] in ('transpose', 'swapaxes'):
       if op[0] == 'swapaxes':
         perm = list(range(rank))
@@ -571,5 +656,12 @@ def plan(source, target, *, rules: Sequence[Rule] = (), scan_axis: ScanAxis = No
   errors.check_int('param_scan_axis', param_scan_axis)
   rules = check_rules(rules)
   layout = source if isinstance(source, Layout) else detect_layout(resolve_item(source))
-  return build(layout, target_leaves(target, exclude, rules), rules=rules, scan_axis=scan_axis,
+  return build(layout, targets_for(layout, target, exclude, rules), rules=rules, scan_axis=scan_axis,
                param_scan_axis=param_scan_axis)
+
+
+def targets_for(layout: Layout, target: Any, exclude=nnx_tree.DEFAULT_EXCLUDE,
+                rules: Sequence[Rule] = ()) -> list[TargetLeaf]:
+  """`target_leaves` for a plan over `layout`: rules over safetensors names write target-tree paths,
+  so they never say where the target's canonical root is."""
+  return target_leaves(target, exclude, () if layout.kind == 'safetensors' else rules)

@@ -23,7 +23,8 @@ import tensorstore as ts
 from orbax_nnx import compat, errors
 from orbax_nnx.metadata import ItemMetadata
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
-from orbax_nnx.planner import Cast, Const, Expr, LoraMerge, Plan, Read, Stack, Take, TargetLeaf, Transpose, reads
+from orbax_nnx.planner import (Cast, Const, Expr, LoraMerge, Plan, Read, Reshape, Slice, Stack, Take, TargetLeaf,
+                               Transpose, reads)
 
 Index = tuple[slice, ...]
 
@@ -41,8 +42,44 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
   return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
+class OrbaxArray:
+  """One stored array of an Orbax item, opened with Orbax's own tensorstore spec."""
+
+  def __init__(self, store):
+    self.store = store
+    self.shape = tuple(store.shape)
+    self.dtype = store.dtype.numpy_dtype
+    self.chunk = tuple(c or n for c, n in zip(store.chunk_layout.read_chunk.shape or self.shape, self.shape))
+
+  def read(self, region: tuple, perm: tuple[int, ...] | None = None) -> np.ndarray:
+    """`region` (normalized slices), decoded straight into an aligned buffer, axes permuted by `perm`."""
+    view = self.store[region]
+    if perm is not None:
+      view = view[ts.d[tuple(perm)].transpose[tuple(range(len(perm)))]]
+    out = aligned_empty(tuple(view.shape), view.dtype.numpy_dtype)
+    ts.array(out, copy=False, write=True).write(view).result()
+    return out
+
+
+class _OrbaxOpener:
+  def __init__(self, meta: ItemMetadata):
+    flags = json.loads((meta.directory / '_METADATA').read_text())
+    self.directory = meta.directory
+    self.use_ocdbt = bool(flags.get('use_ocdbt', True))
+    self.use_zarr3 = bool(flags.get('use_zarr3', False))
+    self.context = compat.get_ts_context(use_ocdbt=self.use_ocdbt)
+
+  def __call__(self, path: DiskPath) -> OrbaxArray:
+    info = compat.ParamInfo(name='.'.join(path), parent_dir=self.directory,
+                            is_ocdbt_checkpoint=self.use_ocdbt, use_zarr3=self.use_zarr3,
+                            ts_context=self.context)
+    spec = compat.build_array_read_spec(info, use_ocdbt=self.use_ocdbt)
+    return OrbaxArray(ts.open(spec.json, context=self.context, open=True, read=True).result())
+
+
 class SourceArrays:
-  """Stored arrays of one Orbax item, read in whole source chunks with a bounded chunk cache.
+  """Stored arrays of one source (an Orbax item or safetensors files), read in whole chunks
+  with a bounded chunk cache.
 
   A region read costs the whole chunks it touches (a plain Orbax save stores an
   unsharded array as one chunk), so regions are served from decoded chunks: a chunk
@@ -53,10 +90,11 @@ class SourceArrays:
 
   def __init__(self, meta: ItemMetadata, cache_bytes: int = DEFAULT_CACHE_BYTES):
     self.meta = meta
-    flags = json.loads((meta.directory / '_METADATA').read_text())
-    self.use_ocdbt = bool(flags.get('use_ocdbt', True))
-    self.use_zarr3 = bool(flags.get('use_zarr3', False))
-    self.context = compat.get_ts_context(use_ocdbt=self.use_ocdbt)
+    if meta.format == 'safetensors':
+      from orbax_nnx.safetensors_source import SafetensorsOpener  # local: that module imports this one
+      self._open = SafetensorsOpener(meta)
+    else:
+      self._open = _OrbaxOpener(meta)
     self.cache_bytes = cache_bytes
     self._stores: dict[DiskPath, Any] = {}
     self._chunks: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
@@ -70,15 +108,14 @@ class SourceArrays:
     self.bytes_read = 0
 
   def store(self, path: DiskPath):
+    """The stored array at `path` (`.shape`, `.dtype`, `.chunk`, `.read(region, perm)`), opened once."""
     with self._lock:
       if path in self._stores:
         return self._stores[path]
-    info = compat.ParamInfo(name='.'.join(path), parent_dir=self.meta.directory,
-                               is_ocdbt_checkpoint=self.use_ocdbt, use_zarr3=self.use_zarr3,
-                               ts_context=self.context)
-    spec = compat.build_array_read_spec(info, use_ocdbt=self.use_ocdbt)
     try:
-      store = ts.open(spec.json, context=self.context, open=True, read=True).result()
+      store = self._open(path)
+    except errors.OrbaxNNXError:
+      raise
     except Exception as e:
       raise errors.CorruptCheckpointError(self.meta.directory, f'{"/".join(path)} cannot be opened: {e}') from e
     with self._lock:
@@ -87,11 +124,7 @@ class SourceArrays:
 
   def _ts_read(self, path: DiskPath, index: tuple, perm: tuple[int, ...] | None = None) -> np.ndarray:
     try:
-      view = self.store(path)[index]
-      if perm is not None:
-        view = view[ts.d[tuple(perm)].transpose[tuple(range(len(perm)))]]
-      out = aligned_empty(tuple(view.shape), view.dtype.numpy_dtype)
-      ts.array(out, copy=False, write=True).write(view).result()  # decoded straight into `out`
+      out = self.store(path).read(index, perm)
     except errors.OrbaxNNXError:
       raise
     except Exception as e:
@@ -109,7 +142,7 @@ class SourceArrays:
     region = _normalize(region, shape)
     if not shape:
       return store, region, [], True, squeeze, ()
-    chunk = tuple(c or n for c, n in zip(store.chunk_layout.read_chunk.shape or shape, shape))
+    chunk = store.chunk
     grid = [range(r.start // c, -(-r.stop // c)) if r.stop > r.start else range(0) for r, c in zip(region, chunk)]
     cells = list(itertools.product(*grid))
     # a region made of whole chunks needs no cache: tensorstore decodes each one straight into the output
@@ -125,7 +158,7 @@ class SourceArrays:
     if whole:
       return
     shape = tuple(store.shape)
-    itemsize = store.dtype.numpy_dtype.itemsize
+    itemsize = store.dtype.itemsize
     with self._lock:
       for cell in cells:
         key = (path, cell)
@@ -185,7 +218,7 @@ class SourceArrays:
       out = self._ts_read(path, region)  # whole chunks: nothing to keep for other readers
     else:
       shape = tuple(store.shape)
-      out = aligned_empty(tuple(r.stop - r.start for r in region), store.dtype.numpy_dtype)
+      out = aligned_empty(tuple(r.stop - r.start for r in region), store.dtype)
       for cell in cells:
         bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, chunk, shape))
         data = self._chunk(path, cell, bounds)
@@ -259,6 +292,10 @@ def evaluate(expr: Expr, index: tuple[slice, ...], source: SourceArrays) -> np.n
   if isinstance(expr, Take):
     inner = index[: expr.axis] + (expr.index,) + index[expr.axis:]
     return _read_take(expr, inner, source)
+  if isinstance(expr, Slice):
+    return evaluate(expr.expr, _slice_region(expr, index), source)
+  if isinstance(expr, Reshape):
+    return _reshape(expr, index, source)
   if isinstance(expr, Transpose):
     src_index = [slice(None)] * len(expr.perm)
     for k, p in enumerate(expr.perm):
@@ -299,8 +336,14 @@ def read_regions(expr: Expr, index: tuple):
     yield from read_regions(expr.b, b_index)
   elif isinstance(expr, Cast):
     yield from read_regions(expr.expr, index)
-  elif isinstance(expr, Take):
-    yield from read_regions(expr.expr, index[: expr.axis] + (expr.index,) + index[expr.axis:])
+  elif isinstance(expr, Take):  # a Read takes the integer index; anything else reads the one-layer slab
+    at = expr.index if isinstance(expr.expr, Read) else slice(expr.index, expr.index + 1)
+    yield from read_regions(expr.expr, index[: expr.axis] + (at,) + index[expr.axis:])
+  elif isinstance(expr, Slice):
+    yield from read_regions(expr.expr, _slice_region(expr, index))
+  elif isinstance(expr, Reshape):
+    if all(expr.expr.shape) and all(expr.shape):
+      yield from read_regions(expr.expr, _reshape_region(expr, index)[0])
   elif isinstance(expr, Transpose):
     src_index = [slice(None)] * len(expr.perm)
     for k, p in enumerate(expr.perm):
@@ -311,6 +354,53 @@ def read_regions(expr: Expr, index: tuple):
     rest = index[: expr.axis] + index[expr.axis + 1:]
     for i in range(layer.start, layer.stop):
       yield from read_regions(expr.exprs[i], rest)
+
+
+def _slice_region(expr: Slice, index: tuple) -> tuple:
+  """The input region of a `Slice` for output region `index`: its axis shifted by the start."""
+  r = index[expr.axis]
+  return index[: expr.axis] + (slice(r.start + expr.start, r.stop + expr.start),) + index[expr.axis + 1:]
+
+
+def _reshape_region(expr: Reshape, index: tuple) -> tuple[tuple, list[tuple[int, int, int]]]:
+  """The input region covering output region `index`, and per axis run (flat size, offset, length).
+
+  Within each run of axes (`Reshape.groups`), the output region's leading-axis rows are a
+  contiguous flat range; the input rows covering it are read whole on the inner axes.
+  """
+  src, dst = tuple(expr.expr.shape), tuple(expr.shape)
+  region: list = [None] * len(src)
+  cuts = []
+  for a, b in expr.groups():
+    lo, hi = 0, 1
+    if b:
+      inner = int(np.prod([dst[k] for k in b[1:]], dtype=np.int64))
+      lo, hi = index[b[0]].start * inner, index[b[0]].stop * inner
+    if not a:
+      cuts.append((1, 0, 1))
+      continue
+    inner = int(np.prod([src[k] for k in a[1:]], dtype=np.int64))
+    r0, r1 = lo // inner, -(-hi // inner)
+    region[a[0]] = slice(r0, r1)
+    for k in a[1:]:
+      region[k] = slice(0, src[k])
+    cuts.append(((r1 - r0) * inner, lo - r0 * inner, hi - lo))
+  return tuple(region), cuts
+
+
+def _reshape(expr: Reshape, index: tuple, source: SourceArrays) -> np.ndarray:
+  out_shape = tuple(s.stop - s.start for s in index)
+  if not all(expr.expr.shape) or not all(expr.shape):
+    return aligned_empty(out_shape, expr.dtype)
+  region, cuts = _reshape_region(expr, index)
+  data = evaluate(expr.expr, region, source)
+  flat = data.reshape([n for n, _, _ in cuts])[tuple(slice(o, o + m) for _, o, m in cuts)]
+  shape, inner = [], []
+  for a, b in expr.groups():
+    for j, k in enumerate(b):
+      shape.append(index[k].stop - index[k].start if j == 0 else expr.shape[k])
+      inner.append(slice(None) if j == 0 else index[k])
+  return flat.reshape(shape)[tuple(inner)]
 
 
 def _read_take(expr: Take, index: tuple, source: SourceArrays) -> np.ndarray:
@@ -403,7 +493,7 @@ class _Scatter:
     """(decoded bytes, job) per needed chunk: each job reads its chunk once and scatters it."""
     store = self.source.store(self.path)
     shape = tuple(store.shape)
-    itemsize = store.dtype.numpy_dtype.itemsize
+    itemsize = store.dtype.itemsize
     for cell in sorted(self.by_cell):
       bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, self.chunk, shape))
       nbytes = itemsize * int(np.prod([b.stop - b.start for b in bounds], dtype=np.int64))
@@ -456,12 +546,11 @@ def _scatter_groups(plan: Plan, shardings: Mapping[Path, Any], source: SourceArr
   for members in groups.values():
     stored, (_, _, _, _, axis) = members[0]
     store = source.store(stored.source)
-    chunk = store.chunk_layout.read_chunk.shape or tuple(store.shape)
-    chunk_bytes = store.dtype.numpy_dtype.itemsize * int(np.prod(
-        [c or n for c, n in zip(chunk, store.shape)], dtype=np.int64))
+    chunk = store.chunk
+    chunk_bytes = store.dtype.itemsize * int(np.prod(chunk, dtype=np.int64))
     # chunks too big to have two in flight within the budget go through the chunk cache instead
     # (measured: copying layers out of one huge chunk on many threads is faster)
-    if len(members) > 1 and (chunk[axis] or store.shape[axis]) > 1 and 2 * chunk_bytes <= SCATTER_INFLIGHT_BYTES:
+    if len(members) > 1 and chunk[axis] > 1 and 2 * chunk_bytes <= SCATTER_INFLIGHT_BYTES:
       out.append(_Scatter(source, stored, [m for _, m in members]))
   return out
 

@@ -194,7 +194,7 @@ def restore_target(
   reads it directly. Otherwise the layout is detected and a plan (renames, Linen <->
   NNX, stacking/unrolling layers) is evaluated lazily, per target shard.
   """
-  if not rules:
+  if not rules and meta.format == 'orbax':
     try:
       matches = match_target(meta, target, missing, extra, exclude)
     except errors.StructureMismatchError:
@@ -253,12 +253,12 @@ def restore_planned(meta: ItemMetadata, target: Any, *, missing: MissingPolicy =
                     orbax: OrbaxOptions = OrbaxOptions()) -> Any:
   """Restores `target` from any supported layout through a plan and lazy region reads."""
   from orbax_nnx.layout import detect  # local: these modules import this one's users
-  from orbax_nnx.planner import build, target_leaves
+  from orbax_nnx.planner import build, targets_for
   from orbax_nnx.reader import execute
 
   layout = detect(meta)
   orbax.refuse_in_plan(layout.kind)
-  targets = target_leaves(target, exclude, rules)
+  targets = targets_for(layout, target, exclude, rules)
   the_plan = build(layout, targets, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
   check_plan(the_plan, target, missing, extra, exclude)
   values_by_target = {path: leaf for path, leaf in nnx_tree.flatten(target, exclude)}

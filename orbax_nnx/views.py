@@ -5,7 +5,7 @@
         r'model/layers/\\1/mlp/up/kernel': orbax_nnx.view[1].T})]
 
 A view is data (the operations it applies); the planner compiles it into lazy expressions
-(`take`, `transpose`, `cast`) that are still read per target shard, region by region.
+(`take`, `slice`, `reshape`, `transpose`, `cast`) that are still read per target shard, region by region.
 """
 
 from __future__ import annotations
@@ -21,17 +21,30 @@ from orbax_nnx import errors
 
 @dataclasses.dataclass(frozen=True)
 class View:
-  """Operations on one stored array, applied in order: ('take', i), ('transpose', perm), ('astype', dtype)."""
+  """Operations on one stored array, applied in order: ('take', i), ('slice', axis, start, stop),
+  ('reshape', shape), ('transpose', perm), ('swapaxes', a, b), ('astype', dtype)."""
 
   ops: tuple[tuple[Any, ...], ...] = ()
 
   def __getitem__(self, key: Any) -> 'View':
+    """Integers drop an axis (`view[1]`: the second sub-array); slices keep part of one (`view[:, 0:64]`)."""
     keys = key if isinstance(key, tuple) else (key,)
+    ops, axis = [], 0
     for k in keys:
-      if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
-        raise errors.OptionError(f'view[{key!r}]: views take integer indices (one sub-array along the first'
-                                 ' axis); slices and arrays are not supported yet.')
-    return View(self.ops + tuple(('take', int(k)) for k in keys))
+      if isinstance(k, slice):
+        if k.step not in (None, 1) or not all(b is None or isinstance(b, (int, np.integer)) for b in (k.start, k.stop)):
+          raise errors.OptionError(f'view[{key!r}]: slices take integer bounds and no step.')
+        if (k.start, k.stop) != (None, None):
+          ops.append(('slice', axis, k.start, k.stop))
+        axis += 1
+      elif isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+        if axis:
+          raise errors.OptionError(f'view[{key!r}]: an integer index must come first (it takes a sub-array'
+                                   ' along axis 0); use .swapaxes to bring another axis first.')
+        ops.append(('take', int(k)))
+      else:
+        raise errors.OptionError(f'view[{key!r}]: views take integers and slices (no arrays, no Ellipsis).')
+    return View(self.ops + tuple(ops))
 
   @property
   def T(self) -> 'View':  # noqa: N802 (numpy's name)
@@ -57,8 +70,14 @@ class View:
     return View(self.ops + (('astype', np.dtype(dtype)),))
 
   def reshape(self, *shape: Any) -> 'View':
-    raise errors.OptionError('view.reshape is not supported yet: reshape the target, or split heads after'
-                             ' loading. (Index, .T, .transpose, .swapaxes and .astype are.)')
+    """Row-major reshape as `numpy.reshape` (one `-1` allowed): splits or merges axes, e.g.
+    flattened attention heads `(heads * head_dim, d)` into `(heads, head_dim, d)`."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+      shape = tuple(shape[0])
+    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and (n >= 0 or n == -1) for n in shape) \
+        or list(shape).count(-1) > 1:
+      raise errors.OptionError(f'view.reshape{shape}: sizes must be non-negative integers (one may be -1).')
+    return View(self.ops + (('reshape', tuple(int(n) for n in shape)),))
 
   def __str__(self) -> str:
     text = 'view'
@@ -69,6 +88,10 @@ class View:
         text += '.T' if op[1] is None else f'.transpose{op[1]}'
       elif op[0] == 'swapaxes':
         text += f'.swapaxes({op[1]}, {op[2]})'
+      elif op[0] == 'slice':
+        text += '[' + ':, ' * op[1] + f'{"" if op[2] is None else op[2]}:{"" if op[3] is None else op[3]}]'
+      elif op[0] == 'reshape':
+        text += f'.reshape{op[1]}'
       else:
         text += f'.astype({op[1].name})'
     return text

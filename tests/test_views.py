@@ -116,13 +116,22 @@ def test_view_errors_name_the_problem(tmp_path):
   with pytest.raises(errors.PlanError, match='indexes 5'):
     orbax_nnx.restore(tmp_path / 'gemma', abstract_gemma(),
                       rules=[rules[0], (rules[1][0], {r'model/layers/\1/mlp/gate/kernel': view[5]}), rules[2]])
-  with pytest.raises(errors.OptionError, match='integer indices'):
-    view[0:1]
-  with pytest.raises(errors.OptionError, match='reshape is not supported'):
-    view.reshape(4, 4)
+  with pytest.raises(errors.OptionError, match='integers and slices'):
+    view[...]
+  with pytest.raises(errors.OptionError, match='no step'):
+    view[::2]
+  with pytest.raises(errors.OptionError, match='must come first'):
+    view[:, 0]
+  with pytest.raises(errors.OptionError, match='one may be -1'):
+    view.reshape(-1, -1)
+  with pytest.raises(errors.PlanError, match=r'cannot reshape \(2, 8, 16\)'):
+    orbax_nnx.restore(tmp_path / 'gemma', abstract_gemma(),
+                      rules=[rules[0], (rules[1][0], {r'model/layers/\1/mlp/gate/kernel': view.reshape(5, -1)}),
+                             rules[2]])
   with pytest.raises(errors.OptionError, match='orbax_nnx.view'):
     orbax_nnx.restore(tmp_path / 'gemma', abstract_gemma(), rules=[('a', {'b': 'c'})])
   assert str(view[1].T.astype('bfloat16')) == 'view[1].T.astype(bfloat16)'
+  assert str(view[:, 2:4].reshape(2, -1)) == 'view[:, 2:4].reshape(2, -1)'
 
 
 @st.composite
@@ -130,36 +139,65 @@ def view_chains(draw):
   """A stored shape and a chain of view operations valid for it, with the numpy reference."""
   shape = tuple(draw(st.lists(st.integers(2, 4), min_size=2, max_size=4)))
   v, ref = view, lambda x: x
-  rank = len(shape)
+  rank, now = len(shape), list(shape)
   for _ in range(draw(st.integers(1, 3))):
-    kind = draw(st.sampled_from(['take', 'T', 'transpose', 'swapaxes', 'astype']))
+    kind = draw(st.sampled_from(['take', 'T', 'transpose', 'swapaxes', 'astype', 'slice', 'reshape']))
     if kind == 'take' and rank > 1:
-      i = draw(st.integers(-2, 1))
+      i = draw(st.integers(-now[0], now[0] - 1))
       v, ref, rank = v[i], (lambda r, i: lambda x: r(x)[i])(ref, i), rank - 1
-    elif kind == 'T':
+      now = now[1:]
+    elif kind == 'slice':
+      axis = draw(st.integers(0, rank - 1))
+      start = draw(st.integers(0, now[axis] - 1))
+      stop = draw(st.integers(start + 1, now[axis]))
+      key = (slice(None),) * axis + (slice(start, stop),)
+      v, ref = v[key], (lambda r, k: lambda x: r(x)[k])(ref, key)
+      now[axis] = stop - start
+    elif kind == 'reshape':
+      if rank > 1 and draw(st.booleans()):  # merge two adjacent axes
+        a = draw(st.integers(0, rank - 2))
+        new = now[:a] + [now[a] * now[a + 1]] + now[a + 2:]
+      else:  # split an axis into (factor, rest), or add a unit axis
+        a = draw(st.integers(0, rank - 1))
+        f = next((f for f in (2, 3) if now[a] % f == 0 and now[a] > f), None)
+        new = now[:a] + ([f, now[a] // f] if f else [now[a], 1]) + now[a + 1:]
+      v, ref = v.reshape(tuple(new)), (lambda r, n: lambda x: r(x).reshape(n))(ref, tuple(new))
+      now, rank = new, len(new)
+    if kind == 'T':
       v, ref = v.T, (lambda r: lambda x: r(x).T)(ref)
+      now = now[::-1]
     elif kind == 'transpose':
       perm = tuple(draw(st.permutations(range(rank))))
       v, ref = v.transpose(perm), (lambda r, p: lambda x: np.transpose(r(x), p))(ref, perm)
+      now = [now[p] for p in perm]
     elif kind == 'swapaxes':
       a, b = draw(st.integers(0, rank - 1)), draw(st.integers(0, rank - 1))
       v, ref = v.swapaxes(a, b), (lambda r, a, b: lambda x: np.swapaxes(r(x), a, b))(ref, a, b)
+      now[a], now[b] = now[b], now[a]
     elif kind == 'astype':
       v, ref = v.astype('bfloat16'), (lambda r: lambda x: r(x).astype(jnp.bfloat16))(ref)
-  return shape, v, ref
+  return shape, v, ref, draw(st.integers(0, 7))
 
 
-@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(case=view_chains())
 def test_views_match_numpy(tmp_path_factory, case):
-  shape, v, ref = case
+  """Each chain, on one device and sharded over 2 devices on an even axis (regions, not whole arrays)."""
+  shape, v, ref, pick = case
   stored = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
   want = ref(stored)
   path = tmp_path_factory.mktemp('v') / 'c'
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path, {'src': stored})
-  target = {'dst': jax.ShapeDtypeStruct(want.shape, want.dtype,
-                                        sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))}
+  even = [a for a, n in enumerate(want.shape) if n % 2 == 0]
+  if even:
+    mesh = jax.make_mesh((2,), ('x',), devices=jax.devices()[:2])
+    spec = [None] * want.ndim
+    spec[even[pick % len(even)]] = 'x'
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  else:
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = {'dst': jax.ShapeDtypeStruct(want.shape, want.dtype, sharding=sharding)}
   out = orbax_nnx.restore(path, target, rules=[('model/src', {'model/dst': v})])
   got = np.asarray(out['dst'])
   assert got.dtype == want.dtype and got.shape == want.shape, (str(v), got.shape, want.shape)

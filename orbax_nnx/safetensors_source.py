@@ -1,0 +1,250 @@
+"""Hugging Face safetensors as a source: metadata from the headers alone, regions read by byte range.
+
+A checkpoint is a `.safetensors` file, a directory holding one or more, or a directory with
+`model.safetensors.index.json` (`weight_map`: tensor name -> shard file). Each file is an
+8-byte little-endian header length, a JSON header (`name -> {dtype, shape, data_offsets}`,
+plus `__metadata__`) and the raw row-major bytes. Leaves are keyed by tensor name as stored
+(`('model.layers.0.mlp.up_proj.weight',)`).
+
+Why not Orbax's `SafetensorsLayout` or `safetensors.safe_open`: the first loads whole named
+arrays onto a sharding with no hook for renames, views or stacking; the second reads through
+mmap, whose touched pages count against the process and are not bounded by our memory
+budget. Both are used in the tests as the reference for what the files hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from etils import epath
+
+from orbax_nnx import errors
+from orbax_nnx.metadata import ItemMetadata, LeafInfo
+from orbax_nnx.nnx_tree import DiskPath
+
+INDEX_FILE = 'model.safetensors.index.json'
+SUFFIX = '.safetensors'
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+CHUNK_BYTES = 4 * 2**20  # rows read together: a region read costs whole row blocks of this size
+
+DTYPES: dict[str, np.dtype] = {
+    'BOOL': np.dtype(np.bool_), 'U8': np.dtype(np.uint8), 'I8': np.dtype(np.int8),
+    'U16': np.dtype(np.uint16), 'I16': np.dtype(np.int16), 'U32': np.dtype(np.uint32),
+    'I32': np.dtype(np.int32), 'U64': np.dtype(np.uint64), 'I64': np.dtype(np.int64),
+    'F16': np.dtype(np.float16), 'BF16': np.dtype(ml_dtypes.bfloat16), 'F32': np.dtype(np.float32),
+    'F64': np.dtype(np.float64), 'F8_E4M3': np.dtype(ml_dtypes.float8_e4m3fn),
+    'F8_E5M2': np.dtype(ml_dtypes.float8_e5m2),
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorLocation:
+  """Where one tensor's bytes lie: absolute byte offsets in its file."""
+
+  file: epath.Path
+  start: int
+  stop: int
+
+
+def is_safetensors(path: epath.Path) -> bool:
+  """Whether `path` is a safetensors file, or a directory of them (and not an Orbax checkpoint)."""
+  if path.name.endswith(SUFFIX):
+    return path.is_file()
+  if not path.is_dir() or (path / '_METADATA').exists() or (path / '_CHECKPOINT_METADATA').exists():
+    return False
+  return (path / INDEX_FILE).exists() or any(path.glob(f'*{SUFFIX}'))
+
+
+def _files(path: epath.Path) -> tuple[list[epath.Path], dict[str, str] | None, dict]:
+  """The files to read, the index's weight_map (if any) and the index's metadata."""
+  if path.is_file():
+    return [path], None, {}
+  index_path = path / INDEX_FILE
+  if not index_path.exists():
+    return sorted(path.glob(f'*{SUFFIX}')), None, {}
+  try:
+    index = json.loads(index_path.read_text())
+    weight_map = dict(index['weight_map'])
+  except PermissionError as e:
+    raise errors.NotACheckpointError(index_path, f'it cannot be read ({e}); check its file modes') from e
+  except Exception as e:
+    raise errors.CorruptCheckpointError(path, f'{INDEX_FILE} is not a safetensors index ({type(e).__name__}: {e})') from e
+  names = sorted(set(weight_map.values()))
+  absent = [n for n in names if not (path / n).exists()]
+  if absent:
+    lost = sorted(k for k, v in weight_map.items() if v in absent)
+    raise errors.CorruptCheckpointError(
+        path, f'{INDEX_FILE} names shard files that are not there: {absent} (holding {len(lost)} tensors, e.g.'
+        f' {lost[:3]}); download the missing files')
+  return [path / n for n in names], weight_map, dict(index.get('metadata') or {})
+
+
+def read_header(file: epath.Path) -> tuple[dict[str, Any], int, int]:
+  """(header, data start, file size) of one safetensors file; raises on a malformed header."""
+  try:
+    with file.open('rb') as f:
+      head = f.read(8)
+      if len(head) < 8:
+        raise errors.CorruptCheckpointError(file, 'it is shorter than a safetensors header (truncated?)')
+      size = int.from_bytes(head, 'little')
+      if size > MAX_HEADER_BYTES:
+        raise errors.CorruptCheckpointError(file, f'its header claims {size} bytes: not a safetensors file')
+      raw = f.read(size)
+  except PermissionError as e:
+    raise errors.NotACheckpointError(file, f'it cannot be read ({e}); check its file modes') from e
+  if len(raw) < size:
+    raise errors.CorruptCheckpointError(file, f'its header is cut short ({len(raw)} of {size} bytes; truncated?)')
+  try:
+    header = json.loads(raw)
+    if not isinstance(header, dict):
+      raise ValueError('not a JSON object')
+  except ValueError as e:
+    raise errors.CorruptCheckpointError(file, f'its header is not valid JSON ({e})') from e
+  return header, 8 + size, file.stat().length
+
+
+def _entry(file: epath.Path, name: str, entry: Any, data_start: int, file_size: int) -> LeafInfo:
+  try:
+    dtype_name, shape, (start, stop) = entry['dtype'], tuple(int(n) for n in entry['shape']), entry['data_offsets']
+  except Exception as e:
+    raise errors.CorruptCheckpointError(file, f'header entry {name!r} is malformed: {entry!r}') from e
+  if dtype_name not in DTYPES:
+    raise errors.LayoutError(f'{file}: tensor {name!r} has dtype {dtype_name}, which numpy cannot hold'
+                             f' (supported: {sorted(DTYPES)}).')
+  dtype = DTYPES[dtype_name]
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop) or stop - start != nbytes:
+    raise errors.CorruptCheckpointError(
+        file, f'header entry {name!r} says bytes [{start}, {stop}) for a {dtype_name} {list(shape)} tensor'
+        f' of {nbytes} bytes: the header lies about its offsets')
+  if data_start + stop > file_size:
+    raise errors.CorruptCheckpointError(
+        file, f'tensor {name!r} ends at byte {data_start + stop} but the file has {file_size} bytes (truncated)')
+  return LeafInfo(shape, dtype, TensorLocation(file, data_start + start, data_start + stop))
+
+
+def read_metadata(path: epath.PathLike) -> ItemMetadata:
+  """Names, shapes, dtypes and byte offsets of every tensor, from the headers alone."""
+  path = epath.Path(path)
+  files, weight_map, index_meta = _files(path)
+  if not files:
+    raise errors.NotACheckpointError(path, f'it holds no {SUFFIX} files')
+  leaves: dict[DiskPath, LeafInfo] = {}
+  where: dict[str, epath.Path] = {}
+  file_meta: dict[str, Any] = {}
+  for file in files:
+    header, data_start, file_size = read_header(file)
+    file_meta[file.name] = header.pop('__metadata__', None) or {}
+    spans = []
+    for name, entry in header.items():
+      if name in where:
+        raise errors.CorruptCheckpointError(path, f'tensor {name!r} is stored twice: in {where[name].name} and {file.name}')
+      info = _entry(file, name, entry, data_start, file_size)
+      spans.append((info.metadata.start, info.metadata.stop, name))
+      where[name] = file
+      leaves[(name,)] = info
+    spans.sort()
+    for (_, stop, a), (start, _, b) in zip(spans, spans[1:]):
+      if start < stop:
+        raise errors.CorruptCheckpointError(file, f'tensors {a!r} and {b!r} overlap: the header lies about offsets')
+  if weight_map is not None:
+    lost = sorted(n for n, f in weight_map.items() if where.get(n) is None or where[n].name != f)
+    if lost:
+      raise errors.CorruptCheckpointError(
+          path, f'{INDEX_FILE} maps {len(lost)} tensors to files whose headers lack them, e.g. {lost[:3]}')
+  custom = {'safetensors': {'files': file_meta, 'index_metadata': index_meta}}
+  return ItemMetadata(path, leaves, custom, False, 'safetensors')
+
+
+def chunk_rows(shape: tuple[int, ...], itemsize: int) -> int:
+  """Rows of axis 0 read together: a power of two of about `CHUNK_BYTES` (shard boundaries align)."""
+  row = itemsize * int(np.prod(shape[1:], dtype=np.int64))
+  rows = max(1, CHUNK_BYTES // max(row, 1))
+  return min(shape[0], 1 << (rows.bit_length() - 1))
+
+
+class SafetensorsArray:
+  """One stored tensor: regions read as byte ranges of whole row blocks, straight into aligned buffers."""
+
+  def __init__(self, info: LeafInfo, reader: '_FileReader'):
+    self.shape, self.dtype = tuple(info.shape), np.dtype(info.dtype)
+    self.location = info.metadata
+    self.reader = reader
+    self.chunk = (chunk_rows(self.shape, self.dtype.itemsize),) + self.shape[1:] if self.shape else ()
+
+  def read(self, region: tuple, perm: tuple[int, ...] | None = None) -> np.ndarray:
+    """`region` (normalized slices): the covering rows are read in one range, then sliced if needed."""
+    from orbax_nnx.reader import aligned_empty  # local: the reader imports this module lazily
+    if not self.shape:
+      out = aligned_empty((), self.dtype)
+      self.reader.read_into(self.location.file, self.location.start, out)
+      return out
+    rows = region[0]
+    row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+    out = aligned_empty((rows.stop - rows.start,) + self.shape[1:], self.dtype)
+    if out.size:
+      self.reader.read_into(self.location.file, self.location.start + rows.start * row_bytes, out)
+    if any((r.start, r.stop) != (0, n) for r, n in zip(region[1:], self.shape[1:])):
+      part = aligned_empty(tuple(r.stop - r.start for r in region), self.dtype)
+      np.copyto(part, out[(slice(None),) + tuple(region[1:])])
+      out = part
+    if perm is not None:
+      moved = aligned_empty(tuple(out.shape[p] for p in perm), self.dtype)
+      np.copyto(moved, np.transpose(out, perm))
+      out = moved
+    return out
+
+
+class _FileReader:
+  """Positional reads into caller buffers; local files keep one descriptor (`os.preadv`, thread-safe)."""
+
+  def __init__(self):
+    self._fds: dict[str, int] = {}
+    self._lock = threading.Lock()
+
+  def read_into(self, file: epath.Path, offset: int, out: np.ndarray) -> None:
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    name = os.fspath(file) if '://' not in str(file) else None
+    if name is None:  # object storage: one ranged read
+      with file.open('rb') as f:
+        f.seek(offset)
+        data = f.read(len(view))
+      if len(data) != len(view):
+        raise errors.CorruptCheckpointError(file, f'{len(view)} bytes at {offset} could not be read (truncated?)')
+      view[:] = data
+      return
+    with self._lock:
+      fd = self._fds.get(name)
+      if fd is None:
+        fd = self._fds[name] = os.open(name, os.O_RDONLY)
+    done = 0
+    while done < len(view):
+      got = os.preadv(fd, [view[done:]], offset + done)
+      if got <= 0:
+        raise errors.CorruptCheckpointError(file, f'{len(view)} bytes at {offset} could not be read (truncated?)')
+      done += got
+
+  def __del__(self):
+    for fd in self._fds.values():
+      try:
+        os.close(fd)
+      except OSError:
+        pass
+
+
+class SafetensorsOpener:
+  """Opens the tensors of one safetensors source for `reader.SourceArrays`."""
+
+  def __init__(self, meta: ItemMetadata):
+    self.meta = meta
+    self.reader = _FileReader()
+
+  def __call__(self, path: DiskPath) -> SafetensorsArray:
+    return SafetensorsArray(self.meta.leaves[path], self.reader)
