@@ -21,6 +21,9 @@ from orbax_nnx.handlers import (
     nnx_registry,
 )
 from orbax_nnx.metadata import read_item_metadata, resolve_item
+from orbax_nnx.inspection import inspect_checkpoint as inspect
+from orbax_nnx.compare import compare
+from orbax_nnx import llama
 from orbax_nnx.version import __version__
 from orbax_nnx.views import View, view
 
@@ -32,6 +35,9 @@ __all__ = [
     'NNXRestore',
     'NNXSave',
     'add_to_registry',
+    'compare',
+    'inspect',
+    'llama',
     'convert',
     'export_params',
     'load_params',

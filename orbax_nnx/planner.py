@@ -353,7 +353,7 @@ class _Planner:
     self.scan_axis = scan_axis
     self.param_scan_axis = param_scan_axis
     self.target_group_sizes = _group_sizes(t.canon for t in targets)
-    self.source_group_indices = _group_indices(self.src)
+    self.source_group_indices = _group_indices(list(self.src) + list(self.views))
     self.used: set[CanonPath] = set()
 
   # - axis choice
@@ -386,9 +386,9 @@ class _Planner:
     if leaf.const is not None:
       return Const(leaf.const, leaf.shape, leaf.dtype)
     if canon in self.views:  # a rule with views names this target: no inference, shapes must agree
-      source, v = self.views[canon]
-      expr = apply_view(v, self._read(source), f'{"/".join(source)} -> {path_str(leaf.path)}')
+      expr = self._viewed(canon)
       if tuple(expr.shape) != tuple(leaf.shape):
+        source, v = self.views[canon]
         raise errors.ShapeMismatchError('/'.join(self.src[source]), expr.shape, leaf.shape,
                                         hint=f'(after {v}, for target {path_str(leaf.path)})')
       return self._cast(expr, leaf)
@@ -406,6 +406,15 @@ class _Planner:
     disk = self.src[canon]
     info = self.layout.leaves[disk]
     return Read(disk, info.shape, np.dtype(info.dtype))
+
+  def _viewed(self, canon: CanonPath) -> Expr:
+    """The expression a view rule gives the target path `canon`."""
+    source, v = self.views[canon]
+    return apply_view(v, self._read(source), f'{"/".join(self.src[source])} -> {"/".join(canon)}')
+
+  def _member_expr(self, canon: CanonPath) -> Expr:
+    """One layer of an unrolled source group: a renamed stored leaf, or a view rule's target."""
+    return self._viewed(canon) if canon in self.views else self._read(canon)
 
   def _cast(self, expr: Expr, leaf: TargetLeaf) -> Expr:
     return expr if expr.dtype == leaf.dtype else Cast(expr, leaf.dtype)
@@ -479,7 +488,7 @@ class _Planner:
       for i in range(len(indices)):
         member = (canon[:k] + (f'{canon[k]}_{i}',) + canon[k + 1:] if style == 'suffix'
                   else canon[: k + 1] + (str(i),) + canon[k + 1:])
-        if member not in self.src:
+        if member not in self.src and member not in self.views:
           break
         members.append(member)
       if not members:
@@ -491,7 +500,7 @@ class _Planner:
       if len(members) != len(indices):
         raise errors.LayoutError(f'{path_str(leaf.path)}: layer {len(members)} of {"/".join(group)} lacks'
                                  f' this leaf ({"/".join(canon[k + 1:])}).')
-      reads_ = [self._read(m) for m in members]
+      reads_ = [self._member_expr(m) for m in members]
       shapes = {r.shape for r in reads_}
       if len(shapes) != 1:
         raise errors.LayoutError(f'{path_str(leaf.path)}: layers of {"/".join(group)} have unequal shapes'
@@ -501,7 +510,7 @@ class _Planner:
                if leaf.shape[a] == n and leaf.shape[:a] + leaf.shape[a + 1:] == member_shape]
       if not cands:
         raise errors.ShapeMismatchError(
-            '/'.join(reads_[0].source), member_shape, leaf.shape,
+            str(reads_[0]), member_shape, leaf.shape,
             hint=f'(stacking {n} layers into {path_str(leaf.path)}: no axis fits.)')
       axis = self._choose(cands, leaf, (leaf.layer_axis, self._explicit_axis(canon), _names_axis(leaf.out_sharding),
                                         self._convention(leaf)), 'stacking')

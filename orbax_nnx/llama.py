@@ -1,0 +1,201 @@
+"""An example NNX Llama (Llama 2/3, Mistral, Qwen2/3) and the rules that load Hugging Face weights into it.
+
+    cfg = orbax_nnx.llama.LlamaConfig.from_hf('path/to/hf_model/config.json')
+    abstract = nnx.eval_shape(lambda: orbax_nnx.llama.Llama(cfg, rngs=nnx.Rngs(0)))
+    model = orbax_nnx.restore('path/to/hf_model', abstract, rules=orbax_nnx.llama.hf_rules(cfg))
+
+The rules are data: copy `hf_rules` and edit the target paths and views for your own model.
+HF torch `Linear` weights are `(out, in)` and attention projections flatten their heads, so
+the views transpose and reshape; layers `model.layers.N` become `layers/N`, which restores
+into unrolled layers (`nnx.List`) and, stacked on axis 0, into scanned ones (`nnx.vmap`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from etils import epath
+from flax import nnx
+
+from orbax_nnx.views import view
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Sizes and family switches: Mistral is plain Llama; Qwen2 sets `attn_bias`; Qwen3 `qk_norm`."""
+
+  vocab: int = 64
+  emb: int = 32
+  mlp: int = 48
+  num_layers: int = 3
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 8
+  rms_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  tie_embeddings: bool = False
+  attn_bias: bool = False
+  qk_norm: bool = False
+  scan_layers: bool = False
+  param_dtype: Any = jnp.float32
+
+  @classmethod
+  def from_hf(cls, config: Mapping[str, Any] | epath.PathLike, **overrides: Any) -> 'LlamaConfig':
+    """From a Hugging Face `config.json` (a path or its dict); `overrides` win."""
+    if not isinstance(config, Mapping):
+      config = json.loads(epath.Path(config).read_text())
+    heads = config['num_attention_heads']
+    values = dict(
+        vocab=config['vocab_size'], emb=config['hidden_size'], mlp=config['intermediate_size'],
+        num_layers=config['num_hidden_layers'], num_heads=heads,
+        num_kv_heads=config.get('num_key_value_heads') or heads,
+        head_dim=config.get('head_dim') or config['hidden_size'] // heads,
+        rms_eps=config.get('rms_norm_eps', 1e-6), rope_theta=config.get('rope_theta', 10000.0),
+        tie_embeddings=bool(config.get('tie_word_embeddings', False)),
+        attn_bias=bool(config.get('attention_bias', config.get('model_type') == 'qwen2')),
+        qk_norm=config.get('model_type') == 'qwen3')
+    return cls(**{**values, **overrides})
+
+
+def _init(names: tuple):
+  return nnx.with_partitioning(nnx.initializers.lecun_normal(), names)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding on `(B, T, heads, head_dim)`, Hugging Face's rotate-half convention."""
+  half = x.shape[-1] // 2
+  inv = 1.0 / theta ** (jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half))
+  freqs = positions[..., None].astype(jnp.float32) * inv
+  emb = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+  return (x * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention; projections keep their heads: q `(emb, heads, head_dim)`."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, n, k, h = cfg.emb, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    kw = dict(param_dtype=cfg.param_dtype, rngs=rngs)
+    self.q_proj = nnx.Einsum('BTD,DNH->BTNH', (d, n, h), (n, h) if cfg.attn_bias else None,
+                             kernel_init=_init(('fsdp', 'tensor', None)), **kw)
+    self.k_proj = nnx.Einsum('BTD,DNH->BTNH', (d, k, h), (k, h) if cfg.attn_bias else None,
+                             kernel_init=_init(('fsdp', 'tensor', None)), **kw)
+    self.v_proj = nnx.Einsum('BTD,DNH->BTNH', (d, k, h), (k, h) if cfg.attn_bias else None,
+                             kernel_init=_init(('fsdp', 'tensor', None)), **kw)
+    self.o_proj = nnx.Einsum('BTNH,NHD->BTD', (n, h, d), kernel_init=_init(('tensor', None, 'fsdp')), **kw)
+    if cfg.qk_norm:
+      self.q_norm = nnx.RMSNorm(h, epsilon=cfg.rms_eps, **kw)
+      self.k_norm = nnx.RMSNorm(h, epsilon=cfg.rms_eps, **kw)
+
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    repeat = cfg.num_heads // cfg.num_kv_heads
+    k, v = jnp.repeat(k, repeat, axis=2), jnp.repeat(v, repeat, axis=2)
+    scores = jnp.einsum('BTNH,BSNH->BNTS', q, k) / jnp.sqrt(cfg.head_dim).astype(q.dtype)
+    t = x.shape[1]
+    scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, jnp.finfo(scores.dtype).min)
+    out = jnp.einsum('BNTS,BSNH->BTNH', jax.nn.softmax(scores, axis=-1), v)
+    return self.o_proj(out)
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    kw = dict(use_bias=False, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.gate_proj = nnx.Linear(cfg.emb, cfg.mlp, kernel_init=_init(('fsdp', 'tensor')), **kw)
+    self.up_proj = nnx.Linear(cfg.emb, cfg.mlp, kernel_init=_init(('fsdp', 'tensor')), **kw)
+    self.down_proj = nnx.Linear(cfg.mlp, cfg.emb, kernel_init=_init(('tensor', 'fsdp')), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    kw = dict(epsilon=cfg.rms_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.attn_norm = nnx.RMSNorm(cfg.emb, **kw)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = nnx.RMSNorm(cfg.emb, **kw)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    x = x + self.attn(self.attn_norm(x), positions)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nnx.Module):
+  """Embedding, decoder layers (`layers/N` unrolled, or `layers` stacked on axis 0), norm, head."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    # kernels carry mesh axis names ('fsdp', 'tensor'); they shard eagerly only under a mesh
+    with nnx.use_eager_sharding(not jax.sharding.get_abstract_mesh().empty):
+      self._build(cfg, rngs)
+
+  def _build(self, cfg: LlamaConfig, rngs: nnx.Rngs) -> None:
+    self.cfg = cfg
+    self.embed = nnx.Embed(cfg.vocab, cfg.emb, param_dtype=cfg.param_dtype,
+                           embedding_init=_init(('tensor', 'fsdp')), rngs=rngs)
+    if cfg.scan_layers:
+      @nnx.split_rngs(splits=cfg.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: None})
+      def make(rngs):
+        return DecoderLayer(cfg, rngs=rngs)
+      self.layers = make(rngs)
+    else:
+      self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = nnx.RMSNorm(cfg.emb, epsilon=cfg.rms_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Linear(cfg.emb, cfg.vocab, use_bias=False, param_dtype=cfg.param_dtype,
+                                kernel_init=_init(('fsdp', 'tensor')), rngs=rngs)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    x = self.embed(tokens)
+    if self.cfg.scan_layers:
+      @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=nnx.Carry)
+      def run(x, layer, positions):
+        return layer(x, positions)
+      x = run(x, self.layers, positions)
+    else:
+      for layer in self.layers:
+        x = layer(x, positions)
+    x = self.final_norm(x)
+    return self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
+
+
+def hf_rules(cfg: LlamaConfig) -> list:
+  """Rules from Hugging Face tensor names (`model.layers.N.self_attn.q_proj.weight`) to `Llama` paths.
+
+  Only the rules for tensors `cfg` says exist are included: a rule that matches nothing is an error.
+  """
+  n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.emb
+  layer = r'model\.layers\.(\d+)\.'
+  rules = [
+      (r'model\.embed_tokens\.weight', 'embed/embedding'),
+      (r'model\.norm\.weight', 'final_norm/scale'),
+      (layer + r'input_layernorm\.weight', r'layers/\1/attn_norm/scale'),
+      (layer + r'post_attention_layernorm\.weight', r'layers/\1/mlp_norm/scale'),
+      # (heads * head_dim, emb) -> (emb, heads, head_dim)
+      (layer + r'self_attn\.q_proj\.weight', {r'layers/\1/attn/q_proj/kernel': view.reshape(n, h, d).transpose(2, 0, 1)}),
+      (layer + r'self_attn\.(k|v)_proj\.weight', {r'layers/\1/attn/\2_proj/kernel': view.reshape(k, h, d).transpose(2, 0, 1)}),
+      # (emb, heads * head_dim) -> (heads, head_dim, emb)
+      (layer + r'self_attn\.o_proj\.weight', {r'layers/\1/attn/o_proj/kernel': view.reshape(d, n, h).transpose(1, 2, 0)}),
+      (layer + r'mlp\.(gate|up|down)_proj\.weight', {r'layers/\1/mlp/\2_proj/kernel': view.T}),
+  ]
+  if not cfg.tie_embeddings:
+    rules.append((r'lm_head\.weight', {'lm_head/kernel': view.T}))
+  if cfg.attn_bias:
+    rules.append((layer + r'self_attn\.(q|k|v)_proj\.bias', {r'layers/\1/attn/\2_proj/bias': view.reshape(-1, h)}))
+  if cfg.qk_norm:
+    rules.append((layer + r'self_attn\.(q|k)_norm\.weight', r'layers/\1/attn/\2_norm/scale'))
+  return rules

@@ -1,0 +1,195 @@
+"""Hugging Face safetensors as a source: a tiny Llama-family checkpoint as `save_pretrained` writes it,
+loaded into the example NNX Llama by rules (unrolled and stacked, sharded, bf16), and damaged files."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import orbax_nnx
+from orbax_nnx import errors, safetensors_source
+from orbax_nnx.llama import Llama, LlamaConfig, hf_rules
+from orbax_nnx.examples import make_mesh
+
+from hf_checkpoint import BF16, hf_config, hf_tensors, reference_logits, reference_params, write_hf
+
+CFG = LlamaConfig(vocab=64, emb=32, mlp=48, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8)
+FAMILIES = {
+    'llama-unrolled': (CFG, 'llama'),
+    'llama-stacked': (dataclasses.replace(CFG, scan_layers=True), 'llama'),
+    'qwen2-bias-stacked': (dataclasses.replace(CFG, attn_bias=True, scan_layers=True), 'qwen2'),
+    'qwen3-qknorm-tied': (dataclasses.replace(CFG, qk_norm=True, tie_embeddings=True), 'qwen3'),
+}
+
+
+def abstract(cfg, mesh=None):
+  if mesh is None:
+    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.get_abstract_model(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
+  return nnx.merge(graphdef, state)
+
+
+def params_by_path(model, cfg) -> dict[str, np.ndarray]:
+  """Target path -> host array, stacked layers split into `layers/N/...` as the reference writes them."""
+  out = {}
+  for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name, value = '/'.join(map(str, path)), np.asarray(v.get_value())
+    if cfg.scan_layers and path[0] == 'layers':
+      for i in range(cfg.num_layers):
+        out[f'layers/{i}/' + '/'.join(map(str, path[1:]))] = value[i]
+    else:
+      out[name] = value
+  return out
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_hf_checkpoint_into_nnx_llama(tmp_path, family):
+  cfg, model_type = FAMILIES[family]
+  tensors = hf_tensors(cfg)
+  write_hf(tmp_path / 'hf', tensors, hf_config(cfg, model_type))
+  assert LlamaConfig.from_hf(tmp_path / 'hf' / 'config.json', scan_layers=cfg.scan_layers) == cfg
+  model = orbax_nnx.restore(tmp_path / 'hf', abstract(cfg), rules=hf_rules(cfg))
+  got, want = params_by_path(model, cfg), reference_params(cfg, tensors)
+  assert sorted(got) == sorted(want)
+  for name, value in want.items():  # bf16 -> f32 is exact: bit-identical
+    assert got[name].dtype == np.float32 and got[name].shape == value.shape, name
+    np.testing.assert_array_equal(got[name], value.astype(np.float32), err_msg=name)
+  tokens = np.random.default_rng(1).integers(0, cfg.vocab, (2, 7))
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), reference_logits(cfg, tensors, tokens),
+                             rtol=2e-4, atol=2e-4)
+
+
+def test_sharded_bf16_param_load_reads_each_byte_once(tmp_path, monkeypatch):
+  cfg = dataclasses.replace(CFG, scan_layers=True)
+  tensors = hf_tensors(cfg)
+  write_hf(tmp_path / 'hf', tensors, hf_config(cfg))
+  read = []
+  original = safetensors_source._FileReader.read_into
+  monkeypatch.setattr(safetensors_source._FileReader, 'read_into',
+                      lambda self, file, offset, out: (read.append(out.nbytes), original(self, file, offset, out)))
+  mesh = make_mesh((4, 2))
+  target = abstract(cfg, mesh)
+  loaded = orbax_nnx.load_params(tmp_path / 'hf', nnx.state(target, nnx.Param), dtype=jnp.bfloat16,
+                                 rules=hf_rules(cfg))
+  payload = sum(t.nbytes for t in tensors.values())
+  assert payload <= sum(read) <= 1.1 * payload, (sum(read), payload)
+  want = reference_params(cfg, tensors)
+  wanted_shardings = {p: v.get_value().sharding for p, v in nnx.to_flat_state(nnx.state(target, nnx.Param))}
+  for path, v in nnx.to_flat_state(loaded):
+    value = v.get_value()
+    assert value.dtype == jnp.bfloat16 and value.sharding == wanted_shardings[path], path
+    name = '/'.join(map(str, path))
+    if path[0] == 'layers':
+      for i in range(cfg.num_layers):
+        np.testing.assert_array_equal(np.asarray(value[i]), want[f'layers/{i}/' + '/'.join(map(str, path[1:]))]
+                                      .astype(BF16), err_msg=name)
+    else:
+      np.testing.assert_array_equal(np.asarray(value), want[name].astype(BF16), err_msg=name)
+  assert any(len(v.get_value().sharding.device_set) == 8 for _, v in nnx.to_flat_state(loaded))
+
+
+def test_single_file_plan_and_inspect(tmp_path):
+  tensors = hf_tensors(CFG)
+  write_hf(tmp_path / 'one', tensors, hf_config(CFG), shards=1)
+  for source in (tmp_path / 'one', tmp_path / 'one' / 'model.safetensors'):
+    plan = orbax_nnx.plan(source, abstract(CFG), rules=hf_rules(CFG))
+    assert not plan.missing and not plan.unused
+    text = str(plan)
+    assert ('layers/0/attn/q_proj/kernel  <-  cast(transpose(reshape(model.layers.0.self_attn.q_proj.weight,'
+            ' (4, 8, 32)), (2, 0, 1)), float32)') in text, text
+    assert 'embed/embedding  <-  cast(model.embed_tokens.weight, float32)' in text
+  info = orbax_nnx.inspect(tmp_path / 'one')
+  assert info['layout'] == 'safetensors'
+  rows = {r['path']: r for r in info['leaves']}
+  assert rows['model.layers.2.mlp.up_proj.weight'] == {
+      'path': 'model.layers.2.mlp.up_proj.weight', 'shape': [48, 32], 'dtype': 'bfloat16', 'bytes': 48 * 32 * 2,
+      'category': 'params'}
+  assert rows['model.norm.weight']['dtype'] == 'float32'
+  assert info['total_bytes'] == sum(t.nbytes for t in tensors.values())
+  assert any('3 layers' in g for g in info['groups'])
+  depth = {r['path']: r['leaves'] for r in orbax_nnx.inspect(tmp_path / 'one', depth=3)['leaves']}
+  assert depth['model.layers.0'] == 9
+
+
+def test_rules_are_checked(tmp_path):
+  write_hf(tmp_path / 'hf', hf_tensors(CFG), hf_config(CFG))
+  qwen3 = dataclasses.replace(CFG, qk_norm=True)
+  with pytest.raises(errors.PlanError, match=r'rules that match no stored path.*q\|k\)_norm'):
+    orbax_nnx.restore(tmp_path / 'hf', abstract(qwen3), rules=hf_rules(qwen3))
+  with pytest.raises(errors.StructureMismatchError, match='layers/0/attn/q_proj/kernel'):
+    orbax_nnx.restore(tmp_path / 'hf', abstract(CFG), rules=hf_rules(CFG)[:4])
+  wrong = dataclasses.replace(CFG, num_heads=2, num_kv_heads=1, head_dim=16)  # same flattened sizes, other head split
+  with pytest.raises(errors.ShapeMismatchError, match=r'[qk]_proj'):
+    orbax_nnx.restore(tmp_path / 'hf', abstract(CFG), rules=hf_rules(wrong))
+  with pytest.raises(errors.OptionError, match='needs a target'):
+    orbax_nnx.restore(tmp_path / 'hf')
+
+
+def _damage(tmp_path, how: str):
+  path = tmp_path / how
+  write_hf(path, hf_tensors(CFG), hf_config(CFG))
+  first = path / 'model-00001-of-00002.safetensors'
+  data = first.read_bytes()
+  size = int.from_bytes(data[:8], 'little')
+  header = json.loads(data[8:8 + size])
+  if how == 'truncated':
+    first.write_bytes(data[:-100])
+  elif how == 'lying-offsets':
+    name = next(n for n in header if n != '__metadata__')
+    header[name]['data_offsets'][1] += 2
+    raw = json.dumps(header).encode()
+    first.write_bytes(len(raw).to_bytes(8, 'little') + raw + data[8 + size:])
+  elif how == 'missing-shard':
+    (path / 'model-00002-of-00002.safetensors').unlink()
+  elif how == 'overlap':
+    names = [n for n in header if n != '__metadata__']
+    a, b = header[names[0]], header[names[1]]
+    if b['data_offsets'][1] - b['data_offsets'][0] == a['data_offsets'][1] - a['data_offsets'][0]:
+      b['data_offsets'] = list(a['data_offsets'])
+    else:
+      b['data_offsets'] = [a['data_offsets'][0], a['data_offsets'][0] + b['data_offsets'][1] - b['data_offsets'][0]]
+    raw = json.dumps(header).encode()
+    first.write_bytes(len(raw).to_bytes(8, 'little') + raw + data[8 + size:])
+  elif how == 'garbage-header':
+    first.write_bytes((50).to_bytes(8, 'little') + b'{not json' + data[17:])
+  elif how == 'index-lies':
+    index = json.loads((path / 'model.safetensors.index.json').read_text())
+    index['weight_map']['model.extra.weight'] = 'model-00001-of-00002.safetensors'
+    (path / 'model.safetensors.index.json').write_text(json.dumps(index))
+  elif how == 'unknown-dtype':
+    name = next(n for n in header if n != '__metadata__')
+    header[name]['dtype'] = 'C64'
+    raw = json.dumps(header).encode()
+    first.write_bytes(len(raw).to_bytes(8, 'little') + raw + data[8 + size:])
+  return path
+
+
+@pytest.mark.parametrize('how,error,match', [
+    ('truncated', errors.CorruptCheckpointError, 'truncated'),
+    ('lying-offsets', errors.CorruptCheckpointError, 'lies about its offsets'),
+    ('overlap', errors.CorruptCheckpointError, 'overlap'),
+    ('missing-shard', errors.CorruptCheckpointError, 'model-00002-of-00002.safetensors'),
+    ('garbage-header', errors.CorruptCheckpointError, 'not valid JSON'),
+    ('index-lies', errors.CorruptCheckpointError, 'model.extra.weight'),
+    ('unknown-dtype', errors.LayoutError, 'C64'),
+])
+def test_damaged_files_raise_typed_errors(tmp_path, how, error, match):
+  path = _damage(tmp_path, how)
+  before = sorted(p.name for p in path.iterdir())
+  with pytest.raises(error, match=match):
+    orbax_nnx.restore(path, abstract(CFG), rules=hf_rules(CFG))
+  with pytest.raises(error, match=match):
+    orbax_nnx.inspect(path)
+  assert sorted(p.name for p in path.iterdir()) == before
+
+
+def test_not_safetensors(tmp_path):
+  (tmp_path / 'x.safetensors').write_bytes(b'\x01')
+  with pytest.raises(errors.CorruptCheckpointError, match='shorter than a safetensors header'):
+    orbax_nnx.inspect(tmp_path / 'x.safetensors')
+  with pytest.raises(errors.OptionError, match='no steps'):
+    orbax_nnx.inspect(tmp_path / 'x.safetensors', step=3)
