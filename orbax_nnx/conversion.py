@@ -30,7 +30,7 @@ from orbax_nnx.layout import Layout, detect
 from orbax_nnx.metadata import CUSTOM_KEY, read_item_metadata, resolve_item
 from orbax_nnx.planner import Cast, LoraMerge, Plan, build, reads
 from orbax_nnx.reader import SourceArrays
-from orbax_nnx.targets import LayoutTarget, layout_target
+from orbax_nnx.targets import LayoutTarget, layout_target, model_target
 from orbax_nnx.writer import LazyArray, WriteSession, layer_chunk_args, streaming_pytree_handler
 
 DEFAULT_BUFFER_BYTES = 256 * 2**20
@@ -107,12 +107,31 @@ def check_conversion_options(*, to, scan_layers, param_scan_axis, flavour, inclu
 def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool | None = None,
                     scan_axis=None, param_scan_axis: int = 1, flavour: str = 'raw',
                     rules: Sequence[tuple[str, str]] = (), include: str = 'all',
-                    dtype: Any = None, lora: str | None = None) -> tuple[Layout, LayoutTarget, Plan, dict]:
-  """Layout, target and plan of a conversion (metadata only)."""
+                    dtype: Any = None, lora: str | None = None,
+                    target: Any = None) -> tuple[Layout, LayoutTarget, Plan, dict]:
+  """Layout, target and plan of a conversion (metadata only).
+
+  `target` (an NNX model or abstract state) replaces the layout-derived target: the result is
+  that model's checkpoint, mapped from the source by `rules` (e.g. Hugging Face weights).
+  """
   check_conversion_options(to=to, scan_layers=scan_layers, param_scan_axis=param_scan_axis, flavour=flavour,
                            include=include, lora=lora)
   rules = check_rules(rules)
   layout = detect(read_item_metadata(src_item))
+  if target is None and layout.kind == 'safetensors':
+    raise errors.OptionError(f'{src_item} is a safetensors checkpoint: it converts into a model. Pass target= (an'
+                             ' abstract NNX model) and rules= (e.g. orbax_nnx.llama.hf_rules(cfg)).')
+  if target is not None:
+    if to == 'linen' or scan_layers is not None:
+      raise errors.OptionError('target= writes the target model\'s own NNX tree: to= and scan_layers= do not apply'
+                               ' (build the model scanned or unrolled instead).')
+    model = model_target(layout, target, flavour=flavour, rules=rules, include=include, dtype=dtype)
+    the_plan = build(layout, model.leaves, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
+    if the_plan.missing:
+      raise errors.StructureMismatchError(the_plan.missing, [], where=f'at {src_item}')
+    if lora is not None:
+      the_plan = apply_lora(the_plan, model, lora)
+    return layout, model, the_plan, {'to': 'nnx', 'scan_layers': None}
   reverse = _reverse_defaults(layout)
   if to == 'auto':  # convert back to the original layout when DST records one
     to = reverse.get('to') or ('linen' if layout.framework == 'nnx' else 'nnx')
@@ -298,7 +317,7 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
             include: Literal['all', 'params'] = 'all', overwrite: bool = False,
             buffer_bytes: int = DEFAULT_BUFFER_BYTES, step: int | None = None, item: str | None = None,
             progress: Callable | None = None, template: Any = None, dtype: Any = None,
-            lora: str | None = None) -> ConvertReport:
+            lora: str | None = None, target: Any = None) -> ConvertReport:
   """Converts the checkpoint at `src` to another layout at `dst` (an Orbax item directory).
 
   `to='auto'` converts to the other framework (or back to the original one after a
@@ -308,6 +327,8 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   structure to write (sequences, EmptyState entries). Optimizer moments follow their params; the step is cast
   (int32 Linen <-> uint32 NNX). DST restores with `orbax_nnx.restore(dst, target)`, with
   `ocp.StandardCheckpointer().restore(dst, abstract_tree)`, or through a manager as an item.
+  `target` (an NNX model, e.g. from `nnx.eval_shape`) writes that model's own tree instead, each leaf
+  mapped from SRC by `rules`: how a Hugging Face safetensors checkpoint becomes an NNX Orbax one.
   """
   t0 = time.perf_counter()
   check_conversion_options(to=to, scan_layers=scan_layers, param_scan_axis=param_scan_axis, flavour=format,
@@ -316,30 +337,29 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   src_item = resolve_item(src, step=step, item=item)
   dst = epath.Path(dst)
   _check_paths(src_item, dst, overwrite)
-  layout, target, the_plan, options = plan_conversion(
+  layout, written, the_plan, options = plan_conversion(
       src_item, to=to, scan_layers=scan_layers, scan_axis=scan_axis, param_scan_axis=param_scan_axis,
-      flavour=format, rules=rules, include=include, dtype=dtype, lora=lora)
-  custom = {CUSTOM_KEY: {
-      'version': version.__version__,
-      'flavour': format,
-      'variables': [{'path': list(_record_path(p, target.disk[p], format)), 'type': target.types[p], 'metadata': {}}
-                    for p in the_plan.entries] if options['to'] == 'nnx' else [],
-      'scan_axes': dict(target.scan_axes),
-      'conversion': {
-          'from_kind': layout.kind, 'from_framework': layout.framework, 'scan_layers': options['scan_layers'],
-          'source_scan_axes': {**dict(layout.meta.ours.get('scan_axes', {}) if layout.meta.ours else {}),
-                               **dict(target.source_axes)},
-          'paths': {'/'.join(c): '/'.join(d) for c, d in layout.canonical.items()},
-          'dtypes': {'/'.join(c): str(layout.leaves[d].dtype) for c, d in layout.canonical.items()},
-          'structure': source_structure(src_item),
-      },
-  }}
+      flavour=format, rules=rules, include=include, dtype=dtype, lora=lora, target=target)
+  records = [written.records.get(p) or {'path': list(_record_path(p, written.disk[p], format)),
+                                        'type': written.types[p], 'metadata': {}}
+             for p in the_plan.entries] if options['to'] == 'nnx' else []
+  custom = {CUSTOM_KEY: {'version': version.__version__, 'flavour': format, 'variables': records,
+                         'scan_axes': dict(written.scan_axes)}}
+  if target is None:  # a layout conversion records how to convert back
+    custom[CUSTOM_KEY]['conversion'] = {
+        'from_kind': layout.kind, 'from_framework': layout.framework, 'scan_layers': options['scan_layers'],
+        'source_scan_axes': {**dict(layout.meta.ours.get('scan_axes', {}) if layout.meta.ours else {}),
+                             **dict(written.source_axes)},
+        'paths': {'/'.join(c): '/'.join(d) for c, d in layout.canonical.items()},
+        'dtypes': {'/'.join(c): str(layout.leaves[d].dtype) for c, d in layout.canonical.items()},
+        'structure': source_structure(src_item),
+    }
   record = layout.meta.ours.get('conversion') if layout.meta.ours else None
   structure = (record.get('structure') if isinstance(record, Mapping) and record.get('from_framework') ==
                options['to'] else None)
   if template is not None:
     structure = structure_from_template(template)
-  bytes_read, bytes_written = write_plan(dst, layout, target, the_plan, custom, overwrite=overwrite,
+  bytes_read, bytes_written = write_plan(dst, layout, written, the_plan, custom, overwrite=overwrite,
                                          buffer_bytes=buffer_bytes, progress=progress, structure=structure)
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
   return ConvertReport(str(src_item), str(dst), layout.kind, options['to'], len(the_plan.entries), bytes_read,

@@ -37,6 +37,7 @@ class LayoutTarget:
   scan_axes: Mapping[str, int]  # canonical stacked path -> layer axis in the target
   source_axes: Mapping[str, int]  # canonical stacked path -> layer axis in the source (unrolled/moved)
   stacked: Mapping[tuple, int]  # target path -> layer axis, for leaves written stacked
+  records: Mapping[tuple, dict] = dataclasses.field(default_factory=dict)  # target path -> Variable record (JSON)
 
   def planner_axes(self) -> dict[str, int]:
     """`scan_axis` for the planner: source axes where the source is stacked, else target axes."""
@@ -88,6 +89,32 @@ def _group_of(canon: CanonPath, groups: Sequence[LayerGroup]) -> tuple[LayerGrou
       if group.style == 'unrolled_index' and head == gp and model_part[len(gp)].isdigit():
         return group, start + len(gp)
   return None
+
+
+def model_target(layout: Layout, target: Any, *, flavour: Literal['raw', 'pure'] = 'raw', rules=(),
+                 include: Literal['all', 'params'] = 'all', dtype: Any = None) -> LayoutTarget:
+  """The converted checkpoint's leaves for an NNX model (or abstract state) `target`: its own paths,
+  Variable types and metadata, written as `nnx.state(target)` is saved (NNX `flavour`)."""
+  from flax import nnx  # local: the layout-only targets above need no Flax
+
+  from orbax_nnx import nnx_tree
+  from orbax_nnx.planner import targets_for
+
+  state = nnx.state(target, nnx.Param) if include == 'params' else target
+  variables = dict(nnx_tree.flatten(state))
+  cast_to = np.dtype(jnp.dtype(dtype)) if dtype is not None else None
+  leaves, disk, types, records = [], {}, {}, {}
+  for leaf in targets_for(layout, state, rules=rules):
+    if cast_to is not None and jnp.issubdtype(leaf.dtype, jnp.floating):
+      leaf = dataclasses.replace(leaf, dtype=cast_to)
+    variable = variables[leaf.path]
+    is_variable = isinstance(variable, nnx.Variable)
+    leaves.append(leaf)
+    disk[leaf.path] = nnx_tree.disk_path(leaf.path, is_variable, flavour)
+    if is_variable:
+      record = nnx_tree.record_for(leaf.path, variable)
+      types[leaf.path], records[leaf.path] = record.type_name, record.to_json()
+  return LayoutTarget(leaves, disk, types, 'nnx', {}, {}, {}, records)
 
 
 MAX_UNROLLED_LAYERS = 1 << 16  # a stacked group claiming more layers is damaged metadata

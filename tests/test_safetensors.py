@@ -193,3 +193,28 @@ def test_not_safetensors(tmp_path):
     orbax_nnx.inspect(tmp_path / 'x.safetensors')
   with pytest.raises(errors.OptionError, match='no steps'):
     orbax_nnx.inspect(tmp_path / 'x.safetensors', step=3)
+
+
+def test_convert_hf_to_nnx_orbax_checkpoint(tmp_path):
+  """One streaming pass: HF safetensors -> the model's own NNX Orbax checkpoint, restorable by plain Orbax."""
+  import orbax.checkpoint as ocp
+
+  cfg = dataclasses.replace(CFG, scan_layers=True)
+  tensors = hf_tensors(cfg)
+  write_hf(tmp_path / 'hf', tensors, hf_config(cfg))
+  report = orbax_nnx.convert(tmp_path / 'hf', tmp_path / 'nnx', target=abstract(cfg), rules=hf_rules(cfg),
+                             dtype=jnp.bfloat16)
+  assert report.bytes_read == sum(t.nbytes for t in tensors.values())
+  want = reference_params(cfg, tensors)
+  abstract_state = nnx.state(abstract(cfg))
+  abstract_bf16 = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), abstract_state)
+  for restored in (orbax_nnx.restore(tmp_path / 'nnx', abstract_bf16),
+                   ocp.StandardCheckpointer().restore(tmp_path / 'nnx', abstract_bf16)):
+    flat = {'/'.join(map(str, p)): np.asarray(v.get_value() if isinstance(v, nnx.Variable) else v)
+            for p, v in nnx.to_flat_state(nnx.State(restored) if not isinstance(restored, nnx.State) else restored)}
+    np.testing.assert_array_equal(flat['layers/attn/q_proj/kernel'][1], want['layers/1/attn/q_proj/kernel'].astype(BF16))
+    np.testing.assert_array_equal(flat['embed/embedding'], want['embed/embedding'])
+  untargeted = orbax_nnx.restore(tmp_path / 'nnx')  # our records: Variable types come back
+  assert type(untargeted['layers']['mlp']['up_proj']['kernel']) is nnx.Param
+  with pytest.raises(errors.OptionError, match='Pass target='):
+    orbax_nnx.convert(tmp_path / 'hf', tmp_path / 'x')
