@@ -30,7 +30,8 @@ class NotACheckpointError(OrbaxNNXError, FileNotFoundError):
     super().__init__(
         f'{self.path} is not a readable Orbax checkpoint: {reason}. Pass a step'
         ' directory written by Orbax (with a _METADATA file per item), an item'
-        ' directory, or a CheckpointManager root.'
+        ' directory, a CheckpointManager root, or Hugging Face safetensors (a .safetensors file or a directory'
+        ' of them).'
     )
 
 

@@ -4,6 +4,7 @@
     abstract = nnx.eval_shape(lambda: orbax_nnx.llama.Llama(cfg, rngs=nnx.Rngs(0)))
     model = orbax_nnx.restore('path/to/hf_model', abstract, rules=orbax_nnx.llama.hf_rules(cfg))
 
+`hf_export_rules(cfg)` is the way back (`export_params(..., format='safetensors')`).
 The rules are data: copy `hf_rules` and edit the target paths and views for your own model.
 HF torch `Linear` weights are `(out, in)` and attention projections flatten their heads, so
 the views transpose and reshape; layers `model.layers.N` become `layers/N`, which restores
@@ -198,4 +199,27 @@ def hf_rules(cfg: LlamaConfig) -> list:
     rules.append((layer + r'self_attn\.(q|k|v)_proj\.bias', {r'layers/\1/attn/\2_proj/bias': view.reshape(-1, h)}))
   if cfg.qk_norm:
     rules.append((layer + r'self_attn\.(q|k)_norm\.weight', r'layers/\1/attn/\2_norm/scale'))
+  return rules
+
+
+def hf_export_rules(cfg: LlamaConfig) -> list:
+  """The inverse of `hf_rules`: `Llama` paths (stacked layers seen as `layers/N`) to Hugging Face tensors."""
+  n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.emb
+  layer, hf = r'layers/(\d+)/', r'model.layers.\1.'
+  rules = [
+      ('embed/embedding', 'model.embed_tokens.weight'),
+      ('final_norm/scale', 'model.norm.weight'),
+      (layer + 'attn_norm/scale', hf + 'input_layernorm.weight'),
+      (layer + 'mlp_norm/scale', hf + 'post_attention_layernorm.weight'),
+      (layer + 'attn/q_proj/kernel', {hf + 'self_attn.q_proj.weight': view.transpose(1, 2, 0).reshape(n * h, d)}),
+      (layer + r'attn/(k|v)_proj/kernel', {hf + r'self_attn.\2_proj.weight': view.transpose(1, 2, 0).reshape(k * h, d)}),
+      (layer + 'attn/o_proj/kernel', {hf + 'self_attn.o_proj.weight': view.transpose(2, 0, 1).reshape(d, n * h)}),
+      (layer + r'mlp/(gate|up|down)_proj/kernel', {hf + r'mlp.\2_proj.weight': view.T}),
+  ]
+  if not cfg.tie_embeddings:
+    rules.append(('lm_head/kernel', {'lm_head.weight': view.T}))
+  if cfg.attn_bias:
+    rules.append((layer + r'attn/(q|k|v)_proj/bias', {hf + r'self_attn.\2_proj.bias': view.reshape(-1)}))
+  if cfg.qk_norm:
+    rules.append((layer + r'attn/(q|k)_norm/scale', hf + r'self_attn.\2_norm.weight'))
   return rules

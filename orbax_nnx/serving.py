@@ -8,6 +8,8 @@ streaming like `convert`.
 
 from __future__ import annotations
 
+import resource
+import time
 from typing import Any, Literal
 
 import jax
@@ -16,7 +18,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from orbax_nnx import errors, nnx_tree
+from orbax_nnx import errors, nnx_tree, safetensors_export
 from orbax_nnx.conversion import ConvertReport, convert
 from orbax_nnx.metadata import read_item_metadata, resolve_item
 from orbax_nnx.planner import plan
@@ -90,11 +92,12 @@ def _filter(state: Any, filter: Any) -> nnx.State:
 
 
 def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfloat16',
-                  scan_layers: bool | None = None, format: Literal['nnx', 'linen'] = 'nnx',
+                  scan_layers: bool | None = None, format: Literal['nnx', 'linen', 'safetensors'] = 'nnx',
                   overwrite: bool = False, step: int | None = None, item: str | None = None,
                   scan_axis=None, param_scan_axis: int = 1, buffer_bytes: int | None = None,
                   progress=None, filter: Literal['Param', 'LoRAParam'] = 'Param',
-                  merge_lora: bool = False) -> ConvertReport:
+                  merge_lora: bool = False, target: Any = None, rules=(),
+                  max_shard_size: int = safetensors_export.DEFAULT_SHARD_BYTES) -> ConvertReport:
   """Writes a param-only decode checkpoint of `src` at `dst` (streaming, atomic).
 
   NNX format (default): the model's Param leaves at the root (`.../kernel/value`), no
@@ -102,10 +105,33 @@ def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfl
   are cast to `dtype` (None keeps them); `scan_layers=False` unrolls for decoding.
   `filter='LoRAParam'` exports only the LoRA adapters; `merge_lora=True` folds each
   `nnx.LoRALinear` adapter into its kernel (`W + A @ B`, computed in float32) and drops it.
+
+  `format='safetensors'` writes Hugging Face-style files (`model.safetensors`, or
+  `model-0000K-of-0000N.safetensors` of at most `max_shard_size` bytes plus
+  `model.safetensors.index.json`): `src` is planned into `target` (the abstract model;
+  stacked layers are exported per layer), then `rules` name each tensor, with views,
+  from the model path (e.g. `orbax_nnx.llama.hf_export_rules(cfg)`). A view's own
+  `.astype` wins over `dtype`.
   """
-  errors.check_choice('format', format, ('nnx', 'linen'))
+  errors.check_choice('format', format, ('nnx', 'linen', 'safetensors'))
   errors.check_choice('filter', filter, ('Param', 'LoRAParam'))
   errors.check_choice('merge_lora', merge_lora, (True, False))
+  if format == 'safetensors':
+    given = [name for name, on in (('scan_layers', scan_layers is not None), ('filter', filter != 'Param'),
+                                   ('merge_lora', merge_lora), ('progress', progress is not None)) if on]
+    if given:
+      raise errors.UnsupportedArgumentError(f"{', '.join(given)}: not supported with format='safetensors' (the target"
+                                            ' model decides the layout; export rules name the tensors).')
+    t0 = time.perf_counter()
+    options = {} if buffer_bytes is None else {'buffer_bytes': buffer_bytes}
+    count, read, written = safetensors_export.export_safetensors(
+        src, dst, target=target, rules=rules, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+        step=step, item=item, scan_axis=scan_axis, param_scan_axis=param_scan_axis, **options)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return ConvertReport(str(src), str(dst), 'checkpoint', 'safetensors', count, read, written,
+                         time.perf_counter() - t0, rss)
+  if target is not None or rules:
+    raise errors.UnsupportedArgumentError("target= and rules= apply to format='safetensors' only.")
   options = {} if buffer_bytes is None else {'buffer_bytes': buffer_bytes}
   if filter == 'LoRAParam' and merge_lora:
     raise errors.OptionError('filter=LoRAParam and merge_lora=True exclude each other: export the adapters, or merge them.')

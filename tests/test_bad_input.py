@@ -64,7 +64,8 @@ def corrupt_case(name, tmp_path):
     return tmp_path / 'empty', None
   if name == 'foreign-dir':
     (tmp_path / 'foreign').mkdir()
-    (tmp_path / 'foreign' / 'model.safetensors').write_bytes(b'\0' * 64)
+    (tmp_path / 'foreign' / 'pytorch_model.bin').write_bytes(b'\0' * 64)  # a format we never read (pickle)
+    (tmp_path / 'foreign' / 'config.json').write_text('{}')
     return tmp_path / 'foreign', None
   if name == 'deleted-metadata':
     (path / '_METADATA').unlink()

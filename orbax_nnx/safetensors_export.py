@@ -1,0 +1,209 @@
+"""Export to Hugging Face-style sharded safetensors, streaming, through rules with views.
+
+    orbax_nnx.export_params(ckpt, 'out/', format='safetensors', target=abstract_model,
+                            rules=orbax_nnx.llama.hf_export_rules(cfg), dtype='bfloat16')
+
+Two steps, both plans (metadata only) before any byte moves:
+1. the checkpoint is planned into `target` (any layout we read; stacked layer groups of the
+   model are seen per layer as `layers/N/...`);
+2. export `rules` map each model path to tensor names with views (`view.T`, `.reshape`, ...).
+The files are then written one after another, each tensor evaluated block by block (reads per
+region, bounded memory) into a temporary directory that is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from etils import epath
+
+from orbax_nnx import errors, nnx_tree
+from orbax_nnx.layout import is_group_name
+from orbax_nnx.metadata import read_item_metadata, resolve_item
+from orbax_nnx.planner import Cast, Expr, Take, apply_view, build, lookup_axis, targets_for
+from orbax_nnx.reader import SourceArrays, evaluate
+from orbax_nnx.safetensors_source import DTYPE_NAMES, INDEX_FILE
+from orbax_nnx.views import View, check_rules
+
+DEFAULT_SHARD_BYTES = 5 * 2**30  # what `save_pretrained` writes by default
+BLOCK_BYTES = 64 * 2**20  # one tensor is evaluated and written this much at a time
+
+
+def _per_layer(path: tuple, expr: Expr, leaf, scan_axis) -> list[tuple[str, Expr]]:
+  """`layers/attn/...` of a stacked group as `layers/0/attn/...`, `layers/1/...` (Takes on its layer axis)."""
+  name = nnx_tree.path_str(path)
+  keys = [str(k) for k in path]
+  for k, key in enumerate(keys):
+    if is_group_name(key) and not (k + 1 < len(keys) and keys[k + 1].isdigit()):
+      axis = lookup_axis(scan_axis, leaf.canon)
+      axis = 0 if axis is None else axis
+      n = expr.shape[axis] if len(expr.shape) > axis else 0
+      return [('/'.join(keys[: k + 1] + [str(i)] + keys[k + 1:]), Take(expr, i, axis)) for i in range(n)]
+  return [(name, expr)]
+
+
+def export_plan(src_item: epath.Path, target: Any, rules: Sequence, *, dtype: Any = None,
+                scan_axis=None, param_scan_axis: int = 1) -> dict[str, Expr]:
+  """Tensor name -> expression over the stored leaves of `src_item` (metadata only)."""
+  from orbax_nnx.layout import detect
+
+  rules = check_rules(rules)
+  layout = detect(read_item_metadata(src_item))
+  leaves = targets_for(layout, target)
+  plan = build(layout, leaves, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
+  if plan.missing:
+    raise errors.StructureMismatchError(plan.missing, [], where=f'at {src_item} (exporting into the target model)')
+  compiled = []
+  for pattern, repl in rules:
+    try:
+      compiled.append((re.compile(pattern), repl))
+    except re.error as e:
+      raise errors.OptionError(f'rule pattern {pattern!r} is not a regular expression: {e}.') from e
+  out: dict[str, Expr] = {}
+  unmatched, used = [], set()
+  cast_to = np.dtype(jax.numpy.dtype(dtype)) if dtype is not None else None
+  for path, expr in plan.entries.items():
+    for name, layer_expr in _per_layer(path, expr, plan.leaves[path], scan_axis):
+      for i, (pattern, repl) in enumerate(compiled):
+        if not pattern.fullmatch(name):
+          continue
+        used.add(i)
+        views = repl if isinstance(repl, Mapping) else {repl: View()}
+        for out_name, v in views.items():
+          tensor = pattern.sub(out_name, name)
+          if tensor in out:
+            raise errors.PlanError(f'two model leaves export to the tensor {tensor!r} (the second: {name}); fix the rules.')
+          e = apply_view(v, layer_expr, f'{name} -> {tensor}')
+          own_dtype = any(op[0] == 'astype' for op in v.ops)
+          if cast_to is not None and not own_dtype and np.issubdtype(e.dtype, np.floating) and e.dtype != cast_to:
+            e = Cast(e.expr if isinstance(e, Cast) else e, cast_to)
+          out[tensor] = e
+        break
+      else:
+        unmatched.append(name)
+  if unmatched:
+    raise errors.PlanError(f'model leaves that no export rule names: {unmatched[:10]}{" ..." if len(unmatched) > 10 else ""}'
+                           '. Add a rule for them (rules fullmatch the model path, e.g. layers/0/mlp/up_proj/kernel).')
+  idle = [rules[i][0] for i in range(len(rules)) if i not in used]
+  if idle:
+    raise errors.PlanError(f'export rules that match no model leaf: {idle}; fix the pattern or drop the rule.')
+  for tensor, e in out.items():
+    if np.dtype(e.dtype) not in DTYPE_NAMES:
+      raise errors.PlanError(f'{tensor}: dtype {np.dtype(e.dtype).name} has no safetensors name; pass dtype=.')
+  return out
+
+
+def _natural(name: str) -> list:
+  return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
+
+
+def _files(tensors: dict[str, Expr], max_shard_size: int) -> list[list[str]]:
+  """Tensors in natural name order, cut into files of at most `max_shard_size` bytes (one tensor may exceed it)."""
+  files, size = [[]], 0
+  for name in sorted(tensors, key=_natural):
+    nbytes = _nbytes(tensors[name])
+    if files[-1] and size + nbytes > max_shard_size:
+      files.append([])
+      size = 0
+    files[-1].append(name)
+    size += nbytes
+  return files
+
+
+def _nbytes(expr: Expr) -> int:
+  return math.prod(expr.shape) * np.dtype(expr.dtype).itemsize
+
+
+def _header(names: list[str], tensors: dict[str, Expr]) -> bytes:
+  header: dict[str, Any] = {'__metadata__': {'format': 'pt'}}
+  offset = 0
+  for name in names:
+    e = tensors[name]
+    header[name] = {'dtype': DTYPE_NAMES[np.dtype(e.dtype)], 'shape': list(e.shape),
+                    'data_offsets': [offset, offset + _nbytes(e)]}
+    offset += _nbytes(e)
+  raw = json.dumps(header, separators=(',', ':')).encode()
+  raw += b' ' * (-len(raw) % 8)  # the data section starts 8-byte aligned, as the safetensors library writes it
+  return len(raw).to_bytes(8, 'little') + raw
+
+
+def _write_tensor(f, expr: Expr, source: SourceArrays) -> None:
+  """Evaluates `expr` in row blocks of about `BLOCK_BYTES` and appends its bytes."""
+  shape = tuple(expr.shape)
+  if not shape:
+    f.write(np.ascontiguousarray(evaluate(expr, (), source)).tobytes())
+    return
+  row = max(1, _nbytes(expr) // max(shape[0], 1))
+  step = max(1, BLOCK_BYTES // row)
+  for start in range(0, shape[0], step):
+    index = (slice(start, min(shape[0], start + step)),) + tuple(slice(0, n) for n in shape[1:])
+    block = np.ascontiguousarray(evaluate(expr, index, source), dtype=expr.dtype)
+    f.write(memoryview(block.reshape(-1).view(np.uint8)))
+
+
+def write_safetensors(dst: epath.Path, tensors: dict[str, Expr], source: SourceArrays, *,
+                      max_shard_size: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> int:
+  """Writes `tensors` as `model.safetensors` or `model-0000K-of-0000N.safetensors` + index (atomic).
+
+  Returns the bytes written. Under `jax.distributed`, process 0 writes and the others wait.
+  """
+  if dst.exists() and not overwrite:
+    raise errors.OrbaxNNXError(f'DST {dst} exists; pass overwrite=True (--overwrite) to replace it.')
+  total = sum(_nbytes(e) for e in tensors.values())
+  if jax.process_index() == 0:
+    tmp = dst.parent / f'.{dst.name}.orbax-nnx-tmp-{uuid.uuid4().hex[:8]}'
+    tmp.mkdir(parents=True)
+    try:
+      files = _files(tensors, max_shard_size)
+      names = (['model.safetensors'] if len(files) == 1 else
+               [f'model-{k + 1:05d}-of-{len(files):05d}.safetensors' for k in range(len(files))])
+      weight_map = {}
+      for file_name, members in zip(names, files):
+        with (tmp / file_name).open('wb') as f:
+          f.write(_header(members, tensors))
+          for name in members:
+            _write_tensor(f, tensors[name], source)
+        weight_map.update(dict.fromkeys(members, file_name))
+      if len(files) > 1:
+        (tmp / INDEX_FILE).write_text(json.dumps({'metadata': {'total_size': total},
+                                                  'weight_map': dict(sorted(weight_map.items(), key=lambda kv: _natural(kv[0])))},
+                                                 indent=2))
+      if dst.exists():
+        shutil.rmtree(dst)
+      tmp.rename(dst)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('orbax_nnx_safetensors_export')
+  return total
+
+
+def export_safetensors(src: epath.PathLike, dst: epath.PathLike, *, target: Any, rules: Sequence,
+                       dtype: Any = 'bfloat16', max_shard_size: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+                       step: int | None = None, item: str | None = None, scan_axis=None,
+                       param_scan_axis: int = 1, buffer_bytes: int = 512 * 2**20) -> tuple[int, int, int]:
+  """`export_params(..., format='safetensors')`: returns (tensors, bytes read, bytes written)."""
+  errors.check_int('max_shard_size', max_shard_size)
+  if target is None or not rules:
+    raise errors.OptionError("format='safetensors' needs target= (the model, abstract) and rules= (model path"
+                             ' -> tensor name, e.g. orbax_nnx.llama.hf_export_rules(cfg)).')
+  src_item = resolve_item(src, step=step, item=item)
+  dst = epath.Path(dst)
+  if str(dst.resolve()).startswith(str(src_item.resolve()).rstrip('/') + '/') or dst.resolve() == src_item.resolve():
+    raise errors.OrbaxNNXError(f'DST {dst} is inside SRC {src_item}; write it somewhere else.')
+  from flax import nnx
+  state = nnx.state(target, nnx.Param) if nnx_tree.is_graph_node(target) else target
+  tensors = export_plan(src_item, state, rules, dtype=dtype, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
+  source = SourceArrays(read_item_metadata(src_item), cache_bytes=buffer_bytes)
+  written = write_safetensors(dst, tensors, source, max_shard_size=max_shard_size, overwrite=overwrite)
+  return len(tensors), source.bytes_read, written
