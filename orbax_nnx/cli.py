@@ -57,7 +57,7 @@ def _rules(values):
 
 
 def _add_source(p: argparse.ArgumentParser) -> None:
-  p.add_argument('src', help='item dir, step dir, or CheckpointManager root')
+  p.add_argument('src', help='item dir, step dir, CheckpointManager root, or Hugging Face safetensors')
   p.add_argument('--step', type=int, default=None, help='step of a manager root (default: latest)')
   p.add_argument('--item', default=None, help='item name inside a step dir with several items')
 
@@ -77,12 +77,43 @@ def _add_layout_options(p: argparse.ArgumentParser) -> None:
   p.add_argument('--rename', action='append', metavar='REGEX=REPL', help='rename canonical paths first')
 
 
+PRESETS = ('llama',)  # Hugging Face Llama family (Llama 2/3, Mistral, Qwen2/3) <-> orbax_nnx.llama.Llama
+
+
+def _add_preset(p: argparse.ArgumentParser) -> None:
+  p.add_argument('--preset', choices=PRESETS, default=None,
+                 help='a model and its rules: llama = Hugging Face Llama/Mistral/Qwen2/Qwen3 <-> orbax_nnx.llama.Llama')
+  p.add_argument('--config', default=None, metavar='CONFIG_JSON',
+                 help='the Hugging Face config.json for --preset (default: SRC/config.json)')
+
+
+def _preset(args, scan_layers: bool | None):
+  """The preset the flags name (None without --preset); the model is built scanned with --scan-layers."""
+  if getattr(args, 'preset', None) is None:
+    return None
+  from etils import epath
+
+  from orbax_nnx import llama
+
+  config = epath.Path(args.config) if args.config else epath.Path(args.src) / 'config.json'
+  if not config.exists():
+    raise SystemExit(f'--preset {args.preset} needs the model config: {config} does not exist; pass --config PATH.')
+  return llama.hf_preset(config, scan_layers=bool(scan_layers))
+
+
 def cmd_plan(args) -> int:
   """The plan `convert` would run with the same flags (the same function builds both)."""
   from orbax_nnx.conversion import plan_conversion
   from orbax_nnx.metadata import resolve_item
 
   src_item = resolve_item(args.src, step=args.step, item=args.item)
+  preset = _preset(args, args.scan_layers)
+  if preset is not None:
+    from orbax_nnx.planner import plan
+
+    the_plan = plan(src_item, preset.target, rules=preset.rules + _rules(args.rename))
+    print(the_plan)
+    return 0 if not the_plan.missing else 1
   layout, target, the_plan, options = plan_conversion(
       src_item, to=args.to, scan_layers=args.scan_layers, scan_axis=_scan_axis(args.scan_axis),
       param_scan_axis=args.param_scan_axis, flavour=args.format, rules=_rules(args.rename),
@@ -132,15 +163,17 @@ def cmd_convert(args) -> int:
   from orbax_nnx.metadata import resolve_item
 
   src_item = resolve_item(args.src, step=args.step, item=args.item)
-  _, _, the_plan, _ = plan_conversion(src_item, to=args.to, scan_layers=args.scan_layers,
-                                      scan_axis=_scan_axis(args.scan_axis), param_scan_axis=args.param_scan_axis,
-                                      flavour=args.format, rules=_rules(args.rename), include=args.include)
+  preset = _preset(args, args.scan_layers)
+  model = dict(target=preset.target, scan_layers=None) if preset else dict(scan_layers=args.scan_layers)
+  rules = (preset.rules if preset else []) + _rules(args.rename)
+  _, _, the_plan, _ = plan_conversion(src_item, to=args.to, scan_axis=_scan_axis(args.scan_axis),
+                                      param_scan_axis=args.param_scan_axis, flavour=args.format, rules=rules,
+                                      include=args.include, **model)
   total = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in the_plan.leaves.values())
   progress = _Progress(len(the_plan.entries), total, args.quiet)
-  report = convert(src_item, args.dst, to=args.to, scan_layers=args.scan_layers,
-                   scan_axis=_scan_axis(args.scan_axis), param_scan_axis=args.param_scan_axis, format=args.format,
-                   rules=_rules(args.rename), include=args.include, overwrite=args.overwrite,
-                   buffer_bytes=args.buffer_mib * 2**20, progress=progress)
+  report = convert(src_item, args.dst, to=args.to, scan_axis=_scan_axis(args.scan_axis),
+                   param_scan_axis=args.param_scan_axis, format=args.format, rules=rules, include=args.include,
+                   overwrite=args.overwrite, buffer_bytes=args.buffer_mib * 2**20, progress=progress, **model)
   if not args.quiet:
     print(report.summary())
   return 0
@@ -149,6 +182,19 @@ def cmd_convert(args) -> int:
 def cmd_export_params(args) -> int:
   from orbax_nnx.serving import export_params
 
+  preset = _preset(args, False)
+  if args.format == 'safetensors':
+    if preset is None:
+      raise SystemExit('--format safetensors needs --preset (the model and its export rules) and --config.')
+    report = export_params(args.src, args.dst, dtype=None if args.dtype == 'keep' else args.dtype,
+                           format='safetensors', overwrite=args.overwrite, step=args.step, item=args.item,
+                           scan_axis=_scan_axis(args.scan_axis), target=preset.target, rules=preset.export_rules,
+                           max_shard_size=args.max_shard_mib * 2**20)
+    if not args.quiet:
+      print(report.summary())
+    return 0
+  if preset is not None:
+    raise SystemExit("--preset applies to --format safetensors here (convert takes it for other formats).")
   report = export_params(args.src, args.dst, dtype=None if args.dtype == 'keep' else args.dtype,
                          scan_layers=args.scan_layers, format=args.format, overwrite=args.overwrite,
                          step=args.step, item=args.item, scan_axis=_scan_axis(args.scan_axis),
@@ -205,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_source(p)
   _add_layout_options(p)
   p.add_argument('--include', choices=['all', 'params'], default='all', help="'params': Params only")
+  _add_preset(p)
   p.set_defaults(fn=cmd_plan)
   p = sub.add_parser('convert', help='convert a checkpoint to another layout (streaming, atomic)')
   _add_source(p)
@@ -214,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--overwrite', action='store_true', help='replace an existing DST')
   p.add_argument('--buffer-mib', type=int, default=256, help='bytes of arrays in flight (default 256 MiB)')
   p.add_argument('--quiet', action='store_true')
+  _add_preset(p)
   p.set_defaults(fn=cmd_convert)
   p = sub.add_parser('export-params', help='write a param-only (decode) checkpoint')
   _add_source(p)
@@ -226,7 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help='unroll stacked layer groups (for decoding)')
   scan.add_argument('--keep-scan', dest='scan_layers', action='store_const', const=None,
                     help='keep layer groups as stored (default)')
-  p.add_argument('--format', choices=['nnx', 'linen'], default='nnx')
+  p.add_argument('--format', choices=['nnx', 'linen', 'safetensors'], default='nnx',
+                 help='safetensors: Hugging Face files, with --preset and --config')
+  p.add_argument('--max-shard-mib', type=int, default=5 * 1024, help='safetensors file size (default 5 GiB)')
+  _add_preset(p)
   p.add_argument('--filter', choices=['Param', 'LoRAParam'], default='Param', help='LoRAParam: adapters only')
   p.add_argument('--merge-lora', action='store_true', help='fold LoRA adapters into their kernels')
   p.add_argument('--scan-axis', action='append', metavar='[REGEX=]AXIS')

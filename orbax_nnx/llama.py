@@ -223,3 +223,20 @@ def hf_export_rules(cfg: LlamaConfig) -> list:
   if cfg.qk_norm:
     rules.append((layer + r'attn/(q|k)_norm/scale', hf + r'self_attn.\2_norm.weight'))
   return rules
+
+
+@dataclasses.dataclass(frozen=True)
+class HFPreset:
+  """What the CLI's `--preset llama` uses: the abstract model and the rules both ways."""
+
+  config: LlamaConfig
+  target: Any  # an abstract `Llama` (nnx.eval_shape)
+  rules: list  # Hugging Face names -> model paths (loading)
+  export_rules: list  # model paths -> Hugging Face names (exporting)
+
+
+def hf_preset(config: Mapping[str, Any] | epath.PathLike, **overrides: Any) -> HFPreset:
+  """The Llama-family preset for a Hugging Face `config.json` (a path or its dict)."""
+  cfg = LlamaConfig.from_hf(config, **overrides)
+  target = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  return HFPreset(cfg, target, hf_rules(cfg), hf_export_rules(cfg))

@@ -272,3 +272,25 @@ def test_export_errors_write_nothing(tmp_path):
     orbax_nnx.export_params(tmp_path / 'nnx', tmp_path / 'out', format='safetensors', merge_lora=True)
   assert not (tmp_path / 'out').exists()
   assert not [p for p in tmp_path.iterdir() if 'tmp' in p.name]
+
+
+def test_cli_with_the_llama_preset(tmp_path, capsys):
+  from orbax_nnx import cli
+
+  tensors = hf_tensors(CFG)
+  write_hf(tmp_path / 'hf', tensors, hf_config(CFG))
+  assert cli.main(['inspect', str(tmp_path / 'hf')]) == 0
+  assert 'model.layers.1.self_attn.o_proj.weight' in capsys.readouterr().out
+  assert cli.main(['plan', str(tmp_path / 'hf'), '--preset', 'llama', '--scan-layers']) == 0
+  assert 'layers/mlp/up_proj/kernel  <-  cast(stack([transpose(model.layers.0.mlp.up_proj.weight' in capsys.readouterr().out
+  assert cli.main(['convert', str(tmp_path / 'hf'), str(tmp_path / 'nnx'), '--preset', 'llama', '--scan-layers',
+                   '--quiet']) == 0
+  assert cli.main(['export-params', str(tmp_path / 'nnx'), str(tmp_path / 'out'), '--format', 'safetensors',
+                   '--preset', 'llama', '--config', str(tmp_path / 'hf' / 'config.json'), '--quiet']) == 0
+  import safetensors.numpy
+  got = safetensors.numpy.load_file(tmp_path / 'out' / 'model.safetensors')
+  assert sorted(got) == sorted(tensors)
+  np.testing.assert_array_equal(got['model.layers.2.self_attn.q_proj.weight'],
+                                tensors['model.layers.2.self_attn.q_proj.weight'])
+  with pytest.raises(SystemExit, match='--config'):
+    cli.main(['plan', str(tmp_path / 'nnx'), '--preset', 'llama'])
