@@ -140,7 +140,7 @@ class SourceArrays:
     squeeze = tuple(i for i, s in enumerate(index) if isinstance(s, (int, np.integer)))
     region = tuple(slice(s, s + 1) if isinstance(s, (int, np.integer)) else s for s in index)
     region = _normalize(region, shape)
-    if not shape:
+    if not shape or getattr(store, 'exact', False):  # any region reads exactly what it needs
       return store, region, [], True, squeeze, ()
     chunk = store.chunk
     grid = [range(r.start // c, -(-r.stop // c)) if r.stop > r.start else range(0) for r, c in zip(region, chunk)]
@@ -546,6 +546,8 @@ def _scatter_groups(plan: Plan, shardings: Mapping[Path, Any], source: SourceArr
   for members in groups.values():
     stored, (_, _, _, _, axis) = members[0]
     store = source.store(stored.source)
+    if getattr(store, 'exact', False):  # regions read exactly: each layer reads its own bytes
+      continue
     chunk = store.chunk
     chunk_bytes = store.dtype.itemsize * int(np.prod(chunk, dtype=np.int64))
     # chunks too big to have two in flight within the budget go through the chunk cache instead

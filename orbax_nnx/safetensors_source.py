@@ -31,7 +31,7 @@ from orbax_nnx.nnx_tree import DiskPath
 INDEX_FILE = 'model.safetensors.index.json'
 SUFFIX = '.safetensors'
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
-CHUNK_BYTES = 4 * 2**20  # rows read together: a region read costs whole row blocks of this size
+MIN_RUN_BYTES = 512  # column cuts read row by row unless runs are shorter and a quarter of the row or less
 
 DTYPES: dict[str, np.dtype] = {
     'BOOL': np.dtype(np.bool_), 'U8': np.dtype(np.uint8), 'I8': np.dtype(np.int8),
@@ -163,38 +163,48 @@ def read_metadata(path: epath.PathLike) -> ItemMetadata:
   return ItemMetadata(path, leaves, custom, False, 'safetensors')
 
 
-def chunk_rows(shape: tuple[int, ...], itemsize: int) -> int:
-  """Rows of axis 0 read together: a power of two of about `CHUNK_BYTES` (shard boundaries align)."""
-  row = itemsize * int(np.prod(shape[1:], dtype=np.int64))
-  rows = max(1, CHUNK_BYTES // max(row, 1))
-  return min(shape[0], 1 << (rows.bit_length() - 1))
-
-
 class SafetensorsArray:
-  """One stored tensor: regions read as byte ranges of whole row blocks, straight into aligned buffers."""
+  """One stored tensor: any region is read exactly, as byte ranges (one per row when columns are
+  cut), straight into an aligned buffer. Nothing is compressed or chunked, so nothing is cached:
+  `exact` tells the reader so (each target shard reads just its own bytes)."""
+
+  exact = True
 
   def __init__(self, info: LeafInfo, reader: '_FileReader'):
     self.shape, self.dtype = tuple(info.shape), np.dtype(info.dtype)
     self.location = info.metadata
     self.reader = reader
-    self.chunk = (chunk_rows(self.shape, self.dtype.itemsize),) + self.shape[1:] if self.shape else ()
+    self.chunk = self.shape
 
   def read(self, region: tuple, perm: tuple[int, ...] | None = None) -> np.ndarray:
-    """`region` (normalized slices): the covering rows are read in one range, then sliced if needed."""
+    """`region` (normalized slices) of the tensor, axes permuted by `perm` if given."""
     from orbax_nnx.reader import aligned_empty  # local: the reader imports this module lazily
+    file, base = self.location.file, self.location.start
     if not self.shape:
       out = aligned_empty((), self.dtype)
-      self.reader.read_into(self.location.file, self.location.start, out)
+      self.reader.read_into(file, base, out)
       return out
-    rows = region[0]
-    row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
-    out = aligned_empty((rows.stop - rows.start,) + self.shape[1:], self.dtype)
-    if out.size:
-      self.reader.read_into(self.location.file, self.location.start + rows.start * row_bytes, out)
-    if any((r.start, r.stop) != (0, n) for r, n in zip(region[1:], self.shape[1:])):
-      part = aligned_empty(tuple(r.stop - r.start for r in region), self.dtype)
-      np.copyto(part, out[(slice(None),) + tuple(region[1:])])
-      out = part
+    rows, rest = region[0], region[1:]
+    strides = [self.dtype.itemsize * int(np.prod(self.shape[k + 1:], dtype=np.int64)) for k in range(len(self.shape))]
+    full = [(r.start, r.stop) == (0, n) for r, n in zip(rest, self.shape[1:])]
+    if all(full[1:]):  # rows of whole (axis 1 range) x (everything after): one run per row, or one in all
+      cols = rest[0] if rest else slice(0, 1)
+      out = aligned_empty(tuple(r.stop - r.start for r in region), self.dtype)
+      run = (cols.stop - cols.start) * strides[1] if rest else 0
+      if out.size and (not rest or full[0]):
+        self.reader.read_into(file, base + rows.start * strides[0], out)
+      elif out.size and run < MIN_RUN_BYTES and run * 4 < strides[0]:  # many tiny runs: read whole rows
+        covering = aligned_empty((rows.stop - rows.start,) + self.shape[1:], self.dtype)
+        self.reader.read_into(file, base + rows.start * strides[0], covering)
+        np.copyto(out, covering[:, cols])
+      elif out.size:
+        for i in range(rows.stop - rows.start):
+          self.reader.read_into(file, base + (rows.start + i) * strides[0] + cols.start * strides[1], out[i])
+    else:  # cut on a later axis: read the covering rows, then slice
+      covering = aligned_empty((rows.stop - rows.start,) + self.shape[1:], self.dtype)
+      self.reader.read_into(file, base + rows.start * strides[0], covering)
+      out = aligned_empty(tuple(r.stop - r.start for r in region), self.dtype)
+      np.copyto(out, covering[(slice(None),) + tuple(rest)])
     if perm is not None:
       moved = aligned_empty(tuple(out.shape[p] for p in perm), self.dtype)
       np.copyto(moved, np.transpose(out, perm))

@@ -100,5 +100,28 @@ orbax_nnx.export_params(mngr_dir, epath.Path(root) / 'decode', dtype='bfloat16')
 decode_target = {'layers': {'w': {'value': jax.ShapeDtypeStruct((L, EMB, MLP), jax.numpy.bfloat16, sharding=rsh)}}}
 decoded = ocp.StandardCheckpointer().restore(epath.Path(root) / 'decode', decode_target)
 report['export'] = check(decoded['layers']['w']['value'], w.astype(jax.numpy.bfloat16))
+
+# 6. Hugging Face safetensors (process 0 writes them): each process reads only its shards' byte ranges
+import safetensors.numpy  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+
+hf_dir = epath.Path(root) / 'hf'
+if process_id == 0:
+  hf_dir.mkdir()
+  safetensors.numpy.save_file({f'model.layers.{i}.mlp.up_proj.weight': np.ascontiguousarray(w[i].T) for i in range(L)},
+                              hf_dir / 'model.safetensors', metadata={'format': 'pt'})
+multihost_utils.sync_global_devices('hf written')
+rules = [(r'model\.layers\.(\d+)\.mlp\.up_proj\.weight', {r'layers/\1/w': orbax_nnx.view.T})]
+hf_target = nnx.State({'layers': {'w': nnx.Param(jax.ShapeDtypeStruct((L, EMB, MLP), np.float32, sharding=rsh))}})
+r0 = rchar()
+out = orbax_nnx.restore(hf_dir, hf_target, rules=rules)
+report['hf_read'] = rchar() - r0
+report['hf_restore'] = check(out['layers']['w'].get_value(), w)
+# and back: one process writes each file, every process returns after it is in place
+orbax_nnx.export_params(mngr_dir, epath.Path(root) / 'hf_out', format='safetensors', dtype=None,
+                        target=nnx.State({'layers': {'w': nnx.Param(jax.ShapeDtypeStruct((L, EMB, MLP), np.float32))}}),
+                        rules=[(r'layers/(\d+)/w', {r'model.layers.\1.mlp.up_proj.weight': orbax_nnx.view.T})])
+exported = safetensors.numpy.load_file(epath.Path(root) / 'hf_out' / 'model.safetensors')
+report['hf_export'] = all(np.array_equal(exported[f'model.layers.{i}.mlp.up_proj.weight'], w[i].T) for i in range(L))
 print(json.dumps(report), flush=True)
 jax.distributed.shutdown()

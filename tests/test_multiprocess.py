@@ -2,7 +2,7 @@
 
 Each runs tests/mp_worker.py: save an NNX train state through a CheckpointManager and restore it on
 another mesh; restore a Linen-layout checkpoint into an unrolled, fully sharded NNX target; load
-params only in bf16. Values are checked on every process, and bytes read per process (rchar from
+params only in bf16; load Hugging Face safetensors and export them back. Values are checked on every process, and bytes read per process (rchar from
 /proc/self/io) are about half the data: each process reads only its own shards.
 """
 
@@ -54,6 +54,8 @@ def test_two_processes(tmp_path):
   for r in reports:
     assert r['devices'] == 8 and r['local'] == 4
     assert r['nnx_restore'] and r['linen_restore'] and r['load_params'] and r['convert'] and r['export'], r
+    assert r['hf_restore'] and r['hf_export'], r
+    assert r['hf_read'] < 0.7 * r['linen_bytes'], r  # safetensors: only this process's byte ranges
     # each process reads its half of the shards (plus a little metadata), not the whole array
     assert r['linen_read'] < 0.7 * r['linen_bytes'], r
     assert r['params_read'] < 0.7 * r['linen_bytes'], r

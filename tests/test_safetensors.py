@@ -294,3 +294,21 @@ def test_cli_with_the_llama_preset(tmp_path, capsys):
                                 tensors['model.layers.2.self_attn.q_proj.weight'])
   with pytest.raises(SystemExit, match='--config'):
     cli.main(['plan', str(tmp_path / 'nnx'), '--preset', 'llama'])
+
+
+def test_column_cut_regions_read_only_their_bytes(tmp_path):
+  """A shard that cuts columns of an (out, in) weight reads its own columns row by row, nothing else."""
+  import safetensors.numpy
+  from orbax_nnx.reader import SourceArrays
+
+  weight = np.arange(64 * 4096, dtype=np.float32).reshape(64, 4096).astype(BF16)
+  safetensors.numpy.save_file({'w': weight, 'b': weight[0]}, tmp_path / 'model.safetensors')
+  source = SourceArrays(orbax_nnx.read_item_metadata(tmp_path / 'model.safetensors'))
+  part = source.read(('w',), (slice(8, 40), slice(2048, 4096)))
+  np.testing.assert_array_equal(part, weight[8:40, 2048:])
+  assert source.bytes_read == 32 * 2048 * 2
+  np.testing.assert_array_equal(source.read(('w',), (slice(0, 64), slice(100, 300))), weight[:, 100:300])
+  assert source.bytes_read == 32 * 2048 * 2 + 64 * 200 * 2
+  np.testing.assert_array_equal(source.read(('w',), (slice(0, 64), slice(7, 9))), weight[:, 7:9])  # tiny runs: rows
+  np.testing.assert_array_equal(source.read(('b',), (slice(5, 9),)), weight[0, 5:9])
+  np.testing.assert_array_equal(source.read(('w',), (3, slice(0, 4096)), perm=None), weight[3])
