@@ -13,6 +13,8 @@ region, bounded memory) into a temporary directory that is renamed into place at
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import json
 import math
 import re
@@ -135,18 +137,41 @@ def _header(names: list[str], tensors: dict[str, Expr]) -> bytes:
   return len(raw).to_bytes(8, 'little') + raw
 
 
-def _write_tensor(f, expr: Expr, source: SourceArrays) -> None:
-  """Evaluates `expr` in row blocks of about `BLOCK_BYTES` and appends its bytes."""
+def _blocks(expr: Expr) -> list[tuple]:
+  """Row blocks of about `BLOCK_BYTES` covering `expr` (the whole of a scalar)."""
   shape = tuple(expr.shape)
   if not shape:
-    f.write(np.ascontiguousarray(evaluate(expr, (), source)).tobytes())
-    return
+    return [()]
   row = max(1, _nbytes(expr) // max(shape[0], 1))
   step = max(1, BLOCK_BYTES // row)
-  for start in range(0, shape[0], step):
-    index = (slice(start, min(shape[0], start + step)),) + tuple(slice(0, n) for n in shape[1:])
-    block = np.ascontiguousarray(evaluate(expr, index, source), dtype=expr.dtype)
+  return [(slice(start, min(shape[0], start + step)),) + tuple(slice(0, n) for n in shape[1:])
+          for start in range(0, shape[0], step)]
+
+
+def _evaluate_block(expr: Expr, index: tuple, source: SourceArrays) -> np.ndarray:
+  return np.ascontiguousarray(evaluate(expr, index, source), dtype=expr.dtype)
+
+
+def _write_blocks(f, jobs: list[tuple[Expr, tuple]], source: SourceArrays, pool, ahead_bytes: int) -> None:
+  """Appends the bytes of each (expression, block) in order; blocks are evaluated on `pool` ahead of
+  the writer while the bytes in flight stay within `ahead_bytes` (at least one block)."""
+  pending: collections.deque = collections.deque()
+  inflight, position = 0, 0
+  for _ in jobs:
+    while position < len(jobs) and (not pending or inflight + _block_bytes(*jobs[position]) <= ahead_bytes):
+      expr, index = jobs[position]
+      pending.append((_block_bytes(expr, index), pool.submit(_evaluate_block, expr, index, source)))
+      inflight += pending[-1][0]
+      position += 1
+    nbytes, future = pending.popleft()
+    block = future.result()
     f.write(memoryview(block.reshape(-1).view(np.uint8)))
+    inflight -= nbytes
+    del block
+
+
+def _block_bytes(expr: Expr, index: tuple) -> int:
+  return math.prod(s.stop - s.start for s in index) * np.dtype(expr.dtype).itemsize
 
 
 def write_safetensors(dst: epath.Path, tensors: dict[str, Expr], source: SourceArrays, *,
@@ -166,12 +191,13 @@ def write_safetensors(dst: epath.Path, tensors: dict[str, Expr], source: SourceA
       names = (['model.safetensors'] if len(files) == 1 else
                [f'model-{k + 1:05d}-of-{len(files):05d}.safetensors' for k in range(len(files))])
       weight_map = {}
-      for file_name, members in zip(names, files):
-        with (tmp / file_name).open('wb') as f:
-          f.write(_header(members, tensors))
-          for name in members:
-            _write_tensor(f, tensors[name], source)
-        weight_map.update(dict.fromkeys(members, file_name))
+      with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for file_name, members in zip(names, files):
+          with (tmp / file_name).open('wb') as f:
+            f.write(_header(members, tensors))
+            _write_blocks(f, [(tensors[n], index) for n in members for index in _blocks(tensors[n])], source, pool,
+                          ahead_bytes=2 * BLOCK_BYTES)
+          weight_map.update(dict.fromkeys(members, file_name))
       if len(files) > 1:
         (tmp / INDEX_FILE).write_text(json.dumps({'metadata': {'total_size': total},
                                                   'weight_map': dict(sorted(weight_map.items(), key=lambda kv: _natural(kv[0])))},

@@ -27,6 +27,7 @@ from etils import epath
 from orbax_nnx import errors
 from orbax_nnx.metadata import ItemMetadata, LeafInfo
 from orbax_nnx.nnx_tree import DiskPath
+from orbax_nnx.reader import aligned_empty, transposed
 
 INDEX_FILE = 'model.safetensors.index.json'
 SUFFIX = '.safetensors'
@@ -178,7 +179,6 @@ class SafetensorsArray:
 
   def read(self, region: tuple, perm: tuple[int, ...] | None = None) -> np.ndarray:
     """`region` (normalized slices) of the tensor, axes permuted by `perm` if given."""
-    from orbax_nnx.reader import aligned_empty  # local: the reader imports this module lazily
     file, base = self.location.file, self.location.start
     if not self.shape:
       out = aligned_empty((), self.dtype)
@@ -206,9 +206,7 @@ class SafetensorsArray:
       out = aligned_empty(tuple(r.stop - r.start for r in region), self.dtype)
       np.copyto(out, covering[(slice(None),) + tuple(rest)])
     if perm is not None:
-      moved = aligned_empty(tuple(out.shape[p] for p in perm), self.dtype)
-      np.copyto(moved, np.transpose(out, perm))
-      out = moved
+      out = transposed(out, perm)
     return out
 
 
@@ -241,10 +239,10 @@ class _FileReader:
         raise errors.CorruptCheckpointError(file, f'{len(view)} bytes at {offset} could not be read (truncated?)')
       done += got
 
-  def __del__(self):
+  def __del__(self, close=os.close):  # `close` bound now: module globals may be gone at interpreter exit
     for fd in self._fds.values():
       try:
-        os.close(fd)
+        close(fd)
       except OSError:
         pass
 
