@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_restore.py
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_serving.py
+	$(BIN)/python bench/bench_safetensors.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -28,7 +28,8 @@ from orbax_nnx.views import view
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """Sizes and family switches: Mistral is plain Llama; Qwen2 sets `attn_bias`; Qwen3 `qk_norm`."""
+  """Sizes and family switches: Mistral is plain Llama (sliding-window attention is not modelled: full causal
+  attention, the same below the window); Qwen2 sets `attn_bias`; Qwen3 `qk_norm`."""
 
   vocab: int = 64
   emb: int = 32
@@ -44,6 +45,7 @@ class LlamaConfig:
   qk_norm: bool = False
   scan_layers: bool = False
   param_dtype: Any = jnp.float32
+  rope_scaling: str | None = None  # HF `rope_scaling` as JSON: weights load, but this example's forward refuses it
 
   @classmethod
   def from_hf(cls, config: Mapping[str, Any] | epath.PathLike, **overrides: Any) -> 'LlamaConfig':
@@ -59,7 +61,8 @@ class LlamaConfig:
         rms_eps=config.get('rms_norm_eps', 1e-6), rope_theta=config.get('rope_theta', 10000.0),
         tie_embeddings=bool(config.get('tie_word_embeddings', False)),
         attn_bias=bool(config.get('attention_bias', config.get('model_type') == 'qwen2')),
-        qk_norm=config.get('model_type') == 'qwen3')
+        qk_norm=config.get('model_type') == 'qwen3',
+        rope_scaling=json.dumps(config['rope_scaling'], sort_keys=True) if config.get('rope_scaling') else None)
     return cls(**{**values, **overrides})
 
 
@@ -97,6 +100,9 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     cfg = self.cfg
+    if cfg.rope_scaling is not None:
+      raise NotImplementedError(f'rope_scaling={cfg.rope_scaling}: this example model implements plain RoPE only;'
+                                ' the weights load, but its logits would be wrong.')
     q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)

@@ -312,3 +312,11 @@ def test_column_cut_regions_read_only_their_bytes(tmp_path):
   np.testing.assert_array_equal(source.read(('w',), (slice(0, 64), slice(7, 9))), weight[:, 7:9])  # tiny runs: rows
   np.testing.assert_array_equal(source.read(('b',), (slice(5, 9),)), weight[0, 5:9])
   np.testing.assert_array_equal(source.read(('w',), (3, slice(0, 4096)), perm=None), weight[3])
+
+
+def test_rope_scaling_is_not_ignored():
+  config = hf_config(CFG) | {'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0}}
+  cfg = LlamaConfig.from_hf(config)
+  model = Llama(cfg, rngs=nnx.Rngs(0))
+  with pytest.raises(NotImplementedError, match='rope_scaling'):
+    model(jnp.zeros((1, 3), jnp.int32))
