@@ -24,6 +24,9 @@ from orbax_nnx.metadata import read_item_metadata, resolve_item
 from orbax_nnx.inspection import inspect_checkpoint as inspect
 from orbax_nnx.compare import compare
 from orbax_nnx import llama
+from orbax_nnx import v1 as _v1
+
+_v1.register()  # Orbax v1: NNX objects saved and loaded by orbax_nnx.v1.NNXHandler
 from orbax_nnx.version import __version__
 from orbax_nnx.views import View, view
 

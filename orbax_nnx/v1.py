@@ -1,0 +1,112 @@
+"""Orbax v1 (`orbax.checkpoint.experimental.v1`): an NNX `CheckpointableHandler`, registered globally.
+
+    from orbax.checkpoint import v1 as ocp          # or orbax.checkpoint.experimental.v1
+    import orbax_nnx                                 # registers orbax_nnx.v1.NNXHandler
+
+    ocp.save_checkpointables(path, {'model': model, 'optimizer': optimizer})
+    out = ocp.load_checkpointables(path, {'model': abstract_model, 'optimizer': abstract_optimizer})
+    with ocp.training.Checkpointer(root) as ckptr:   # async saves, max_to_keep, ...
+      ckptr.save_checkpointables(step, {'model': model})
+
+Anything holding NNX objects (a Module, an Optimizer, an `nnx.State`, dicts of them) is saved by
+this handler, on disk exactly as our v0 handler writes it (the Flax guide's format plus our
+records), so either API reads what the other wrote. Plain pytrees are not ours: v1's own
+`PyTreeHandler` keeps them. Loads take an abstract NNX object, nothing (the stored Variables),
+or `orbax_nnx.NNXRestore(target, rules=..., ...)` for per-call options: any layout we read
+(Linen, MaxText, the other NNX flavour, safetensors through `restore`) maps into the target on
+the way, lazily per shard.
+
+`ocp.save(path, nnx_state)` (and `save_pytree`) names its item `state`, which the global registry
+binds to v1's PyTreeHandler by name: it keeps the values, not the Variable types. Inside
+`orbax_nnx.v1.context()` (or with `training.Checkpointer(root, context=orbax_nnx.v1.context())`)
+that binding is lifted, so `ocp.save`/`ocp.load` of NNX objects go through `NNXHandler` too, and
+plain pytrees still through PyTreeHandler. Mapped loads of a `state` item:
+`load_checkpointables(path, {'state': orbax_nnx.NNXRestore(target, rules=...)})` (`load_pytree`
+refuses abstract leaves it does not know).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable
+
+import orbax.checkpoint as ocp
+from etils import epath
+
+from orbax_nnx import nnx_tree
+from orbax_nnx.handlers import NNXCheckpointHandler, NNXRestore, NNXSave
+
+
+class NNXHandler:
+  """Saves and loads NNX objects (Modules, Optimizers, States) for Orbax v1; built without arguments."""
+
+  def __init__(self):
+    self._v0 = NNXCheckpointHandler()
+
+  async def save(self, directory, checkpointable: Any) -> Awaitable[None]:
+    """Starts the save (device-to-host copies now); the returned awaitable writes and commits."""
+    commit_futures = await self._v0.async_save(directory.path, NNXSave(checkpointable))
+
+    async def background() -> None:
+      path = await directory.await_creation()
+      for f in commit_futures or ():
+        await asyncio.to_thread(f.result)
+      name = f'orbax_nnx_v1_{path.name}_{path.parent.name}'
+      await asyncio.to_thread(ocp.multihost.sync_global_processes, f'{name}_committed')
+      if ocp.multihost.process_index() == 0:
+        await asyncio.to_thread(self._v0.finalize, epath.Path(path))
+      await asyncio.to_thread(ocp.multihost.sync_global_processes, f'{name}_finalized')
+
+    return background()
+
+  async def load(self, directory, abstract_checkpointable: Any = None) -> Awaitable[Any]:
+    """Loads into `abstract_checkpointable` (an abstract NNX object, a live one, or `NNXRestore`)."""
+    args = (abstract_checkpointable if isinstance(abstract_checkpointable, NNXRestore)
+            else NNXRestore(target=abstract_checkpointable))
+
+    async def background() -> Any:
+      return await asyncio.to_thread(self._v0.restore, epath.Path(directory), args)
+
+    return background()
+
+  async def metadata(self, directory) -> Any:
+    """The stored tree's metadata (Orbax's, as for a pytree)."""
+    return self._v0.metadata(epath.Path(directory))
+
+  def is_handleable(self, checkpointable: Any) -> bool:
+    return nnx_tree.contains_nnx(checkpointable)
+
+  def is_abstract_handleable(self, abstract_checkpointable: Any) -> bool:
+    return isinstance(abstract_checkpointable, NNXRestore) or nnx_tree.contains_nnx(abstract_checkpointable)
+
+
+def context(**options: Any):
+  """A v1 `Context` whose handler registry lets `ocp.save`/`ocp.load` (the `state` item) use `NNXHandler`.
+
+  The global registry binds the name `state` to PyTreeHandler; here every global handler is kept,
+  in order, without that name binding, so the most recently registered handler that can take an
+  object wins: ours for NNX objects, PyTreeHandler for plain pytrees. `options` go to `ocp.Context`.
+  """
+  from orbax.checkpoint.experimental import v1 as ocp_v1
+
+  global_registry = ocp_v1.handlers.global_registry()
+  registry = ocp_v1.handlers.local_registry(include_global_registry=False)
+  added = set()
+  for handler_type, name in global_registry.get_all_entries():
+    if name == 'state' or (handler_type, name) in added:
+      continue
+    registry.add(handler_type, checkpointable_name=name,
+                 secondary_typestrs=global_registry.get_secondary_typestrs(handler_type))
+    added.add((handler_type, name))
+  return ocp_v1.Context(checkpointables_options=ocp_v1.options.CheckpointablesOptions(registry=registry), **options)
+
+
+def register() -> None:
+  """Registers `NNXHandler` globally (done on `import orbax_nnx`); v0 NNX items load through it."""
+  from orbax.checkpoint.experimental.v1 import handlers
+
+  try:
+    handlers.register_handler(NNXHandler, secondary_typestrs=[NNXCheckpointHandler.typestr()])
+  except Exception as e:  # already registered (a re-import)
+    if 'already' not in str(e).lower():
+      raise
