@@ -111,7 +111,8 @@ def cmd_plan(args) -> int:
   if preset is not None:
     from orbax_nnx.planner import plan
 
-    the_plan = plan(src_item, preset.target, rules=preset.rules + _rules(args.rename))
+    the_plan = plan(src_item, preset.target, rules=preset.rules + _rules(args.rename),
+                    scan_axis=_scan_axis(args.scan_axis) or preset.scan_axis)
     print(the_plan)
     return 0 if not the_plan.missing else 1
   layout, target, the_plan, options = plan_conversion(
@@ -166,12 +167,13 @@ def cmd_convert(args) -> int:
   preset = _preset(args, args.scan_layers)
   model = dict(target=preset.target, scan_layers=None) if preset else dict(scan_layers=args.scan_layers)
   rules = (preset.rules if preset else []) + _rules(args.rename)
-  _, _, the_plan, _ = plan_conversion(src_item, to=args.to, scan_axis=_scan_axis(args.scan_axis),
+  scan_axis = _scan_axis(args.scan_axis) or (preset.scan_axis if preset else None)
+  _, _, the_plan, _ = plan_conversion(src_item, to=args.to, scan_axis=scan_axis,
                                       param_scan_axis=args.param_scan_axis, flavour=args.format, rules=rules,
                                       include=args.include, **model)
   total = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in the_plan.leaves.values())
   progress = _Progress(len(the_plan.entries), total, args.quiet)
-  report = convert(src_item, args.dst, to=args.to, scan_axis=_scan_axis(args.scan_axis),
+  report = convert(src_item, args.dst, to=args.to, scan_axis=scan_axis,
                    param_scan_axis=args.param_scan_axis, format=args.format, rules=rules, include=args.include,
                    overwrite=args.overwrite, buffer_bytes=args.buffer_mib * 2**20, progress=progress, **model)
   if not args.quiet:

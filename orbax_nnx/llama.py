@@ -2,13 +2,16 @@
 
     cfg = orbax_nnx.llama.LlamaConfig.from_hf('path/to/hf_model/config.json')
     abstract = nnx.eval_shape(lambda: orbax_nnx.llama.Llama(cfg, rngs=nnx.Rngs(0)))
-    model = orbax_nnx.restore('path/to/hf_model', abstract, rules=orbax_nnx.llama.hf_rules(cfg))
+    model = orbax_nnx.restore('path/to/hf_model', abstract, rules=orbax_nnx.llama.hf_rules(cfg),
+                              scan_axis=orbax_nnx.llama.SCAN_AXIS)
 
 `hf_export_rules(cfg)` is the way back (`export_params(..., format='safetensors')`).
 The rules are data: copy `hf_rules` and edit the target paths and views for your own model.
 HF torch `Linear` weights are `(out, in)` and attention projections flatten their heads, so
 the views transpose and reshape; layers `model.layers.N` become `layers/N`, which restores
-into unrolled layers (`nnx.List`) and, stacked on axis 0, into scanned ones (`nnx.vmap`).
+into unrolled layers (`nnx.List`) and, stacked on axis 0, into scanned ones (`nnx.vmap`). Pass
+`scan_axis=SCAN_AXIS` for scanned ones: when the layer count equals another dimension (32 layers
+and 32 heads), nothing in the shapes says which axis the layers are on, and that is an error.
 """
 
 from __future__ import annotations
@@ -64,6 +67,9 @@ class LlamaConfig:
         qk_norm=config.get('model_type') == 'qwen3',
         rope_scaling=json.dumps(config['rope_scaling'], sort_keys=True) if config.get('rope_scaling') else None)
     return cls(**{**values, **overrides})
+
+
+SCAN_AXIS = {r'model/layers/.*': 0}  # `Llama(scan_layers=True)` stacks its layers on axis 0 (nnx.vmap)
 
 
 def _init(names: tuple):
@@ -239,10 +245,11 @@ class HFPreset:
   target: Any  # an abstract `Llama` (nnx.eval_shape)
   rules: list  # Hugging Face names -> model paths (loading)
   export_rules: list  # model paths -> Hugging Face names (exporting)
+  scan_axis: dict  # where scanned layers are stacked
 
 
 def hf_preset(config: Mapping[str, Any] | epath.PathLike, **overrides: Any) -> HFPreset:
   """The Llama-family preset for a Hugging Face `config.json` (a path or its dict)."""
   cfg = LlamaConfig.from_hf(config, **overrides)
   target = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-  return HFPreset(cfg, target, hf_rules(cfg), hf_export_rules(cfg))
+  return HFPreset(cfg, target, hf_rules(cfg), hf_export_rules(cfg), dict(SCAN_AXIS))

@@ -365,7 +365,11 @@ class _Planner:
     record = self.layout.meta.record_of(disk)
     return _names_axis(record.metadata.get('out_sharding') if record else None)
 
-  def _convention(self, leaf: TargetLeaf) -> int:
+  def _convention(self, leaf: TargetLeaf) -> int | None:
+    """The Linen/MaxText layer-axis convention, for Linen sources only: NNX models stack on axis 0
+    (`nnx.vmap`) or 1 (MaxText NNX) alike, so there an undecided axis is an error, not a guess."""
+    if self.layout.framework != 'linen':
+      return None
     return self.param_scan_axis if leaf.param_like else 0
 
   def _choose(self, candidates: list, leaf: TargetLeaf, hints: Sequence[int | None], what: str):

@@ -320,3 +320,16 @@ def test_rope_scaling_is_not_ignored():
   model = Llama(cfg, rngs=nnx.Rngs(0))
   with pytest.raises(NotImplementedError, match='rope_scaling'):
     model(jnp.zeros((1, 3), jnp.int32))
+
+
+def test_layer_count_equal_to_heads_is_an_error_not_a_guess(tmp_path):
+  """4 layers and 4 heads: o_proj stacks to (4, 4, 8, 32) with either axis fitting; no convention decides."""
+  cfg = dataclasses.replace(CFG, num_layers=4, scan_layers=True)
+  tensors = hf_tensors(cfg)
+  write_hf(tmp_path / 'hf', tensors, hf_config(cfg))
+  with pytest.raises(errors.PlanError, match=r'ambiguous layer axis.*scan_axis'):
+    orbax_nnx.restore(tmp_path / 'hf', abstract(cfg), rules=hf_rules(cfg))
+  model = orbax_nnx.restore(tmp_path / 'hf', abstract(cfg), rules=hf_rules(cfg), scan_axis=orbax_nnx.llama.SCAN_AXIS)
+  got, want = params_by_path(model, cfg), reference_params(cfg, tensors)
+  for name, value in want.items():
+    np.testing.assert_array_equal(got[name], value.astype(np.float32), err_msg=name)
