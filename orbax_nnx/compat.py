@@ -15,6 +15,7 @@ from orbax.checkpoint._src import asyncio_utils
 from orbax.checkpoint._src.arrays import sharding as _arrays_sharding
 from orbax.checkpoint._src.futures import future as future_lib
 from orbax.checkpoint._src.handlers import composite_checkpoint_handler as _composite
+from orbax.checkpoint._src.handlers import handler_type_registry as _handler_types
 from orbax.checkpoint._src.metadata import array_metadata_store as array_metadata_store_lib
 from orbax.checkpoint._src.serialization import jax_array_handlers, tensorstore_utils
 from orbax.checkpoint._src.serialization import type_handler_registry
@@ -34,6 +35,9 @@ SaveArgs = serialization_types.SaveArgs
 get_ts_context = tensorstore_utils.get_ts_context
 build_array_read_spec = tensorstore_utils.build_array_read_spec
 create_type_handler_registry = type_handler_registry.create_type_handler_registry
+# v0 CheckpointManager no-args restores find an item's handler class by the typestr it recorded
+register_handler_type = _handler_types.register_handler_type
+get_handler_type = _handler_types.get_handler_type
 
 
 def default_type_handlers() -> list[tuple[type, Any]]:

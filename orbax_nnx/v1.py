@@ -33,8 +33,10 @@ from typing import Any, Awaitable
 import orbax.checkpoint as ocp
 from etils import epath
 
-from orbax_nnx import nnx_tree
+from orbax_nnx import compat, nnx_tree
 from orbax_nnx.handlers import NNXCheckpointHandler, NNXRestore, NNXSave
+
+TYPESTR = 'orbax_nnx.v1.NNXHandler'  # what v1 records for items this handler saved (module.qualname)
 
 
 class NNXHandler:
@@ -101,10 +103,29 @@ def context(**options: Any):
   return ocp_v1.Context(checkpointables_options=ocp_v1.options.CheckpointablesOptions(registry=registry), **options)
 
 
+class V1ItemCheckpointHandler(NNXCheckpointHandler):
+  """Our v0 handler under the typestr v1 records: a v0 CheckpointManager restores v1-saved NNX items
+  with no args."""
+
+  @classmethod
+  def typestr(cls) -> str:
+    return TYPESTR
+
+
+# Orbax wants args classes of its own for each handler class (the same fields as ours)
+ocp.args.register_with_handler(V1ItemCheckpointHandler, for_save=True)(
+    type('NNXSaveOfV1Item', (NNXSave,), {'__doc__': 'NNXSave for items of Orbax v1 layout.'}))
+ocp.args.register_with_handler(V1ItemCheckpointHandler, for_restore=True)(
+    type('NNXRestoreOfV1Item', (NNXRestore,), {'__doc__': 'NNXRestore for items Orbax v1 saved with NNXHandler.'}))
+
+
 def register() -> None:
-  """Registers `NNXHandler` globally (done on `import orbax_nnx`); v0 NNX items load through it."""
+  """Registers `NNXHandler` with Orbax v1 (done on `import orbax_nnx`): v0 NNX items load through it,
+  and v1-saved NNX items through a v0 CheckpointManager."""
   from orbax.checkpoint.experimental.v1 import handlers
 
+  assert f'{NNXHandler.__module__}.{NNXHandler.__qualname__}' == TYPESTR
+  compat.register_handler_type(V1ItemCheckpointHandler)
   try:
     handlers.register_handler(NNXHandler, secondary_typestrs=[NNXCheckpointHandler.typestr()])
   except Exception as e:  # already registered (a re-import)

@@ -17,7 +17,8 @@ from orbax_nnx import compat
 
 @pytest.mark.parametrize('name', ['run_sync', 'is_graph_node', 'get_concrete_mesh', 'get_sharding_or_format',
                                   'CommitFuture', 'ArrayMetadataStore', 'ArrayHandler', 'ParamInfo', 'SaveArgs',
-                                  'get_ts_context', 'build_array_read_spec', 'create_type_handler_registry'])
+                                  'get_ts_context', 'build_array_read_spec', 'create_type_handler_registry',
+                                  'register_handler_type', 'get_handler_type'])
 def test_symbol_exists_and_is_callable(name):
   assert callable(getattr(compat, name)), f'orbax_nnx.compat.{name} is gone: find its new home in this release'
 
@@ -76,3 +77,9 @@ def test_composite_frames_are_found(tmp_path):
       'compat.composite_item_in_flight no longer finds CompositeCheckpointHandler._get_item_handlers(item_name)')
   assert handlers['model'] == orbax_nnx.NNXCheckpointHandler.typestr()
   assert compat.composite_item_in_flight() is None and compat.composite_registry_in_flight() is None
+
+
+def test_handler_type_registry_finds_our_v1_item_handler():
+  from orbax_nnx import v1
+  assert compat.get_handler_type(v1.TYPESTR) is v1.V1ItemCheckpointHandler
+  assert compat.get_handler_type(orbax_nnx.NNXCheckpointHandler.typestr()) is orbax_nnx.NNXCheckpointHandler

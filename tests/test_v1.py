@@ -112,6 +112,20 @@ def test_cross_version_reads(tmp_path):
   assert_same_state(restored, nnx.state(model))
   plain = ocp.StandardCheckpointer().restore(tmp_path / 'v1' / '5' / 'model', target)
   np.testing.assert_array_equal(plain['embed']['embedding'].get_value(), model.embed.embedding.get_value())
+  # fresh processes, no args: v0's manager finds the handler by the typestr v1 recorded, and the other way
+  script = textwrap.dedent(f'''
+      import json
+      import orbax.checkpoint as ocp
+      from orbax.checkpoint.experimental import v1
+      import orbax_nnx
+      with ocp.CheckpointManager({str(tmp_path / 'v1')!r}, handler_registry=orbax_nnx.nnx_registry) as mngr:
+        from_v1 = mngr.restore(5).model
+      from_v0 = v1.load_checkpointables({str(tmp_path / 'v0' / '1')!r})['model']
+      print(json.dumps([type(from_v1['embed']['embedding']).__name__, type(from_v0['embed']['embedding']).__name__]))
+  ''')
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads(result.stdout.strip().splitlines()[-1]) == ['Param', 'Param']
 
 
 def test_mapped_loads_through_v1(tmp_path):
@@ -162,3 +176,27 @@ def test_save_and_load_the_state_item_inside_our_context(tmp_path):
     ckptr.wait()
     back = ckptr.load_pytree(0)
   assert type(back['step']) is nnx.training.optimizer.OptState
+
+
+class Tower(nnx.Module):
+  """LoRA, BatchNorm and an rng stream: every NNX Variable kind a training state carries."""
+
+  def __init__(self, rngs):
+    self.lora = nnx.LoRALinear(8, 8, lora_rank=2, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, rngs=rngs)
+    self.dropout = nnx.Dropout(0.1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.dropout(self.bn(self.lora(x)))
+
+
+def test_lora_batchnorm_rng_state_through_v1(tmp_path):
+  model = Tower(nnx.Rngs(0, dropout=1))
+  model(jnp.ones((4, 8)))  # batch stats and the dropout counter move
+  v1.save_checkpointables(tmp_path / 'c', {'model': model})
+  out = v1.load_checkpointables(tmp_path / 'c')['model']
+  assert_same_state(out, nnx.state(model))
+  kinds = {type(v).__name__ for _, v in nnx.to_flat_state(out)}
+  assert {'LoRAParam', 'BatchStat', 'RngKey', 'RngCount', 'Param'} <= kinds, kinds
+  target = nnx.state(nnx.eval_shape(lambda: Tower(nnx.Rngs(5, dropout=6))))
+  assert_same_state(v1.load_checkpointables(tmp_path / 'c', {'model': target})['model'], nnx.state(model))
