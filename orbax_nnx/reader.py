@@ -114,6 +114,9 @@ class SourceArrays:
     if meta.format == 'safetensors':
       from orbax_nnx.safetensors_source import SafetensorsOpener  # local: that module imports this one
       self._open = SafetensorsOpener(meta)
+    elif meta.format == 'live':
+      from orbax_nnx.live_source import LiveOpener  # local: that module imports this one
+      self._open = LiveOpener(meta)
     else:
       self._open = _OrbaxOpener(meta)
     self.cache_bytes = cache_bytes

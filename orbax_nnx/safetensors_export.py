@@ -52,13 +52,14 @@ def _per_layer(path: tuple, expr: Expr, leaf, scan_axis) -> list[tuple[str, Expr
   return [(name, expr)]
 
 
-def export_plan(src_item: epath.Path, target: Any, rules: Sequence, *, dtype: Any = None,
+def export_plan(meta, target: Any, rules: Sequence, *, dtype: Any = None,
                 scan_axis=None, param_scan_axis: int = 1) -> dict[str, Expr]:
-  """Tensor name -> expression over the stored leaves of `src_item` (metadata only)."""
+  """Tensor name -> expression over the stored leaves `meta` describes (metadata only)."""
   from orbax_nnx.layout import detect
 
   rules = check_rules(rules)
-  layout = detect(read_item_metadata(src_item))
+  layout = detect(meta)
+  src_item = meta.directory
   leaves = targets_for(layout, target)
   plan = build(layout, leaves, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
   if plan.missing:
@@ -218,18 +219,28 @@ def export_safetensors(src: epath.PathLike, dst: epath.PathLike, *, target: Any,
                        dtype: Any = 'bfloat16', max_shard_size: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
                        step: int | None = None, item: str | None = None, scan_axis=None,
                        param_scan_axis: int = 1, buffer_bytes: int = 512 * 2**20) -> tuple[int, int, int]:
-  """`export_params(..., format='safetensors')`: returns (tensors, bytes read, bytes written)."""
+  """`export_params(..., format='safetensors')`: returns (tensors, bytes read, bytes written).
+
+  `src` is a checkpoint path or a live model (Module, Optimizer-free `nnx.State`): its Params export.
+  """
+  from flax import nnx
   errors.check_int('max_shard_size', max_shard_size)
+  live = nnx_tree.is_graph_node(src) or isinstance(src, nnx.State)
+  target = src if target is None and live else target
   if target is None or not rules:
     raise errors.OptionError("format='safetensors' needs target= (the model, abstract) and rules= (model path"
                              ' -> tensor name, e.g. orbax_nnx.llama.hf_export_rules(cfg)).')
-  src_item = resolve_item(src, step=step, item=item)
   dst = epath.Path(dst)
-  if str(dst.resolve()).startswith(str(src_item.resolve()).rstrip('/') + '/') or dst.resolve() == src_item.resolve():
-    raise errors.OrbaxNNXError(f'DST {dst} is inside SRC {src_item}; write it somewhere else.')
-  from flax import nnx
+  if live:  # a live model: its Params, read from memory
+    from orbax_nnx.live_source import live_metadata
+    meta = live_metadata(nnx.state(src, nnx.Param) if nnx_tree.is_graph_node(src) else src)
+  else:
+    src_item = resolve_item(src, step=step, item=item)
+    if str(dst.resolve()).startswith(str(src_item.resolve()).rstrip('/') + '/') or dst.resolve() == src_item.resolve():
+      raise errors.OrbaxNNXError(f'DST {dst} is inside SRC {src_item}; write it somewhere else.')
+    meta = read_item_metadata(src_item)
   state = nnx.state(target, nnx.Param) if nnx_tree.is_graph_node(target) else target
-  tensors = export_plan(src_item, state, rules, dtype=dtype, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
-  source = SourceArrays(read_item_metadata(src_item), cache_bytes=buffer_bytes)
+  tensors = export_plan(meta, state, rules, dtype=dtype, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
+  source = SourceArrays(meta, cache_bytes=buffer_bytes)
   written = write_safetensors(dst, tensors, source, max_shard_size=max_shard_size, overwrite=overwrite)
   return len(tensors), source.bytes_read, written

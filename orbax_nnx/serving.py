@@ -111,7 +111,8 @@ def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfl
   `model.safetensors.index.json`): `src` is planned into `target` (the abstract model;
   stacked layers are exported per layer), then `rules` name each tensor, with views,
   from the model path (e.g. `orbax_nnx.llama.hf_export_rules(cfg)`). A view's own
-  `.astype` wins over `dtype`.
+  `.astype` wins over `dtype`. `src` may also be a live model (its Params are exported from
+  memory; `target` defaults to it).
   """
   errors.check_choice('format', format, ('nnx', 'linen', 'safetensors'))
   errors.check_choice('filter', filter, ('Param', 'LoRAParam'))
@@ -128,7 +129,8 @@ def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfl
         src, dst, target=target, rules=rules, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
         step=step, item=item, scan_axis=scan_axis, param_scan_axis=param_scan_axis, **options)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return ConvertReport(str(src), str(dst), 'checkpoint', 'safetensors', count, read, written,
+    kind = 'checkpoint' if isinstance(src, (str, epath.Path)) or hasattr(src, '__fspath__') else 'live model'
+    return ConvertReport(str(src) if kind == 'checkpoint' else kind, str(dst), kind, 'safetensors', count, read, written,
                          time.perf_counter() - t0, rss)
   if target is not None or rules:
     raise errors.UnsupportedArgumentError("target= and rules= apply to format='safetensors' only.")

@@ -333,3 +333,23 @@ def test_layer_count_equal_to_heads_is_an_error_not_a_guess(tmp_path):
   got, want = params_by_path(model, cfg), reference_params(cfg, tensors)
   for name, value in want.items():
     np.testing.assert_array_equal(got[name], value.astype(np.float32), err_msg=name)
+
+
+def test_export_a_live_model(tmp_path):
+  """A fine-tuned model in memory (stacked layers) straight to HF files, and back into the unrolled model."""
+  import safetensors.numpy
+
+  cfg = dataclasses.replace(CFG, scan_layers=True, attn_bias=True)
+  model = Llama(cfg, rngs=nnx.Rngs(3))
+  report = orbax_nnx.export_params(model, tmp_path / 'out', format='safetensors',
+                                   rules=orbax_nnx.llama.hf_export_rules(cfg), dtype=None)
+  assert report.source_kind == 'live model'
+  got = safetensors.numpy.load_file(tmp_path / 'out' / 'model.safetensors')
+  np.testing.assert_array_equal(got['model.layers.1.mlp.down_proj.weight'],
+                                np.asarray(model.layers.mlp.down_proj.kernel.get_value()[1]).T)
+  np.testing.assert_array_equal(got['model.layers.2.self_attn.k_proj.bias'],
+                                np.asarray(model.layers.attn.k_proj.bias.get_value()[2]).reshape(-1))
+  unrolled = dataclasses.replace(cfg, scan_layers=False)
+  back = orbax_nnx.restore(tmp_path / 'out', abstract(unrolled), rules=hf_rules(unrolled))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab, (2, 5)))
+  np.testing.assert_allclose(np.asarray(back(tokens)), np.asarray(model(tokens)), rtol=1e-5, atol=1e-5)
