@@ -184,6 +184,9 @@ def write_safetensors(dst: epath.Path, tensors: dict[str, Expr], source: SourceA
   if dst.exists() and not overwrite:
     raise errors.OrbaxNNXError(f'DST {dst} exists; pass overwrite=True (--overwrite) to replace it.')
   total = sum(_nbytes(e) for e in tensors.values())
+  if jax.process_count() > 1:  # every process has looked at DST before process 0 creates it
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('orbax_nnx_safetensors_export_start')
   if jax.process_index() == 0:
     tmp = dst.parent / f'.{dst.name}.orbax-nnx-tmp-{uuid.uuid4().hex[:8]}'
     tmp.mkdir(parents=True)
