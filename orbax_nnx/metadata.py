@@ -52,7 +52,7 @@ class ItemMetadata:
   leaves: Mapping[DiskPath, LeafInfo]
   custom: Mapping[str, Any]
   has_empty_nodes: bool = False  # None / empty entries (e.g. optax MaskedNode) in the stored tree
-  format: str = 'orbax'  # 'orbax' (an Orbax PyTree item) or 'safetensors' (leaves keyed by tensor name)
+  format: str = 'orbax'  # 'orbax' (an Orbax PyTree item), 'safetensors' (keyed by tensor name), 'live' (in memory)
 
   @property
   def ours(self) -> Mapping[str, Any]:
