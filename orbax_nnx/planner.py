@@ -173,6 +173,26 @@ def reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[tup
 
 
 @dataclasses.dataclass(frozen=True)
+class Concat:
+  """Several expressions joined along `axis` (one target fused from several stored arrays)."""
+
+  exprs: tuple['Expr', ...]
+  axis: int
+
+  @property
+  def shape(self):
+    s = self.exprs[0].shape
+    return s[: self.axis] + (sum(e.shape[self.axis] for e in self.exprs),) + s[self.axis + 1:]
+
+  @property
+  def dtype(self):
+    return self.exprs[0].dtype
+
+  def __str__(self) -> str:
+    return f'concat([{", ".join(map(str, self.exprs))}], axis={self.axis})'
+
+
+@dataclasses.dataclass(frozen=True)
 class Cast:
   expr: 'Expr'
   dtype: Any
@@ -217,7 +237,7 @@ class LoraMerge:
     return f'merge_lora({self.base} + {self.a} @ {self.b})'
 
 
-Expr = Union[Read, Take, Slice, Reshape, Stack, Transpose, Cast, Const, LoraMerge]
+Expr = Union[Read, Take, Slice, Reshape, Stack, Concat, Transpose, Cast, Const, LoraMerge]
 
 
 def reads(expr: Expr) -> Iterable[Read]:
@@ -229,7 +249,7 @@ def reads(expr: Expr) -> Iterable[Read]:
   elif isinstance(expr, LoraMerge):
     for e in (expr.base, expr.a, expr.b):
       yield from reads(e)
-  elif isinstance(expr, Stack):
+  elif isinstance(expr, (Stack, Concat)):
     for e in expr.exprs:
       yield from reads(e)
   else:
@@ -337,12 +357,14 @@ class _Planner:
         raise errors.OptionError(f'rule pattern {pattern!r} is not a regular expression: {e}.') from e
     matched: set[int] = set()
     self.views: dict[CanonPath, tuple[CanonPath, View]] = {}  # target -> (source, view)
+    self.renamed_of: dict[CanonPath, CanonPath] = {}
     for canon, disk in layout.canonical.items():
       renamed = _rename(layout, canon, compiled, matched)
       if isinstance(renamed, dict):  # a view rule: the source keeps its path, its views name targets
         self.views.update({target: (canon, v) for target, v in renamed.items()})
         renamed = canon
       self.src[renamed] = disk
+      self.renamed_of[canon] = renamed
     unmatched = [rules[i] for i in range(len(rules)) if i not in matched]
     if unmatched:
       examples = ', '.join(sorted(layout.rule_key(c) for c in layout.canonical)[:5])
@@ -355,6 +377,7 @@ class _Planner:
     self.target_group_sizes = _group_sizes(t.canon for t in targets)
     self.source_group_indices = _group_indices(list(self.src) + list(self.views))
     self.used: set[CanonPath] = set()
+    self.by_rule_key = {layout.rule_key(c): c for c in layout.canonical}
 
   # - axis choice
 
@@ -414,7 +437,17 @@ class _Planner:
   def _viewed(self, canon: CanonPath) -> Expr:
     """The expression a view rule gives the target path `canon`."""
     source, v = self.views[canon]
-    return apply_view(v, self._read(source), f'{"/".join(self.src[source])} -> {"/".join(canon)}')
+    return apply_view(v, self._read(source), f'{"/".join(self.src[source])} -> {"/".join(canon)}', self._stored)
+
+  def _stored(self, name: str) -> Read:
+    """A stored array named as rules match it (for `view.concat`)."""
+    canon = self.by_rule_key.get(name)
+    if canon is None:
+      raise errors.PlanError(f'view.concat names {name!r}, which is not stored here; name stored arrays as rules'
+                             f' match them, e.g. {sorted(self.by_rule_key)[:3]}.')
+    self.used.add(self.renamed_of[canon])
+    info = self.layout.leaves[self.layout.canonical[canon]]
+    return Read(self.layout.canonical[canon], info.shape, np.dtype(info.dtype))
 
   def _member_expr(self, canon: CanonPath) -> Expr:
     """One layer of an unrolled source group: a renamed stored leaf, or a view rule's target."""
@@ -540,16 +573,29 @@ def _rename(layout: Layout, canon: CanonPath, rules, matched: set[int]) -> Canon
     if pattern.fullmatch(joined):
       matched.add(i)
       if isinstance(repl, Mapping):
-        return {layout.rule_target(pattern.sub(r, joined)): v for r, v in repl.items()}
+        return {layout.rule_target(pattern.sub(r, joined)): v.resolve(lambda t: pattern.sub(t, joined))
+                for r, v in repl.items()}
       return layout.rule_target(pattern.sub(repl, joined))
   return canon
 
 
-def apply_view(v: View, expr: Expr, where: str) -> Expr:
-  """Compiles a view's operations into lazy expressions over `expr` (read per shard later)."""
+def apply_view(v: View, expr: Expr, where: str, lookup=None) -> Expr:
+  """Compiles a view's operations into lazy expressions over `expr` (read per shard later).
+
+  `lookup(name)` gives the expression of another stored array, for `concat`.
+  """
   for op in v.ops:
     rank = len(expr.shape)
-    if op[0] == 'take':
+    if op[0] == 'concat':
+      if lookup is None:
+        raise errors.PlanError(f'{where}: {v}: concat needs stored arrays to join; it has none here.')
+      parts, axis = (expr,) + tuple(lookup(name) for name in op[1]), op[2] % max(rank, 1)
+      for part in parts[1:]:
+        if len(part.shape) != rank or any(a != b for k, (a, b) in enumerate(zip(part.shape, expr.shape)) if k != axis):
+          raise errors.PlanError(f'{where}: {v} joins {part} of shape {part.shape} to shape {expr.shape} on axis'
+                                 f' {axis}: the other axes differ.')
+      expr = Concat(parts, axis)
+    elif op[0] == 'take':
       if rank == 0 or not -expr.shape[0] <= op[1] < expr.shape[0]:
         raise errors.PlanError(f'{where}: {v} indexes {op[1]} into shape {expr.shape}.')
       expr = Take(expr, op[1] % expr.shape[0], 0)

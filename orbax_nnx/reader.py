@@ -23,7 +23,7 @@ import tensorstore as ts
 from orbax_nnx import compat, errors
 from orbax_nnx.metadata import ItemMetadata
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
-from orbax_nnx.planner import (Cast, Const, Expr, LoraMerge, Plan, Read, Reshape, Slice, Stack, Take, TargetLeaf,
+from orbax_nnx.planner import (Cast, Concat, Const, Expr, LoraMerge, Plan, Read, Reshape, Slice, Stack, Take, TargetLeaf,
                                Transpose, reads)
 
 Index = tuple[slice, ...]
@@ -320,6 +320,11 @@ def evaluate(expr: Expr, index: tuple[slice, ...], source: SourceArrays) -> np.n
     return evaluate(expr.expr, _slice_region(expr, index), source)
   if isinstance(expr, Reshape):
     return _reshape(expr, index, source)
+  if isinstance(expr, Concat):
+    out = aligned_empty(tuple(s.stop - s.start for s in index), expr.dtype)
+    for part, region, placed in _concat_parts(expr, index):
+      out[placed] = evaluate(part, region, source)
+    return out
   if isinstance(expr, Transpose):
     src_index = [slice(None)] * len(expr.perm)
     for k, p in enumerate(expr.perm):
@@ -368,6 +373,9 @@ def read_regions(expr: Expr, index: tuple):
   elif isinstance(expr, Reshape):
     if all(expr.expr.shape) and all(expr.shape):
       yield from read_regions(expr.expr, _reshape_region(expr, index)[0])
+  elif isinstance(expr, Concat):
+    for part, region, _ in _concat_parts(expr, index):
+      yield from read_regions(part, region)
   elif isinstance(expr, Transpose):
     src_index = [slice(None)] * len(expr.perm)
     for k, p in enumerate(expr.perm):
@@ -378,6 +386,19 @@ def read_regions(expr: Expr, index: tuple):
     rest = index[: expr.axis] + index[expr.axis + 1:]
     for i in range(layer.start, layer.stop):
       yield from read_regions(expr.exprs[i], rest)
+
+
+def _concat_parts(expr: Concat, index: tuple):
+  """(part, its region, where it lands in the output) for each part `index` overlaps."""
+  axis, want, start = expr.axis, index[expr.axis], 0
+  for part in expr.exprs:
+    stop = start + part.shape[axis]
+    lo, hi = max(want.start, start), min(want.stop, stop)
+    if lo < hi:
+      region = index[:axis] + (slice(lo - start, hi - start),) + index[axis + 1:]
+      placed = (slice(None),) * axis + (slice(lo - want.start, hi - want.start),)
+      yield part, region, placed
+    start = stop
 
 
 def _slice_region(expr: Slice, index: tuple) -> tuple:

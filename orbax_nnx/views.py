@@ -22,7 +22,8 @@ from orbax_nnx import errors
 @dataclasses.dataclass(frozen=True)
 class View:
   """Operations on one stored array, applied in order: ('take', i), ('slice', axis, start, stop),
-  ('reshape', shape), ('transpose', perm), ('swapaxes', a, b), ('astype', dtype)."""
+  ('reshape', shape), ('transpose', perm), ('swapaxes', a, b), ('astype', dtype), and
+  ('concat', other stored names, axis), which fuses other stored arrays onto it."""
 
   ops: tuple[tuple[Any, ...], ...] = ()
 
@@ -79,6 +80,21 @@ class View:
       raise errors.OptionError(f'view.reshape{shape}: sizes must be non-negative integers (one may be -1).')
     return View(self.ops + (('reshape', tuple(int(n) for n in shape)),))
 
+  def concat(self, *others: str, axis: int = 0) -> 'View':
+    """This array with other stored arrays appended along `axis`, in order: one target fused from
+    several (e.g. `view.concat(r'...k_proj.weight', r'...v_proj.weight')` for a qkv kernel). `others`
+    name stored leaves as rules match them and may use the rule's groups (`\\1`)."""
+    if not others or not all(isinstance(o, str) for o in others):
+      raise errors.OptionError(f'view.concat{others}: name the other stored arrays (strings, as rules match them).')
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+      raise errors.OptionError(f'view.concat(axis={axis!r}): axis must be an integer.')
+    return View(self.ops + (('concat', tuple(others), int(axis)),))
+
+  def resolve(self, expand) -> 'View':
+    """The view with the names in its `concat`s expanded by `expand` (a rule's backreferences)."""
+    return View(tuple(('concat', tuple(expand(o) for o in op[1]), op[2]) if op[0] == 'concat' else op
+                      for op in self.ops))
+
   def __str__(self) -> str:
     text = 'view'
     for op in self.ops:
@@ -92,6 +108,8 @@ class View:
         text += '[' + ':, ' * op[1] + f'{"" if op[2] is None else op[2]}:{"" if op[3] is None else op[3]}]'
       elif op[0] == 'reshape':
         text += f'.reshape{op[1]}'
+      elif op[0] == 'concat':
+        text += f'.concat({", ".join(map(repr, op[1]))}, axis={op[2]})'
       else:
         text += f'.astype({op[1].name})'
     return text

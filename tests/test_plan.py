@@ -117,15 +117,19 @@ def test_dense_and_moe_groups_stack_with_indices_restarting(tmp_path):
 
 
 def test_rng_state_at_axis_0_beside_params_at_1(tmp_path):
-  # shapes that leave the axis ambiguous: the MaxText convention decides (Params 1, others 0)
+  # shapes that leave the axis ambiguous. From an NNX source no convention decides (nnx.vmap stacks on
+  # 0, MaxText NNX Params on 1): it is an error until scan_axis says, per path
   src = {'layers': {'w': nnx.Param(arange((4, 4, 8))), 'count': nnx.RngCount(arange((4, 4), jnp.uint32))}}
   path = save_nnx(tmp_path / 'c', src)
   target = abstract({f'layers_{i}': {'w': (nnx.Param, (4, 8)), 'count': (nnx.RngCount, (4,), jnp.uint32)}
                      for i in range(4)})
-  the_plan = orbax_nnx.plan(path, target)
+  with pytest.raises(errors.PlanError, match='ambiguous layer axis'):
+    orbax_nnx.plan(path, target)
+  axes = {'model/layers/w': 1, 'model/layers/count': 0}
+  the_plan = orbax_nnx.plan(path, target, scan_axis=axes)
   assert the_plan.entries[('layers_2', 'w')] == Take(Read(('layers', 'w', 'value'), (4, 4, 8), np.dtype('float32')), 2, 1)
   assert the_plan.entries[('layers_2', 'count')].axis == 0
-  out = orbax_nnx.restore(path, target)
+  out = orbax_nnx.restore(path, target, scan_axis=axes)
   np.testing.assert_array_equal(host(out['layers_2']['w']), np.asarray(arange((4, 4, 8)))[:, 2])
   np.testing.assert_array_equal(host(out['layers_2']['count']), np.asarray(arange((4, 4), jnp.uint32))[2])
 

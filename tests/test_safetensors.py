@@ -353,3 +353,27 @@ def test_export_a_live_model(tmp_path):
   back = orbax_nnx.restore(tmp_path / 'out', abstract(unrolled), rules=hf_rules(unrolled))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab, (2, 5)))
   np.testing.assert_allclose(np.asarray(back(tokens)), np.asarray(model(tokens)), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_separate_projections_into_one_target(tmp_path):
+  """q, k and v stored apart, fused into one (in, q+k+v) kernel: view.concat, read per shard."""
+  import safetensors.numpy
+
+  rng = np.random.default_rng(0)
+  stored = {f'layers.{i}.{n}_proj.weight': rng.standard_normal((rows, 4)).astype(np.float32)
+            for i in range(2) for n, rows in (('q', 8), ('k', 4), ('v', 4))}
+  safetensors.numpy.save_file(stored, tmp_path / 'model.safetensors')
+  rules = [(r'layers\.(\d+)\.q_proj\.weight', {
+      r'layers/\1/qkv': orbax_nnx.view.concat(r'layers.\1.k_proj.weight', r'layers.\1.v_proj.weight').T})]
+  mesh = jax.make_mesh((2,), ('x',), devices=jax.devices()[:2])
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, 'x'))  # shards cut q|k and k|v
+  target = {'layers': {str(i): {'qkv': jax.ShapeDtypeStruct((4, 16), np.float32, sharding=sharding)} for i in range(2)}}
+  plan = orbax_nnx.plan(tmp_path / 'model.safetensors', target, rules=rules)
+  assert not plan.unused and 'concat([layers.0.q_proj.weight, layers.0.k_proj.weight, layers.0.v_proj.weight]' in str(plan)
+  out = orbax_nnx.restore(tmp_path / 'model.safetensors', target, rules=rules)
+  for i in range(2):
+    want = np.concatenate([stored[f'layers.{i}.{n}_proj.weight'] for n in 'qkv']).T
+    np.testing.assert_array_equal(np.asarray(out['layers'][str(i)]['qkv']), want)
+  with pytest.raises(errors.PlanError, match='not stored here'):
+    orbax_nnx.restore(tmp_path / 'model.safetensors', target,
+                      rules=[(rules[0][0], {r'layers/\1/qkv': orbax_nnx.view.concat(r'layers.\1.x_proj.weight').T})])
