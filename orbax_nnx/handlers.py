@@ -71,13 +71,17 @@ class NNXRestore(ocp.args.CheckpointArgs):
       (e.g. `('model/(.*)', r'reference_model/\1')`), applied before layout rules.
     scan_axis: the layer axis of stacked source arrays when shapes leave it
       ambiguous: an int, or `{regex over canonical paths: axis}`.
-    param_scan_axis: the convention for Params when nothing else decides (MaxText: 1).
+    param_scan_axis: for Linen/MaxText sources, the layer axis of Params when nothing else
+      decides (MaxText: 1). From NNX sources an undecided axis is an error (pass scan_axis).
     strict: False lets Orbax pad or truncate arrays whose stored shape differs (as
       `StandardRestore(strict=False)`); only where the stored tree matches the target.
     support_layout: restore onto the target leaves' `format` (device-local layouts), as
       `StandardRestore(support_layout=True)`.
     restore_args: Orbax `RestoreArgs` per leaf, a tree shaped like `target` (as for
       `PyTreeRestore`); only where the stored tree matches the target.
+    memory_budget: bytes a converted (planned) restore holds besides the restored arrays:
+      half for decoded chunks kept for other regions (at least one chunk), half for host
+      buffers in flight. None: room for two of the largest stored arrays and 1 GiB in flight.
 
   When the stored layout differs from the target (Linen train state, MaxText,
   other NNX flavour, stacked vs unrolled layers), the restore goes through a plan
@@ -95,8 +99,13 @@ class NNXRestore(ocp.args.CheckpointArgs):
   strict: bool = True
   support_layout: bool = False
   restore_args: PyTree = None
+  memory_budget: int | None = None
 
   def __post_init__(self):
+    if self.memory_budget is not None:
+      errors.check_int('memory_budget', self.memory_budget)
+      if self.memory_budget <= 0:
+        raise errors.OptionError(f'memory_budget={self.memory_budget} must be a positive number of bytes.')
     errors.check_choice('missing', self.missing, ('error', 'keep'))
     errors.check_choice('extra', self.extra, ('error', 'ignore'))
     errors.check_choice('strict', self.strict, (True, False))
@@ -270,6 +279,7 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
         scan_axis=args.scan_axis, param_scan_axis=args.param_scan_axis,
         orbax=restoring.OrbaxOptions(strict=args.strict, support_layout=args.support_layout,
                                      restore_args=restore_args),
+        memory_budget=args.memory_budget,
     )
     return nnx.merge(graphdef, restored) if graphdef is not None else restored
 

@@ -579,7 +579,8 @@ def _run_scatters(scatters: list[_Scatter], pool: concurrent.futures.Executor, b
     future.result()
 
 
-def _scatter_groups(plan: Plan, shardings: Mapping[Path, Any], source: SourceArrays) -> list[_Scatter]:
+def _scatter_groups(plan: Plan, shardings: Mapping[Path, Any], source: SourceArrays,
+                    budget_bytes: int = SCATTER_INFLIGHT_BYTES) -> list[_Scatter]:
   """Target layers read from stored chunks that span several layers, grouped by stored array."""
   groups: dict[DiskPath, list] = collections.defaultdict(list)
   for path, expr in plan.entries.items():
@@ -597,7 +598,7 @@ def _scatter_groups(plan: Plan, shardings: Mapping[Path, Any], source: SourceArr
     chunk_bytes = store.dtype.itemsize * int(np.prod(chunk, dtype=np.int64))
     # chunks too big to have two in flight within the budget go through the chunk cache instead
     # (measured: copying layers out of one huge chunk on many threads is faster)
-    if len(members) > 1 and chunk[axis] > 1 and 2 * chunk_bytes <= SCATTER_INFLIGHT_BYTES:
+    if len(members) > 1 and chunk[axis] > 1 and 2 * chunk_bytes <= budget_bytes:
       out.append(_Scatter(source, stored, [m for _, m in members]))
   return out
 
@@ -626,7 +627,8 @@ def execute(plan: Plan, shardings: Mapping[Path, jax.sharding.Sharding], source:
     largest = max((plan.source.leaves[r.source].nbytes for e in plan.entries.values() for r in reads(e)),
                   default=0)
     source = SourceArrays(plan.source.meta, cache_bytes=max(DEFAULT_CACHE_BYTES, 2 * largest + 64 * 2**20))
-  scatters = _scatter_groups(plan, shardings, source)
+  scatter_bytes = min(SCATTER_INFLIGHT_BYTES, inflight_bytes)
+  scatters = _scatter_groups(plan, shardings, source, scatter_bytes)
   scattered = {path for group in scatters for path in group.outputs}
   order = sorted((p for p in plan.entries if p not in scattered),
                  key=lambda p: [r.source for r in reads(plan.entries[p])][:1])
@@ -647,7 +649,7 @@ def execute(plan: Plan, shardings: Mapping[Path, jax.sharding.Sharding], source:
 
   with concurrent.futures.ThreadPoolExecutor(max_workers) as pool, \
       concurrent.futures.ThreadPoolExecutor(2) as prefetch_pool:
-    _run_scatters(scatters, pool, SCATTER_INFLIGHT_BYTES)
+    _run_scatters(scatters, pool, scatter_bytes)
     for group in scatters:
       out.update(group.results(plan.leaves, shardings))
     for path in order:

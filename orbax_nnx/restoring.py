@@ -187,6 +187,7 @@ def restore_target(
     scan_axis: Any = None,
     param_scan_axis: int = 1,
     orbax: OrbaxOptions = OrbaxOptions(),
+    memory_budget: int | None = None,
 ) -> Any:
   """Restores `target` (abstract state, Module, Optimizer, dict of these).
 
@@ -210,7 +211,7 @@ def restore_target(
       return nnx_tree.rebuild(target, values, exclude)
   return restore_planned(meta, target, missing=missing, extra=extra, default_sharding=default_sharding,
                          exclude=exclude, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis,
-                         orbax=orbax)
+                         orbax=orbax, memory_budget=memory_budget)
 
 
 # tensorstore / Orbax messages that mean the stored bytes or metadata are damaged or gone
@@ -250,11 +251,14 @@ def orbax_restore(impl: ocp.PyTreeCheckpointHandler, meta: ItemMetadata, args) -
 def restore_planned(meta: ItemMetadata, target: Any, *, missing: MissingPolicy = 'error',
                     extra: ExtraPolicy = 'error', default_sharding=None, exclude=nnx_tree.DEFAULT_EXCLUDE,
                     rules=(), scan_axis=None, param_scan_axis: int = 1,
-                    orbax: OrbaxOptions = OrbaxOptions()) -> Any:
-  """Restores `target` from any supported layout through a plan and lazy region reads."""
+                    orbax: OrbaxOptions = OrbaxOptions(), memory_budget: int | None = None) -> Any:
+  """Restores `target` from any supported layout through a plan and lazy region reads.
+
+  `memory_budget` bounds what is held besides the restored arrays (see `NNXRestore`).
+  """
   from orbax_nnx.layout import detect  # local: these modules import this one's users
   from orbax_nnx.planner import build, targets_for
-  from orbax_nnx.reader import execute
+  from orbax_nnx.reader import SourceArrays, execute
 
   layout = detect(meta)
   orbax.refuse_in_plan(layout.kind)
@@ -269,7 +273,11 @@ def restore_planned(meta: ItemMetadata, target: Any, *, missing: MissingPolicy =
     sharding_for[path] = (shardings.target_sharding(value, path_str(path)) or default_sharding
                           or shardings.default_sharding())
     check_sharding(path_str(path), value.shape, sharding_for[path])
-  values = execute(the_plan, sharding_for)
+  if memory_budget is None:
+    values = execute(the_plan, sharding_for)
+  else:  # half for decoded chunks kept for other regions, half for host buffers in flight
+    values = execute(the_plan, sharding_for, source=SourceArrays(meta, cache_bytes=memory_budget // 2),
+                     inflight_bytes=max(1, memory_budget - memory_budget // 2))
   return nnx_tree.rebuild(target, values, exclude)
 
 

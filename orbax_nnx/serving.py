@@ -38,7 +38,7 @@ def _cast_abstract(state: nnx.State, dtype) -> nnx.State:
 def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter: Any = nnx.Param,
                 mesh: jax.sharding.Mesh | None = None, rules=(), scan_axis=None, param_scan_axis: int = 1,
                 step: int | None = None, item: str | None = None, missing: str = 'error',
-                extra: str = 'ignore') -> Any:
+                extra: str = 'ignore', memory_budget: int | None = None) -> Any:
   """Loads only the `filter` leaves (default: Params) of any training or decode checkpoint.
 
   `target`: an abstract NNX state/model (`nnx.get_abstract_model`, `nnx.eval_shape`) or a live
@@ -48,7 +48,8 @@ def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter:
   MaxText layouts, decode checkpoints, and manager roots (latest step unless `step`).
   `missing='keep'` keeps the target's own (concrete) values for leaves the checkpoint lacks;
   `extra='error'` refuses checkpoint leaves the target has no place for (default: ignored,
-  since a training checkpoint holds more than the params).
+  since a training checkpoint holds more than the params). `memory_budget` bounds the bytes held
+  besides the loaded arrays (decoded chunks and host buffers in flight; see `NNXRestore`).
   Returns the loaded state (an `nnx.State` of the selected Variables), or the module.
   """
   errors.check_int('param_scan_axis', param_scan_axis)
@@ -73,8 +74,10 @@ def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter:
     if abstract_kept:
       raise errors.StructureMismatchError(abstract_kept, [], where=f"at {directory} (missing='keep' keeps only"
                                           ' concrete target values; these are abstract)')
-  loaded = restore_planned(meta, abstract, missing='error', extra=extra,
-                           rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
+  if memory_budget is not None:
+    errors.check_int('memory_budget', memory_budget)
+  loaded = restore_planned(meta, abstract, missing='error', extra=extra, rules=rules, scan_axis=scan_axis,
+                           param_scan_axis=param_scan_axis, memory_budget=memory_budget)
   if module is not None:
     nnx.update(module, loaded)
     return module

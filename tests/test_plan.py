@@ -270,3 +270,29 @@ def test_layers_scattered_from_chunks_that_span_them_read_each_chunk_once(tmp_pa
     w = out[(f'layers_{i}', 'w')]
     assert w.sharding == sharding and w.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(w, np.float32), x[:, i].astype(jnp.bfloat16).astype(np.float32))
+
+
+def test_memory_budget_bounds_the_chunk_cache_and_stays_exact(tmp_path, monkeypatch):
+  """A stacked array stored as one chunk, unrolled under a budget smaller than that chunk: the cache
+  keeps one chunk at most (it is decoded again per layer), the values stay exact."""
+  from orbax_nnx import reader
+
+  x = arange((8, 64, 32))
+  path = save_nnx(tmp_path / 'c', {'layers': {'w': nnx.Param(x)}})
+  target = abstract({f'layers_{i}': {'w': (nnx.Param, (64, 32))} for i in range(8)})
+  made = []
+  original = reader.SourceArrays.__init__
+
+  def recording(self, meta, cache_bytes=reader.DEFAULT_CACHE_BYTES):
+    made.append(cache_bytes)
+    original(self, meta, cache_bytes)
+
+  monkeypatch.setattr(reader.SourceArrays, '__init__', recording)
+  out = orbax_nnx.restore(path, target, scan_axis=0, memory_budget=16 * 1024)
+  assert made == [8 * 1024]
+  for i in range(8):
+    np.testing.assert_array_equal(host(out[f'layers_{i}']['w']), np.asarray(x)[i])
+  loaded = orbax_nnx.load_params(path, target, scan_axis=0, memory_budget=16 * 1024)
+  np.testing.assert_array_equal(host(loaded['layers_3']['w']), np.asarray(x)[3])
+  with pytest.raises(errors.OptionError, match='memory_budget'):
+    orbax_nnx.restore(path, target, memory_budget=0)
