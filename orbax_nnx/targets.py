@@ -237,7 +237,8 @@ def _unstack_axis(canon, shape, length, scan_axis, recorded, param_like, param_s
     return explicit
   if len(cands) == 1:
     return cands[0]
-  conv = (param_scan_axis if param_like else 0) if framework == 'linen' else 0
+  # the Linen/MaxText convention decides for Linen sources only: NNX stacks on 0 (nnx.vmap) or 1 (MaxText NNX)
+  conv = (param_scan_axis if param_like else 0) if framework == 'linen' else None
   if conv in cands:
     return conv
   raise errors.PlanError(f'{"/".join(canon)}: no unique layer axis of size {length} in {shape};'

@@ -109,3 +109,21 @@ def test_plan_shows_what_convert_does(tmp_path, capsys):
   orbax_nnx.convert(tmp_path / 'nnx', tmp_path / 'back')
   written = sorted('/'.join(p) for p in orbax_nnx.read_item_metadata(tmp_path / 'back').leaves)
   assert planned == written and 'params/params/layers/w' in written, (planned, written)
+
+
+def test_undecided_layer_axis_of_a_foreign_nnx_checkpoint_is_an_error(tmp_path):
+  """4 stacked layers of (4, 8): axis 0 (nnx.vmap) and 1 (MaxText NNX) both fit, and plain Orbax recorded
+  nothing: convert and restore refuse to pick, and say what to pass."""
+  w = np.arange(4 * 4 * 8, dtype=np.float32).reshape(4, 4, 8)
+  with ocp.StandardCheckpointer() as ckptr:  # a foreign NNX checkpoint: no orbax_nnx records
+    ckptr.save(tmp_path / 'c', nnx.state(nnx.Dict(layers=nnx.Dict(w=nnx.Param(jnp.asarray(w))))))
+  with pytest.raises(errors.PlanError, match=r'layer axis.*scan_axis'):
+    orbax_nnx.convert(tmp_path / 'c', tmp_path / 'linen', to='linen', scan_layers=False)
+  assert not (tmp_path / 'linen').exists()
+  target = {f'layers_{i}': {'w': nnx.Param(sds((4, 8)))} for i in range(4)}
+  with pytest.raises(errors.PlanError, match='ambiguous layer axis'):
+    orbax_nnx.restore(tmp_path / 'c', nnx.State(target))
+  out = orbax_nnx.restore(tmp_path / 'c', nnx.State(target), scan_axis=1)
+  np.testing.assert_array_equal(host(out['layers_2']['w']), w[:, 2])
+  report = orbax_nnx.convert(tmp_path / 'c', tmp_path / 'linen', to='linen', scan_layers=False, scan_axis=0)
+  assert report.leaves == 4
