@@ -74,6 +74,8 @@ def _add_layout_options(p: argparse.ArgumentParser) -> None:
                  help='layer axis of stacked arrays (per canonical path regex)')
   p.add_argument('--param-scan-axis', type=int, default=1, help='convention for Params (MaxText: 1)')
   p.add_argument('--format', choices=['raw', 'pure'], default='raw', help='NNX flavour to write')
+  p.add_argument('--linen-style', choices=['maxtext', 'flax'], default='maxtext',
+                 help='Linen tree to write: maxtext (params/params, nnx_aux) or flax (params, batch_stats)')
   p.add_argument('--rename', action='append', metavar='REGEX=REPL', help='rename canonical paths first')
 
 
@@ -118,7 +120,7 @@ def cmd_plan(args) -> int:
   layout, target, the_plan, options = plan_conversion(
       src_item, to=args.to, scan_layers=args.scan_layers, scan_axis=_scan_axis(args.scan_axis),
       param_scan_axis=args.param_scan_axis, flavour=args.format, rules=_rules(args.rename),
-      include=getattr(args, 'include', 'all'))
+      include=getattr(args, 'include', 'all'), linen_style=args.linen_style)
   print(layout.summary())
   print(f'# to {options["to"]}: target path  <-  expression   [shape dtype, bytes]   => stored at')
   for path, expr in the_plan.entries.items():
@@ -165,7 +167,8 @@ def cmd_convert(args) -> int:
 
   src_item = resolve_item(args.src, step=args.step, item=args.item)
   preset = _preset(args, args.scan_layers)
-  model = dict(target=preset.target, scan_layers=None) if preset else dict(scan_layers=args.scan_layers)
+  model = (dict(target=preset.target, scan_layers=None) if preset else
+           dict(scan_layers=args.scan_layers, linen_style=args.linen_style))
   rules = (preset.rules if preset else []) + _rules(args.rename)
   scan_axis = _scan_axis(args.scan_axis) or (preset.scan_axis if preset else None)
   _, _, the_plan, _ = plan_conversion(src_item, to=args.to, scan_axis=scan_axis,

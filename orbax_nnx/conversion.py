@@ -108,7 +108,7 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
                     scan_axis=None, param_scan_axis: int = 1, flavour: str = 'raw',
                     rules: Sequence[tuple[str, str]] = (), include: str = 'all',
                     dtype: Any = None, lora: str | None = None,
-                    target: Any = None) -> tuple[Layout, LayoutTarget, Plan, dict]:
+                    target: Any = None, linen_style: str = 'maxtext') -> tuple[Layout, LayoutTarget, Plan, dict]:
   """Layout, target and plan of a conversion (metadata only).
 
   `target` (an NNX model or abstract state) replaces the layout-derived target: the result is
@@ -116,6 +116,7 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
   """
   check_conversion_options(to=to, scan_layers=scan_layers, param_scan_axis=param_scan_axis, flavour=flavour,
                            include=include, lora=lora)
+  errors.check_choice('linen_style', linen_style, ('maxtext', 'flax'))
   rules = check_rules(rules)
   layout = detect(read_item_metadata(src_item))
   if target is None and layout.kind == 'safetensors':
@@ -141,7 +142,8 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
   original = record if isinstance(record, Mapping) and record.get('from_framework') == to else None
   target = layout_target(layout, to=to, scan_layers=scan_layers, scan_axis=scan_axis,
                          param_scan_axis=param_scan_axis, flavour=flavour, include=include,
-                         original=original if include == 'all' else None, dtype=dtype)
+                         original=original if include == 'all' else None, dtype=dtype,
+                         linen_params='single' if linen_style == 'flax' else 'double')
   axes = target.planner_axes()
   the_plan = build(layout, target.leaves, rules=rules, scan_axis=axes or scan_axis,
                    param_scan_axis=param_scan_axis)
@@ -317,7 +319,7 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
             include: Literal['all', 'params'] = 'all', overwrite: bool = False,
             buffer_bytes: int = DEFAULT_BUFFER_BYTES, step: int | None = None, item: str | None = None,
             progress: Callable | None = None, template: Any = None, dtype: Any = None,
-            lora: str | None = None, target: Any = None) -> ConvertReport:
+            lora: str | None = None, target: Any = None, linen_style: str = 'maxtext') -> ConvertReport:
   """Converts the checkpoint at `src` to another layout at `dst` (an Orbax item directory).
 
   `to='auto'` converts to the other framework (or back to the original one after a
@@ -327,6 +329,8 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   structure to write (sequences, EmptyState entries). Optimizer moments follow their params; the step is cast
   (int32 Linen <-> uint32 NNX). DST restores with `orbax_nnx.restore(dst, target)`, with
   `ocp.StandardCheckpointer().restore(dst, abstract_tree)`, or through a manager as an item.
+  `linen_style='flax'` writes Linen as flax's own `TrainState` holds it (`params/<model>`, `batch_stats/<model>`,
+  no NNX rng state) instead of MaxText's `params/params/<model>` + `nnx_aux`.
   `target` (an NNX model, e.g. from `nnx.eval_shape`) writes that model's own tree instead, each leaf
   mapped from SRC by `rules`: how a Hugging Face safetensors checkpoint becomes an NNX Orbax one.
   """
@@ -339,7 +343,7 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   _check_paths(src_item, dst, overwrite)
   layout, written, the_plan, options = plan_conversion(
       src_item, to=to, scan_layers=scan_layers, scan_axis=scan_axis, param_scan_axis=param_scan_axis,
-      flavour=format, rules=rules, include=include, dtype=dtype, lora=lora, target=target)
+      flavour=format, rules=rules, include=include, dtype=dtype, lora=lora, target=target, linen_style=linen_style)
   records = [written.records.get(p) or {'path': list(_record_path(p, written.disk[p], format)),
                                         'type': written.types[p], 'metadata': {}}
              for p in the_plan.entries] if options['to'] == 'nnx' else []

@@ -127,6 +127,9 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
                   dtype: Any = None) -> LayoutTarget:
   """The converted checkpoint's leaves for `layout` converted to framework `to`.
 
+  `linen_params='double'` writes the MaxText form (`params/params/...`, NNX-only state under
+  `nnx_aux`); `'single'` the flax form (`params/...` as `TrainState.create(params=variables['params'])`
+  holds it, batch stats under `batch_stats/...`, NNX rng state left out).
   `original` is the conversion record of a checkpoint we wrote: converting back, each
   leaf goes to its original stored path with its original dtype (bit-exact round trips).
   `include='params'` keeps the model's Params only and writes a decode checkpoint (NNX:
@@ -171,6 +174,8 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
     info = layout.leaves[disk]
     param_like = _is_param_like(layout, canon, disk)
     vtype = _variable_type(layout, canon, disk, param_like)
+    if to == 'linen' and linen_params == 'single' and _is_rng(vtype):
+      continue  # a flax TrainState has no place for NNX rng state
     shape, dtype = tuple(info.shape), np.dtype(info.dtype)
     if canon == (OPTIMIZER, 'step'):
       dtype = np.dtype('uint32') if to == 'nnx' else np.dtype('int32')
@@ -225,6 +230,10 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
   return LayoutTarget(leaves, disk_of, types, to, axes, source_axes, stacked_out)
 
 
+def _is_rng(type_name: str) -> bool:
+  return type_name.rsplit('.', 1)[-1] in ('RngKey', 'RngCount', 'RngState')
+
+
 def _unstack_axis(canon, shape, length, scan_axis, recorded, param_like, param_scan_axis, framework) -> int:
   explicit = lookup_axis(scan_axis, canon)
   if explicit is None:
@@ -265,8 +274,8 @@ def _stored_path(canon: CanonPath, to: Framework, flavour: str, linen_params: st
   # Linen: params (optionally double-nested), opt_state with moments mirroring params, step
   double = linen_params == 'double'
   if canon[0] == MODEL:
-    if not param_like:
-      return ('nnx_aux', MODEL) + canon[1:]
+    if not param_like:  # MaxText keeps NNX-only state in nnx_aux; flax keeps batch stats in their collection
+      return (('nnx_aux', MODEL) if double else ('batch_stats',)) + canon[1:]
     return (('params', 'params') if double else ('params',)) + canon[1:]
   if canon == (OPTIMIZER, 'step'):
     return ('step',)

@@ -188,3 +188,57 @@ def test_memory_is_bounded_by_the_buffer(tmp_path):
   assert figures['read'] == size + 4, 'each stored byte (arrays + int32 step) read once'
   growth = figures['peak'] - figures['base']
   assert growth < 0.5 * size, (growth / 2**20, size / 2**20)
+
+
+class _LinenCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.Dense(8)(x)
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    return nn.Dense(2)(x)
+
+
+class _NNXCNN(nnx.Module):
+  """The same model in NNX, attributes named as Linen auto-names its submodules."""
+
+  def __init__(self, rngs):
+    self.Dense_0 = nnx.Linear(4, 8, rngs=rngs)
+    self.BatchNorm_0 = nnx.BatchNorm(8, rngs=rngs)
+    self.Dense_1 = nnx.Linear(8, 2, rngs=rngs)
+    self.dropout = nnx.Dropout(0.1, rngs=nnx.Rngs(dropout=3))  # NNX rng state: no place in a flax TrainState
+
+  def __call__(self, x):
+    return self.Dense_1(self.dropout(self.BatchNorm_0(self.Dense_0(x))))
+
+
+def test_nnx_to_flax_style_train_state_with_batch_stats(tmp_path):
+  """`linen_style='flax'`: params/<model> and batch_stats/<model>, as flax's TrainState + batch_stats holds them."""
+  import optax
+  from flax.training import train_state
+
+  class TrainState(train_state.TrainState):
+    batch_stats: dict
+
+  model = _NNXCNN(nnx.Rngs(0))
+  opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+  x = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
+  grads = nnx.grad(lambda m: (m(x) ** 2).mean())(model)  # moves batch stats, rng counts and Adam moments
+  opt.update(model, grads)
+  with ocp.Checkpointer(orbax_nnx.NNXCheckpointHandler()) as ckptr:  # our records tell BatchStat from Param
+    ckptr.save(tmp_path / 'nnx', args=orbax_nnx.NNXSave({'model': nnx.state(model), 'optimizer': nnx.state(opt)}))
+  variables = _LinenCNN().init(jax.random.key(0), x)
+  target = TrainState.create(apply_fn=_LinenCNN().apply, params=variables['params'], tx=optax.adam(1e-2),
+                             batch_stats=variables['batch_stats'])
+  plan = orbax_nnx.convert(tmp_path / 'nnx', tmp_path / 'flax', to='linen', linen_style='flax', template=target)
+  assert plan.leaves == len(jax.tree.leaves(target))
+  restored = ocp.StandardCheckpointer().restore(tmp_path / 'flax', target)
+  assert int(restored.step) == 1
+  np.testing.assert_array_equal(restored.params['Dense_0']['kernel'], host(model.Dense_0.kernel))
+  np.testing.assert_array_equal(restored.batch_stats['BatchNorm_0']['mean'], host(model.BatchNorm_0.mean))
+  mu = restored.opt_state[0].mu['Dense_1']['bias']
+  np.testing.assert_array_equal(mu, host(opt.opt_state[0].mu['Dense_1']['bias']))
+  model.eval()
+  logits = restored.apply_fn({'params': restored.params, 'batch_stats': restored.batch_stats}, x, train=False)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(model(x)), atol=1e-6)
+  with pytest.raises(errors.OptionError, match='linen_style'):
+    orbax_nnx.convert(tmp_path / 'nnx', tmp_path / 'x', to='linen', linen_style='Flax')
