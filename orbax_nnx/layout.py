@@ -148,7 +148,9 @@ def detect(meta: ItemMetadata) -> Layout:
   params_root = opt_root = step_path = None
   aux_roots: list[DiskPath] = []
 
-  if 'params' in top and ({'step', 'opt_state'} & top or top <= {'params', 'step', 'nnx_aux', 'batch_stats'}):
+  # a Linen variables dict ({'params', 'batch_stats', 'counter', ...}, no NNX roots) or train state
+  variables_dict = 'params' in top and not top & {'step', 'opt_state', MODEL, OPTIMIZER}
+  if 'params' in top and ({'step', 'opt_state'} & top or variables_dict):
     under = [p for p in paths if p[0] == 'params']
     second = {p[1] for p in under if len(p) > 2}
     double = ('params' in second and all(len(p) > 2 for p in under)
@@ -157,6 +159,8 @@ def detect(meta: ItemMetadata) -> Layout:
     if double:
       aux_roots += [('params', c) for c in LINEN_STATE_COLLECTIONS if c in second]
     aux_roots += [(c,) for c in LINEN_STATE_COLLECTIONS if c in top]
+    if variables_dict:  # every other collection mirrors the module tree (e.g. the Flax bridge guide's 'counter')
+      aux_roots += [(c,) for c in sorted(top - {'params', 'nnx_aux'} - set(LINEN_STATE_COLLECTIONS))]
     opt_root = ('opt_state',) if 'opt_state' in top else None
     step_path = ('step',) if ('step',) in meta.leaves else None
     if 'nnx_aux' in top:

@@ -150,3 +150,39 @@ def test_maxtext_nnx_aux_layout_restores_rng_state(tmp_path):
   assert int(out['optimizer']['step'].get_value()) == 2
   np.testing.assert_array_equal(host(out['model']['layers']['up']['kernel']),
                                 np.moveaxis(linen_leaf(state.params['params'], 'layers', 'up', 'kernel'), 1, 0))
+
+
+def test_linen_variables_dict_with_a_custom_collection(tmp_path):
+  """The Flax bridge guide's counter: a Linen variables dict {'params', 'counter'} restores into the NNX
+  model whose custom Variable sits where the collection's tree puts it."""
+  import flax.linen as nn
+
+  class LinenCounter(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      count = self.variable('counter', 'count', lambda: jnp.zeros((), jnp.int32))
+      count.value += 1
+      return nn.Dense(3)(x)
+
+  class Count(nnx.Variable):
+    pass
+
+  class NNXCounter(nnx.Module):
+    def __init__(self, rngs):
+      self.count = Count(jnp.zeros((), jnp.int32))
+      self.Dense_0 = nnx.Linear(2, 3, rngs=rngs)
+
+  variables = LinenCounter().init(jax.random.key(0), jnp.ones((1, 2)))
+  _, variables = LinenCounter().apply(variables, jnp.ones((1, 2)), mutable=['counter'])
+  variables = {'params': LinenCounter().init(jax.random.key(0), jnp.ones((1, 2)))['params'], **variables}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / 'v', variables)
+  layout = orbax_nnx.detect_layout(tmp_path / 'v')
+  assert layout.kind == 'linen' and ('counter',) in layout.aux_roots
+  model = NNXCounter(nnx.Rngs(5))
+  orbax_nnx.restore(tmp_path / 'v', model)
+  assert int(model.count.get_value()) == int(variables['counter']['count']) == 2
+  np.testing.assert_array_equal(np.asarray(model.Dense_0.kernel.get_value()),
+                                np.asarray(variables['params']['Dense_0']['kernel']))
+  params = orbax_nnx.load_params(tmp_path / 'v', nnx.state(nnx.eval_shape(lambda: NNXCounter(nnx.Rngs(0)))))
+  assert sorted('/'.join(map(str, p)) for p, _ in nnx.to_flat_state(params)) == ['Dense_0/bias', 'Dense_0/kernel']
