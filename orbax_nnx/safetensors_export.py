@@ -39,8 +39,10 @@ DEFAULT_SHARD_BYTES = 5 * 2**30  # what `save_pretrained` writes by default
 BLOCK_BYTES = 64 * 2**20  # one tensor is evaluated and written this much at a time
 
 
-def _per_layer(path: tuple, expr: Expr, leaf, scan_axis) -> list[tuple[str, Expr]]:
-  """`layers/attn/...` of a stacked group as `layers/0/attn/...`, `layers/1/...` (Takes on its layer axis)."""
+def _per_layer(path: tuple, expr: Expr, leaf, scan_axis, counts: dict) -> list[tuple[str, Expr]]:
+  """`layers/attn/...` of a stacked group as `layers/0/attn/...`, `layers/1/...`: Takes on its layer axis,
+  0 (nnx.vmap's) unless `scan_axis` says otherwise. Every leaf of a group must give the same layer count
+  (`counts`: group -> (count, first leaf)), so a wrong axis is an error, not a wrong tensor."""
   name = nnx_tree.path_str(path)
   keys = [str(k) for k in path]
   for k, key in enumerate(keys):
@@ -48,6 +50,11 @@ def _per_layer(path: tuple, expr: Expr, leaf, scan_axis) -> list[tuple[str, Expr
       axis = lookup_axis(scan_axis, leaf.canon)
       axis = 0 if axis is None else axis
       n = expr.shape[axis] if len(expr.shape) > axis else 0
+      group = '/'.join(keys[: k + 1])
+      seen, first = counts.setdefault(group, (n, name))
+      if seen != n:
+        raise errors.PlanError(f'{name}: {n} layers on axis {axis}, but {first} has {seen}: the stacked layers of'
+                               f' {group} are not all on axis {axis}. Pass scan_axis={{REGEX: AXIS}} for them.')
       return [('/'.join(keys[: k + 1] + [str(i)] + keys[k + 1:]), Take(expr, i, axis)) for i in range(n)]
   return [(name, expr)]
 
@@ -73,8 +80,9 @@ def export_plan(meta, target: Any, rules: Sequence, *, dtype: Any = None,
   out: dict[str, Expr] = {}
   unmatched, used = [], set()
   cast_to = np.dtype(jax.numpy.dtype(dtype)) if dtype is not None else None
+  counts: dict = {}
   for path, expr in plan.entries.items():
-    for name, layer_expr in _per_layer(path, expr, plan.leaves[path], scan_axis):
+    for name, layer_expr in _per_layer(path, expr, plan.leaves[path], scan_axis, counts):
       for i, (pattern, repl) in enumerate(compiled):
         if not pattern.fullmatch(name):
           continue
