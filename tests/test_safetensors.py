@@ -381,3 +381,14 @@ def test_fuse_separate_projections_into_one_target(tmp_path):
   with pytest.raises(errors.PlanError, match='not stored here'):
     orbax_nnx.restore(tmp_path / 'model.safetensors', target,
                       rules=[(rules[0][0], {r'layers/\1/qkv': orbax_nnx.view.concat(r'layers.\1.x_proj.weight').T})])
+
+
+def test_export_layer_counts_must_agree(tmp_path):
+  state = nnx.State({'layers': {'a': nnx.Param(jnp.zeros((3, 4))), 'b': nnx.Param(jnp.zeros((3, 5)))}})
+  rules = [(r'layers/(\d+)/(a|b)', r'\2.\1')]
+  with pytest.raises(errors.PlanError, match='layers/b: 5 layers on axis 1, but layers/a has 4'):
+    orbax_nnx.export_params(state, tmp_path / 'out', format='safetensors', rules=rules, scan_axis=1)
+  orbax_nnx.export_params(state, tmp_path / 'out', format='safetensors', rules=rules, dtype=None)
+  import safetensors.numpy
+  assert sorted(safetensors.numpy.load_file(tmp_path / 'out' / 'model.safetensors')) == [
+      'a.0', 'a.1', 'a.2', 'b.0', 'b.1', 'b.2']
