@@ -212,7 +212,12 @@ def cmd_export_params(args) -> int:
 def cmd_compare(args) -> int:
   from orbax_nnx.compare import compare
 
-  report = compare(args.a, args.b, values=args.values, atol=args.atol, rtol=args.rtol, only=args.only)
+  preset = None
+  if args.preset is not None:
+    args.src = args.a  # the preset's config defaults to A's config.json
+    preset = _preset(args, False)
+  report = compare(args.a, args.b, values=args.values, atol=args.atol, rtol=args.rtol, only=args.only,
+                   rules=preset.rules if preset else (), scan_axis=preset.scan_axis if preset else None)
   print(json.dumps(report.to_json()) if args.json else report.summary())
   return 0 if report.equal else 1
 
@@ -298,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--rtol', type=float, default=0.0)
   p.add_argument('--only', choices=['params', 'optimizer', 'all'], default='all')
   p.add_argument('--json', action='store_true')
+  _add_preset(p)
   p.set_defaults(fn=cmd_compare)
   p = sub.add_parser('inspect', help='what a checkpoint holds (metadata only)')
   _add_source(p)

@@ -19,6 +19,7 @@ from orbax_nnx.metadata import read_item_metadata, resolve_item
 from orbax_nnx.planner import Plan, build
 from orbax_nnx.reader import SourceArrays, _normalize, evaluate
 from orbax_nnx.targets import layout_target
+from orbax_nnx.views import check_rules
 
 Only = Literal['params', 'optimizer', 'all']
 
@@ -69,25 +70,42 @@ class CompareReport:
     return '\n'.join(lines)
 
 
-def canonical_view(layout: Layout, only: Only = 'all') -> Plan:
-  """A plan giving every leaf of `layout` at its canonical path, layer groups unrolled."""
-  target = layout_target(layout, to='nnx', scan_layers=False)
+def canonical_view(layout: Layout, only: Only = 'all', unroll: bool = True) -> Plan:
+  """A plan giving every leaf of `layout` at its canonical path, layer groups unrolled (or as stored)."""
+  target = layout_target(layout, to='nnx', scan_layers=False if unroll else None)
   roots = {'params': {MODEL}, 'optimizer': {OPTIMIZER}, 'all': {MODEL, OPTIMIZER}}[only]
   leaves = [leaf for leaf in target.leaves if leaf.canon[0] in roots]
   return build(layout, leaves, scan_axis=target.planner_axes() or None)
 
 
 def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0, only: Only = 'all',
-            step_a: int | None = None, step_b: int | None = None) -> CompareReport:
-  """Compares checkpoints `a` and `b` (any layouts). See `CompareReport.equal`."""
+            step_a: int | None = None, step_b: int | None = None, rules=(), scan_axis=None) -> CompareReport:
+  """Compares checkpoints `a` and `b` (any layouts). See `CompareReport.equal`.
+
+  `rules` map A's stored paths onto B's model (e.g. `orbax_nnx.llama.hf_rules(cfg)` for Hugging Face
+  safetensors as A, needed there): A is then planned into B's canonical view, its values cast to B's
+  dtypes (so dtypes are not compared), and A's leaves no rule places are listed as only in A.
+  """
   errors.check_choice('only', only, ('params', 'optimizer', 'all'))
   errors.check_choice('values', values, (True, False))
+  rules = check_rules(rules)
   dir_a, dir_b = resolve_item(a, step=step_a), resolve_item(b, step=step_b)
   layout_a, layout_b = detect(read_item_metadata(dir_a)), detect(read_item_metadata(dir_b))
-  view_a, view_b = canonical_view(layout_a, only), canonical_view(layout_b, only)
-  paths_a = {'/'.join(p): p for p in view_a.entries}
+  mapped = bool(rules) or layout_a.kind == 'safetensors'
+  view_b = canonical_view(layout_b, only, unroll=not mapped)  # A is mapped onto B's groups as B stores them
+  if mapped:
+    if not rules:
+      raise errors.OptionError(f'{dir_a} is a safetensors checkpoint: pass rules= mapping its tensor names onto'
+                               f" B's model paths (e.g. orbax_nnx.llama.hf_rules(cfg); CLI --preset).")
+    view_a = build(layout_a, list(view_b.leaves.values()), rules=rules, scan_axis=scan_axis)
+    paths_a = {'/'.join(p): p for p in view_a.entries}
+    only_a = list(view_a.unused)
+  else:
+    view_a = canonical_view(layout_a, only)
+    paths_a = {'/'.join(p): p for p in view_a.entries}
+    only_a = None
   paths_b = {'/'.join(p): p for p in view_b.entries}
-  report = CompareReport(str(dir_a), str(dir_b), sorted(set(paths_a) - set(paths_b)),
+  report = CompareReport(str(dir_a), str(dir_b), sorted(set(paths_a) - set(paths_b)) if only_a is None else only_a,
                          sorted(set(paths_b) - set(paths_a)))
   common = sorted(set(paths_a) & set(paths_b))
   report.compared = len(common)

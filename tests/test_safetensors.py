@@ -392,3 +392,19 @@ def test_export_layer_counts_must_agree(tmp_path):
   import safetensors.numpy
   assert sorted(safetensors.numpy.load_file(tmp_path / 'out' / 'model.safetensors')) == [
       'a.0', 'a.1', 'a.2', 'b.0', 'b.1', 'b.2']
+
+
+def test_compare_hf_safetensors_with_its_nnx_conversion(tmp_path, capsys):
+  from orbax_nnx import cli
+
+  cfg = dataclasses.replace(CFG, scan_layers=True)
+  write_hf(tmp_path / 'hf', hf_tensors(cfg), hf_config(cfg))
+  orbax_nnx.convert(tmp_path / 'hf', tmp_path / 'nnx', target=abstract(cfg), rules=hf_rules(cfg))
+  report = orbax_nnx.compare(tmp_path / 'hf', tmp_path / 'nnx', values=True, rules=hf_rules(cfg))
+  assert report.equal and report.compared == len(nnx.to_flat_state(nnx.state(abstract(cfg)))), report.summary()
+  assert cli.main(['compare', str(tmp_path / 'hf'), str(tmp_path / 'nnx'), '--values', '--preset', 'llama']) == 0
+  assert 'EQUAL' in capsys.readouterr().out
+  with pytest.raises(errors.OptionError, match='pass rules='):
+    orbax_nnx.compare(tmp_path / 'hf', tmp_path / 'nnx')
+  partial = orbax_nnx.compare(tmp_path / 'hf', tmp_path / 'nnx', rules=hf_rules(cfg)[:2] + hf_rules(cfg)[3:])
+  assert not partial.equal and 'model.layers.0.input_layernorm.weight' in partial.only_a
