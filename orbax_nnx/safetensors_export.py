@@ -60,8 +60,12 @@ def _per_layer(path: tuple, expr: Expr, leaf, scan_axis, counts: dict) -> list[t
 
 
 def export_plan(meta, target: Any, rules: Sequence, *, dtype: Any = None,
-                scan_axis=None, param_scan_axis: int = 1) -> dict[str, Expr]:
-  """Tensor name -> expression over the stored leaves `meta` describes (metadata only)."""
+                scan_axis=None, param_scan_axis: int = 1, merge_lora: bool = False) -> dict[str, Expr]:
+  """Tensor name -> expression over the stored leaves `meta` describes (metadata only).
+
+  `merge_lora` folds each `nnx.LoRALinear` adapter into its kernel (`W + A @ B`, in float32) first.
+  """
+  from orbax_nnx.conversion import apply_lora  # local: conversion imports the writer this module shares
   from orbax_nnx.layout import detect
 
   rules = check_rules(rules)
@@ -71,6 +75,8 @@ def export_plan(meta, target: Any, rules: Sequence, *, dtype: Any = None,
   plan = build(layout, leaves, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
   if plan.missing:
     raise errors.StructureMismatchError(plan.missing, [], where=f'at {src_item} (exporting into the target model)')
+  if merge_lora:
+    plan = apply_lora(plan, None, 'merge')
   compiled = []
   for pattern, repl in rules:
     try:
@@ -229,7 +235,8 @@ def write_safetensors(dst: epath.Path, tensors: dict[str, Expr], source: SourceA
 def export_safetensors(src: epath.PathLike, dst: epath.PathLike, *, target: Any, rules: Sequence,
                        dtype: Any = 'bfloat16', max_shard_size: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
                        step: int | None = None, item: str | None = None, scan_axis=None,
-                       param_scan_axis: int = 1, buffer_bytes: int = 512 * 2**20) -> tuple[int, int, int]:
+                       param_scan_axis: int = 1, buffer_bytes: int = 512 * 2**20,
+                       merge_lora: bool = False) -> tuple[int, int, int]:
   """`export_params(..., format='safetensors')`: returns (tensors, bytes read, bytes written).
 
   `src` is a checkpoint path or a live model (Module, Optimizer-free `nnx.State`): its Params export.
@@ -251,7 +258,8 @@ def export_safetensors(src: epath.PathLike, dst: epath.PathLike, *, target: Any,
       raise errors.OrbaxNNXError(f'DST {dst} is inside SRC {src_item}; write it somewhere else.')
     meta = read_item_metadata(src_item)
   state = nnx.state(target, nnx.Param) if nnx_tree.is_graph_node(target) else target
-  tensors = export_plan(meta, state, rules, dtype=dtype, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
+  tensors = export_plan(meta, state, rules, dtype=dtype, scan_axis=scan_axis, param_scan_axis=param_scan_axis,
+                        merge_lora=merge_lora)
   source = SourceArrays(meta, cache_bytes=buffer_bytes)
   written = write_safetensors(dst, tensors, source, max_shard_size=max_shard_size, overwrite=overwrite)
   return len(tensors), source.bytes_read, written

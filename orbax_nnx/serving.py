@@ -115,14 +115,14 @@ def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfl
   stacked layers are exported per layer), then `rules` name each tensor, with views,
   from the model path (e.g. `orbax_nnx.llama.hf_export_rules(cfg)`). A view's own
   `.astype` wins over `dtype`. `src` may also be a live model (its Params are exported from
-  memory; `target` defaults to it).
+  memory; `target` defaults to it). `merge_lora=True` folds LoRA adapters into their kernels first.
   """
   errors.check_choice('format', format, ('nnx', 'linen', 'safetensors'))
   errors.check_choice('filter', filter, ('Param', 'LoRAParam'))
   errors.check_choice('merge_lora', merge_lora, (True, False))
   if format == 'safetensors':
     given = [name for name, on in (('scan_layers', scan_layers is not None), ('filter', filter != 'Param'),
-                                   ('merge_lora', merge_lora), ('progress', progress is not None)) if on]
+                                   ('progress', progress is not None)) if on]
     if given:
       raise errors.UnsupportedArgumentError(f"{', '.join(given)}: not supported with format='safetensors' (the target"
                                             ' model decides the layout; export rules name the tensors).')
@@ -130,7 +130,8 @@ def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfl
     options = {} if buffer_bytes is None else {'buffer_bytes': buffer_bytes}
     count, read, written = safetensors_export.export_safetensors(
         src, dst, target=target, rules=rules, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-        step=step, item=item, scan_axis=scan_axis, param_scan_axis=param_scan_axis, **options)
+        step=step, item=item, scan_axis=scan_axis, param_scan_axis=param_scan_axis, merge_lora=merge_lora,
+        **options)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     kind = 'checkpoint' if isinstance(src, (str, epath.Path)) or hasattr(src, '__fspath__') else 'live model'
     return ConvertReport(str(src) if kind == 'checkpoint' else kind, str(dst), kind, 'safetensors', count, read, written,

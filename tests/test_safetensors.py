@@ -272,8 +272,8 @@ def test_export_errors_write_nothing(tmp_path):
   with pytest.raises(errors.PlanError, match='not all on axis 1|cannot reshape'):
     orbax_nnx.export_params(Llama(stacked, rngs=nnx.Rngs(0)), tmp_path / 'out', format='safetensors',
                             rules=orbax_nnx.llama.hf_export_rules(stacked), scan_axis=1)
-  with pytest.raises(errors.UnsupportedArgumentError, match='merge_lora'):
-    orbax_nnx.export_params(tmp_path / 'nnx', tmp_path / 'out', format='safetensors', merge_lora=True)
+  with pytest.raises(errors.UnsupportedArgumentError, match='filter'):
+    orbax_nnx.export_params(tmp_path / 'nnx', tmp_path / 'out', format='safetensors', filter='LoRAParam')
   assert not (tmp_path / 'out').exists()
   assert not [p for p in tmp_path.iterdir() if 'tmp' in p.name]
 
@@ -408,3 +408,23 @@ def test_compare_hf_safetensors_with_its_nnx_conversion(tmp_path, capsys):
     orbax_nnx.compare(tmp_path / 'hf', tmp_path / 'nnx')
   partial = orbax_nnx.compare(tmp_path / 'hf', tmp_path / 'nnx', rules=hf_rules(cfg)[:2] + hf_rules(cfg)[3:])
   assert not partial.equal and 'model.layers.0.input_layernorm.weight' in partial.only_a
+
+
+def test_export_merges_lora_adapters(tmp_path):
+  """A LoRA fine-tune exported as plain HF weights: W + A @ B (float32) into each kernel, adapters gone."""
+  import safetensors.numpy
+
+  class Tuned(nnx.Module):
+    def __init__(self, rngs):
+      self.proj = nnx.LoRALinear(4, 6, lora_rank=2, use_bias=False, rngs=rngs)
+
+  model = Tuned(nnx.Rngs(0))
+  model.proj.lora.lora_b.set_value(jnp.full((2, 6), 0.5))  # LoRA starts at B = 0: make it count
+  rules = [('proj/kernel', {'proj.weight': orbax_nnx.view.T})]
+  orbax_nnx.export_params(model, tmp_path / 'out', format='safetensors', rules=rules, dtype=None, merge_lora=True)
+  got = safetensors.numpy.load_file(tmp_path / 'out' / 'model.safetensors')
+  assert sorted(got) == ['proj.weight']
+  want = np.asarray(model.proj.kernel.get_value()) + np.asarray(model.proj.lora.lora_a.get_value()) @ np.full((2, 6), 0.5)
+  np.testing.assert_allclose(got['proj.weight'], want.T, rtol=1e-6)
+  with pytest.raises(errors.PlanError, match='no export rule names.*lora'):
+    orbax_nnx.export_params(model, tmp_path / 'out2', format='safetensors', rules=rules, dtype=None)
