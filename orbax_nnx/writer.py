@@ -10,6 +10,7 @@ the result. Leans on Orbax's serialization internals: pinned to orbax-checkpoint
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 from collections.abc import Sequence
 from typing import Any
@@ -77,7 +78,8 @@ class WriteSession:
 
 
 class LazyArrayHandler(compat.ArrayHandler):
-  """Writes LazyArrays as `jax.Array`s, a bounded window at a time."""
+  """Writes LazyArrays as `jax.Array`s, a bounded window at a time: reads run ahead of the writer and
+  ready arrays are written in batches (one Orbax serialize call each, its writes concurrent)."""
 
   async def serialize(self, values: Sequence[LazyArray], infos: Sequence[compat.ParamInfo],
                       args: Sequence[compat.SaveArgs] | None = None):
@@ -93,28 +95,44 @@ class LazyArrayHandler(compat.ArrayHandler):
       session = values[0].session
       for i in order:
         values[i].announce()
-      window: list[tuple[int, Any]] = []  # (index, pending read)
-      inflight = 0
+      window: collections.deque = collections.deque()  # (index, pending read), in write order
+      batch: list[tuple[int, jax.Array]] = []  # read, waiting to be written together
+      inflight = batch_bytes = 0  # bytes held: reads in flight plus the batch
       position = 0
+
+      async def flush():
+        nonlocal inflight, batch_bytes
+        if not batch:
+          return
+        # one serialize call per batch: Orbax writes its arrays concurrently (per-array latency paid once)
+        futures = await base.serialize([a for _, a in batch], [infos[j] for j, _ in batch], [args[j] for j, _ in batch])
+        for f in futures:
+          f.result()
+        for j, _ in batch:
+          session.leaves_written += 1
+          session.bytes_written += values[j].nbytes
+          if session.progress is not None:
+            session.progress(values[j])
+        inflight -= batch_bytes
+        batch.clear()
+        batch_bytes = 0
+
       for i in order:
-        # keep reads running ahead of the writer, up to the byte budget
+        # keep reads running ahead of the writer, up to the byte budget (which the batch counts against)
         while position < len(order) and (not window or inflight + values[order[position]].nbytes
                                          <= session.buffer_bytes):
           window.append((order[position], values[order[position]].start()))
           inflight += values[order[position]].nbytes
           position += 1
-        index, pending = window.pop(0)
+        index, pending = window.popleft()
         assert index == i
-        array = pending.result()
-        futures = await base.serialize([array], [infos[i]], [args[i]])
-        for f in futures:
-          f.result()
-        inflight -= values[i].nbytes
-        session.leaves_written += 1
-        session.bytes_written += values[i].nbytes
-        if session.progress is not None:
-          session.progress(values[i])
-        del array, pending
+        batch.append((i, pending.result()))
+        batch_bytes += values[i].nbytes
+        del pending
+        blocked = position < len(order) and inflight + values[order[position]].nbytes > session.buffer_bytes
+        if len(batch) >= MAX_BATCH or (blocked and not window) or batch_bytes * 2 >= session.buffer_bytes:
+          await flush()
+      await flush()
 
     return [compat.CommitFuture(write_all(), name='orbax_nnx_stream')]
 
@@ -131,6 +149,7 @@ def streaming_pytree_handler(**options: Any) -> ocp.PyTreeCheckpointHandler:
 
 
 MIN_LAYER_CHUNK_BYTES = 1 << 20  # Orbax warns below this chunk size
+MAX_BATCH = 256  # arrays handed to Orbax in one serialize call
 
 
 def layer_chunk_args(leaf: TargetLeaf, axis: int | None) -> ocp.SaveArgs | None:
