@@ -28,7 +28,8 @@ from orbax_nnx import budget, errors, nnx_tree, version
 from orbax_nnx.views import check_rules
 from orbax_nnx.layout import Layout, detect
 from orbax_nnx.metadata import CUSTOM_KEY, read_item_metadata, resolve_item
-from orbax_nnx.planner import Cast, LoraMerge, Plan, build, reads
+from orbax_nnx.expressions import Cast, LoraMerge, reads
+from orbax_nnx.planner import Plan, build
 from orbax_nnx.reader import SourceArrays
 from orbax_nnx.targets import LayoutTarget, layout_target, model_target
 from orbax_nnx.writer import LazyArray, WriteSession, layer_chunk_args, streaming_pytree_handler

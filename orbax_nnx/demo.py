@@ -234,7 +234,8 @@ def hf_and_v1(root: str) -> None:
   hf_dir = epath.Path(root) / 'hf_llama'
   report = orbax_nnx.export_params(v1_dir / 'model', hf_dir, format='safetensors', target=abstract,
                                    rules=llama.hf_export_rules(cfg), dtype=None, max_shard_size=512 * 1024)
-  print(f'[hf] exported to Hugging Face safetensors: {sorted(p.name for p in hf_dir.iterdir())}')
+  print(f'[hf] exported to Hugging Face safetensors ({report.bytes_written} B):'
+        f' {sorted(p.name for p in hf_dir.iterdir())}')
   scanned = dataclasses.replace(cfg, scan_layers=True)
   back = orbax_nnx.restore(hf_dir, nnx.eval_shape(lambda: llama.Llama(scanned, rngs=nnx.Rngs(3))),
                            rules=llama.hf_rules(scanned), scan_axis=llama.SCAN_AXIS)

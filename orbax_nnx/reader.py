@@ -23,8 +23,9 @@ import tensorstore as ts
 from orbax_nnx import compat, errors
 from orbax_nnx.metadata import ItemMetadata
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
-from orbax_nnx.planner import (Cast, Concat, Const, Expr, LoraMerge, Plan, Read, Reshape, Slice, Stack, Take, TargetLeaf,
-                               Transpose, reads)
+from orbax_nnx.expressions import (Cast, Concat, Const, Expr, LoraMerge, Read, Reshape, Slice, Stack, Take,
+                                   Transpose, reads)
+from orbax_nnx.planner import Plan, TargetLeaf
 
 Index = tuple[slice, ...]
 

@@ -30,7 +30,8 @@ from etils import epath
 from orbax_nnx import errors, nnx_tree
 from orbax_nnx.layout import is_group_name
 from orbax_nnx.metadata import read_item_metadata, resolve_item
-from orbax_nnx.planner import Cast, Expr, Take, apply_view, build, lookup_axis, targets_for
+from orbax_nnx.expressions import Cast, Expr, Take
+from orbax_nnx.planner import apply_view, build, lookup_axis, targets_for
 from orbax_nnx.reader import SourceArrays, evaluate
 from orbax_nnx.safetensors_source import DTYPE_NAMES, INDEX_FILE
 from orbax_nnx.views import View, check_rules

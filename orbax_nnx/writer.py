@@ -20,7 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from orbax_nnx import compat
-from orbax_nnx.planner import Expr, TargetLeaf, reads
+from orbax_nnx.expressions import Expr, reads
+from orbax_nnx.planner import TargetLeaf
 from orbax_nnx.reader import SourceArrays, _Pending, announce
 
 

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import orbax_nnx
 from orbax_nnx import errors
-from orbax_nnx.planner import Cast, Read, Stack, Take, Transpose
+from orbax_nnx.expressions import Cast, Read, Stack, Take, Transpose
 
 from helpers import assert_same_state, host
 

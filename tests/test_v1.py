@@ -1,7 +1,6 @@
 """Orbax v1: NNX objects through `save_checkpointables`/`load_checkpointables` and `training.Checkpointer`,
 cross-version reads both ways, mapped (Linen -> NNX, bf16 param-only) loads, plain pytrees untouched."""
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import pytest
 from flax import nnx
 from orbax.checkpoint.experimental import v1
 
