@@ -23,7 +23,7 @@ from orbax_nnx.layout import (MODEL, OPTIMIZER, STACK_HINT_NAMES, CanonPath, Lay
                               model_start, unrolled_member)
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
 from orbax_nnx.expressions import Cast, Concat, Const, Expr, Read, Reshape, Slice, Stack, Take, Transpose, reads
-from orbax_nnx.views import View, check_rules
+from orbax_nnx.views import View, check_rules, compile_rules
 
 ScanAxis = Union[int, Mapping[str, int], None]
 Rule = tuple[str, Union[str, Mapping[str, View]]]  # rename, or target replacement -> view
@@ -122,12 +122,7 @@ class _Planner:
                scan_axis: ScanAxis, param_scan_axis: int):
     self.layout = layout
     self.src: dict[CanonPath, DiskPath] = {}
-    compiled = []
-    for pattern, repl in rules:
-      try:
-        compiled.append((re.compile(pattern), repl))
-      except re.error as e:
-        raise errors.OptionError(f'rule pattern {pattern!r} is not a regular expression: {e}.') from e
+    compiled = compile_rules(rules)
     matched: set[int] = set()
     self.views: dict[CanonPath, tuple[CanonPath, View]] = {}  # target -> (source, view)
     self.renamed_of: dict[CanonPath, CanonPath] = {}
@@ -218,9 +213,7 @@ class _Planner:
     if canon is None:
       raise errors.PlanError(f'view.concat names {name!r}, which is not stored here; name stored arrays as rules'
                              f' match them, e.g. {sorted(self.by_rule_key)[:3]}.')
-    self.used.add(self.renamed_of[canon])
-    info = self.layout.leaves[self.layout.canonical[canon]]
-    return Read(self.layout.canonical[canon], info.shape, np.dtype(info.dtype))
+    return self._read(self.renamed_of[canon])
 
   def _member_expr(self, canon: CanonPath) -> Expr:
     """One layer of an unrolled source group: a renamed stored leaf, or a view rule's target."""

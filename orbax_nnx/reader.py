@@ -54,13 +54,9 @@ def transposed(src: np.ndarray, perm: tuple[int, ...]) -> np.ndarray:
   if not perm or perm[-1] == src.ndim - 1 or out.size == 0:  # rows stay contiguous: a plain copy is fast
     np.copyto(out, view)
     return out
-  rows = out.shape[-2] if out.ndim > 1 else 1
-  for i in range(0, rows, _TILE[0]):
+  for i in range(0, out.shape[-2], _TILE[0]):  # the last axis moved, so there are at least two
     for j in range(0, out.shape[-1], _TILE[1]):
-      if out.ndim > 1:
-        out[..., i:i + _TILE[0], j:j + _TILE[1]] = view[..., i:i + _TILE[0], j:j + _TILE[1]]
-      else:
-        out[j:j + _TILE[1]] = view[j:j + _TILE[1]]
+      out[..., i:i + _TILE[0], j:j + _TILE[1]] = view[..., i:i + _TILE[0], j:j + _TILE[1]]
   return out
 
 

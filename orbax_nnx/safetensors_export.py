@@ -34,7 +34,7 @@ from orbax_nnx.expressions import Cast, Expr, Take
 from orbax_nnx.planner import apply_view, build, lookup_axis, targets_for
 from orbax_nnx.reader import SourceArrays, evaluate
 from orbax_nnx.safetensors_source import DTYPE_NAMES, INDEX_FILE
-from orbax_nnx.views import View, check_rules
+from orbax_nnx.views import View, check_rules, compile_rules
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # what `save_pretrained` writes by default
 BLOCK_BYTES = 64 * 2**20  # one tensor is evaluated and written this much at a time
@@ -78,12 +78,7 @@ def export_plan(meta, target: Any, rules: Sequence, *, dtype: Any = None,
     raise errors.StructureMismatchError(plan.missing, [], where=f'at {src_item} (exporting into the target model)')
   if merge_lora:
     plan = apply_lora(plan, None, 'merge')
-  compiled = []
-  for pattern, repl in rules:
-    try:
-      compiled.append((re.compile(pattern), repl))
-    except re.error as e:
-      raise errors.OptionError(f'rule pattern {pattern!r} is not a regular expression: {e}.') from e
+  compiled = compile_rules(rules)
   out: dict[str, Expr] = {}
   unmatched, used = [], set()
   cast_to = np.dtype(jax.numpy.dtype(dtype)) if dtype is not None else None

@@ -187,23 +187,18 @@ class SafetensorsArray:
     rows, rest = region[0], region[1:]
     strides = [self.dtype.itemsize * int(np.prod(self.shape[k + 1:], dtype=np.int64)) for k in range(len(self.shape))]
     full = [(r.start, r.stop) == (0, n) for r, n in zip(rest, self.shape[1:])]
-    if all(full[1:]):  # rows of whole (axis 1 range) x (everything after): one run per row, or one in all
-      cols = rest[0] if rest else slice(0, 1)
-      out = aligned_empty(tuple(r.stop - r.start for r in region), self.dtype)
-      run = (cols.stop - cols.start) * strides[1] if rest else 0
-      if out.size and (not rest or full[0]):
-        self.reader.read_into(file, base + rows.start * strides[0], out)
-      elif out.size and run < MIN_RUN_BYTES and run * 4 < strides[0]:  # many tiny runs: read whole rows
-        covering = aligned_empty((rows.stop - rows.start,) + self.shape[1:], self.dtype)
-        self.reader.read_into(file, base + rows.start * strides[0], covering)
-        np.copyto(out, covering[:, cols])
-      elif out.size:
-        for i in range(rows.stop - rows.start):
-          self.reader.read_into(file, base + (rows.start + i) * strides[0] + cols.start * strides[1], out[i])
-    else:  # cut on a later axis: read the covering rows, then slice
+    run = (rest[0].stop - rest[0].start) * strides[1] if rest else 0
+    out = aligned_empty(tuple(r.stop - r.start for r in region), self.dtype)
+    if not out.size:
+      pass
+    elif all(full):  # whole rows: one range
+      self.reader.read_into(file, base + rows.start * strides[0], out)
+    elif all(full[1:]) and (run >= MIN_RUN_BYTES or run * 4 >= strides[0]):  # columns cut: one run per row
+      for i in range(rows.stop - rows.start):
+        self.reader.read_into(file, base + (rows.start + i) * strides[0] + rest[0].start * strides[1], out[i])
+    else:  # tiny runs, or a cut on a later axis: read the covering rows, then slice
       covering = aligned_empty((rows.stop - rows.start,) + self.shape[1:], self.dtype)
       self.reader.read_into(file, base + rows.start * strides[0], covering)
-      out = aligned_empty(tuple(r.stop - r.start for r in region), self.dtype)
       np.copyto(out, covering[(slice(None),) + tuple(rest)])
     if perm is not None:
       out = transposed(out, perm)

@@ -11,6 +11,7 @@ A view is data (the operations it applies); the planner compiles it into lazy ex
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -117,6 +118,17 @@ class View:
 
 view = View()
 """The identity view; index and chain it: `view[0].T`, `view[1].astype('bfloat16')`."""
+
+
+def compile_rules(rules: Any) -> list:
+  """`check_rules`, with each pattern compiled; a pattern that is not a regex is an OptionError."""
+  compiled = []
+  for pattern, repl in check_rules(rules):
+    try:
+      compiled.append((re.compile(pattern), repl))
+    except re.error as e:
+      raise errors.OptionError(f'rule pattern {pattern!r} is not a regular expression: {e}.') from e
+  return compiled
 
 
 def check_rules(rules: Any) -> tuple:
