@@ -79,6 +79,19 @@ def _add_layout_options(p: argparse.ArgumentParser) -> None:
   p.add_argument('--rename', action='append', metavar='REGEX=REPL', help='rename canonical paths first')
 
 
+def _add_mapping(p: argparse.ArgumentParser) -> None:
+  from orbax_nnx.presets import BY_NAME
+
+  p.add_argument('--layout', choices=sorted(BY_NAME) + ['safetensors'], default=None,
+                 help='force the source layout preset instead of detecting it (see `orbax-nnx presets`)')
+  p.add_argument('--group', action='append', default=None, metavar='NAME_OR_REGEX',
+                 help='declare a layer-group name beside the built-in ones (layers, blocks, h, ...)')
+
+
+def _mapping(args) -> dict:
+  return {'layout': getattr(args, 'layout', None), 'groups': tuple(getattr(args, 'group', None) or ())}
+
+
 PRESETS = ('llama',)  # Hugging Face Llama family (Llama 2/3, Mistral, Qwen2/3) <-> orbax_nnx.llama.Llama
 
 
@@ -114,13 +127,13 @@ def cmd_plan(args) -> int:
     from orbax_nnx.planner import plan
 
     the_plan = plan(src_item, preset.target, rules=preset.rules + _rules(args.rename),
-                    scan_axis=_scan_axis(args.scan_axis) or preset.scan_axis)
+                    scan_axis=_scan_axis(args.scan_axis) or preset.scan_axis, **_mapping(args))
     print(the_plan)
     return 0 if not the_plan.missing else 1
   layout, target, the_plan, options = plan_conversion(
       src_item, to=args.to, scan_layers=args.scan_layers, scan_axis=_scan_axis(args.scan_axis),
       param_scan_axis=args.param_scan_axis, flavour=args.format, rules=_rules(args.rename),
-      include=getattr(args, 'include', 'all'), linen_style=args.linen_style)
+      include=getattr(args, 'include', 'all'), linen_style=args.linen_style, **_mapping(args))
   print(layout.summary())
   print(f'# to {options["to"]}: target path  <-  expression   [shape dtype, bytes]   => stored at')
   for path, expr in the_plan.entries.items():
@@ -173,12 +186,13 @@ def cmd_convert(args) -> int:
   scan_axis = _scan_axis(args.scan_axis) or (preset.scan_axis if preset else None)
   _, _, the_plan, _ = plan_conversion(src_item, to=args.to, scan_axis=scan_axis,
                                       param_scan_axis=args.param_scan_axis, flavour=args.format, rules=rules,
-                                      include=args.include, **model)
+                                      include=args.include, **model, **_mapping(args))
   total = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in the_plan.leaves.values())
   progress = _Progress(len(the_plan.entries), total, args.quiet)
   report = convert(src_item, args.dst, to=args.to, scan_axis=scan_axis,
                    param_scan_axis=args.param_scan_axis, format=args.format, rules=rules, include=args.include,
-                   overwrite=args.overwrite, buffer_bytes=args.buffer_mib * 2**20, progress=progress, **model)
+                   overwrite=args.overwrite, buffer_bytes=args.buffer_mib * 2**20, progress=progress, **model,
+                   **_mapping(args))
   if not args.quiet:
     print(report.summary())
   return 0
@@ -194,7 +208,7 @@ def cmd_export_params(args) -> int:
     report = export_params(args.src, args.dst, dtype=None if args.dtype == 'keep' else args.dtype,
                            format='safetensors', overwrite=args.overwrite, step=args.step, item=args.item,
                            scan_axis=_scan_axis(args.scan_axis), target=preset.target, rules=preset.export_rules,
-                           max_shard_size=args.max_shard_mib * 2**20)
+                           max_shard_size=args.max_shard_mib * 2**20, **_mapping(args))
     if not args.quiet:
       print(report.summary())
     return 0
@@ -203,7 +217,8 @@ def cmd_export_params(args) -> int:
   report = export_params(args.src, args.dst, dtype=None if args.dtype == 'keep' else args.dtype,
                          scan_layers=args.scan_layers, format=args.format, overwrite=args.overwrite,
                          step=args.step, item=args.item, scan_axis=_scan_axis(args.scan_axis),
-                         param_scan_axis=args.param_scan_axis, filter=args.filter, merge_lora=args.merge_lora)
+                         param_scan_axis=args.param_scan_axis, filter=args.filter, merge_lora=args.merge_lora,
+                         **_mapping(args))
   if not args.quiet:
     print(report.summary())
   return 0
@@ -217,7 +232,8 @@ def cmd_compare(args) -> int:
     args.src = args.a  # the preset's config defaults to A's config.json
     preset = _preset(args, False)
   report = compare(args.a, args.b, values=args.values, atol=args.atol, rtol=args.rtol, only=args.only,
-                   rules=preset.rules if preset else (), scan_axis=preset.scan_axis if preset else None)
+                   rules=preset.rules if preset else (), scan_axis=preset.scan_axis if preset else None,
+                   layout_a=args.layout_a, layout_b=args.layout_b, groups=tuple(args.group or ()))
   print(json.dumps(report.to_json()) if args.json else report.summary())
   return 0 if report.equal else 1
 
@@ -225,11 +241,12 @@ def cmd_compare(args) -> int:
 def cmd_inspect(args) -> int:
   from orbax_nnx.inspection import inspect_checkpoint
 
-  facts = inspect_checkpoint(args.src, step=args.step, item=args.item, depth=args.depth, filter=args.filter)
+  facts = inspect_checkpoint(args.src, step=args.step, item=args.item, depth=args.depth, filter=args.filter,
+                             **_mapping(args))
   if args.json:
     print(json.dumps(facts, default=str))
     return 0
-  print(f'{facts["path"]}: {facts["layout"]} layout ({facts["flavour"]} flavour)'
+  print(f'{facts["path"]}: {facts["layout"]} layout ({facts["flavour"]} flavour), preset {facts["preset"]}'
         + (f', step {facts["step"]}' if facts['step'] is not None else ''))
   for label, root in facts['roots'].items():
     print(f'  {label:9} at {root or "<root>"}')
@@ -254,6 +271,14 @@ def cmd_inspect(args) -> int:
   return 0
 
 
+def cmd_presets(args) -> int:
+  """Every built-in layout preset and its rules (stored path as `inspect` prints it -> canonical path)."""
+  from orbax_nnx.presets import PRESETS as LAYOUTS
+
+  print('\n\n'.join(str(p) for p in LAYOUTS))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='orbax-nnx', description='Flax NNX tools for Orbax checkpoints.')
   sub = parser.add_subparsers(dest='command', required=True)
@@ -262,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_layout_options(p)
   p.add_argument('--include', choices=['all', 'params'], default='all', help="'params': Params only")
   _add_preset(p)
+  _add_mapping(p)
   p.set_defaults(fn=cmd_plan)
   p = sub.add_parser('convert', help='convert a checkpoint to another layout (streaming, atomic)')
   _add_source(p)
@@ -272,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--buffer-mib', type=int, default=256, help='bytes of arrays in flight (default 256 MiB)')
   p.add_argument('--quiet', action='store_true')
   _add_preset(p)
+  _add_mapping(p)
   p.set_defaults(fn=cmd_convert)
   p = sub.add_parser('export-params', help='write a param-only (decode) checkpoint')
   _add_source(p)
@@ -294,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--param-scan-axis', type=int, default=1)
   p.add_argument('--overwrite', action='store_true')
   p.add_argument('--quiet', action='store_true')
+  _add_mapping(p)
   p.set_defaults(fn=cmd_export_params)
   p = sub.add_parser('compare', help='compare two checkpoints across layouts (exit 0 equal, 1 not)')
   p.add_argument('a')
@@ -304,13 +332,21 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--only', choices=['params', 'optimizer', 'all'], default='all')
   p.add_argument('--json', action='store_true')
   _add_preset(p)
+  from orbax_nnx.presets import BY_NAME
+  for side in ('a', 'b'):
+    p.add_argument(f'--layout-{side}', choices=sorted(BY_NAME) + ['safetensors'], default=None,
+                   help=f'force the layout preset of {side.upper()}')
+  p.add_argument('--group', action='append', default=None, metavar='NAME_OR_REGEX', help='declare a layer-group name')
   p.set_defaults(fn=cmd_compare)
   p = sub.add_parser('inspect', help='what a checkpoint holds (metadata only)')
   _add_source(p)
   p.add_argument('--json', action='store_true')
   p.add_argument('--depth', type=int, default=None, help='aggregate leaves to this path depth')
   p.add_argument('--filter', default=None, metavar='REGEX', help='only paths matching REGEX')
+  _add_mapping(p)
   p.set_defaults(fn=cmd_inspect)
+  p = sub.add_parser('presets', help='list the built-in layout presets and their rules')
+  p.set_defaults(fn=cmd_presets)
   return parser
 
 

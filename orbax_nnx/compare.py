@@ -3,12 +3,13 @@
 Both sides are mapped to one canonical view (NNX paths, layer groups unrolled) through
 their plans, so a Linen checkpoint and its NNX conversion, stacked or unrolled, compare
 equal. Structure comes from metadata alone; values (`values=True`) are streamed leaf by
-leaf (peak memory about two leaves), with rng keys compared by their key data.
+leaf in row blocks within `memory_budget`, with rng keys compared by their key data.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -17,9 +18,11 @@ from orbax_nnx import budget, errors
 from orbax_nnx.layout import MODEL, OPTIMIZER, Layout, detect
 from orbax_nnx.metadata import read_item_metadata, resolve_item
 from orbax_nnx.planner import Plan, build
-from orbax_nnx.reader import SourceArrays, _normalize, evaluate
+from orbax_nnx.reader import SourceArrays, evaluate
 from orbax_nnx.targets import layout_target
 from orbax_nnx.views import check_rules
+
+DEFAULT_COMPARE_BUDGET = 512 * 2**20  # bytes value comparison holds (row blocks + decoded chunks)
 
 Only = Literal['params', 'optimizer', 'all']
 
@@ -79,18 +82,27 @@ def canonical_view(layout: Layout, only: Only = 'all', unroll: bool = True) -> P
 
 
 def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0, only: Only = 'all',
-            step_a: int | None = None, step_b: int | None = None, rules=(), scan_axis=None) -> CompareReport:
+            step_a: int | None = None, step_b: int | None = None, rules=(), scan_axis=None,
+            layout_a: str | None = None, layout_b: str | None = None, groups=None,
+            memory_budget: int = DEFAULT_COMPARE_BUDGET) -> CompareReport:
   """Compares checkpoints `a` and `b` (any layouts). See `CompareReport.equal`.
 
   `rules` map A's stored paths onto B's model (e.g. `orbax_nnx.llama.hf_rules(cfg)` for Hugging Face
   safetensors as A, needed there): A is then planned into B's canonical view, its values cast to B's
   dtypes (so dtypes are not compared), and A's leaves no rule places are listed as only in A.
+  `layout_a` / `layout_b` force a side's preset; `groups` declares layer-group names for both.
+  `memory_budget` bounds what value comparison holds: leaves are compared in row blocks, each side's
+  block a quarter of it, the rest for decoded chunks kept between blocks (at least one chunk).
   """
+  errors.check_int('memory_budget', memory_budget)
+  if memory_budget <= 0:
+    raise errors.OptionError(f'memory_budget={memory_budget} must be a positive number of bytes.')
   errors.check_choice('only', only, ('params', 'optimizer', 'all'))
   errors.check_choice('values', values, (True, False))
   rules = check_rules(rules)
   dir_a, dir_b = resolve_item(a, step=step_a), resolve_item(b, step=step_b)
-  layout_a, layout_b = detect(read_item_metadata(dir_a)), detect(read_item_metadata(dir_b))
+  layout_a = detect(read_item_metadata(dir_a), layout=layout_a, groups=groups)
+  layout_b = detect(read_item_metadata(dir_b), layout=layout_b, groups=groups)
   mapped = bool(rules) or layout_a.kind == 'safetensors'
   view_b = canonical_view(layout_b, only, unroll=not mapped)  # A is mapped onto B's groups as B stores them
   if mapped:
@@ -119,21 +131,36 @@ def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0,
     mismatched = {m[0] for m in report.shape_mismatch}
     budget.check_fits(dir_a, [(name, view_a.leaves[paths_a[name]].shape, view_a.leaves[paths_a[name]].dtype, None)
                               for name in common if name not in mismatched],
-                      what='comparing values (both sides of one leaf at a time)', at_once=False, factor=2,
-                      advice='compare structure only (values=False)')
-    src_a, src_b = SourceArrays(layout_a.meta), SourceArrays(layout_b.meta)
+                      what='comparing values (declared shapes beyond this machine are damaged metadata)',
+                      at_once=False, advice='compare structure only (values=False)')
+    src_a = SourceArrays(layout_a.meta, cache_bytes=max(1, memory_budget // 4))
+    src_b = SourceArrays(layout_b.meta, cache_bytes=max(1, memory_budget // 4))
     report.values = []
     for name in common:
       if name in mismatched:
         continue
       leaf = view_a.leaves[paths_a[name]]
-      xa = evaluate(view_a.entries[paths_a[name]], _normalize((), leaf.shape), src_a)
-      xb = evaluate(view_b.entries[paths_b[name]], _normalize((), leaf.shape), src_b)
-      report.values.append(_diff(name, xa, xb, atol, rtol))
+      diffs = [_diff(name, evaluate(view_a.entries[paths_a[name]], block, src_a),
+                     evaluate(view_b.entries[paths_b[name]], block, src_b), atol, rtol)
+               for block in _row_blocks(leaf.shape, leaf.dtype.itemsize, max(1, memory_budget // 4))]
+      report.values.append(LeafDiff(name, max(d.max_abs for d in diffs), max(d.max_rel for d in diffs),
+                                    all(d.within for d in diffs)))
   return report
 
 
 _DIFF_BLOCK = 1 << 22  # elements per float64 block, so the working copies stay small
+
+
+def _row_blocks(shape: tuple[int, ...], itemsize: int, block_bytes: int) -> Iterator[tuple[slice, ...]]:
+  """Whole-array index split along axis 0 into blocks of at most `block_bytes` (at least one row)."""
+  if not shape:
+    yield ()
+    return
+  row = max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize)
+  step = max(1, block_bytes // row)
+  rest = tuple(slice(0, n) for n in shape[1:])
+  for i in range(0, max(shape[0], 1), step):
+    yield (slice(i, min(i + step, shape[0])),) + rest
 
 
 def _diff(name: str, xa: np.ndarray, xb: np.ndarray, atol: float, rtol: float) -> LeafDiff:

@@ -109,7 +109,8 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
                     scan_axis=None, param_scan_axis: int = 1, flavour: str = 'raw',
                     rules: Sequence[tuple[str, str]] = (), include: str = 'all',
                     dtype: Any = None, lora: str | None = None,
-                    target: Any = None, linen_style: str = 'maxtext') -> tuple[Layout, LayoutTarget, Plan, dict]:
+                    target: Any = None, linen_style: str = 'maxtext', layout: str | None = None,
+                    groups=None) -> tuple[Layout, LayoutTarget, Plan, dict]:
   """Layout, target and plan of a conversion (metadata only).
 
   `target` (an NNX model or abstract state) replaces the layout-derived target: the result is
@@ -119,43 +120,43 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
                            include=include, lora=lora)
   errors.check_choice('linen_style', linen_style, ('maxtext', 'flax'))
   rules = check_rules(rules)
-  layout = detect(read_item_metadata(src_item))
-  if target is None and layout.kind == 'safetensors':
+  source = detect(read_item_metadata(src_item), layout=layout, groups=groups)
+  if target is None and source.kind == 'safetensors':
     raise errors.OptionError(f'{src_item} is a safetensors checkpoint: it converts into a model. Pass target= (an'
                              ' abstract NNX model) and rules= (e.g. orbax_nnx.llama.hf_rules(cfg)).')
   if target is not None:
     if to == 'linen' or scan_layers is not None:
       raise errors.OptionError('target= writes the target model\'s own NNX tree: to= and scan_layers= do not apply'
                                ' (build the model scanned or unrolled instead).')
-    model = model_target(layout, target, flavour=flavour, rules=rules, include=include, dtype=dtype)
-    the_plan = build(layout, model.leaves, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
+    model = model_target(source, target, flavour=flavour, include=include, dtype=dtype)
+    the_plan = build(source, model.leaves, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
     if the_plan.missing:
       raise errors.StructureMismatchError(the_plan.missing, [], where=f'at {src_item}')
     if lora is not None:
       the_plan = apply_lora(the_plan, model, lora)
-    return layout, model, the_plan, {'to': 'nnx', 'scan_layers': None}
-  reverse = _reverse_defaults(layout)
+    return source, model, the_plan, {'to': 'nnx', 'scan_layers': None}
+  reverse = _reverse_defaults(source)
   if to == 'auto':  # convert back to the original layout when DST records one
-    to = reverse.get('to') or ('linen' if layout.framework == 'nnx' else 'nnx')
+    to = reverse.get('to') or ('linen' if source.framework == 'nnx' else 'nnx')
     if scan_layers is None and include == 'all':
       scan_layers = reverse.get('scan_layers')
-  record = layout.meta.ours.get('conversion') if layout.meta.ours else None
+  record = source.meta.ours.get('conversion') if source.meta.ours else None
   original = record if isinstance(record, Mapping) and record.get('from_framework') == to else None
-  target = layout_target(layout, to=to, scan_layers=scan_layers, scan_axis=scan_axis,
+  target = layout_target(source, to=to, scan_layers=scan_layers, scan_axis=scan_axis,
                          param_scan_axis=param_scan_axis, flavour=flavour, include=include,
                          original=original if include == 'all' else None, dtype=dtype,
                          linen_params='single' if linen_style == 'flax' else 'double')
   axes = target.planner_axes()
-  the_plan = build(layout, target.leaves, rules=rules, scan_axis=axes or scan_axis,
+  the_plan = build(source, target.leaves, rules=rules, scan_axis=axes or scan_axis,
                    param_scan_axis=param_scan_axis)
   if the_plan.missing:
     raise errors.StructureMismatchError(the_plan.missing, [], where=f'at {src_item}')
   if lora is not None:
     the_plan = apply_lora(the_plan, target, lora)
   # record what actually changed, so converting back reverses exactly that
-  changed = scan_layers is not None and any((g.style == 'stacked') != scan_layers for g in layout.groups)
+  changed = scan_layers is not None and any((g.style == 'stacked') != scan_layers for g in source.groups)
   options = {'to': to, 'scan_layers': scan_layers if changed else None}
-  return layout, target, the_plan, options
+  return source, target, the_plan, options
 
 
 def source_structure(item_dir: epath.Path) -> dict[str, Any]:
@@ -320,7 +321,8 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
             include: Literal['all', 'params'] = 'all', overwrite: bool = False,
             buffer_bytes: int = DEFAULT_BUFFER_BYTES, step: int | None = None, item: str | None = None,
             progress: Callable | None = None, template: Any = None, dtype: Any = None,
-            lora: str | None = None, target: Any = None, linen_style: str = 'maxtext') -> ConvertReport:
+            lora: str | None = None, target: Any = None, linen_style: str = 'maxtext', layout: str | None = None,
+            groups=None) -> ConvertReport:
   """Converts the checkpoint at `src` to another layout at `dst` (an Orbax item directory).
 
   `to='auto'` converts to the other framework (or back to the original one after a
@@ -334,6 +336,7 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   no NNX rng state) instead of MaxText's `params/params/<model>` + `nnx_aux`.
   `target` (an NNX model, e.g. from `nnx.eval_shape`) writes that model's own tree instead, each leaf
   mapped from SRC by `rules`: how a Hugging Face safetensors checkpoint becomes an NNX Orbax one.
+  `layout` forces SRC's preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
   """
   t0 = time.perf_counter()
   check_conversion_options(to=to, scan_layers=scan_layers, param_scan_axis=param_scan_axis, flavour=format,
@@ -342,9 +345,10 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   src_item = resolve_item(src, step=step, item=item)
   dst = epath.Path(dst)
   _check_paths(src_item, dst, overwrite)
-  layout, written, the_plan, options = plan_conversion(
+  source, written, the_plan, options = plan_conversion(
       src_item, to=to, scan_layers=scan_layers, scan_axis=scan_axis, param_scan_axis=param_scan_axis,
-      flavour=format, rules=rules, include=include, dtype=dtype, lora=lora, target=target, linen_style=linen_style)
+      flavour=format, rules=rules, include=include, dtype=dtype, lora=lora, target=target, linen_style=linen_style,
+      layout=layout, groups=groups)
   records = [written.records.get(p) or {'path': list(_record_path(p, written.disk[p], format)),
                                         'type': written.types[p], 'metadata': {}}
              for p in the_plan.entries] if options['to'] == 'nnx' else []
@@ -352,20 +356,20 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
                          'scan_axes': dict(written.scan_axes)}}
   if target is None:  # a layout conversion records how to convert back
     custom[CUSTOM_KEY]['conversion'] = {
-        'from_kind': layout.kind, 'from_framework': layout.framework, 'scan_layers': options['scan_layers'],
-        'source_scan_axes': {**dict(layout.meta.ours.get('scan_axes', {}) if layout.meta.ours else {}),
+        'from_kind': source.kind, 'from_framework': source.framework, 'scan_layers': options['scan_layers'],
+        'source_scan_axes': {**dict(source.meta.ours.get('scan_axes', {}) if source.meta.ours else {}),
                              **dict(written.source_axes)},
-        'paths': {'/'.join(c): '/'.join(d) for c, d in layout.canonical.items()},
-        'dtypes': {'/'.join(c): str(layout.leaves[d].dtype) for c, d in layout.canonical.items()},
+        'paths': {'/'.join(c): '/'.join(d) for c, d in source.canonical.items()},
+        'dtypes': {'/'.join(c): str(source.leaves[d].dtype) for c, d in source.canonical.items()},
         'structure': source_structure(src_item),
     }
-  record = layout.meta.ours.get('conversion') if layout.meta.ours else None
+  record = source.meta.ours.get('conversion') if source.meta.ours else None
   structure = (record.get('structure') if isinstance(record, Mapping) and record.get('from_framework') ==
                options['to'] else None)
   if template is not None:
     structure = structure_from_template(template)
-  bytes_read, bytes_written = write_plan(dst, layout, written, the_plan, custom, overwrite=overwrite,
+  bytes_read, bytes_written = write_plan(dst, source, written, the_plan, custom, overwrite=overwrite,
                                          buffer_bytes=buffer_bytes, progress=progress, structure=structure)
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
-  return ConvertReport(str(src_item), str(dst), layout.kind, options['to'], len(the_plan.entries), bytes_read,
+  return ConvertReport(str(src_item), str(dst), source.kind, options['to'], len(the_plan.entries), bytes_read,
                        bytes_written, time.perf_counter() - t0, rss)

@@ -18,7 +18,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from orbax_nnx import compat, errors, nnx_tree, restoring, version
+from orbax_nnx import compat, errors, nnx_tree, presets, restoring, version
+from orbax_nnx.groups import group_names
 from orbax_nnx.metadata import CUSTOM_KEY, read_item_metadata
 from orbax_nnx.views import check_rules
 
@@ -67,8 +68,9 @@ class NNXRestore(ocp.args.CheckpointArgs):
     default_sharding: for leaves whose target gives no sharding and whose saved
       sharding does not fit the current devices.
     exclude: Variables the target never restores (default: Cache, Intermediate).
-    rules: regex renames `(pattern, replacement)` over canonical source paths
-      (e.g. `('model/(.*)', r'reference_model/\1')`), applied before layout rules.
+    rules: `(pattern, replacement)` regex rules: a pattern fullmatches a stored path as
+      `orbax-nnx inspect` prints it (or its canonical form, as `plan` prints it); the
+      replacement names a target path, or maps target paths to views (`orbax_nnx.view`).
     scan_axis: the layer axis of stacked source arrays when shapes leave it
       ambiguous: an int, or `{regex over canonical paths: axis}`.
     param_scan_axis: for Linen/MaxText sources, the layer axis of Params when nothing else
@@ -79,6 +81,8 @@ class NNXRestore(ocp.args.CheckpointArgs):
       `StandardRestore(support_layout=True)`.
     restore_args: Orbax `RestoreArgs` per leaf, a tree shaped like `target` (as for
       `PyTreeRestore`); only where the stored tree matches the target.
+    layout: force a preset by name instead of detecting it (`orbax_nnx.presets`, e.g.
+      'linen-flax'); `groups`: more layer-group names or regexes beside the built-in ones.
     memory_budget: bytes a converted (planned) restore holds besides the restored arrays:
       half for decoded chunks kept for other regions (at least one chunk), half for host
       buffers in flight. None: room for two of the largest stored arrays and 1 GiB in flight.
@@ -100,6 +104,8 @@ class NNXRestore(ocp.args.CheckpointArgs):
   support_layout: bool = False
   restore_args: PyTree = None
   memory_budget: int | None = None
+  layout: str | None = None
+  groups: Sequence[str] = ()
 
   def __post_init__(self):
     if self.memory_budget is not None:
@@ -114,6 +120,9 @@ class NNXRestore(ocp.args.CheckpointArgs):
     if self.default_sharding is not None and not isinstance(self.default_sharding, jax.sharding.Sharding):
       raise errors.OptionError(f'default_sharding must be a jax.sharding.Sharding, not {self.default_sharding!r}.')
     self.rules = check_rules(self.rules)
+    if self.layout is not None:
+      presets.get(self.layout)
+    self.groups = tuple(group_names(self.groups).declared)
 
 
 class _TypestrDescriptor:
@@ -279,7 +288,7 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
         scan_axis=args.scan_axis, param_scan_axis=args.param_scan_axis,
         orbax=restoring.OrbaxOptions(strict=args.strict, support_layout=args.support_layout,
                                      restore_args=restore_args),
-        memory_budget=args.memory_budget,
+        memory_budget=args.memory_budget, layout=args.layout, groups=args.groups,
     )
     return nnx.merge(graphdef, restored) if graphdef is not None else restored
 

@@ -25,29 +25,29 @@ def _category(layout: Layout, canon: tuple, disk: tuple) -> str:
 
 
 def inspect_checkpoint(path, *, step: int | None = None, item: str | None = None, depth: int | None = None,
-                       filter: str | None = None) -> dict[str, Any]:
+                       filter: str | None = None, layout: str | None = None, groups=None) -> dict[str, Any]:
   """Layout, layer groups, per-leaf (or per-subtree at `depth`) shape/dtype/bytes, and totals.
 
   Totals are split into params / optimizer / rng / other. `filter` keeps paths matching the
-  regex. Reads Orbax metadata only.
+  regex. `layout` forces a preset, `groups` declares layer-group names. Reads metadata only.
   """
   directory = resolve_item(path, step=step, item=item)
-  layout = detect(read_item_metadata(directory))
-  by_disk = {disk: canon for canon, disk in layout.canonical.items()}
+  found = detect(read_item_metadata(directory), layout=layout, groups=groups)
+  by_disk = {disk: canon for canon, disk in found.canonical.items()}
   pattern = re.compile(filter) if filter else None
   rows, totals = [], defaultdict(int)
-  for disk, info in sorted(layout.leaves.items()):
+  for disk, info in sorted(found.leaves.items()):
     name = '/'.join(disk)
     if pattern and not pattern.search(name):
       continue
-    category = _category(layout, by_disk[disk], disk)
+    category = _category(found, by_disk[disk], disk)
     totals[category] += info.nbytes
     rows.append({'path': name, 'shape': list(info.shape), 'dtype': str(info.dtype), 'bytes': info.nbytes,
                  'category': category})
   if depth is not None:
     grouped: dict[str, dict] = {}
     for row in rows:
-      sep = '.' if layout.kind == 'safetensors' else '/'
+      sep = '.' if found.kind == 'safetensors' else '/'
       key = sep.join(row['path'].split(sep)[:depth])
       entry = grouped.setdefault(key, {'path': key, 'leaves': 0, 'bytes': 0})
       entry['leaves'] += 1
@@ -55,12 +55,12 @@ def inspect_checkpoint(path, *, step: int | None = None, item: str | None = None
     rows = list(grouped.values())
   step_dir = directory.parent.name if directory.parent.name.isdigit() else None
   return {
-      'path': str(directory), 'layout': layout.kind, 'flavour': layout.flavour,
+      'path': str(directory), 'layout': found.kind, 'preset': found.preset, 'flavour': found.flavour,
       'step': int(step_dir) if step_dir is not None else None,
-      'roots': {k: '/'.join(v) for k, v in (('params', layout.params_root), ('optimizer', layout.opt_root),
-                                            ('step', layout.step_path)) if v is not None},
-      'aux': ['/'.join(r) for r in layout.aux_roots],
-      'groups': [str(g) for g in layout.groups],
+      'roots': {k: '/'.join(v) for k, v in (('params', found.params_root), ('optimizer', found.opt_root),
+                                            ('step', found.step_path)) if v is not None},
+      'aux': ['/'.join(r) for r in found.aux_roots],
+      'groups': [str(g) for g in found.groups],
       'leaves': rows, 'totals': dict(totals), 'total_bytes': sum(totals.values()),
-      'orbax_nnx': dict(layout.meta.ours) if layout.meta.ours else None,
+      'orbax_nnx': dict(found.meta.ours) if found.meta.ours else None,
   }

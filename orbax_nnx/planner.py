@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
@@ -19,8 +18,8 @@ import numpy as np
 from flax import nnx
 
 from orbax_nnx import compat, errors, nnx_tree
-from orbax_nnx.layout import (MODEL, OPTIMIZER, STACK_HINT_NAMES, CanonPath, Layout,
-                              model_start, unrolled_member)
+from orbax_nnx.groups import MODEL, OPTIMIZER, model_start
+from orbax_nnx.layout import CanonPath, Layout
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
 from orbax_nnx.expressions import Cast, Concat, Const, Expr, Read, Reshape, Slice, Stack, Take, Transpose, reads
 from orbax_nnx.views import View, check_rules, compile_rules
@@ -50,17 +49,14 @@ class TargetLeaf:
 _NON_PARAM = (nnx.RngState, nnx.BatchStat, nnx.Cache, nnx.Intermediate)
 
 
-def target_leaves(target: Any, exclude=nnx_tree.DEFAULT_EXCLUDE, rules: Sequence[Rule] = ()) -> list[TargetLeaf]:
+def target_leaves(target: Any, exclude=nnx_tree.DEFAULT_EXCLUDE) -> list[TargetLeaf]:
   """Flattens a target and gives each leaf its canonical path.
 
-  A target with top-level `model`/`optimizer` keys (or the root a rename rule writes to)
-  is a train state; one with `opt_state` and `step` an optimizer; anything else a model.
+  A target with top-level `model`/`optimizer` keys is a train state; one with `opt_state` and `step` an optimizer; anything else a model.
   """
   flat = list(nnx_tree.flatten(target, exclude))
   top = {str(p[0]) for p, _ in flat if p}
-  replacements = [r for _, rhs in rules for r in (rhs if isinstance(rhs, Mapping) else (rhs,))]
-  rule_roots = {repl.split('/')[0] for repl in replacements if '\\' not in repl.split('/')[0]}
-  if top & ({MODEL, OPTIMIZER} | rule_roots):
+  if top & {MODEL, OPTIMIZER}:
     prefix: tuple = ()
   elif {'opt_state', 'step'} <= top:
     prefix = (OPTIMIZER,)
@@ -126,8 +122,9 @@ class _Planner:
     matched: set[int] = set()
     self.views: dict[CanonPath, tuple[CanonPath, View]] = {}  # target -> (source, view)
     self.renamed_of: dict[CanonPath, CanonPath] = {}
+    prefix = _target_prefix(targets)
     for canon, disk in layout.canonical.items():
-      renamed = _rename(layout, canon, compiled, matched)
+      renamed = _rename(layout, canon, compiled, matched, prefix)
       if isinstance(renamed, dict):  # a view rule: the source keeps its path, its views name targets
         self.views.update({target: (canon, v) for target, v in renamed.items()})
         renamed = canon
@@ -135,17 +132,19 @@ class _Planner:
       self.renamed_of[canon] = renamed
     unmatched = [rules[i] for i in range(len(rules)) if i not in matched]
     if unmatched:
-      examples = ', '.join(sorted(layout.rule_key(c) for c in layout.canonical)[:5])
+      examples = ', '.join(sorted(layout.stored_name(c) for c in layout.canonical)[:5])
       raise errors.PlanError(
-          f'rules that match no stored path: {unmatched}. A rule fullmatches a canonical source path (as'
-          f' `orbax-nnx plan` prints it), e.g. {examples}; fix the pattern or drop the rule.')
+          f'rules that match no stored path: {unmatched}. A rule fullmatches a stored path as `orbax-nnx'
+          f' inspect` prints it (e.g. {examples}), or its canonical form as `orbax-nnx plan` prints it'
+          f' ({", ".join(sorted("/".join(c) for c in layout.canonical)[:2])}); fix the pattern or drop the rule.')
     self.targets = targets
     self.scan_axis = scan_axis
     self.param_scan_axis = param_scan_axis
-    self.target_group_sizes = _group_sizes(t.canon for t in targets)
-    self.source_group_indices = _group_indices(list(self.src) + list(self.views))
+    self.names = layout.group_names
+    self.target_group_sizes = {g: len(i) for (g, _), i in self.names.unrolled_groups(t.canon for t in targets).items()}
+    self.source_group_indices = self.names.unrolled_groups(list(self.src) + list(self.views))
     self.used: set[CanonPath] = set()
-    self.by_rule_key = {layout.rule_key(c): c for c in layout.canonical}
+    self.by_rule_key = {layout.stored_name(c): c for c in layout.canonical}
 
   # - axis choice
 
@@ -154,7 +153,7 @@ class _Planner:
 
   def _source_names_axis(self, disk: DiskPath) -> int | None:
     record = self.layout.meta.record_of(disk)
-    return _names_axis(record.metadata.get('out_sharding') if record else None)
+    return self.names.names_axis(record.metadata.get('out_sharding') if record else None)
 
   def _convention(self, leaf: TargetLeaf) -> int | None:
     """The Linen/MaxText layer-axis convention, for Linen sources only: NNX models stack on axis 0
@@ -242,7 +241,7 @@ class _Planner:
         src_axis = self._source_names_axis(expr.source)
       if src_axis is None:
         src_axis = self._convention(leaf) if self.layout.framework == 'linen' else 0
-      tgt_axis = leaf.layer_axis if leaf.layer_axis is not None else (_names_axis(leaf.out_sharding) or 0)
+      tgt_axis = leaf.layer_axis if leaf.layer_axis is not None else (self.names.names_axis(leaf.out_sharding) or 0)
       wanted = _move(len(src), src_axis, tgt_axis)
       if wanted not in perms:
         raise errors.PlanError(
@@ -259,7 +258,7 @@ class _Planner:
   def _unrolled_target(self, leaf: TargetLeaf, k: int) -> Expr | None:
     """Target `.../layers_3/...` or `.../layers/3/...` from a stacked source `.../layers/...`."""
     canon = leaf.canon
-    member = _member(canon, k)
+    member = self.names.unrolled_member(canon, k)
     if member is None:
       return None
     group, _, index = member
@@ -282,14 +281,14 @@ class _Planner:
   def _stacked_target(self, leaf: TargetLeaf, k: int) -> Expr | None:
     """Target `.../layers/...` (stacked) from unrolled sources `layers_N` or `layers/N`."""
     canon = leaf.canon
-    for style in ('suffix', 'index'):
+    for style in ('unrolled_suffix', 'unrolled_index'):
       group = canon[: k + 1]
       indices = self.source_group_indices.get((group, style))
       if not indices:
         continue
       members = []
       for i in range(len(indices)):
-        member = (canon[:k] + (f'{canon[k]}_{i}',) + canon[k + 1:] if style == 'suffix'
+        member = (canon[:k] + (f'{canon[k]}_{i}',) + canon[k + 1:] if style == 'unrolled_suffix'
                   else canon[: k + 1] + (str(i),) + canon[k + 1:])
         if member not in self.src and member not in self.views:
           break
@@ -315,7 +314,7 @@ class _Planner:
         raise errors.ShapeMismatchError(
             str(reads_[0]), member_shape, leaf.shape,
             hint=f'(stacking {n} layers into {path_str(leaf.path)}: no axis fits.)')
-      axis = self._choose(cands, leaf, (leaf.layer_axis, self._explicit_axis(canon), _names_axis(leaf.out_sharding),
+      axis = self._choose(cands, leaf, (leaf.layer_axis, self._explicit_axis(canon), self.names.names_axis(leaf.out_sharding),
                                         self._convention(leaf)), 'stacking')
       return Stack(tuple(reads_), axis)
     return None
@@ -332,16 +331,39 @@ def lookup_axis(scan_axis: ScanAxis, canon: CanonPath) -> int | None:
   return None
 
 
-def _rename(layout: Layout, canon: CanonPath, rules, matched: set[int]) -> CanonPath | dict[CanonPath, View]:
-  """The first matching rule's result: a renamed path, or {target path: view} for a view rule."""
-  joined = layout.rule_key(canon)
+def _target_prefix(targets: Sequence[TargetLeaf]) -> CanonPath:
+  """The canonical root the target tree sits at: ('model',) for a model, () for a train state."""
+  for t in targets:
+    return t.canon[: len(t.canon) - len(t.path)]
+  return (MODEL,)
+
+
+def _rename(layout: Layout, canon: CanonPath, rules, matched: set[int],
+            prefix: CanonPath) -> CanonPath | dict[CanonPath, View]:
+  """The first matching rule's result: a renamed path, or {target path: view} for a view rule.
+
+  A pattern fullmatches the canonical path as `plan` prints it, else the stored path as `inspect`
+  prints it. A replacement names a path in the target tree (`layers/0/mlp/kernel` in a model); one
+  already starting at the target's canonical root (`model/...`, or `optimizer/...` in a train state)
+  is taken as canonical. A raw-flavour
+  `value` wrapper a stored-path match carries over is dropped.
+  """
+  wrapped = layout.kind != 'safetensors' and layout.canonical[canon][-1] == 'value' and canon[-1] != 'value'
+
+  def target(path: str) -> CanonPath:
+    parts = tuple(path.split('/'))
+    parts = parts[:-1] if wrapped and parts[-1] == 'value' else parts
+    if parts[:1] == (prefix or parts)[:1] and parts[0] in (MODEL, OPTIMIZER):
+      return parts  # already canonical
+    return (prefix or (MODEL,)) + parts  # a train-state target's rules name model paths
+
   for i, (pattern, repl) in enumerate(rules):
-    if pattern.fullmatch(joined):
+    joined = next((key for key in ('/'.join(canon), layout.stored_name(canon)) if pattern.fullmatch(key)), None)
+    if joined is not None:
       matched.add(i)
       if isinstance(repl, Mapping):
-        return {layout.rule_target(pattern.sub(r, joined)): v.resolve(lambda t: pattern.sub(t, joined))
-                for r, v in repl.items()}
-      return layout.rule_target(pattern.sub(repl, joined))
+        return {target(pattern.sub(r, joined)): v.resolve(lambda t: pattern.sub(t, joined)) for r, v in repl.items()}
+      return target(pattern.sub(repl, joined))
   return canon
 
 
@@ -398,15 +420,6 @@ def apply_view(v: View, expr: Expr, where: str, lookup=None) -> Expr:
   return expr
 
 
-def _names_axis(names) -> int | None:
-  if not names:
-    return None
-  for axis, name in enumerate(names):
-    if name in STACK_HINT_NAMES or (isinstance(name, (tuple, list)) and set(name) & set(STACK_HINT_NAMES)):
-      return axis
-  return None
-
-
 def _move(rank: int, src: int, dst: int) -> tuple[int, ...]:
   order = [i for i in range(rank) if i != src]
   order.insert(dst, src)
@@ -418,35 +431,6 @@ def _moves(rank: int) -> Iterable[tuple[int, ...]]:
     for b in range(rank):
       if a != b:
         yield _move(rank, a, b)
-
-
-def _group_sizes(canons: Iterable[CanonPath]) -> dict[CanonPath, int]:
-  """Unrolled groups among target paths: group path -> number of distinct layers."""
-  seen: dict[CanonPath, set[int]] = defaultdict(set)
-  for canon in canons:
-    for k in range(model_start(canon), len(canon)):
-      member = _member(canon, k)
-      if member is not None:
-        seen[member[0]].add(member[2])
-  return {g: len(i) for g, i in seen.items()}
-
-
-def _member(canon: CanonPath, k: int) -> tuple[CanonPath, str, int] | None:
-  """`layout.unrolled_member` within the model-mirroring part of a path (not optax chain indices)."""
-  if canon[k].isdigit() and k <= model_start(canon):
-    return None
-  return unrolled_member(canon, k)
-
-
-def _group_indices(src: Iterable[CanonPath]) -> dict[tuple[CanonPath, str], set[int]]:
-  """Unrolled groups among source paths: (group path, style) -> layer indices."""
-  seen: dict[tuple[CanonPath, str], set[int]] = defaultdict(set)
-  for canon in src:
-    for k in range(model_start(canon), len(canon)):
-      member = _member(canon, k)
-      if member is not None:
-        seen[(member[0], 'suffix' if member[1] == 'unrolled_suffix' else 'index')].add(member[2])
-  return seen
 
 
 def build(
@@ -473,20 +457,16 @@ def build(
 
 
 def plan(source, target, *, rules: Sequence[Rule] = (), scan_axis: ScanAxis = None, param_scan_axis: int = 1,
-         exclude=nnx_tree.DEFAULT_EXCLUDE) -> Plan:
-  """`orbax_nnx.plan(path_or_layout, abstract_target)`: the plan, without reading arrays."""
+         exclude=nnx_tree.DEFAULT_EXCLUDE, layout: str | None = None, groups=None) -> Plan:
+  """`orbax_nnx.plan(path_or_layout, abstract_target)`: the plan, without reading arrays.
+
+  `layout=NAME` forces a preset, `groups=` declares layer-group names (see `detect_layout`).
+  """
   from orbax_nnx.layout import detect_layout  # local: avoid a cycle in type-only users
   from orbax_nnx.metadata import resolve_item
 
   errors.check_int('param_scan_axis', param_scan_axis)
   rules = check_rules(rules)
-  layout = source if isinstance(source, Layout) else detect_layout(resolve_item(source))
-  return build(layout, targets_for(layout, target, exclude, rules), rules=rules, scan_axis=scan_axis,
+  found = source if isinstance(source, Layout) else detect_layout(resolve_item(source), layout=layout, groups=groups)
+  return build(found, target_leaves(target, exclude), rules=rules, scan_axis=scan_axis,
                param_scan_axis=param_scan_axis)
-
-
-def targets_for(layout: Layout, target: Any, exclude=nnx_tree.DEFAULT_EXCLUDE,
-                rules: Sequence[Rule] = ()) -> list[TargetLeaf]:
-  """`target_leaves` for a plan over `layout`: rules over safetensors names write target-tree paths,
-  so they never say where the target's canonical root is."""
-  return target_leaves(target, exclude, () if layout.kind == 'safetensors' else rules)

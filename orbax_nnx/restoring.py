@@ -188,6 +188,8 @@ def restore_target(
     param_scan_axis: int = 1,
     orbax: OrbaxOptions = OrbaxOptions(),
     memory_budget: int | None = None,
+    layout: str | None = None,
+    groups=None,
 ) -> Any:
   """Restores `target` (abstract state, Module, Optimizer, dict of these).
 
@@ -211,7 +213,7 @@ def restore_target(
       return nnx_tree.rebuild(target, values, exclude)
   return restore_planned(meta, target, missing=missing, extra=extra, default_sharding=default_sharding,
                          exclude=exclude, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis,
-                         orbax=orbax, memory_budget=memory_budget)
+                         orbax=orbax, memory_budget=memory_budget, layout=layout, groups=groups)
 
 
 # tensorstore / Orbax messages that mean the stored bytes or metadata are damaged or gone
@@ -251,19 +253,21 @@ def orbax_restore(impl: ocp.PyTreeCheckpointHandler, meta: ItemMetadata, args) -
 def restore_planned(meta: ItemMetadata, target: Any, *, missing: MissingPolicy = 'error',
                     extra: ExtraPolicy = 'error', default_sharding=None, exclude=nnx_tree.DEFAULT_EXCLUDE,
                     rules=(), scan_axis=None, param_scan_axis: int = 1,
-                    orbax: OrbaxOptions = OrbaxOptions(), memory_budget: int | None = None) -> Any:
+                    orbax: OrbaxOptions = OrbaxOptions(), memory_budget: int | None = None,
+                    layout: str | None = None, groups=None) -> Any:
   """Restores `target` from any supported layout through a plan and lazy region reads.
 
-  `memory_budget` bounds what is held besides the restored arrays (see `NNXRestore`).
+  `memory_budget` bounds what is held besides the restored arrays (see `NNXRestore`); `layout` forces a
+  preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
   """
   from orbax_nnx.layout import detect  # local: these modules import this one's users
-  from orbax_nnx.planner import build, targets_for
+  from orbax_nnx.planner import build, target_leaves
   from orbax_nnx.reader import SourceArrays, execute
 
-  layout = detect(meta)
-  orbax.refuse_in_plan(layout.kind)
-  targets = targets_for(layout, target, exclude, rules)
-  the_plan = build(layout, targets, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
+  found = detect(meta, layout=layout, groups=groups)
+  orbax.refuse_in_plan(found.kind)
+  targets = target_leaves(target, exclude)
+  the_plan = build(found, targets, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
   check_plan(the_plan, target, missing, extra, exclude)
   values_by_target = {path: leaf for path, leaf in nnx_tree.flatten(target, exclude)}
   sharding_for = {}

@@ -28,10 +28,9 @@ import numpy as np
 from etils import epath
 
 from orbax_nnx import errors, nnx_tree
-from orbax_nnx.layout import is_group_name
 from orbax_nnx.metadata import read_item_metadata, resolve_item
 from orbax_nnx.expressions import Cast, Expr, Take
-from orbax_nnx.planner import apply_view, build, lookup_axis, targets_for
+from orbax_nnx.planner import apply_view, build, lookup_axis, target_leaves
 from orbax_nnx.reader import SourceArrays, evaluate
 from orbax_nnx.safetensors_source import DTYPE_NAMES, INDEX_FILE
 from orbax_nnx.views import View, check_rules, compile_rules
@@ -40,14 +39,14 @@ DEFAULT_SHARD_BYTES = 5 * 2**30  # what `save_pretrained` writes by default
 BLOCK_BYTES = 64 * 2**20  # one tensor is evaluated and written this much at a time
 
 
-def _per_layer(path: tuple, expr: Expr, leaf, scan_axis, counts: dict) -> list[tuple[str, Expr]]:
+def _per_layer(path: tuple, expr: Expr, leaf, scan_axis, counts: dict, names) -> list[tuple[str, Expr]]:
   """`layers/attn/...` of a stacked group as `layers/0/attn/...`, `layers/1/...`: Takes on its layer axis,
   0 (nnx.vmap's) unless `scan_axis` says otherwise. Every leaf of a group must give the same layer count
   (`counts`: group -> (count, first leaf)), so a wrong axis is an error, not a wrong tensor."""
   name = nnx_tree.path_str(path)
   keys = [str(k) for k in path]
   for k, key in enumerate(keys):
-    if is_group_name(key) and not (k + 1 < len(keys) and keys[k + 1].isdigit()):
+    if names.is_group(key) and not (k + 1 < len(keys) and keys[k + 1].isdigit()):
       axis = lookup_axis(scan_axis, leaf.canon)
       axis = 0 if axis is None else axis
       n = expr.shape[axis] if len(expr.shape) > axis else 0
@@ -61,7 +60,8 @@ def _per_layer(path: tuple, expr: Expr, leaf, scan_axis, counts: dict) -> list[t
 
 
 def export_plan(meta, target: Any, rules: Sequence, *, dtype: Any = None,
-                scan_axis=None, param_scan_axis: int = 1, merge_lora: bool = False) -> dict[str, Expr]:
+                scan_axis=None, param_scan_axis: int = 1, merge_lora: bool = False, layout: str | None = None,
+                groups=None) -> dict[str, Expr]:
   """Tensor name -> expression over the stored leaves `meta` describes (metadata only).
 
   `merge_lora` folds each `nnx.LoRALinear` adapter into its kernel (`W + A @ B`, in float32) first.
@@ -70,10 +70,10 @@ def export_plan(meta, target: Any, rules: Sequence, *, dtype: Any = None,
   from orbax_nnx.layout import detect
 
   rules = check_rules(rules)
-  layout = detect(meta)
+  source = detect(meta, layout=layout, groups=groups)
   src_item = meta.directory
-  leaves = targets_for(layout, target)
-  plan = build(layout, leaves, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
+  leaves = target_leaves(target)
+  plan = build(source, leaves, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
   if plan.missing:
     raise errors.StructureMismatchError(plan.missing, [], where=f'at {src_item} (exporting into the target model)')
   if merge_lora:
@@ -84,7 +84,7 @@ def export_plan(meta, target: Any, rules: Sequence, *, dtype: Any = None,
   cast_to = np.dtype(jax.numpy.dtype(dtype)) if dtype is not None else None
   counts: dict = {}
   for path, expr in plan.entries.items():
-    for name, layer_expr in _per_layer(path, expr, plan.leaves[path], scan_axis, counts):
+    for name, layer_expr in _per_layer(path, expr, plan.leaves[path], scan_axis, counts, source.group_names):
       for i, (pattern, repl) in enumerate(compiled):
         if not pattern.fullmatch(name):
           continue
@@ -232,7 +232,7 @@ def export_safetensors(src: epath.PathLike, dst: epath.PathLike, *, target: Any,
                        dtype: Any = 'bfloat16', max_shard_size: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
                        step: int | None = None, item: str | None = None, scan_axis=None,
                        param_scan_axis: int = 1, buffer_bytes: int = 512 * 2**20,
-                       merge_lora: bool = False) -> tuple[int, int, int]:
+                       merge_lora: bool = False, layout: str | None = None, groups=None) -> tuple[int, int, int]:
   """`export_params(..., format='safetensors')`: returns (tensors, bytes read, bytes written).
 
   `src` is a checkpoint path or a live model (Module, Optimizer-free `nnx.State`): its Params export.
@@ -255,7 +255,7 @@ def export_safetensors(src: epath.PathLike, dst: epath.PathLike, *, target: Any,
     meta = read_item_metadata(src_item)
   state = nnx.state(target, nnx.Param) if nnx_tree.is_graph_node(target) else target
   tensors = export_plan(meta, state, rules, dtype=dtype, scan_axis=scan_axis, param_scan_axis=param_scan_axis,
-                        merge_lora=merge_lora)
+                        merge_lora=merge_lora, layout=layout, groups=groups)
   source = SourceArrays(meta, cache_bytes=buffer_bytes)
   written = write_safetensors(dst, tensors, source, max_shard_size=max_shard_size, overwrite=overwrite)
   return len(tensors), source.bytes_read, written

@@ -38,7 +38,8 @@ def _cast_abstract(state: nnx.State, dtype) -> nnx.State:
 def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter: Any = nnx.Param,
                 mesh: jax.sharding.Mesh | None = None, rules=(), scan_axis=None, param_scan_axis: int = 1,
                 step: int | None = None, item: str | None = None, missing: str = 'error',
-                extra: str = 'ignore', memory_budget: int | None = None) -> Any:
+                extra: str = 'ignore', memory_budget: int | None = None, layout: str | None = None,
+                groups=None) -> Any:
   """Loads only the `filter` leaves (default: Params) of any training or decode checkpoint.
 
   `target`: an abstract NNX state/model (`nnx.get_abstract_model`, `nnx.eval_shape`) or a live
@@ -49,7 +50,8 @@ def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter:
   `missing='keep'` keeps the target's own (concrete) values for leaves the checkpoint lacks;
   `extra='error'` refuses checkpoint leaves the target has no place for (default: ignored,
   since a training checkpoint holds more than the params). `memory_budget` bounds the bytes held
-  besides the loaded arrays (decoded chunks and host buffers in flight; see `NNXRestore`).
+  besides the loaded arrays (decoded chunks and host buffers in flight; see `NNXRestore`);
+  `layout` forces a preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
   Returns the loaded state (an `nnx.State` of the selected Variables), or the module.
   """
   errors.check_int('param_scan_axis', param_scan_axis)
@@ -66,7 +68,8 @@ def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter:
   meta = read_item_metadata(directory)
   kept = []
   if missing == 'keep':  # leaves the checkpoint lacks keep the target's values, uncast
-    absent = set(plan(directory, abstract, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis).missing)
+    absent = set(plan(directory, abstract, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis,
+                      layout=layout, groups=groups).missing)
     kept = [(p, v) for p, v in nnx.to_flat_state(state) if nnx_tree.path_str(p) in absent]
     abstract_leaves = [(p, v) for p, v in nnx.to_flat_state(abstract) if nnx_tree.path_str(p) not in absent]
     abstract = nnx.from_flat_state(abstract_leaves)
@@ -77,7 +80,8 @@ def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter:
   if memory_budget is not None:
     errors.check_int('memory_budget', memory_budget)
   loaded = restore_planned(meta, abstract, missing='error', extra=extra, rules=rules, scan_axis=scan_axis,
-                           param_scan_axis=param_scan_axis, memory_budget=memory_budget)
+                           param_scan_axis=param_scan_axis, memory_budget=memory_budget, layout=layout,
+                           groups=groups)
   if module is not None:
     nnx.update(module, loaded)
     return module
@@ -100,7 +104,8 @@ def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfl
                   scan_axis=None, param_scan_axis: int = 1, buffer_bytes: int | None = None,
                   progress=None, filter: Literal['Param', 'LoRAParam'] = 'Param',
                   merge_lora: bool = False, target: Any = None, rules=(),
-                  max_shard_size: int = safetensors_export.DEFAULT_SHARD_BYTES) -> ConvertReport:
+                  max_shard_size: int = safetensors_export.DEFAULT_SHARD_BYTES, layout: str | None = None,
+                  groups=None) -> ConvertReport:
   """Writes a param-only decode checkpoint of `src` at `dst` (streaming, atomic).
 
   NNX format (default): the model's Param leaves at the root (`.../kernel/value`), no
@@ -116,6 +121,7 @@ def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfl
   from the model path (e.g. `orbax_nnx.llama.hf_export_rules(cfg)`). A view's own
   `.astype` wins over `dtype`. `src` may also be a live model (its Params are exported from
   memory; `target` defaults to it). `merge_lora=True` folds LoRA adapters into their kernels first.
+  `layout` forces SRC's preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
   """
   errors.check_choice('format', format, ('nnx', 'linen', 'safetensors'))
   errors.check_choice('filter', filter, ('Param', 'LoRAParam'))
@@ -131,7 +137,7 @@ def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfl
     count, read, written = safetensors_export.export_safetensors(
         src, dst, target=target, rules=rules, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
         step=step, item=item, scan_axis=scan_axis, param_scan_axis=param_scan_axis, merge_lora=merge_lora,
-        **options)
+        layout=layout, groups=groups, **options)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     kind = 'checkpoint' if isinstance(src, (str, epath.Path)) or hasattr(src, '__fspath__') else 'live model'
     return ConvertReport(str(src) if kind == 'checkpoint' else kind, str(dst), kind, 'safetensors', count, read, written,
@@ -146,4 +152,4 @@ def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfl
     options['lora'] = lora
   return convert(src, dst, to=format, scan_layers=scan_layers, include='params', dtype=dtype,
                  overwrite=overwrite, step=step, item=item, scan_axis=scan_axis,
-                 param_scan_axis=param_scan_axis, progress=progress, **options)
+                 param_scan_axis=param_scan_axis, progress=progress, layout=layout, groups=groups, **options)

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from orbax_nnx import errors
-from orbax_nnx.layout import MODEL, OPTIMIZER, CanonPath, LayerGroup, Layout, model_start
+from orbax_nnx.groups import MODEL, OPTIMIZER, model_start
+from orbax_nnx.layout import CanonPath, LayerGroup, Layout
 from orbax_nnx.nnx_tree import VALUE_KEY, DiskPath
 from orbax_nnx.planner import TargetLeaf, lookup_axis
 
@@ -91,20 +92,20 @@ def _group_of(canon: CanonPath, groups: Sequence[LayerGroup]) -> tuple[LayerGrou
   return None
 
 
-def model_target(layout: Layout, target: Any, *, flavour: Literal['raw', 'pure'] = 'raw', rules=(),
+def model_target(layout: Layout, target: Any, *, flavour: Literal['raw', 'pure'] = 'raw',
                  include: Literal['all', 'params'] = 'all', dtype: Any = None) -> LayoutTarget:
   """The converted checkpoint's leaves for an NNX model (or abstract state) `target`: its own paths,
   Variable types and metadata, written as `nnx.state(target)` is saved (NNX `flavour`)."""
   from flax import nnx  # local: the layout-only targets above need no Flax
 
   from orbax_nnx import nnx_tree
-  from orbax_nnx.planner import targets_for
+  from orbax_nnx.planner import target_leaves
 
   state = nnx.state(target, nnx.Param) if include == 'params' else target
   variables = dict(nnx_tree.flatten(state))
   cast_to = np.dtype(jnp.dtype(dtype)) if dtype is not None else None
   leaves, disk, types, records = [], {}, {}, {}
-  for leaf in targets_for(layout, state, rules=rules):
+  for leaf in target_leaves(state):
     if cast_to is not None and jnp.issubdtype(leaf.dtype, jnp.floating):
       leaf = dataclasses.replace(leaf, dtype=cast_to)
     variable = variables[leaf.path]

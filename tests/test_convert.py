@@ -242,3 +242,41 @@ def test_nnx_to_flax_style_train_state_with_batch_stats(tmp_path):
   np.testing.assert_allclose(np.asarray(logits), np.asarray(model(x)), atol=1e-6)
   with pytest.raises(errors.OptionError, match='linen_style'):
     orbax_nnx.convert(tmp_path / 'nnx', tmp_path / 'x', to='linen', linen_style='Flax')
+
+
+def test_flax_train_state_to_nnx_and_back_in_the_flax_style(tmp_path):
+  """A standard flax TrainState (single `params`, `batch_stats`) -> NNX -> Linen `--linen-style flax`: plain
+  Orbax restores the result into the same TrainState, every leaf bit-identical; the NNX side runs the model."""
+  import optax
+  from flax.training import train_state
+
+  class TrainState(train_state.TrainState):
+    batch_stats: dict
+
+  x = np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)
+  variables = _LinenCNN().init(jax.random.key(0), x)
+  state = TrainState.create(apply_fn=_LinenCNN().apply, params=variables['params'], tx=optax.adam(1e-2),
+                            batch_stats=variables['batch_stats'])
+
+  def loss(params):
+    out, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, x, mutable=['batch_stats'])
+    return (out ** 2).mean(), updates
+
+  grads, updates = jax.grad(loss, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads).replace(batch_stats=updates['batch_stats'])
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / 'linen', state)
+  assert orbax_nnx.detect_layout(tmp_path / 'linen').preset == 'linen-flax'
+
+  orbax_nnx.convert(tmp_path / 'linen', tmp_path / 'nnx', to='nnx')
+  model = _NNXCNN(nnx.Rngs(1))
+  orbax_nnx.restore(tmp_path / 'nnx', model, missing='keep', extra='ignore')  # the dropout rng is NNX-only
+  model.eval()
+  linen_logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, x, train=False)
+  np.testing.assert_allclose(np.asarray(model(x)), np.asarray(linen_logits), atol=1e-6)
+
+  orbax_nnx.convert(tmp_path / 'nnx', tmp_path / 'back', to='linen', linen_style='flax', template=state)
+  restored = ocp.StandardCheckpointer().restore(tmp_path / 'back', state)
+  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+    assert np.asarray(got).dtype == np.asarray(want).dtype, jax.tree_util.keystr(path)

@@ -10,7 +10,7 @@ from flax import nnx
 
 import orbax_nnx
 from orbax_nnx import errors
-from orbax_nnx.layout import is_group_name
+from orbax_nnx.groups import DEFAULT_GROUPS
 
 from helpers import host
 
@@ -32,7 +32,7 @@ def save(path, tree):
     ('dense_layers', True), ('encoder_blocks', True), ('Dense', False), ('Conv', False), ('MLP', False),
     ('layers_remainder', False), ('heads', False)])
 def test_group_names(name, expected):
-  assert is_group_name(name) is expected
+  assert DEFAULT_GROUPS.is_group(name) is expected
 
 
 def test_permuted_target_shape_is_an_error_not_a_transpose(tmp_path):

@@ -260,7 +260,7 @@ def test_layers_scattered_from_chunks_that_span_them_read_each_chunk_once(tmp_pa
   target = nnx.State({f'layers_{i}': {'w': nnx.Param(jax.ShapeDtypeStruct((6, 32), jnp.bfloat16, sharding=sharding))}
                       for i in range(8)})
   layout = orbax_nnx.detect_layout(tmp_path / 'c')
-  the_plan = build(layout, target_leaves(target, (), ()))
+  the_plan = build(layout, target_leaves(target, ()))
   shardings = {p: sharding for p in the_plan.entries}
   source = SourceArrays(meta)
   assert len(_scatter_groups(the_plan, shardings, source)) == 1

@@ -69,6 +69,25 @@ def gemma_rules(transposed: bool):
   ]
 
 
+def test_gemma_rules_on_stored_paths_as_inspect_prints_them(tmp_path):
+  """The README's form: patterns name the stored paths, replacements the target tree's paths."""
+  reference = Gemma(nnx.Rngs(0))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / 'gemma', official_checkpoint(reference, transposed=True))
+  rules = [
+      (r'transformer/embedder/input_embedding', r'embed/embedding'),
+      (r'transformer/layer_(\d+)/mlp/gating_einsum/w', {
+          r'layers/\1/mlp/gate/kernel': view[0].T,
+          r'layers/\1/mlp/up/kernel': view[1].T}),
+      (r'transformer/layer_(\d+)/mlp/linear/w', r'layers/\1/mlp/down/kernel'),
+  ]
+  stored = {row['path'] for row in orbax_nnx.inspect(tmp_path / 'gemma')['leaves']}
+  assert 'transformer/layer_1/mlp/gating_einsum/w' in stored
+  out = orbax_nnx.restore(tmp_path / 'gemma', abstract_gemma(), rules=rules)
+  for (path, got), (_, want) in zip(nnx.to_flat_state(out), nnx.to_flat_state(nnx.state(reference))):
+    np.testing.assert_array_equal(host(got), host(want), err_msg=str(path))
+
+
 def abstract_gemma(mesh=None):
   if mesh is None:
     return nnx.state(nnx.eval_shape(lambda: Gemma(nnx.Rngs(1))))
