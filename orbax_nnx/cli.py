@@ -88,6 +88,15 @@ def _add_mapping(p: argparse.ArgumentParser) -> None:
                  help='declare a layer-group name beside the built-in ones (layers, blocks, h, ...)')
 
 
+def _add_budget(p: argparse.ArgumentParser) -> None:
+  p.add_argument('--memory-budget', type=int, default=None, metavar='MIB',
+                 help='bound the bytes held besides the writer\'s own: decoded chunks kept + arrays in flight')
+
+
+def _budget(args) -> dict:
+  return {} if args.memory_budget is None else {'memory_budget': args.memory_budget * 2**20}
+
+
 def _mapping(args) -> dict:
   return {'layout': getattr(args, 'layout', None), 'groups': tuple(getattr(args, 'group', None) or ())}
 
@@ -191,8 +200,8 @@ def cmd_convert(args) -> int:
   progress = _Progress(len(the_plan.entries), total, args.quiet)
   report = convert(src_item, args.dst, to=args.to, scan_axis=scan_axis,
                    param_scan_axis=args.param_scan_axis, format=args.format, rules=rules, include=args.include,
-                   overwrite=args.overwrite, buffer_bytes=args.buffer_mib * 2**20, progress=progress, **model,
-                   **_mapping(args))
+                   overwrite=args.overwrite, progress=progress, **model, **_mapping(args),
+                   **({'buffer_bytes': args.buffer_mib * 2**20} if args.buffer_mib is not None else {}), **_budget(args))
   if not args.quiet:
     print(report.summary())
   return 0
@@ -208,7 +217,7 @@ def cmd_export_params(args) -> int:
     report = export_params(args.src, args.dst, dtype=None if args.dtype == 'keep' else args.dtype,
                            format='safetensors', overwrite=args.overwrite, step=args.step, item=args.item,
                            scan_axis=_scan_axis(args.scan_axis), target=preset.target, rules=preset.export_rules,
-                           max_shard_size=args.max_shard_mib * 2**20, **_mapping(args))
+                           max_shard_size=args.max_shard_mib * 2**20, **_mapping(args), **_budget(args))
     if not args.quiet:
       print(report.summary())
     return 0
@@ -218,7 +227,7 @@ def cmd_export_params(args) -> int:
                          scan_layers=args.scan_layers, format=args.format, overwrite=args.overwrite,
                          step=args.step, item=args.item, scan_axis=_scan_axis(args.scan_axis),
                          param_scan_axis=args.param_scan_axis, filter=args.filter, merge_lora=args.merge_lora,
-                         **_mapping(args))
+                         **_mapping(args), **_budget(args))
   if not args.quiet:
     print(report.summary())
   return 0
@@ -233,7 +242,7 @@ def cmd_compare(args) -> int:
     preset = _preset(args, False)
   report = compare(args.a, args.b, values=args.values, atol=args.atol, rtol=args.rtol, only=args.only,
                    rules=preset.rules if preset else (), scan_axis=preset.scan_axis if preset else None,
-                   layout_a=args.layout_a, layout_b=args.layout_b, groups=tuple(args.group or ()))
+                   layout_a=args.layout_a, layout_b=args.layout_b, groups=tuple(args.group or ()), **_budget(args))
   print(json.dumps(report.to_json()) if args.json else report.summary())
   return 0 if report.equal else 1
 
@@ -295,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_layout_options(p)
   p.add_argument('--include', choices=['all', 'params'], default='all', help="'params': Params only")
   p.add_argument('--overwrite', action='store_true', help='replace an existing DST')
-  p.add_argument('--buffer-mib', type=int, default=256, help='bytes of arrays in flight (default 256 MiB)')
+  p.add_argument('--buffer-mib', type=int, default=None, help='bytes of arrays in flight (default 256 MiB)')
+  _add_budget(p)
   p.add_argument('--quiet', action='store_true')
   _add_preset(p)
   _add_mapping(p)
@@ -322,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--overwrite', action='store_true')
   p.add_argument('--quiet', action='store_true')
   _add_mapping(p)
+  _add_budget(p)
   p.set_defaults(fn=cmd_export_params)
   p = sub.add_parser('compare', help='compare two checkpoints across layouts (exit 0 equal, 1 not)')
   p.add_argument('a')
@@ -337,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(f'--layout-{side}', choices=sorted(BY_NAME) + ['safetensors'], default=None,
                    help=f'force the layout preset of {side.upper()}')
   p.add_argument('--group', action='append', default=None, metavar='NAME_OR_REGEX', help='declare a layer-group name')
+  _add_budget(p)
   p.set_defaults(fn=cmd_compare)
   p = sub.add_parser('inspect', help='what a checkpoint holds (metadata only)')
   _add_source(p)

@@ -277,8 +277,12 @@ def apply_lora(the_plan: Plan, target: LayoutTarget, mode: str) -> Plan:
 
 def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: Plan, custom: dict, *,
                overwrite: bool, buffer_bytes: int, progress: Callable | None = None,
-               structure: Mapping[str, Any] | None = None) -> tuple[int, int]:
-  """Streams the plan into an Orbax item at `dst` (atomic). Returns (bytes read, bytes written)."""
+               structure: Mapping[str, Any] | None = None, cache_bytes: int | None = None) -> tuple[int, int]:
+  """Streams the plan into an Orbax item at `dst` (atomic). Returns (bytes read, bytes written).
+
+  `buffer_bytes` bounds converted arrays in flight to the writer, `cache_bytes` decoded source chunks kept
+  for other regions (default: the larger of `buffer_bytes` and the largest stored array read).
+  """
   # the chunk cache must hold the chunks a group of layers is sliced from (at least the largest)
   largest = max((layout.leaves[r.source].nbytes for e in the_plan.entries.values() for r in reads(e)), default=0)
   budget.check_fits(layout.meta.directory, [('/'.join(target.disk[p]), leaf.shape, leaf.dtype,
@@ -286,7 +290,7 @@ def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: 
                                               if p in the_plan.entries],
                     what='writing the largest converted array', at_once=False,
                     advice='run the conversion as several jax.distributed processes (each writes its shards)')
-  source = SourceArrays(layout.meta, cache_bytes=max(buffer_bytes, largest))
+  source = SourceArrays(layout.meta, cache_bytes=max(buffer_bytes, largest) if cache_bytes is None else cache_bytes)
   session = WriteSession(source, buffer_bytes, progress=progress)
   tree: dict = {}
   save_args: dict = {}
@@ -319,10 +323,10 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
             scan_layers: bool | None = None, scan_axis=None, param_scan_axis: int = 1,
             format: Literal['raw', 'pure'] = 'raw', rules: Sequence[tuple[str, str]] = (),
             include: Literal['all', 'params'] = 'all', overwrite: bool = False,
-            buffer_bytes: int = DEFAULT_BUFFER_BYTES, step: int | None = None, item: str | None = None,
+            buffer_bytes: int | None = None, step: int | None = None, item: str | None = None,
             progress: Callable | None = None, template: Any = None, dtype: Any = None,
             lora: str | None = None, target: Any = None, linen_style: str = 'maxtext', layout: str | None = None,
-            groups=None) -> ConvertReport:
+            groups=None, memory_budget: int | None = None) -> ConvertReport:
   """Converts the checkpoint at `src` to another layout at `dst` (an Orbax item directory).
 
   `to='auto'` converts to the other framework (or back to the original one after a
@@ -337,10 +341,23 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   `target` (an NNX model, e.g. from `nnx.eval_shape`) writes that model's own tree instead, each leaf
   mapped from SRC by `rules`: how a Hugging Face safetensors checkpoint becomes an NNX Orbax one.
   `layout` forces SRC's preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
+  `memory_budget` bounds the bytes held besides what Orbax's writer holds: half for decoded source chunks kept
+  for other regions (at least one chunk), half for converted arrays in flight (at least one array).
+  `buffer_bytes` (default 256 MiB) sets only the second, with the chunk cache sized from the largest array.
   """
   t0 = time.perf_counter()
   check_conversion_options(to=to, scan_layers=scan_layers, param_scan_axis=param_scan_axis, flavour=format,
                            include=include, lora=lora)
+  cache_bytes = None
+  if memory_budget is not None:
+    if buffer_bytes is not None:
+      raise errors.OptionError('memory_budget= and buffer_bytes= both bound the arrays in flight: pass one.')
+    errors.check_int('memory_budget', memory_budget)
+    if memory_budget <= 0:
+      raise errors.OptionError(f'memory_budget={memory_budget} must be a positive number of bytes.')
+    cache_bytes = max(1, memory_budget // 2)
+    buffer_bytes = max(1, memory_budget - cache_bytes)
+  buffer_bytes = DEFAULT_BUFFER_BYTES if buffer_bytes is None else buffer_bytes
   errors.check_int('buffer_bytes', buffer_bytes)
   src_item = resolve_item(src, step=step, item=item)
   dst = epath.Path(dst)
@@ -369,7 +386,8 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   if template is not None:
     structure = structure_from_template(template)
   bytes_read, bytes_written = write_plan(dst, source, written, the_plan, custom, overwrite=overwrite,
-                                         buffer_bytes=buffer_bytes, progress=progress, structure=structure)
+                                         buffer_bytes=buffer_bytes, progress=progress, structure=structure,
+                                         cache_bytes=cache_bytes)
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
   return ConvertReport(str(src_item), str(dst), source.kind, options['to'], len(the_plan.entries), bytes_read,
                        bytes_written, time.perf_counter() - t0, rss)

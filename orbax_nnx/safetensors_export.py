@@ -148,13 +148,13 @@ def _header(names: list[str], tensors: dict[str, Expr]) -> bytes:
   return len(raw).to_bytes(8, 'little') + raw
 
 
-def _blocks(expr: Expr) -> list[tuple]:
-  """Row blocks of about `BLOCK_BYTES` covering `expr` (the whole of a scalar)."""
+def _blocks(expr: Expr, block_bytes: int = BLOCK_BYTES) -> list[tuple]:
+  """Row blocks of about `block_bytes` (at least one row) covering `expr` (the whole of a scalar)."""
   shape = tuple(expr.shape)
   if not shape:
     return [()]
   row = max(1, _nbytes(expr) // max(shape[0], 1))
-  step = max(1, BLOCK_BYTES // row)
+  step = max(1, block_bytes // row)
   return [(slice(start, min(shape[0], start + step)),) + tuple(slice(0, n) for n in shape[1:])
           for start in range(0, shape[0], step)]
 
@@ -186,11 +186,14 @@ def _block_bytes(expr: Expr, index: tuple) -> int:
 
 
 def write_safetensors(dst: epath.Path, tensors: dict[str, Expr], source: SourceArrays, *,
-                      max_shard_size: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> int:
+                      max_shard_size: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
+                      ahead_bytes: int = 2 * BLOCK_BYTES) -> int:
   """Writes `tensors` as `model.safetensors` or `model-0000K-of-0000N.safetensors` + index (atomic).
 
-  Returns the bytes written. Under `jax.distributed`, process 0 writes and the others wait.
+  Row blocks are evaluated ahead of the file writes within `ahead_bytes` (two blocks of at most
+  `BLOCK_BYTES`). Returns the bytes written. Under `jax.distributed`, process 0 writes, the others wait.
   """
+  block_bytes = max(1, min(BLOCK_BYTES, ahead_bytes // 2))
   if dst.exists() and not overwrite:
     raise errors.OrbaxNNXError(f'DST {dst} exists; pass overwrite=True (--overwrite) to replace it.')
   total = sum(_nbytes(e) for e in tensors.values())
@@ -209,8 +212,8 @@ def write_safetensors(dst: epath.Path, tensors: dict[str, Expr], source: SourceA
         for file_name, members in zip(names, files):
           with (tmp / file_name).open('wb') as f:
             f.write(_header(members, tensors))
-            _write_blocks(f, [(tensors[n], index) for n in members for index in _blocks(tensors[n])], source, pool,
-                          ahead_bytes=2 * BLOCK_BYTES)
+            _write_blocks(f, [(tensors[n], index) for n in members for index in _blocks(tensors[n], block_bytes)],
+                          source, pool, ahead_bytes=ahead_bytes)
           weight_map.update(dict.fromkeys(members, file_name))
       if len(files) > 1:
         (tmp / INDEX_FILE).write_text(json.dumps({'metadata': {'total_size': total},
@@ -256,6 +259,7 @@ def export_safetensors(src: epath.PathLike, dst: epath.PathLike, *, target: Any,
   state = nnx.state(target, nnx.Param) if nnx_tree.is_graph_node(target) else target
   tensors = export_plan(meta, state, rules, dtype=dtype, scan_axis=scan_axis, param_scan_axis=param_scan_axis,
                         merge_lora=merge_lora, layout=layout, groups=groups)
-  source = SourceArrays(meta, cache_bytes=buffer_bytes)
-  written = write_safetensors(dst, tensors, source, max_shard_size=max_shard_size, overwrite=overwrite)
+  source = SourceArrays(meta, cache_bytes=max(1, buffer_bytes // 2))  # half decoded chunks, half blocks ahead
+  written = write_safetensors(dst, tensors, source, max_shard_size=max_shard_size, overwrite=overwrite,
+                              ahead_bytes=max(1, buffer_bytes - buffer_bytes // 2))
   return len(tensors), source.bytes_read, written

@@ -105,7 +105,7 @@ def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfl
                   progress=None, filter: Literal['Param', 'LoRAParam'] = 'Param',
                   merge_lora: bool = False, target: Any = None, rules=(),
                   max_shard_size: int = safetensors_export.DEFAULT_SHARD_BYTES, layout: str | None = None,
-                  groups=None) -> ConvertReport:
+                  groups=None, memory_budget: int | None = None) -> ConvertReport:
   """Writes a param-only decode checkpoint of `src` at `dst` (streaming, atomic).
 
   NNX format (default): the model's Param leaves at the root (`.../kernel/value`), no
@@ -122,6 +122,8 @@ def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfl
   `.astype` wins over `dtype`. `src` may also be a live model (its Params are exported from
   memory; `target` defaults to it). `merge_lora=True` folds LoRA adapters into their kernels first.
   `layout` forces SRC's preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
+  `memory_budget` bounds the bytes held besides the writer's own (see `convert`; safetensors: decoded chunks
+  kept and row blocks evaluated ahead).
   """
   errors.check_choice('format', format, ('nnx', 'linen', 'safetensors'))
   errors.check_choice('filter', filter, ('Param', 'LoRAParam'))
@@ -133,7 +135,10 @@ def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfl
       raise errors.UnsupportedArgumentError(f"{', '.join(given)}: not supported with format='safetensors' (the target"
                                             ' model decides the layout; export rules name the tensors).')
     t0 = time.perf_counter()
-    options = {} if buffer_bytes is None else {'buffer_bytes': buffer_bytes}
+    if memory_budget is not None and buffer_bytes is not None:
+      raise errors.OptionError('memory_budget= and buffer_bytes= both bound the bytes in flight: pass one.')
+    given = memory_budget if memory_budget is not None else buffer_bytes
+    options = {} if given is None else {'buffer_bytes': given}
     count, read, written = safetensors_export.export_safetensors(
         src, dst, target=target, rules=rules, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
         step=step, item=item, scan_axis=scan_axis, param_scan_axis=param_scan_axis, merge_lora=merge_lora,
@@ -145,6 +150,8 @@ def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfl
   if target is not None or rules:
     raise errors.UnsupportedArgumentError("target= and rules= apply to format='safetensors' only.")
   options = {} if buffer_bytes is None else {'buffer_bytes': buffer_bytes}
+  if memory_budget is not None:
+    options['memory_budget'] = memory_budget
   if filter == 'LoRAParam' and merge_lora:
     raise errors.OptionError('filter=LoRAParam and merge_lora=True exclude each other: export the adapters, or merge them.')
   lora = 'only' if filter == 'LoRAParam' else 'merge' if merge_lora else None

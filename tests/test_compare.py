@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from flax import nnx
 
 import orbax_nnx
-from orbax_nnx import examples as ex
+from orbax_nnx import errors, examples as ex
 from orbax_nnx.compare import compare
 from orbax_nnx.testing import add_entropy
 
@@ -78,6 +78,9 @@ def test_detects_one_ulp_beyond_tolerance(pair):
   assert not report.equal
   assert [d.path for d in report.values if not d.within] == ['model/head/kernel']
   assert compare(root / 'nnx', other, values=True, rtol=1e-6).equal
+  assert not compare(root / 'nnx', other, values=True, memory_budget=64).equal
+  with pytest.raises(errors.OptionError, match='memory_budget=0'):
+    compare(root / 'nnx', other, values=True, memory_budget=0)
 
 
 def test_detects_missing_layer_and_dtype_change(pair):
@@ -132,3 +135,5 @@ def test_compare_finds_any_single_element_change(tmp_path_factory, shapes, dtype
   report = compare(root / 'a', root / 'b', values=True)
   assert not report.equal
   assert [d.path for d in report.values if not d.within] == [f'model/{name}']
+  tiny = compare(root / 'a', root / 'b', values=True, memory_budget=8)  # one row per block
+  assert [(d.path, d.within, d.max_abs) for d in tiny.values] == [(d.path, d.within, d.max_abs) for d in report.values]

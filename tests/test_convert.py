@@ -158,8 +158,10 @@ def test_overwrite_replaces_dst(tmp_path, linen_ckpt):
 
 
 @pytest.mark.slow
-def test_memory_is_bounded_by_the_buffer(tmp_path):
-  """Converting N MiB with a 16 MiB buffer: peak RSS growth stays well under N (VmHWM in a subprocess)."""
+@pytest.mark.parametrize('bound', ['buffer_bytes', 'memory_budget'])
+def test_memory_is_bounded_by_the_buffer(tmp_path, bound):
+  """Converting N MiB with a 16 MiB buffer (or memory budget, smaller than one stored chunk): peak RSS growth
+  stays well under N (VmHWM in a subprocess), and each stored byte is still read once."""
   arrays, shape = 16, (512, 16, 1024)  # 16 stored arrays of 32 MiB (one chunk each): N = 512 MiB
   script = textwrap.dedent(f"""
       import numpy as np, orbax.checkpoint as ocp
@@ -178,7 +180,7 @@ def test_memory_is_bounded_by_the_buffer(tmp_path):
       jnp.zeros(1).block_until_ready()
       base = hwm()
       report = convert({str(tmp_path / 'src')!r}, {str(tmp_path / 'dst')!r}, scan_layers=False,
-                       buffer_bytes=16 * 2**20)
+                       {bound}=16 * 2**20)
       print(json.dumps({{'base': base, 'peak': hwm(), 'read': report.bytes_read}}))
   """)
   out = subprocess.run([sys.executable, '-c', measure], check=True, env=env, timeout=300, capture_output=True,

@@ -288,9 +288,12 @@ def test_cli_with_the_llama_preset(tmp_path, capsys):
   assert cli.main(['plan', str(tmp_path / 'hf'), '--preset', 'llama', '--scan-layers']) == 0
   assert 'layers/mlp/up_proj/kernel  <-  cast(stack([transpose(model.layers.0.mlp.up_proj.weight' in capsys.readouterr().out
   assert cli.main(['convert', str(tmp_path / 'hf'), str(tmp_path / 'nnx'), '--preset', 'llama', '--scan-layers',
-                   '--quiet']) == 0
+                   '--quiet', '--memory-budget', '1']) == 0
   assert cli.main(['export-params', str(tmp_path / 'nnx'), str(tmp_path / 'out'), '--format', 'safetensors',
-                   '--preset', 'llama', '--config', str(tmp_path / 'hf' / 'config.json'), '--quiet']) == 0
+                   '--preset', 'llama', '--config', str(tmp_path / 'hf' / 'config.json'), '--quiet',
+                   '--memory-budget', '1']) == 0
+  assert cli.main(['compare', str(tmp_path / 'hf'), str(tmp_path / 'nnx'), '--values', '--preset', 'llama',
+                   '--memory-budget', '1']) == 0
   import safetensors.numpy
   got = safetensors.numpy.load_file(tmp_path / 'out' / 'model.safetensors')
   assert sorted(got) == sorted(tensors)
