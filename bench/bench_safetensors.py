@@ -63,7 +63,7 @@ def worker(mode: str, root: str, params_mib: str) -> dict:
             pass
   elif mode == 'raw_arrays':  # each tensor read into a fresh array: what any loader must at least do
     def run():
-      from orbax_nnx.safetensors_source import read_metadata
+      from orbax_nnx.sources.safetensors import read_metadata
       arrays = []
       for info in read_metadata(hf).leaves.values():
         out = np.empty(info.shape, info.dtype)

@@ -7,7 +7,7 @@ from typing import Any
 from etils import epath
 
 from orbax_nnx.handlers import NNXCheckpointHandler, NNXRestore
-from orbax_nnx.metadata import read_item_metadata, resolve_item
+from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 
 
 def restore(path: epath.PathLike, target: Any = None, *, step: int | None = None, item: str | None = None,

@@ -6,6 +6,10 @@
                             [--filter Param|LoRAParam] [--merge-lora]
     orbax-nnx compare A B [--values] [--atol X --rtol Y] [--only params|optimizer|all] [--json]
     orbax-nnx inspect SRC [--json] [--depth N] [--filter REGEX]
+    orbax-nnx presets
+
+Source options: --layout PRESET forces the layout preset, --group NAME declares a layer group,
+--memory-budget MIB bounds what convert / export-params / compare hold.
 
 Exit codes: 0 success, 1 a negative answer (e.g. plan with missing leaves), 2 usage or read errors.
 """
@@ -80,7 +84,7 @@ def _add_layout_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_mapping(p: argparse.ArgumentParser) -> None:
-  from orbax_nnx.presets import BY_NAME
+  from orbax_nnx.mapping.presets import BY_NAME
 
   p.add_argument('--layout', choices=sorted(BY_NAME) + ['safetensors'], default=None,
                  help='force the source layout preset instead of detecting it (see `orbax-nnx presets`)')
@@ -128,12 +132,12 @@ def _preset(args, scan_layers: bool | None):
 def cmd_plan(args) -> int:
   """The plan `convert` would run with the same flags (the same function builds both)."""
   from orbax_nnx.conversion import plan_conversion
-  from orbax_nnx.metadata import resolve_item
+  from orbax_nnx.sources.metadata import resolve_item
 
   src_item = resolve_item(args.src, step=args.step, item=args.item)
   preset = _preset(args, args.scan_layers)
   if preset is not None:
-    from orbax_nnx.planner import plan
+    from orbax_nnx.planning.planner import plan
 
     the_plan = plan(src_item, preset.target, rules=preset.rules + _rules(args.rename),
                     scan_axis=_scan_axis(args.scan_axis) or preset.scan_axis, **_mapping(args))
@@ -185,7 +189,7 @@ class _Progress:
 
 def cmd_convert(args) -> int:
   from orbax_nnx.conversion import convert, plan_conversion
-  from orbax_nnx.metadata import resolve_item
+  from orbax_nnx.sources.metadata import resolve_item
 
   src_item = resolve_item(args.src, step=args.step, item=args.item)
   preset = _preset(args, args.scan_layers)
@@ -282,7 +286,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_presets(args) -> int:
   """Every built-in layout preset and its rules (stored path as `inspect` prints it -> canonical path)."""
-  from orbax_nnx.presets import PRESETS as LAYOUTS
+  from orbax_nnx.mapping.presets import PRESETS as LAYOUTS
 
   print('\n\n'.join(str(p) for p in LAYOUTS))
   return 0
@@ -343,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--only', choices=['params', 'optimizer', 'all'], default='all')
   p.add_argument('--json', action='store_true')
   _add_preset(p)
-  from orbax_nnx.presets import BY_NAME
+  from orbax_nnx.mapping.presets import BY_NAME
   for side in ('a', 'b'):
     p.add_argument(f'--layout-{side}', choices=sorted(BY_NAME) + ['safetensors'], default=None,
                    help=f'force the layout preset of {side.upper()}')

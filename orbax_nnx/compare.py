@@ -14,13 +14,15 @@ from typing import Literal
 
 import numpy as np
 
-from orbax_nnx import budget, errors
-from orbax_nnx.layout import MODEL, OPTIMIZER, Layout, detect
-from orbax_nnx.metadata import read_item_metadata, resolve_item
-from orbax_nnx.planner import Plan, build
-from orbax_nnx.reader import SourceArrays, evaluate
-from orbax_nnx.targets import layout_target
-from orbax_nnx.views import check_rules
+from orbax_nnx import errors
+from orbax_nnx.io import budget
+from orbax_nnx.mapping.layout import MODEL, OPTIMIZER, Layout, detect
+from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
+from orbax_nnx.planning.planner import Plan, build
+from orbax_nnx.io.reader import SourceArrays
+from orbax_nnx.io.regions import evaluate
+from orbax_nnx.planning.targets import layout_target
+from orbax_nnx.mapping.views import check_rules
 
 DEFAULT_COMPARE_BUDGET = 512 * 2**20  # bytes value comparison holds (row blocks + decoded chunks)
 

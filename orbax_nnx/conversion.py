@@ -24,15 +24,16 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from orbax_nnx import budget, errors, nnx_tree, version
-from orbax_nnx.views import check_rules
-from orbax_nnx.layout import Layout, detect
-from orbax_nnx.metadata import CUSTOM_KEY, read_item_metadata, resolve_item
-from orbax_nnx.expressions import Cast, LoraMerge, reads
-from orbax_nnx.planner import Plan, build
-from orbax_nnx.reader import SourceArrays
-from orbax_nnx.targets import LayoutTarget, layout_target, model_target
-from orbax_nnx.writer import LazyArray, WriteSession, layer_chunk_args, streaming_pytree_handler
+from orbax_nnx import errors, nnx_tree, version
+from orbax_nnx.io import budget
+from orbax_nnx.mapping.views import check_rules
+from orbax_nnx.mapping.layout import Layout, detect
+from orbax_nnx.sources.metadata import CUSTOM_KEY, read_item_metadata, resolve_item
+from orbax_nnx.planning.expressions import Cast, LoraMerge, reads
+from orbax_nnx.planning.planner import Plan, build
+from orbax_nnx.io.reader import SourceArrays
+from orbax_nnx.planning.targets import LayoutTarget, layout_target, model_target
+from orbax_nnx.io.writer import LazyArray, WriteSession, layer_chunk_args, streaming_pytree_handler
 
 DEFAULT_BUFFER_BYTES = 256 * 2**20
 OCDBT_FILE_BYTES = 64 * 2**20  # OCDBT buffers a data file in memory until it is this big

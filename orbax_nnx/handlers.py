@@ -18,10 +18,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from orbax_nnx import compat, errors, nnx_tree, presets, restoring, version
-from orbax_nnx.groups import group_names
-from orbax_nnx.metadata import CUSTOM_KEY, read_item_metadata
-from orbax_nnx.views import check_rules
+from orbax_nnx import compat, errors, nnx_tree, restoring, version
+from orbax_nnx.mapping import presets
+from orbax_nnx.mapping.groups import group_names
+from orbax_nnx.sources.metadata import CUSTOM_KEY, read_item_metadata
+from orbax_nnx.mapping.views import check_rules
 
 PyTree = Any
 
@@ -81,7 +82,7 @@ class NNXRestore(ocp.args.CheckpointArgs):
       `StandardRestore(support_layout=True)`.
     restore_args: Orbax `RestoreArgs` per leaf, a tree shaped like `target` (as for
       `PyTreeRestore`); only where the stored tree matches the target.
-    layout: force a preset by name instead of detecting it (`orbax_nnx.presets`, e.g.
+    layout: force a preset by name instead of detecting it (`orbax_nnx.mapping.presets`, e.g.
       'linen-flax'); `groups`: more layer-group names or regexes beside the built-in ones.
     memory_budget: bytes a converted (planned) restore holds besides the restored arrays:
       half for decoded chunks kept for other regions (at least one chunk), half for host

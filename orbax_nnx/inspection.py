@@ -6,8 +6,8 @@ import re
 from collections import defaultdict
 from typing import Any
 
-from orbax_nnx.layout import MODEL, OPTIMIZER, Layout, detect
-from orbax_nnx.metadata import read_item_metadata, resolve_item
+from orbax_nnx.mapping.layout import MODEL, OPTIMIZER, Layout, detect
+from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 
 _RNG_TYPES = ('RngKey', 'RngCount', 'RngState')
 _RNG_NAMES = {'rngs', 'rng'}

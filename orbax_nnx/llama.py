@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
-from orbax_nnx.views import view
+from orbax_nnx.mapping.views import view
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,12 +28,14 @@ import numpy as np
 from etils import epath
 
 from orbax_nnx import errors, nnx_tree
-from orbax_nnx.metadata import read_item_metadata, resolve_item
-from orbax_nnx.expressions import Cast, Expr, Take
-from orbax_nnx.planner import apply_view, build, lookup_axis, target_leaves
-from orbax_nnx.reader import SourceArrays, evaluate
-from orbax_nnx.safetensors_source import DTYPE_NAMES, INDEX_FILE
-from orbax_nnx.views import View, check_rules, compile_rules
+from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
+from orbax_nnx.planning.expressions import Cast, Expr, Take
+from orbax_nnx.mapping.rules import apply_view
+from orbax_nnx.planning.planner import build, lookup_axis, target_leaves
+from orbax_nnx.io.reader import SourceArrays
+from orbax_nnx.io.regions import evaluate
+from orbax_nnx.sources.safetensors import DTYPE_NAMES, INDEX_FILE
+from orbax_nnx.mapping.views import View, check_rules, compile_rules
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # what `save_pretrained` writes by default
 BLOCK_BYTES = 64 * 2**20  # one tensor is evaluated and written this much at a time
@@ -67,7 +69,7 @@ def export_plan(meta, target: Any, rules: Sequence, *, dtype: Any = None,
   `merge_lora` folds each `nnx.LoRALinear` adapter into its kernel (`W + A @ B`, in float32) first.
   """
   from orbax_nnx.conversion import apply_lora  # local: conversion imports the writer this module shares
-  from orbax_nnx.layout import detect
+  from orbax_nnx.mapping.layout import detect
 
   rules = check_rules(rules)
   source = detect(meta, layout=layout, groups=groups)
@@ -249,7 +251,7 @@ def export_safetensors(src: epath.PathLike, dst: epath.PathLike, *, target: Any,
                              ' -> tensor name, e.g. orbax_nnx.llama.hf_export_rules(cfg)).')
   dst = epath.Path(dst)
   if live:  # a live model: its Params, read from memory
-    from orbax_nnx.live_source import live_metadata
+    from orbax_nnx.sources.live import live_metadata
     meta = live_metadata(nnx.state(src, nnx.Param) if nnx_tree.is_graph_node(src) else src)
   else:
     src_item = resolve_item(src, step=step, item=item)

@@ -20,10 +20,10 @@ from flax import nnx
 
 from orbax_nnx import errors, nnx_tree, safetensors_export
 from orbax_nnx.conversion import ConvertReport, convert
-from orbax_nnx.metadata import read_item_metadata, resolve_item
-from orbax_nnx.planner import plan
+from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
+from orbax_nnx.planning.planner import plan
 from orbax_nnx.restoring import restore_planned
-from orbax_nnx.views import check_rules
+from orbax_nnx.mapping.views import check_rules
 
 
 def _cast_abstract(state: nnx.State, dtype) -> nnx.State:

@@ -10,7 +10,7 @@ from flax import nnx
 
 import orbax_nnx
 from orbax_nnx import errors
-from orbax_nnx.groups import DEFAULT_GROUPS
+from orbax_nnx.mapping.groups import DEFAULT_GROUPS
 
 from helpers import host
 

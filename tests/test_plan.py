@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import orbax_nnx
 from orbax_nnx import errors
-from orbax_nnx.expressions import Cast, Read, Stack, Take, Transpose
+from orbax_nnx.planning.expressions import Cast, Read, Stack, Take, Transpose
 
 from helpers import assert_same_state, host
 
@@ -245,8 +245,8 @@ def test_stack_unroll_roundtrip_is_identity(tmp_path_factory, n, member, axis_fr
 
 def test_layers_scattered_from_chunks_that_span_them_read_each_chunk_once(tmp_path):
   """Chunks keep the layer axis whole (as sharded saves do): each is decoded once and scattered."""
-  from orbax_nnx.planner import build, target_leaves
-  from orbax_nnx.reader import SourceArrays, _scatter_groups, execute
+  from orbax_nnx.planning.planner import build, target_leaves
+  from orbax_nnx.io.reader import SourceArrays, _scatter_groups, execute
 
   x = np.asarray(arange((6, 8, 32)))  # layers on axis 1, Linen style
   ckptr = ocp.StandardCheckpointer()
@@ -275,7 +275,7 @@ def test_layers_scattered_from_chunks_that_span_them_read_each_chunk_once(tmp_pa
 def test_memory_budget_bounds_the_chunk_cache_and_stays_exact(tmp_path, monkeypatch):
   """A stacked array stored as one chunk, unrolled under a budget smaller than that chunk: the cache
   keeps one chunk at most (it is decoded again per layer), the values stay exact."""
-  from orbax_nnx import reader
+  from orbax_nnx.io import reader
 
   x = arange((8, 64, 32))
   path = save_nnx(tmp_path / 'c', {'layers': {'w': nnx.Param(x)}})

@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 import orbax_nnx
-from orbax_nnx import errors, presets
+from orbax_nnx import errors
+from orbax_nnx.mapping import presets
 
 from helpers import host
 

@@ -132,7 +132,7 @@ def read_item_metadata(
     directory: epath.PathLike, handler: ocp.PyTreeCheckpointHandler | None = None
 ) -> ItemMetadata:
   """Reads an Orbax PyTree item's metadata (or safetensors headers); raises NotACheckpointError on bad input."""
-  from orbax_nnx import safetensors_source  # local: it builds on this module
+  from orbax_nnx.sources import safetensors as safetensors_source  # local: it builds on this module
 
   directory = epath.Path(directory)
   with _readable(directory):
@@ -202,7 +202,7 @@ def resolve_item(path: epath.PathLike, *, step: int | None = None, item: str | N
 
 
 def _resolve_item(path: epath.Path, step: int | None, item: str | None) -> epath.Path:
-  from orbax_nnx import safetensors_source  # local: it builds on this module
+  from orbax_nnx.sources import safetensors as safetensors_source  # local: it builds on this module
 
   if not path.exists():
     raise errors.NotACheckpointError(path, 'it does not exist')

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from orbax_nnx import errors
-from orbax_nnx.groups import MODEL, OPTIMIZER, model_start
-from orbax_nnx.layout import CanonPath, LayerGroup, Layout
+from orbax_nnx.mapping.groups import MODEL, OPTIMIZER, model_start
+from orbax_nnx.mapping.layout import CanonPath, LayerGroup, Layout
 from orbax_nnx.nnx_tree import VALUE_KEY, DiskPath
-from orbax_nnx.planner import TargetLeaf, lookup_axis
+from orbax_nnx.planning.planner import TargetLeaf, lookup_axis
 
 Framework = Literal['nnx', 'linen']
 
@@ -99,7 +99,7 @@ def model_target(layout: Layout, target: Any, *, flavour: Literal['raw', 'pure']
   from flax import nnx  # local: the layout-only targets above need no Flax
 
   from orbax_nnx import nnx_tree
-  from orbax_nnx.planner import target_leaves
+  from orbax_nnx.planning.planner import target_leaves
 
   state = nnx.state(target, nnx.Param) if include == 'params' else target
   variables = dict(nnx_tree.flatten(state))

@@ -1,9 +1,9 @@
 """Plans: every target leaf as a lazy expression over stored leaves.
 
-An expression (`orbax_nnx.expressions`) is data; a `Plan` maps each target path to one.
+An expression (`orbax_nnx.planning.expressions`) is data; a `Plan` maps each target path to one.
 Plans are built from a `Layout` (metadata only) and a target (an abstract NNX state/model),
 can be printed and tested without touching arrays, and are evaluated per target shard by
-`orbax_nnx.reader`.
+`orbax_nnx.io.reader`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import numpy as np
 from flax import nnx
 
 from orbax_nnx import compat, errors, nnx_tree
-from orbax_nnx.groups import MODEL, OPTIMIZER, model_start
-from orbax_nnx.layout import CanonPath, Layout
+from orbax_nnx.mapping.groups import MODEL, OPTIMIZER, model_start
+from orbax_nnx.mapping.layout import CanonPath, Layout
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
-from orbax_nnx.expressions import Cast, Concat, Const, Expr, Read, Reshape, Slice, Stack, Take, Transpose, reads
-from orbax_nnx.views import View, check_rules, compile_rules
+from orbax_nnx.planning.expressions import Cast, Const, Expr, Read, Stack, Take, Transpose, reads
+from orbax_nnx.mapping.rules import apply_view, rename
+from orbax_nnx.mapping.views import View, check_rules, compile_rules
 
 ScanAxis = Union[int, Mapping[str, int], None]
 Rule = tuple[str, Union[str, Mapping[str, View]]]  # rename, or target replacement -> view
@@ -124,7 +125,7 @@ class _Planner:
     self.renamed_of: dict[CanonPath, CanonPath] = {}
     prefix = _target_prefix(targets)
     for canon, disk in layout.canonical.items():
-      renamed = _rename(layout, canon, compiled, matched, prefix)
+      renamed = rename(layout, canon, compiled, matched, prefix)
       if isinstance(renamed, dict):  # a view rule: the source keeps its path, its views name targets
         self.views.update({target: (canon, v) for target, v in renamed.items()})
         renamed = canon
@@ -338,88 +339,6 @@ def _target_prefix(targets: Sequence[TargetLeaf]) -> CanonPath:
   return (MODEL,)
 
 
-def _rename(layout: Layout, canon: CanonPath, rules, matched: set[int],
-            prefix: CanonPath) -> CanonPath | dict[CanonPath, View]:
-  """The first matching rule's result: a renamed path, or {target path: view} for a view rule.
-
-  A pattern fullmatches the canonical path as `plan` prints it, else the stored path as `inspect`
-  prints it. A replacement names a path in the target tree (`layers/0/mlp/kernel` in a model); one
-  already starting at the target's canonical root (`model/...`, or `optimizer/...` in a train state)
-  is taken as canonical. A raw-flavour
-  `value` wrapper a stored-path match carries over is dropped.
-  """
-  wrapped = layout.kind != 'safetensors' and layout.canonical[canon][-1] == 'value' and canon[-1] != 'value'
-
-  def target(path: str) -> CanonPath:
-    parts = tuple(path.split('/'))
-    parts = parts[:-1] if wrapped and parts[-1] == 'value' else parts
-    if parts[:1] == (prefix or parts)[:1] and parts[0] in (MODEL, OPTIMIZER):
-      return parts  # already canonical
-    return (prefix or (MODEL,)) + parts  # a train-state target's rules name model paths
-
-  for i, (pattern, repl) in enumerate(rules):
-    joined = next((key for key in ('/'.join(canon), layout.stored_name(canon)) if pattern.fullmatch(key)), None)
-    if joined is not None:
-      matched.add(i)
-      if isinstance(repl, Mapping):
-        return {target(pattern.sub(r, joined)): v.resolve(lambda t: pattern.sub(t, joined)) for r, v in repl.items()}
-      return target(pattern.sub(repl, joined))
-  return canon
-
-
-def apply_view(v: View, expr: Expr, where: str, lookup=None) -> Expr:
-  """Compiles a view's operations into lazy expressions over `expr` (read per shard later).
-
-  `lookup(name)` gives the expression of another stored array, for `concat`.
-  """
-  for op in v.ops:
-    rank = len(expr.shape)
-    if op[0] == 'concat':
-      if lookup is None:
-        raise errors.PlanError(f'{where}: {v}: concat needs stored arrays to join; it has none here.')
-      parts, axis = (expr,) + tuple(lookup(name) for name in op[1]), op[2] % max(rank, 1)
-      for part in parts[1:]:
-        if len(part.shape) != rank or any(a != b for k, (a, b) in enumerate(zip(part.shape, expr.shape)) if k != axis):
-          raise errors.PlanError(f'{where}: {v} joins {part} of shape {part.shape} to shape {expr.shape} on axis'
-                                 f' {axis}: the other axes differ.')
-      expr = Concat(parts, axis)
-    elif op[0] == 'take':
-      if rank == 0 or not -expr.shape[0] <= op[1] < expr.shape[0]:
-        raise errors.PlanError(f'{where}: {v} indexes {op[1]} into shape {expr.shape}.')
-      expr = Take(expr, op[1] % expr.shape[0], 0)
-    elif op[0] == 'slice':
-      axis, start, stop = op[1:]
-      if axis >= rank:
-        raise errors.PlanError(f'{where}: {v} slices axis {axis} of shape {expr.shape}.')
-      start, stop, _ = slice(start, stop).indices(expr.shape[axis])
-      if stop <= start:
-        raise errors.PlanError(f'{where}: {v} selects nothing of axis {axis} (size {expr.shape[axis]}).')
-      expr = expr if (start, stop) == (0, expr.shape[axis]) else Slice(expr, axis, start, stop)
-    elif op[0] == 'reshape':
-      size = int(np.prod(expr.shape, dtype=np.int64))
-      shape = list(op[1])
-      if shape.count(-1) == 1:
-        known = int(np.prod([n for n in shape if n != -1], dtype=np.int64))
-        shape[shape.index(-1)] = size // known if known and size % known == 0 else -1
-      if any(n < 0 for n in shape) or int(np.prod(shape, dtype=np.int64)) != size:
-        raise errors.PlanError(f'{where}: {v} cannot reshape {expr.shape} ({size} elements) into {tuple(op[1])}.')
-      expr = expr if tuple(shape) == tuple(expr.shape) else Reshape(expr, tuple(shape))
-    elif op[0] in ('transpose', 'swapaxes'):
-      if op[0] == 'swapaxes':
-        perm = list(range(rank))
-        a, b = op[1] % max(rank, 1), op[2] % max(rank, 1)
-        perm[a], perm[b] = perm[b], perm[a]
-        perm = tuple(perm)
-      else:
-        perm = tuple(reversed(range(rank))) if op[1] is None else tuple(p % max(rank, 1) for p in op[1])
-      if sorted(perm) != list(range(rank)):
-        raise errors.PlanError(f'{where}: {v} is not a permutation of the {rank} axes of shape {expr.shape}.')
-      expr = expr if perm == tuple(range(rank)) else Transpose(expr, perm)
-    else:
-      expr = expr if expr.dtype == op[1] else Cast(expr, op[1])
-  return expr
-
-
 def _move(rank: int, src: int, dst: int) -> tuple[int, ...]:
   order = [i for i in range(rank) if i != src]
   order.insert(dst, src)
@@ -462,8 +381,8 @@ def plan(source, target, *, rules: Sequence[Rule] = (), scan_axis: ScanAxis = No
 
   `layout=NAME` forces a preset, `groups=` declares layer-group names (see `detect_layout`).
   """
-  from orbax_nnx.layout import detect_layout  # local: avoid a cycle in type-only users
-  from orbax_nnx.metadata import resolve_item
+  from orbax_nnx.mapping.layout import detect_layout  # local: avoid a cycle in type-only users
+  from orbax_nnx.sources.metadata import resolve_item
 
   errors.check_int('param_scan_axis', param_scan_axis)
   rules = check_rules(rules)

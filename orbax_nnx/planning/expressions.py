@@ -2,7 +2,7 @@
 
 `Read` names a stored array; `Take`, `Slice`, `Reshape`, `Stack`, `Concat`, `Transpose`, `Cast`,
 `Const` and `LoraMerge` build on reads. They are data (frozen dataclasses with `shape`, `dtype`
-and a `str` that `orbax-nnx plan` prints); `orbax_nnx.reader` evaluates them per target region.
+and a `str` that `orbax-nnx plan` prints); `orbax_nnx.io.reader` evaluates them per target region.
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from orbax_nnx import compat
-from orbax_nnx.expressions import Expr, reads
-from orbax_nnx.planner import TargetLeaf
-from orbax_nnx.reader import SourceArrays, _Pending, announce
+from orbax_nnx.planning.expressions import Expr, reads
+from orbax_nnx.planning.planner import TargetLeaf
+from orbax_nnx.io.reader import SourceArrays, Pending, announce
 
 
 class LazyArray:
@@ -51,8 +51,8 @@ class LazyArray:
   def nbytes(self) -> int:
     return self.size * self.leaf.dtype.itemsize
 
-  def start(self) -> _Pending:
-    return _Pending(self.leaf.path, self.expr, self.leaf, self.sharding, self.session.source, self.session.pool)
+  def start(self) -> Pending:
+    return Pending(self.leaf.path, self.expr, self.leaf, self.sharding, self.session.source, self.session.pool)
 
   def announce(self) -> None:
     announce(self.expr, self.leaf, self.sharding, self.session.source, self.session.prefetch_pool)

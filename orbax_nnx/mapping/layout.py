@@ -6,7 +6,7 @@ Every stored leaf is given a *canonical* path in one NNX-like namespace:
     ('optimizer', 'step')                          step (Linen `step`)
     ('optimizer', 'opt_state', <chain>, <path>)    optax state; moments mirror the model path
 
-by the rules of one preset (`orbax_nnx.presets`): `value` wrappers stripped, Linen's extra `params`
+by the rules of one preset (`orbax_nnx.mapping.presets`): `value` wrappers stripped, Linen's extra `params`
 level dropped (also inside Adam `mu`/`nu`). Conversions between layouts are then differences in
 canonical paths: only scanned (stacked) vs unrolled layer groups remain, which `plan` resolves.
 """
@@ -18,11 +18,12 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Literal
 
-from orbax_nnx import errors, presets
-from orbax_nnx.groups import DEFAULT_GROUPS, MODEL, OPTIMIZER, GroupNames, group_names
-from orbax_nnx.metadata import ItemMetadata, LeafInfo, read_item_metadata
+from orbax_nnx import errors
+from orbax_nnx.mapping import presets
+from orbax_nnx.mapping.groups import DEFAULT_GROUPS, MODEL, OPTIMIZER, GroupNames, group_names
+from orbax_nnx.sources.metadata import ItemMetadata, LeafInfo, read_item_metadata
 from orbax_nnx.nnx_tree import DiskPath
-from orbax_nnx.presets import Kind
+from orbax_nnx.mapping.presets import Kind
 
 CanonPath = tuple[str, ...]
 
@@ -87,7 +88,7 @@ class Layout:
 def detect(meta: ItemMetadata, *, layout: str | None = None, groups=None) -> Layout:
   """Detects the layout of one Orbax item (or safetensors source) from its metadata.
 
-  `layout` forces a preset by name (see `orbax_nnx.presets`); `groups` declares more layer-group
+  `layout` forces a preset by name (see `orbax_nnx.mapping.presets`); `groups` declares more layer-group
   names (names or regexes) beside the built-in ones.
   """
   names = group_names(groups)
@@ -203,6 +204,6 @@ def _common_length(canonical, meta, prefix: CanonPath, framework: str, names: Gr
 def detect_layout(path, *, layout: str | None = None, groups=None) -> Layout:
   """Reads the metadata of an Orbax item directory (or safetensors source) and detects its layout.
 
-  `layout=NAME` forces a preset (`orbax_nnx.presets.BY_NAME`); `groups=` declares layer-group names.
+  `layout=NAME` forces a preset (`orbax_nnx.mapping.presets.BY_NAME`); `groups=` declares layer-group names.
   """
   return detect(read_item_metadata(path), layout=layout, groups=groups)

@@ -1,0 +1,1 @@
+"""Moving bytes: lazy per-shard region reads, streaming writes, the memory budget."""

@@ -1,0 +1,190 @@
+"""Evaluating plan expressions over one region: which stored regions each expression reads, and
+how their values are assembled (takes, slices, reshapes, concatenations, stacks, casts, LoRA merges)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from orbax_nnx.io.buffers import aligned_empty, transposed
+from orbax_nnx.planning.expressions import (Cast, Concat, Const, Expr, LoraMerge, Read, Reshape, Slice, Stack, Take,
+                                            Transpose)
+
+if TYPE_CHECKING:
+  from orbax_nnx.io.reader import SourceArrays
+
+Index = tuple[slice, ...]
+
+
+def normalize(index: Index, shape: tuple[int, ...]) -> tuple[slice, ...]:
+  out = []
+  for s, n in zip(index, shape):
+    start, stop, _ = s.indices(n)
+    out.append(slice(start, stop))
+  return tuple(out) + tuple(slice(0, n) for n in shape[len(index):])
+
+
+def evaluate(expr: Expr, index: tuple[slice, ...], source: SourceArrays) -> np.ndarray:
+  """The values of `expr` in the region `index` (normalized slices)."""
+  if isinstance(expr, Read):
+    return source.read(expr.source, index)
+  if isinstance(expr, Const):
+    out = aligned_empty(tuple(s.stop - s.start for s in index), expr.dtype)
+    out.fill(expr.value)
+    return out
+  if isinstance(expr, LoraMerge):
+    a_index, b_index = _lora_regions(expr, index)
+    base = evaluate(expr.base, index, source).astype(np.float32)
+    delta = np.matmul(evaluate(expr.a, a_index, source).astype(np.float32),
+                      evaluate(expr.b, b_index, source).astype(np.float32))
+    return (base + delta).astype(expr.dtype)
+  if isinstance(expr, Cast):
+    value = evaluate(expr.expr, index, source)
+    out = aligned_empty(value.shape, expr.dtype)
+    np.copyto(out, value, casting='unsafe')
+    return out
+  if isinstance(expr, Take):
+    inner = index[: expr.axis] + (expr.index,) + index[expr.axis:]
+    return _read_take(expr, inner, source)
+  if isinstance(expr, Slice):
+    return evaluate(expr.expr, _slice_region(expr, index), source)
+  if isinstance(expr, Reshape):
+    return _reshape(expr, index, source)
+  if isinstance(expr, Concat):
+    out = aligned_empty(tuple(s.stop - s.start for s in index), expr.dtype)
+    for part, region, placed in _concat_parts(expr, index):
+      out[placed] = evaluate(part, region, source)
+    return out
+  if isinstance(expr, Transpose):
+    src_index = [slice(None)] * len(expr.perm)
+    for k, p in enumerate(expr.perm):
+      src_index[p] = index[k]
+    if isinstance(expr.expr, Read):  # the stored array's reader permutes while decoding
+      return source.read(expr.expr.source, tuple(src_index), perm=expr.perm)
+    return transposed(evaluate(expr.expr, tuple(src_index), source), expr.perm)
+  if isinstance(expr, Stack):
+    layer = index[expr.axis]
+    rest = index[: expr.axis] + index[expr.axis + 1:]
+    shape = tuple(s.stop - s.start for s in index)
+    out = None
+    for j, i in enumerate(range(layer.start, layer.stop)):
+      part = evaluate(expr.exprs[i], rest, source)
+      if out is None:
+        out = aligned_empty(shape, part.dtype)
+      out[(slice(None),) * expr.axis + (j,)] = part
+    return out
+  raise TypeError(f'unknown expression {expr!r}')
+
+
+def _lora_regions(expr, index: tuple) -> tuple[tuple, tuple]:
+  """Regions of `a` (rows of the kernel region, all ranks) and `b` (all ranks, its columns)."""
+  rank = expr.a.shape[-1]
+  return index[:-1] + (slice(0, rank),), index[:-2] + (slice(0, rank), index[-1])
+
+
+def read_regions(expr: Expr, index: tuple):
+  """The (stored path, region) pairs evaluating `expr` over `index` reads."""
+  if isinstance(expr, Read):
+    yield expr.source, index
+  elif isinstance(expr, Const):
+    return
+  elif isinstance(expr, LoraMerge):
+    a_index, b_index = _lora_regions(expr, index)
+    yield from read_regions(expr.base, index)
+    yield from read_regions(expr.a, a_index)
+    yield from read_regions(expr.b, b_index)
+  elif isinstance(expr, Cast):
+    yield from read_regions(expr.expr, index)
+  elif isinstance(expr, Take):  # a Read takes the integer index; anything else reads the one-layer slab
+    at = expr.index if isinstance(expr.expr, Read) else slice(expr.index, expr.index + 1)
+    yield from read_regions(expr.expr, index[: expr.axis] + (at,) + index[expr.axis:])
+  elif isinstance(expr, Slice):
+    yield from read_regions(expr.expr, _slice_region(expr, index))
+  elif isinstance(expr, Reshape):
+    if all(expr.expr.shape) and all(expr.shape):
+      yield from read_regions(expr.expr, _reshape_region(expr, index)[0])
+  elif isinstance(expr, Concat):
+    for part, region, _ in _concat_parts(expr, index):
+      yield from read_regions(part, region)
+  elif isinstance(expr, Transpose):
+    src_index = [slice(None)] * len(expr.perm)
+    for k, p in enumerate(expr.perm):
+      src_index[p] = index[k]
+    yield from read_regions(expr.expr, tuple(src_index))
+  elif isinstance(expr, Stack):
+    layer = index[expr.axis]
+    rest = index[: expr.axis] + index[expr.axis + 1:]
+    for i in range(layer.start, layer.stop):
+      yield from read_regions(expr.exprs[i], rest)
+
+
+def _concat_parts(expr: Concat, index: tuple):
+  """(part, its region, where it lands in the output) for each part `index` overlaps."""
+  axis, want, start = expr.axis, index[expr.axis], 0
+  for part in expr.exprs:
+    stop = start + part.shape[axis]
+    lo, hi = max(want.start, start), min(want.stop, stop)
+    if lo < hi:
+      region = index[:axis] + (slice(lo - start, hi - start),) + index[axis + 1:]
+      placed = (slice(None),) * axis + (slice(lo - want.start, hi - want.start),)
+      yield part, region, placed
+    start = stop
+
+
+def _slice_region(expr: Slice, index: tuple) -> tuple:
+  """The input region of a `Slice` for output region `index`: its axis shifted by the start."""
+  r = index[expr.axis]
+  return index[: expr.axis] + (slice(r.start + expr.start, r.stop + expr.start),) + index[expr.axis + 1:]
+
+
+def _reshape_region(expr: Reshape, index: tuple) -> tuple[tuple, list[tuple[int, int, int]]]:
+  """The input region covering output region `index`, and per axis run (flat size, offset, length).
+
+  Within each run of axes (`Reshape.groups`), the output region's leading-axis rows are a
+  contiguous flat range; the input rows covering it are read whole on the inner axes.
+  """
+  src, dst = tuple(expr.expr.shape), tuple(expr.shape)
+  region: list = [None] * len(src)
+  cuts = []
+  for a, b in expr.groups():
+    lo, hi = 0, 1
+    if b:
+      inner = int(np.prod([dst[k] for k in b[1:]], dtype=np.int64))
+      lo, hi = index[b[0]].start * inner, index[b[0]].stop * inner
+    if not a:
+      cuts.append((1, 0, 1))
+      continue
+    inner = int(np.prod([src[k] for k in a[1:]], dtype=np.int64))
+    r0, r1 = lo // inner, -(-hi // inner)
+    region[a[0]] = slice(r0, r1)
+    for k in a[1:]:
+      region[k] = slice(0, src[k])
+    cuts.append(((r1 - r0) * inner, lo - r0 * inner, hi - lo))
+  return tuple(region), cuts
+
+
+def _reshape(expr: Reshape, index: tuple, source: SourceArrays) -> np.ndarray:
+  out_shape = tuple(s.stop - s.start for s in index)
+  if not all(expr.expr.shape) or not all(expr.shape):
+    return aligned_empty(out_shape, expr.dtype)
+  region, cuts = _reshape_region(expr, index)
+  data = evaluate(expr.expr, region, source)
+  flat = data.reshape([n for n, _, _ in cuts])[tuple(slice(o, o + m) for _, o, m in cuts)]
+  shape, inner = [], []
+  for a, b in expr.groups():
+    for j, k in enumerate(b):
+      shape.append(index[k].stop - index[k].start if j == 0 else expr.shape[k])
+      inner.append(slice(None) if j == 0 else index[k])
+  return flat.reshape(shape)[tuple(inner)]
+
+
+def _read_take(expr: Take, index: tuple, source: SourceArrays) -> np.ndarray:
+  """Reads a layer: an integer index into the stacked expression drops that axis."""
+  inner = expr.expr
+  if isinstance(inner, Read):
+    return source.read(inner.source, index)
+  # general case: read the one-layer slab, then drop the axis
+  axis = expr.axis
+  slab_index = index[:axis] + (slice(expr.index, expr.index + 1),) + index[axis + 1:]
+  return np.take(evaluate(inner, slab_index, source), 0, axis=axis)

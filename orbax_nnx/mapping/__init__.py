@@ -1,0 +1,1 @@
+"""Mapping stored paths to canonical and target paths: presets, rules with views, layer groups."""

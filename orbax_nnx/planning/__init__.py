@@ -1,0 +1,1 @@
+"""Plans: each target leaf as a lazy expression over stored leaves, built from metadata alone."""
