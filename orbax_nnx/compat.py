@@ -17,7 +17,7 @@ from orbax.checkpoint._src.futures import future as future_lib
 from orbax.checkpoint._src.handlers import composite_checkpoint_handler as _composite
 from orbax.checkpoint._src.handlers import handler_type_registry as _handler_types
 from orbax.checkpoint._src.metadata import array_metadata_store as array_metadata_store_lib
-from orbax.checkpoint._src.serialization import jax_array_handlers, tensorstore_utils
+from orbax.checkpoint._src.serialization import jax_array_handlers, ocdbt_utils, tensorstore_utils
 from orbax.checkpoint._src.serialization import type_handler_registry
 from orbax.checkpoint._src.serialization import types as serialization_types
 
@@ -34,6 +34,9 @@ ParamInfo = serialization_types.ParamInfo
 SaveArgs = serialization_types.SaveArgs
 get_ts_context = tensorstore_utils.get_ts_context
 build_array_read_spec = tensorstore_utils.build_array_read_spec
+build_array_write_spec = tensorstore_utils.build_array_write_spec
+process_index_for_subdir = ocdbt_utils.get_process_index_for_subdir
+serialize_shardings = jax_array_handlers._async_serialize_shardings  # pylint: disable=protected-access
 create_type_handler_registry = type_handler_registry.create_type_handler_registry
 # v0 CheckpointManager no-args restores find an item's handler class by the typestr it recorded
 register_handler_type = _handler_types.register_handler_type
@@ -80,3 +83,12 @@ def composite_registry_in_flight(depth: int = 12) -> Any:
   """The handler registry of the CompositeCheckpointHandler on the call stack, if any."""
   frame = _composite_frame(_COMPOSITE_FRAMES, depth)
   return getattr(frame.f_locals['self'], '_handler_registry', None) if frame is not None else None
+
+
+def array_handler_options(handler: Any) -> dict[str, Any]:
+  """What an `ArrayHandler` was built with, for writes made beside its `serialize` (per-block writes):
+  its array metadata store, whether it writes the sharding file, its primary host, its metadata key."""
+  return {'array_metadata_store': handler._array_metadata_store,  # pylint: disable=protected-access
+          'write_sharding_file': handler._enable_write_sharding_file,  # pylint: disable=protected-access
+          'primary_host': handler._primary_host,  # pylint: disable=protected-access
+          'metadata_key': handler._metadata_key}  # pylint: disable=protected-access

@@ -94,6 +94,12 @@ orbax_nnx.convert(epath.Path(root) / 'linen', epath.Path(root) / 'converted', sc
 report['convert_read'] = rchar() - r0
 out = orbax_nnx.restore(epath.Path(root) / 'converted', nnx.State({'model': target}), extra='ignore')
 report['convert'] = all(check(out['model'][f'layers_{i}']['w'].get_value(), w[i]) for i in range(L))
+# 4b. and back to Linen, stacked, under a 4 MiB budget: the 4 MiB stacked array is written block by block,
+# each process its own shards, never held whole
+orbax_nnx.convert(epath.Path(root) / 'converted', epath.Path(root) / 'back', memory_budget=4 * 2**20)
+back = orbax_nnx.restore(epath.Path(root) / 'back', nnx.State({'layers': {'w': nnx.Param(
+    jax.ShapeDtypeStruct((L, EMB, MLP), np.float32, sharding=rsh))}}), extra='ignore')
+report['blocked_convert'] = check(back['layers']['w'].get_value(), w)
 
 # 5. export a bf16 decode checkpoint of the NNX train state; plain Orbax restores it sharded
 orbax_nnx.export_params(mngr_dir, epath.Path(root) / 'decode', dtype='bfloat16')

@@ -18,7 +18,8 @@ from orbax_nnx import compat
 @pytest.mark.parametrize('name', ['run_sync', 'is_graph_node', 'get_concrete_mesh', 'get_sharding_or_format',
                                   'CommitFuture', 'ArrayMetadataStore', 'ArrayHandler', 'ParamInfo', 'SaveArgs',
                                   'get_ts_context', 'build_array_read_spec', 'create_type_handler_registry',
-                                  'register_handler_type', 'get_handler_type'])
+                                  'register_handler_type', 'get_handler_type', 'build_array_write_spec',
+                                  'process_index_for_subdir', 'serialize_shardings'])
 def test_symbol_exists_and_is_callable(name):
   assert callable(getattr(compat, name)), f'orbax_nnx.compat.{name} is gone: find its new home in this release'
 
@@ -83,3 +84,18 @@ def test_handler_type_registry_finds_our_v1_item_handler():
   from orbax_nnx import v1
   assert compat.get_handler_type(v1.TYPESTR) is v1.V1ItemCheckpointHandler
   assert compat.get_handler_type(orbax_nnx.NNXCheckpointHandler.typestr()) is orbax_nnx.NNXCheckpointHandler
+
+
+def test_array_handler_options_and_write_spec(tmp_path):
+  """Per-block writes build Orbax's own write spec and reuse the handler's options."""
+  store = compat.ArrayMetadataStore()
+  options = compat.array_handler_options(compat.ArrayHandler(array_metadata_store=store))
+  assert options['array_metadata_store'] is store and options['write_sharding_file'] is True
+  assert options['primary_host'] == 0 and options['metadata_key'] is None
+  info = compat.ParamInfo(name='w', parent_dir=tmp_path, is_ocdbt_checkpoint=True, use_zarr3=False)
+  spec = compat.build_array_write_spec(info=info, arg=compat.SaveArgs(chunk_byte_size=4096), global_shape=(64, 32),
+                                       local_shape=(64, 32), dtype=np.dtype('float32'), use_ocdbt=True,
+                                       process_index=compat.process_index_for_subdir(True))
+  assert spec.metadata.chunk_shape == (32, 32) and spec.json['driver'] == 'zarr'
+  params = inspect.signature(compat.serialize_shardings).parameters
+  assert list(params)[:2] == ['shardings', 'infos'] and 'primary_host' in params

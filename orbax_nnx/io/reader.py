@@ -369,7 +369,12 @@ def announce(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays, pool=
   Announce all leaves up front, in the order they will be evaluated: a chunk is then
   dropped only after its last reader, and decoded ahead while the budget allows.
   """
-  for region in _shard_regions(leaf, sharding):
+  announce_regions(expr, _shard_regions(leaf, sharding), source, pool)
+
+
+def announce_regions(expr: Expr, regions, source: SourceArrays, pool=None) -> None:
+  """`announce` for explicit target regions (e.g. the blocks a large array is written in)."""
+  for region in regions:
     for path, index in read_regions(expr, region):
       source.expect(path, index, pool)
 

@@ -3,26 +3,32 @@
 `LazyArray` is a plain leaf (not a pytree node, no `__array__`) holding a plan
 expression. `LazyArrayHandler`, an Orbax `ArrayHandler` used only through a local
 type-handler registry, turns each lazy leaf into a `jax.Array` (per-shard region reads)
-just before Orbax writes it, and drops it once written: peak memory is a bounded window
-of arrays, not the checkpoint. `_METADATA` records `jax.Array`, so plain Orbax reads
+just before Orbax writes it, and drops it once written; large arrays are written block by
+block into Orbax's own write spec instead: peak memory is a bounded window, not the
+checkpoint, nor the largest array. `_METADATA` records `jax.Array`, so plain Orbax reads
 the result. Leans on Orbax's serialization internals: pinned to orbax-checkpoint 0.12.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
+import dataclasses
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from orbax_nnx import compat
 from orbax_nnx.planning.expressions import Expr, reads
 from orbax_nnx.planning.planner import TargetLeaf
-from orbax_nnx.io.reader import SourceArrays, Pending, announce
+from orbax_nnx.io.reader import SourceArrays, Pending, announce, announce_regions
+from orbax_nnx.io.regions import evaluate, normalize
 
 
 class LazyArray:
@@ -67,6 +73,9 @@ class WriteSession:
   def __init__(self, source: SourceArrays, buffer_bytes: int, max_workers: int = 8, progress=None):
     self.source = source
     self.buffer_bytes = buffer_bytes
+    # arrays over a quarter of the budget are written block by block, in chunks of an eighth (1-32 MiB)
+    self.write_block_bytes = min(max(buffer_bytes // 8, MIN_WRITE_BLOCK_BYTES), WRITE_BLOCK_BYTES)
+    self.blocked_min_bytes = max(buffer_bytes // 4, 2 * self.write_block_bytes)
     self.pool = concurrent.futures.ThreadPoolExecutor(max_workers)
     self.prefetch_pool = concurrent.futures.ThreadPoolExecutor(2)  # chunk decodes ahead of use
     self.progress = progress
@@ -80,26 +89,38 @@ class WriteSession:
 
 class LazyArrayHandler(compat.ArrayHandler):
   """Writes LazyArrays as `jax.Array`s, a bounded window at a time: reads run ahead of the writer and
-  ready arrays are written in batches (one Orbax serialize call each, its writes concurrent)."""
+  ready arrays are written in batches (one Orbax serialize call each, its writes concurrent). Arrays of
+  a quarter of the session's budget or more are written block by block instead (`_BlockedWrite`), so
+  the writer never holds one whole: memory stays flat as arrays grow."""
 
   async def serialize(self, values: Sequence[LazyArray], infos: Sequence[compat.ParamInfo],
                       args: Sequence[compat.SaveArgs] | None = None):
     args = list(args or [compat.SaveArgs()] * len(values))
     base = super()
-
     # leaves reading the same stored arrays go together, so each stored chunk is decoded once
     order = sorted(range(len(values)), key=lambda i: [r.source for r in reads(values[i].expr)][:1])
+    blocked = {i: _BlockedWrite(values[i], infos[i], args[i], compat.array_handler_options(self))
+               for i in order if _is_blocked(values[i])}
 
     async def write_all():
       if not values:
         return
       session = values[0].session
-      for i in order:
-        values[i].announce()
+      for i in order:  # every region in evaluation order, so each stored chunk is dropped after its last reader
+        if i in blocked:
+          blocked[i].announce()
+        else:
+          values[i].announce()
       window: collections.deque = collections.deque()  # (index, pending read), in write order
       batch: list[tuple[int, jax.Array]] = []  # read, waiting to be written together
       inflight = batch_bytes = 0  # bytes held: reads in flight plus the batch
       position = 0
+
+      def done(j: int) -> None:
+        session.leaves_written += 1
+        session.bytes_written += values[j].nbytes
+        if session.progress is not None:
+          session.progress(values[j])
 
       async def flush():
         nonlocal inflight, batch_bytes
@@ -110,18 +131,22 @@ class LazyArrayHandler(compat.ArrayHandler):
         for f in futures:
           f.result()
         for j, _ in batch:
-          session.leaves_written += 1
-          session.bytes_written += values[j].nbytes
-          if session.progress is not None:
-            session.progress(values[j])
+          done(j)
         inflight -= batch_bytes
         batch.clear()
         batch_bytes = 0
 
-      for i in order:
-        # keep reads running ahead of the writer, up to the byte budget (which the batch counts against)
-        while position < len(order) and (not window or inflight + values[order[position]].nbytes
-                                         <= session.buffer_bytes):
+      for k, i in enumerate(order):
+        if i in blocked:  # read-ahead stopped here, so everything before it is in the batch
+          await flush()
+          await blocked[i].write(session.buffer_bytes)
+          done(i)
+          position = k + 1
+          continue
+        # keep reads running ahead of the writer, up to the byte budget (which the batch counts against);
+        # a blocked array stops the read-ahead: its blocks are read while it is written
+        while position < len(order) and order[position] not in blocked and (
+            not window or inflight + values[order[position]].nbytes <= session.buffer_bytes):
           window.append((order[position], values[order[position]].start()))
           inflight += values[order[position]].nbytes
           position += 1
@@ -130,12 +155,115 @@ class LazyArrayHandler(compat.ArrayHandler):
         batch.append((i, pending.result()))
         batch_bytes += values[i].nbytes
         del pending
-        blocked = position < len(order) and inflight + values[order[position]].nbytes > session.buffer_bytes
-        if len(batch) >= MAX_BATCH or (blocked and not window) or batch_bytes >= MAX_BATCH_BYTES:
+        stalled = position < len(order) and (order[position] in blocked or
+                                            inflight + values[order[position]].nbytes > session.buffer_bytes)
+        if len(batch) >= MAX_BATCH or (stalled and not window) or batch_bytes >= MAX_BATCH_BYTES:
           await flush()
       await flush()
 
     return [compat.CommitFuture(write_all(), name='orbax_nnx_stream')]
+
+
+def _is_blocked(value: LazyArray) -> bool:
+  return value.nbytes >= value.session.blocked_min_bytes and value.leaf.key_impl is None and bool(value.shape)
+
+
+class _BlockedWrite:
+  """One large array written region by region into the tensorstore Orbax's own write spec describes.
+
+  Its chunks are at most the session's `write_block_bytes`, so each block (whole chunks) is encoded and
+  written as soon as it is evaluated; blocks are evaluated ahead on the read pool within the session's
+  budget, a stacked array's layer axis outermost. This process writes the shards whose lowest-numbered
+  holder is one of its devices (one writer per shard).
+  """
+
+  def __init__(self, value: LazyArray, info: compat.ParamInfo, arg: compat.SaveArgs, options: dict):
+    self.value, self.info, self.options = value, info, options
+    shape = value.shape
+    local = tuple(value.sharding.shard_shape(shape))
+    limit = value.session.write_block_bytes
+    if not arg.shard_axes and value.leaf.layer_axis is not None:  # a stacked array: split by layer first
+      arg = dataclasses.replace(arg, shard_axes=(value.leaf.layer_axis,))
+    arg = dataclasses.replace(arg, chunk_byte_size=min(arg.chunk_byte_size or limit, limit))
+    self.spec = compat.build_array_write_spec(
+        info=info, arg=arg, global_shape=shape, local_shape=local, dtype=value.dtype,
+        use_ocdbt=info.is_ocdbt_checkpoint, process_index=compat.process_index_for_subdir(info.is_ocdbt_checkpoint),
+        metadata_key=options['metadata_key'])
+    chunk = tuple(self.spec.metadata.chunk_shape)
+    self.blocks = [b for region in _own_regions(shape, value.sharding)
+                   for b in _chunk_blocks(region, chunk, value.dtype.itemsize, limit, tuple(arg.shard_axes))]
+
+  def announce(self) -> None:
+    session = self.value.session
+    announce_regions(self.value.expr, self.blocks, session.source, session.prefetch_pool)
+
+  async def write(self, ahead_bytes: int) -> None:
+    value, info, session = self.value, self.info, self.value.session
+    await info.await_path_creation()
+    primary = self.options['primary_host']
+    if primary is None or jax.process_index() == primary:
+      await ts.open(ts.Spec(self.spec.json), create=True, open=True, context=info.ts_context)
+    store = await ts.open(ts.Spec(self.spec.json), open=True, assume_metadata=True, context=info.ts_context)
+    loop = asyncio.get_running_loop()
+    pending: collections.deque = collections.deque()
+    inflight = position = 0
+    for _ in self.blocks:
+      while position < len(self.blocks) and (
+          not pending or inflight + _nbytes(self.blocks[position], value.dtype) <= ahead_bytes):
+        block = self.blocks[position]
+        future = session.pool.submit(_evaluate_block, value.expr, block, value.dtype, session.source)
+        pending.append((_nbytes(block, value.dtype), asyncio.wrap_future(future, loop=loop), block))
+        inflight += pending[-1][0]
+        position += 1
+      nbytes, future, block = pending.popleft()
+      data = await future
+      await store[block].write(data, can_reference_source_data_indefinitely=True)
+      del data
+      inflight -= nbytes
+    if self.options['array_metadata_store'] is not None:
+      await self.options['array_metadata_store'].write(checkpoint_dir=info.parent_dir,
+                                                       array_metadatas=[self.spec.metadata],
+                                                       process_index=jax.process_index())
+    if self.options['write_sharding_file']:
+      await compat.serialize_shardings([value.sharding], [info], primary_host=primary)
+
+
+def _evaluate_block(expr: Expr, block: tuple[slice, ...], dtype, source: SourceArrays) -> np.ndarray:
+  return np.ascontiguousarray(evaluate(expr, block, source), dtype=dtype)
+
+
+def _nbytes(block: tuple[slice, ...], dtype) -> int:
+  return int(np.prod([s.stop - s.start for s in block], dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def _own_regions(shape: tuple[int, ...], sharding) -> list[tuple[slice, ...]]:
+  """The distinct shard regions this process writes: each shard's lowest-numbered holder writes it."""
+  owner: dict[tuple, int] = {}
+  for device, index in sharding.devices_indices_map(shape).items():
+    key = tuple((s.start, s.stop) for s in normalize(index, shape))
+    owner[key] = min(owner.get(key, device.id), device.id)
+  local = {d.id for d in sharding.addressable_devices}
+  return [tuple(slice(a, b) for a, b in key) for key, d in sorted(owner.items()) if d in local]
+
+
+def _chunk_blocks(region: tuple[slice, ...], chunk: tuple[int, ...], itemsize: int, block_bytes: int,
+                  outer: Sequence[int] = ()) -> list[tuple[slice, ...]]:
+  """`region` cut into blocks of whole chunks, axes `outer` (a stacked array's layer axis) outermost, so the
+  blocks reading one stored layer come together; chunks merge up to `block_bytes` when only one axis splits."""
+  rank = len(region)
+  extents = [s.stop - s.start for s in region]
+  split = [a for a in range(rank) if chunk[a] < extents[a]]
+  if not split:
+    return [region]
+  chunk_bytes = int(np.prod([min(c, n) for c, n in zip(chunk, extents)], dtype=np.int64)) * itemsize
+  merge = max(1, block_bytes // max(chunk_bytes, 1)) if len(split) == 1 else 1
+  steps = [chunk[a] * merge if a in split else extents[a] for a in range(rank)]
+  axes = [a for a in outer if a < rank] + [a for a in range(rank) if a not in outer]
+  blocks = []
+  for corner in itertools.product(*(range(region[a].start, region[a].stop, steps[a]) for a in axes)):
+    lo = dict(zip(axes, corner))
+    blocks.append(tuple(slice(lo[a], min(lo[a] + steps[a], region[a].stop)) for a in range(rank)))
+  return blocks
 
 
 def streaming_pytree_handler(**options: Any) -> ocp.PyTreeCheckpointHandler:
@@ -151,6 +279,8 @@ def streaming_pytree_handler(**options: Any) -> ocp.PyTreeCheckpointHandler:
 
 MIN_LAYER_CHUNK_BYTES = 1 << 20  # Orbax warns below this chunk size
 MAX_BATCH = 256  # arrays handed to Orbax in one serialize call
+WRITE_BLOCK_BYTES = 32 * 2**20  # chunks (and write blocks) of arrays written block by block: at most this,
+MIN_WRITE_BLOCK_BYTES = 1 << 20  # and at least this (Orbax warns below 1 MiB)
 # bytes in one batch: many small arrays share a call (per-array write latency paid once, measured 6x on
 # 1,000 leaves); large ones go alone (batched, Orbax's concurrent writes measured +35% peak RSS)
 MAX_BATCH_BYTES = 16 * 2**20
