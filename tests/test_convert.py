@@ -340,5 +340,4 @@ def test_convert_memory_is_flat_as_arrays_grow(tmp_path):
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert figures['read'] == 4 * rows * 2048 * 4 + 4, 'each stored byte read once'
     growth[scale] = figures['growth']
-  print({k: v / 2**20 for k, v in growth.items()})
   assert growth[4] <= 1.1 * growth[1] + 16 * 2**20, {k: v / 2**20 for k, v in growth.items()}
