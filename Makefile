@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_serving.py
 	$(BIN)/python bench/bench_safetensors.py
+	$(BIN)/python bench/bench_matrix.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

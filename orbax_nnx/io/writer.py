@@ -139,7 +139,7 @@ class LazyArrayHandler(compat.ArrayHandler):
       for k, i in enumerate(order):
         if i in blocked:  # read-ahead stopped here, so everything before it is in the batch
           await flush()
-          await blocked[i].write(session.buffer_bytes)
+          await blocked[i].write(min(session.buffer_bytes, BLOCKS_AHEAD * session.write_block_bytes))
           done(i)
           position = k + 1
           continue
@@ -281,6 +281,7 @@ MIN_LAYER_CHUNK_BYTES = 1 << 20  # Orbax warns below this chunk size
 MAX_BATCH = 256  # arrays handed to Orbax in one serialize call
 WRITE_BLOCK_BYTES = 32 * 2**20  # chunks (and write blocks) of arrays written block by block: at most this,
 MIN_WRITE_BLOCK_BYTES = 1 << 20  # and at least this (Orbax warns below 1 MiB)
+BLOCKS_AHEAD = 3  # blocks evaluated ahead of the one being written (reads overlap writes; more buys nothing)
 # bytes in one batch: many small arrays share a call (per-array write latency paid once, measured 6x on
 # 1,000 leaves); large ones go alone (batched, Orbax's concurrent writes measured +35% peak RSS)
 MAX_BATCH_BYTES = 16 * 2**20
