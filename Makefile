@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_serving.py
 	$(BIN)/python bench/bench_safetensors.py
 	$(BIN)/python bench/bench_matrix.py
+	$(BIN)/python bench/bench_leaves.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
