@@ -2,7 +2,7 @@
 vs a full plain-Orbax restore and vs Orbax's own `PyTreeRestore(partial_restore=True)` of
 the params. Same checkpoint, same run, each in its own process.
 
-    .venv/bin/python bench/bench_serving.py [--params-mib 1024] [--reps 2]
+    .venv/bin/python bench/bench_serving.py [--params-mib 1024] [--reps 2]   (BENCH_MEMORY_BUDGET_MIB=N: load_params(memory_budget=))
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def worker(mode: str, path: str, layers: str) -> dict:
   t0, c0 = time.perf_counter(), time.process_time()
   if mode == 'ours':
     import orbax_nnx
-    out = orbax_nnx.load_params(path, _abstract_params(layers, jnp.bfloat16))
+    budget = int(os.environ.get('BENCH_MEMORY_BUDGET_MIB', '0')) * 2**20 or None
+    out = orbax_nnx.load_params(path, _abstract_params(layers, jnp.bfloat16), memory_budget=budget)
   else:
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shapes = {'step': np.int32(0), 'params': {'params': common.linen_params(layers, _Zeros(), 1.0)}}

@@ -79,15 +79,16 @@ class SourceArrays:
       self._stores[path] = store
     return store
 
-  def _ts_read(self, path: DiskPath, index: tuple, perm: tuple[int, ...] | None = None) -> np.ndarray:
+  def _ts_read(self, path: DiskPath, index: tuple, perm: tuple[int, ...] | None = None, dtype=None) -> np.ndarray:
+    store = self.store(path)
     try:
-      out = self.store(path).read(index, perm)
+      out = store.read(index, perm) if dtype is None else store.read(index, perm, dtype)
     except errors.OrbaxNNXError:
       raise
     except Exception as e:
       raise errors.CorruptCheckpointError(self.meta.directory, f'{"/".join(path)}: {e}') from e
     with self._lock:
-      self.bytes_read += out.nbytes
+      self.bytes_read += out.size * np.dtype(store.dtype).itemsize
     return out
 
   def _cells(self, path: DiskPath, index: tuple):
@@ -166,16 +167,18 @@ class SourceArrays:
         self._cached_bytes -= data.nbytes
     self._pump()
 
-  def read(self, path: DiskPath, index: tuple, perm: tuple[int, ...] | None = None) -> np.ndarray:
-    """The region `index` (slices and ints) of a stored array, axes permuted by `perm` if given."""
+  def read(self, path: DiskPath, index: tuple, perm: tuple[int, ...] | None = None, dtype=None) -> np.ndarray:
+    """The region `index` (slices and ints) of a stored array, axes permuted by `perm` if given, in
+    `dtype` if given (converted chunk by chunk: never a full-size copy in the stored dtype)."""
     store, region, cells, whole, squeeze, chunk = self._cells(path, index)
-    if whole and perm is not None and not squeeze:
-      return self._ts_read(path, region, perm)  # the permuted copy happens inside the decode
+    casts = dtype is not None and getattr(store, 'casts', False)
+    if whole and perm is not None and not squeeze:  # the permuted copy happens inside the decode
+      return _converted(self._ts_read(path, region, perm, dtype if casts else None), dtype)
     if whole:
-      out = self._ts_read(path, region)  # whole chunks: nothing to keep for other readers
+      out = self._ts_read(path, region, None, dtype if casts else None)  # whole chunks: nothing to keep
     else:
       shape = tuple(store.shape)
-      out = aligned_empty(tuple(r.stop - r.start for r in region), store.dtype)
+      out = aligned_empty(tuple(r.stop - r.start for r in region), dtype if dtype is not None else store.dtype)
       for cell in cells:
         bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, chunk, shape))
         data = self._chunk(path, cell, bounds)
@@ -187,7 +190,7 @@ class SourceArrays:
         self._used((path, cell))
     if squeeze:
       out = out.reshape([n for i, n in enumerate(out.shape) if i not in squeeze])
-    return transposed(out, perm) if perm is not None else out
+    return _converted(transposed(out, perm) if perm is not None else out, dtype)
 
   def _chunk(self, path: DiskPath, cell: tuple, bounds: tuple) -> np.ndarray:
     key = (path, cell)
@@ -217,6 +220,15 @@ class SourceArrays:
         self._cached_bytes -= old.nbytes
     future.set_result(data)
     return data
+
+
+def _converted(out: np.ndarray, dtype) -> np.ndarray:
+  """`out` in `dtype` (an aligned copy) when it is not already."""
+  if dtype is None or out.dtype == np.dtype(dtype):
+    return out
+  cast = aligned_empty(out.shape, dtype)
+  np.copyto(cast, out, casting='unsafe')
+  return cast
 
 
 class Pending:

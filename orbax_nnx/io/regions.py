@@ -40,6 +40,14 @@ def evaluate(expr: Expr, index: tuple[slice, ...], source: SourceArrays) -> np.n
                       evaluate(expr.b, b_index, source).astype(np.float32))
     return (base + delta).astype(expr.dtype)
   if isinstance(expr, Cast):
+    if isinstance(expr.expr, Read):  # converted while decoding, chunk by chunk
+      return source.read(expr.expr.source, index, dtype=expr.dtype)
+    inner = expr.expr
+    if isinstance(inner, Transpose) and isinstance(inner.expr, Read):
+      src_index = [slice(None)] * len(inner.perm)
+      for k, p in enumerate(inner.perm):
+        src_index[p] = index[k]
+      return source.read(inner.expr.source, tuple(src_index), perm=inner.perm, dtype=expr.dtype)
     value = evaluate(expr.expr, index, source)
     out = aligned_empty(value.shape, expr.dtype)
     np.copyto(out, value, casting='unsafe')

@@ -23,11 +23,16 @@ class OrbaxArray:
     self.dtype = store.dtype.numpy_dtype
     self.chunk = tuple(c or n for c, n in zip(store.chunk_layout.read_chunk.shape or self.shape, self.shape))
 
-  def read(self, region: tuple, perm: tuple[int, ...] | None = None) -> np.ndarray:
-    """`region` (normalized slices), decoded straight into an aligned buffer, axes permuted by `perm`."""
+  casts = True  # `read(..., dtype=)` converts while decoding, chunk by chunk
+
+  def read(self, region: tuple, perm: tuple[int, ...] | None = None, dtype=None) -> np.ndarray:
+    """`region` (normalized slices), decoded straight into an aligned buffer, axes permuted by `perm`,
+    converted to `dtype` on the way (no full-size copy in the stored dtype)."""
     view = self.store[region]
     if perm is not None:
       view = view[ts.d[tuple(perm)].transpose[tuple(range(len(perm)))]]
+    if dtype is not None and np.dtype(dtype) != self.dtype:
+      view = ts.cast(view, ts.dtype(np.dtype(dtype).name))
     out = aligned_empty(tuple(view.shape), view.dtype.numpy_dtype)
     ts.array(out, copy=False, write=True).write(view).result()
     return out
