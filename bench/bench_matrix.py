@@ -7,7 +7,7 @@ stacked, three ways, each in its own process on the same source in the same run:
 - in-memory: what the MaxText converter does (restore everything, `np.stack` with numpy, save);
 - plain: Orbax restore + save of the same tree, unchanged (the cost of moving the bytes at all).
 
-    .venv/bin/python bench/bench_matrix.py [--quick] [--memory-budget-mib N]
+    .venv/bin/python bench/bench_matrix.py [--quick] [--reps 3] [--memory-budget-mib N] [--only LABEL]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -69,7 +70,7 @@ def plain(src: str, dst: str) -> None:
 
 
 def worker(mode: str, src: str, dst: str, budget_mib: str) -> dict:
-  import orbax.checkpoint  # noqa: F401  imports are not timed (each mode in its own process)
+  import orbax.checkpoint  # noqa: F401 pylint: disable=unused-import  (imports are not timed)
   if mode == 'ours':
     import orbax_nnx
   t0, c0 = time.perf_counter(), time.process_time()
@@ -96,6 +97,7 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument('--quick', action='store_true', help='arrays 4x smaller')
   parser.add_argument('--memory-budget-mib', type=int, default=128, help='memory_budget for ours (0: the default)')
+  parser.add_argument('--reps', type=int, default=3, help='runs per mode (medians)')
   parser.add_argument('--only', default='', help='run the cases whose label contains this')
   parser.add_argument('--worker', nargs=4)
   args = parser.parse_args()
@@ -115,7 +117,13 @@ def main() -> None:
       src = os.path.join(root, 'src')
       common.save_plain(src, source_tree(layers, leaves, kib), chunk)
       size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(src) for f in fs) / 2**20
-      got = {m: run(m, src, os.path.join(root, m), args.memory_budget_mib) for m in ('plain', 'in_memory', 'ours')}
+      got = {}
+      for m in ('plain', 'in_memory', 'ours'):
+        runs = []
+        for rep in range(args.reps):
+          runs.append(run(m, src, os.path.join(root, f'{m}{rep}'), args.memory_budget_mib))
+          shutil.rmtree(os.path.join(root, f'{m}{rep}'), ignore_errors=True)
+        got[m] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     finally:
       shutil.rmtree(root, ignore_errors=True)
     peaks[label] = got['ours']['peak_rss_mib']
