@@ -19,7 +19,7 @@ from orbax_nnx.io import budget
 from orbax_nnx.mapping.layout import MODEL, OPTIMIZER, Layout, detect
 from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 from orbax_nnx.planning.planner import Plan, build
-from orbax_nnx.io.reader import SourceArrays
+from orbax_nnx.io.source_arrays import SourceArrays
 from orbax_nnx.io.regions import evaluate
 from orbax_nnx.planning.targets import layout_target
 from orbax_nnx.mapping.views import check_rules

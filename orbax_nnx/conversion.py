@@ -31,7 +31,7 @@ from orbax_nnx.mapping.layout import Layout, detect
 from orbax_nnx.sources.metadata import CUSTOM_KEY, read_item_metadata, resolve_item
 from orbax_nnx.planning.expressions import Cast, LoraMerge, reads
 from orbax_nnx.planning.planner import Plan, build
-from orbax_nnx.io.reader import SourceArrays
+from orbax_nnx.io.source_arrays import SourceArrays
 from orbax_nnx.planning.targets import LayoutTarget, layout_target, model_target
 from orbax_nnx.io.writer import LazyArray, WriteSession, layer_chunk_args, streaming_pytree_handler
 

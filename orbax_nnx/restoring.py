@@ -263,7 +263,8 @@ def restore_planned(meta: ItemMetadata, target: Any, *, missing: MissingPolicy =
   """
   from orbax_nnx.mapping.layout import detect  # local: these modules import this one's users
   from orbax_nnx.planning.planner import build, target_leaves
-  from orbax_nnx.io.reader import SourceArrays, execute
+  from orbax_nnx.io.reader import execute
+  from orbax_nnx.io.source_arrays import SourceArrays
 
   found = detect(meta, layout=layout, groups=groups)
   orbax.refuse_in_plan(found.kind)

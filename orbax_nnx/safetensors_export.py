@@ -32,7 +32,7 @@ from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 from orbax_nnx.planning.expressions import Cast, Expr, Take
 from orbax_nnx.mapping.rules import apply_view
 from orbax_nnx.planning.planner import build, lookup_axis, target_leaves
-from orbax_nnx.io.reader import SourceArrays
+from orbax_nnx.io.source_arrays import SourceArrays
 from orbax_nnx.io.regions import evaluate
 from orbax_nnx.sources.safetensors import DTYPE_NAMES, INDEX_FILE
 from orbax_nnx.mapping.views import View, check_rules, compile_rules

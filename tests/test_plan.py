@@ -246,7 +246,8 @@ def test_stack_unroll_roundtrip_is_identity(tmp_path_factory, n, member, axis_fr
 def test_layers_scattered_from_chunks_that_span_them_read_each_chunk_once(tmp_path):
   """Chunks keep the layer axis whole (as sharded saves do): each is decoded once and scattered."""
   from orbax_nnx.planning.planner import build, target_leaves
-  from orbax_nnx.io.reader import SourceArrays, _scatter_groups, execute
+  from orbax_nnx.io.reader import _scatter_groups, execute
+  from orbax_nnx.io.source_arrays import SourceArrays
 
   x = np.asarray(arange((6, 8, 32)))  # layers on axis 1, Linen style
   ckptr = ocp.StandardCheckpointer()

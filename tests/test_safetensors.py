@@ -307,7 +307,7 @@ def test_cli_with_the_llama_preset(tmp_path, capsys):
 def test_column_cut_regions_read_only_their_bytes(tmp_path):
   """A shard that cuts columns of an (out, in) weight reads its own columns row by row, nothing else."""
   import safetensors.numpy
-  from orbax_nnx.io.reader import SourceArrays
+  from orbax_nnx.io.source_arrays import SourceArrays
 
   weight = np.arange(64 * 4096, dtype=np.float32).reshape(64, 4096).astype(BF16)
   safetensors.numpy.save_file({'w': weight, 'b': weight[0]}, tmp_path / 'model.safetensors')

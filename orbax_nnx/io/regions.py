@@ -12,7 +12,7 @@ from orbax_nnx.planning.expressions import (Cast, Concat, Const, Expr, LoraMerge
                                             Transpose)
 
 if TYPE_CHECKING:
-  from orbax_nnx.io.reader import SourceArrays
+  from orbax_nnx.io.source_arrays import SourceArrays
 
 Index = tuple[slice, ...]
 

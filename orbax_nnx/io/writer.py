@@ -27,7 +27,8 @@ import tensorstore as ts
 from orbax_nnx import compat
 from orbax_nnx.planning.expressions import Expr, reads
 from orbax_nnx.planning.planner import TargetLeaf
-from orbax_nnx.io.reader import SourceArrays, Pending, announce, announce_regions
+from orbax_nnx.io.reader import Pending, announce, announce_regions
+from orbax_nnx.io.source_arrays import SourceArrays
 from orbax_nnx.io.regions import evaluate, normalize
 
 

@@ -1,0 +1,221 @@
+"""The stored arrays of one source, read by region: whole chunks decoded once and kept (within a budget)
+until their last announced reader, or decoded straight into the output when a region is whole chunks."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+import threading
+from typing import Any
+
+import numpy as np
+
+from orbax_nnx import errors
+from orbax_nnx.io.buffers import aligned_empty, transposed
+from orbax_nnx.io.regions import normalize
+from orbax_nnx.nnx_tree import DiskPath
+from orbax_nnx.sources.metadata import ItemMetadata
+from orbax_nnx.sources.orbax import OrbaxOpener
+
+DEFAULT_CACHE_BYTES = 512 * 2**20
+
+
+class SourceArrays:
+  """Stored arrays of one source (an Orbax item or safetensors files), read in whole chunks
+  with a bounded chunk cache.
+
+  A region read costs the whole chunks it touches (a plain Orbax save stores an
+  unsharded array as one chunk), so regions are served from decoded chunks: a chunk
+  only partly needed is kept (LRU, `cache_bytes`, always at least one chunk) until
+  the other regions that need it (e.g. the other layers of a stacked array) are read.
+  Each chunk is decoded once as long as its readers are scheduled together.
+  """
+
+  def __init__(self, meta: ItemMetadata, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    self.meta = meta
+    if meta.format == 'safetensors':
+      from orbax_nnx.sources.safetensors import SafetensorsOpener  # local: that module imports this one
+      self._open = SafetensorsOpener(meta)
+    elif meta.format == 'live':
+      from orbax_nnx.sources.live import LiveOpener  # local: that module imports this one
+      self._open = LiveOpener(meta)
+    else:
+      self._open = OrbaxOpener(meta)
+    self.cache_bytes = cache_bytes
+    self._stores: dict[DiskPath, Any] = {}
+    self._chunks: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
+    self._loading: dict[tuple, concurrent.futures.Future] = {}
+    self._cached_bytes = 0
+    self._loading_bytes = 0  # chunks being prefetched
+    self._expected: dict[tuple, int] = {}  # chunk -> announced partial reads still to come
+    self._queue: collections.deque = collections.deque()  # chunks to decode ahead, in order
+    self._pool: concurrent.futures.Executor | None = None
+    self._lock = threading.Lock()
+    self.bytes_read = 0
+
+  def store(self, path: DiskPath):
+    """The stored array at `path` (`.shape`, `.dtype`, `.chunk`, `.read(region, perm)`), opened once."""
+    with self._lock:
+      if path in self._stores:
+        return self._stores[path]
+    try:
+      store = self._open(path)
+    except errors.OrbaxNNXError:
+      raise
+    except Exception as e:
+      raise errors.CorruptCheckpointError(self.meta.directory, f'{"/".join(path)} cannot be opened: {e}') from e
+    with self._lock:
+      self._stores[path] = store
+    return store
+
+  def _ts_read(self, path: DiskPath, index: tuple, perm: tuple[int, ...] | None = None, dtype=None) -> np.ndarray:
+    store = self.store(path)
+    try:
+      out = store.read(index, perm) if dtype is None else store.read(index, perm, dtype)
+    except errors.OrbaxNNXError:
+      raise
+    except Exception as e:
+      raise errors.CorruptCheckpointError(self.meta.directory, f'{"/".join(path)}: {e}') from e
+    with self._lock:
+      self.bytes_read += out.size * np.dtype(store.dtype).itemsize
+    return out
+
+  def _cells(self, path: DiskPath, index: tuple):
+    """(store, region, chunk cells touched, whether it is made of whole chunks, squeezed axes, chunk shape)."""
+    store = self.store(path)
+    shape = tuple(store.shape)
+    squeeze = tuple(i for i, s in enumerate(index) if isinstance(s, (int, np.integer)))
+    region = tuple(slice(s, s + 1) if isinstance(s, (int, np.integer)) else s for s in index)
+    region = normalize(region, shape)
+    if not shape or getattr(store, 'exact', False):  # any region reads exactly what it needs
+      return store, region, [], True, squeeze, ()
+    chunk = store.chunk
+    grid = [range(r.start // c, -(-r.stop // c)) if r.stop > r.start else range(0) for r, c in zip(region, chunk)]
+    cells = list(itertools.product(*grid))
+    # a region made of whole chunks needs no cache: tensorstore decodes each one straight into the output
+    whole = all(r.start % c == 0 and (r.stop == n or r.stop % c == 0) for r, c, n in zip(region, chunk, shape))
+    return store, region, cells, whole, squeeze, chunk
+
+  def expect(self, path: DiskPath, index: tuple, pool: concurrent.futures.Executor | None = None) -> None:
+    """Announces a partial region read to come: its chunks are kept until their last
+    announced reader has used them (then dropped at once), and decoded ahead of time on
+    `pool` while cached plus loading bytes stay within `cache_bytes`.
+    """
+    store, _, cells, whole, _, chunk = self._cells(path, index)
+    if whole:
+      return
+    shape = tuple(store.shape)
+    itemsize = store.dtype.itemsize
+    with self._lock:
+      for cell in cells:
+        key = (path, cell)
+        self._expected[key] = self._expected.get(key, 0) + 1
+        if self._expected[key] == 1 and key not in self._chunks and key not in self._loading:
+          bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, chunk, shape))
+          nbytes = itemsize * int(np.prod([b.stop - b.start for b in bounds], dtype=np.int64))
+          self._queue.append((key, bounds, nbytes))
+      if pool is not None:
+        self._pool = pool
+    self._pump()
+
+  def _pump(self) -> None:
+    """Starts queued chunk decodes while the budget allows (always at least one)."""
+    while True:
+      with self._lock:
+        if not self._queue or self._pool is None:
+          return
+        key, bounds, nbytes = self._queue[0]
+        if key in self._chunks or key in self._loading or key not in self._expected:
+          self._queue.popleft()
+          continue
+        busy = self._cached_bytes + self._loading_bytes
+        if busy and busy + nbytes > self.cache_bytes:
+          return
+        self._queue.popleft()
+        self._loading_bytes += nbytes
+      future = self._pool.submit(self._chunk, key[0], key[1], bounds)
+      future.add_done_callback(lambda _, n=nbytes: self._done_loading(n))
+
+  def _done_loading(self, nbytes: int) -> None:
+    with self._lock:
+      self._loading_bytes -= nbytes
+    self._pump()
+
+  def _used(self, key: tuple) -> None:
+    """One announced reader of a chunk is done; the last one drops the chunk."""
+    with self._lock:
+      left = self._expected.get(key)
+      if left is None:
+        return
+      if left > 1:
+        self._expected[key] = left - 1
+        return
+      del self._expected[key]
+      data = self._chunks.pop(key, None)
+      if data is not None:
+        self._cached_bytes -= data.nbytes
+    self._pump()
+
+  def read(self, path: DiskPath, index: tuple, perm: tuple[int, ...] | None = None, dtype=None) -> np.ndarray:
+    """The region `index` (slices and ints) of a stored array, axes permuted by `perm` if given, in
+    `dtype` if given (converted chunk by chunk: never a full-size copy in the stored dtype)."""
+    store, region, cells, whole, squeeze, chunk = self._cells(path, index)
+    casts = dtype is not None and getattr(store, 'casts', False)
+    if whole and perm is not None and not squeeze:  # the permuted copy happens inside the decode
+      return _converted(self._ts_read(path, region, perm, dtype if casts else None), dtype)
+    if whole:
+      out = self._ts_read(path, region, None, dtype if casts else None)  # whole chunks: nothing to keep
+    else:
+      shape = tuple(store.shape)
+      out = aligned_empty(tuple(r.stop - r.start for r in region), dtype if dtype is not None else store.dtype)
+      for cell in cells:
+        bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, chunk, shape))
+        data = self._chunk(path, cell, bounds)
+        lo = [max(r.start, b.start) for r, b in zip(region, bounds)]
+        hi = [min(r.stop, b.stop) for r, b in zip(region, bounds)]
+        out[tuple(slice(l - r.start, h - r.start) for l, h, r in zip(lo, hi, region))] = \
+            data[tuple(slice(l - b.start, h - b.start) for l, h, b in zip(lo, hi, bounds))]
+        del data
+        self._used((path, cell))
+    if squeeze:
+      out = out.reshape([n for i, n in enumerate(out.shape) if i not in squeeze])
+    return _converted(transposed(out, perm) if perm is not None else out, dtype)
+
+  def _chunk(self, path: DiskPath, cell: tuple, bounds: tuple) -> np.ndarray:
+    key = (path, cell)
+    with self._lock:
+      if key in self._chunks:
+        self._chunks.move_to_end(key)
+        return self._chunks[key]
+      future = self._loading.get(key)
+      owner = future is None
+      if owner:
+        future = self._loading[key] = concurrent.futures.Future()
+    if not owner:
+      return future.result()
+    try:
+      data = self._ts_read(path, bounds)
+    except BaseException as e:
+      with self._lock:
+        del self._loading[key]
+      future.set_exception(e)
+      raise
+    with self._lock:
+      del self._loading[key]
+      self._chunks[key] = data
+      self._cached_bytes += data.nbytes
+      while self._cached_bytes > self.cache_bytes and len(self._chunks) > 1:
+        _, old = self._chunks.popitem(last=False)
+        self._cached_bytes -= old.nbytes
+    future.set_result(data)
+    return data
+
+
+def _converted(out: np.ndarray, dtype) -> np.ndarray:
+  """`out` in `dtype` (an aligned copy) when it is not already."""
+  if dtype is None or out.dtype == np.dtype(dtype):
+    return out
+  cast = aligned_empty(out.shape, dtype)
+  np.copyto(cast, out, casting='unsafe')
+  return cast
