@@ -15,14 +15,13 @@ from orbax_nnx.planning.expressions import Cast, Concat, Expr, Reshape, Slice, T
 
 
 def rename(layout: Layout, canon: CanonPath, rules, matched: set[int],
-            prefix: CanonPath) -> CanonPath | dict[CanonPath, View]:
+           prefix: CanonPath) -> CanonPath | dict[CanonPath, View]:
   """The first matching rule's result: a renamed path, or {target path: view} for a view rule.
 
   A pattern fullmatches the canonical path as `plan` prints it, else the stored path as `inspect`
   prints it. A replacement names a path in the target tree (`layers/0/mlp/kernel` in a model); one
   already starting at the target's canonical root (`model/...`, or `optimizer/...` in a train state)
-  is taken as canonical. A raw-flavour
-  `value` wrapper a stored-path match carries over is dropped.
+  is taken as canonical. A raw-flavour `value` wrapper a stored-path match carries over is dropped.
   """
   wrapped = layout.kind != 'safetensors' and layout.canonical[canon][-1] == 'value' and canon[-1] != 'value'
 
