@@ -221,3 +221,25 @@ def test_views_match_numpy(tmp_path_factory, case):
   got = np.asarray(out['dst'])
   assert got.dtype == want.dtype and got.shape == want.shape, (str(v), got.shape, want.shape)
   np.testing.assert_array_equal(got, want, err_msg=str(v))
+
+
+def test_a_view_on_a_sharded_target_reads_only_its_chunks(tmp_path):
+  """`view[1]` of a stored (2, 64, 32) array onto a target sharded 8 ways: only the chunks under index 1 are
+  read (counted in bytes), each once, and each shard holds its rows."""
+  from orbax_nnx.io.reader import execute
+  from orbax_nnx.io.source_arrays import SourceArrays
+
+  w = np.arange(2 * 64 * 32, dtype=np.float32).reshape(2, 64, 32)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / 'c', {'gating': w}, save_args={'gating': ocp.SaveArgs(chunk_byte_size=16 * 32 * 4, shard_axes=(0,))})
+  meta = orbax_nnx.read_item_metadata(tmp_path / 'c')
+  assert meta.leaves[('gating',)].metadata.storage.chunk_shape[0] == 1
+  mesh = jax.make_mesh((8,), ('x',))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('x', None))
+  target = nnx.State({'up': nnx.Param(jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=sharding))})
+  plan = orbax_nnx.plan(tmp_path / 'c', target, rules=[('gating', {'up': view[1]})])
+  source = SourceArrays(meta)
+  out = execute(plan, {('up',): sharding}, source=source)[('up',)]
+  assert source.bytes_read == w.nbytes // 2
+  assert len(out.addressable_shards) == 8 and out.sharding == sharding
+  np.testing.assert_array_equal(np.asarray(out), w[1])
