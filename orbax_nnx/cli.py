@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_layout_options(p)
   p.add_argument('--include', choices=['all', 'params'], default='all', help="'params': Params only")
   p.add_argument('--overwrite', action='store_true', help='replace an existing DST')
-  p.add_argument('--buffer-mib', type=int, default=None, help='MiB of arrays in flight only (older; prefer --memory-budget, default 512)')
+  p.add_argument('--buffer-mib', type=int, default=None, help='MiB of arrays in flight only (default 256; the chunk cache may then grow to the largest array)')
   _add_budget(p)
   p.add_argument('--quiet', action='store_true')
   _add_preset(p)

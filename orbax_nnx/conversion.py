@@ -35,7 +35,7 @@ from orbax_nnx.io.source_arrays import SourceArrays
 from orbax_nnx.planning.targets import LayoutTarget, layout_target, model_target
 from orbax_nnx.io.writer import LazyArray, WriteSession, layer_chunk_args, streaming_pytree_handler
 
-DEFAULT_MEMORY_BUDGET = 512 * 2**20  # convert / export_params: chunk cache + arrays in flight
+DEFAULT_BUFFER_BYTES = 256 * 2**20  # convert / export_params: arrays in flight, without a memory_budget
 OCDBT_FILE_BYTES = 64 * 2**20  # OCDBT buffers a data file in memory until it is this big
 
 
@@ -342,17 +342,19 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   `target` (an NNX model, e.g. from `nnx.eval_shape`) writes that model's own tree instead, each leaf
   mapped from SRC by `rules`: how a Hugging Face safetensors checkpoint becomes an NNX Orbax one.
   `layout` forces SRC's preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
-  `memory_budget` (default 512 MiB) bounds the bytes held: half for decoded source chunks kept for other
-  regions (at least one chunk), half for converted arrays and blocks in flight; arrays over a quarter of
-  that half are written block by block, never held whole. `buffer_bytes` (older) sets only the second,
-  with the chunk cache sized from the largest stored array.
+  `memory_budget` bounds the bytes held: half for decoded source chunks kept for other regions (at least
+  one chunk), half for converted arrays and blocks in flight; arrays over a quarter of that half are
+  written block by block, never held whole. Without it, 256 MiB (`buffer_bytes`) are in flight and the
+  chunk cache may grow to the largest stored array read, so that chunks feeding many targets (a stacked
+  array unrolled from chunks spanning its layers) are decoded once; a budget smaller than that array
+  caps it, and such chunks may then be decoded more than once.
   """
   t0 = time.perf_counter()
   check_conversion_options(to=to, scan_layers=scan_layers, param_scan_axis=param_scan_axis, flavour=format,
                            include=include, lora=lora)
-  cache_bytes = None
+  cache_bytes = None  # default: the larger of buffer_bytes and the largest stored array read (decoded once)
   if memory_budget is None and buffer_bytes is None:
-    memory_budget = DEFAULT_MEMORY_BUDGET
+    buffer_bytes = DEFAULT_BUFFER_BYTES
   if memory_budget is not None:
     if buffer_bytes is not None:
       raise errors.OptionError('memory_budget= and buffer_bytes= both bound the arrays in flight: pass one.')
