@@ -243,8 +243,10 @@ def test_stack_unroll_roundtrip_is_identity(tmp_path_factory, n, member, axis_fr
   assert_same_state(back, nnx.State({'layers': {'w': nnx.Param(x)}}))
 
 
-def test_layers_scattered_from_chunks_that_span_them_read_each_chunk_once(tmp_path):
-  """Chunks keep the layer axis whole (as sharded saves do): each is decoded once and scattered."""
+@pytest.mark.parametrize('budget', [None, 1], ids=['default', 'budget-under-one-chunk'])
+def test_layers_scattered_from_chunks_that_span_them_read_each_chunk_once(tmp_path, budget):
+  """Chunks keep the layer axis whole (as sharded saves do): each is decoded once and scattered, also when
+  the budget is smaller than one chunk (then one chunk is in flight at a time)."""
   from orbax_nnx.planning.planner import build, target_leaves
   from orbax_nnx.io.reader import _scatter_groups, execute
   from orbax_nnx.io.source_arrays import SourceArrays
@@ -263,9 +265,10 @@ def test_layers_scattered_from_chunks_that_span_them_read_each_chunk_once(tmp_pa
   layout = orbax_nnx.detect_layout(tmp_path / 'c')
   the_plan = build(layout, target_leaves(target, ()))
   shardings = {p: sharding for p in the_plan.entries}
-  source = SourceArrays(meta)
+  source = SourceArrays(meta) if budget is None else SourceArrays(meta, cache_bytes=budget)
   assert len(_scatter_groups(the_plan, shardings, source)) == 1
-  out = execute(the_plan, shardings, source)
+  out = execute(the_plan, shardings, source) if budget is None else execute(the_plan, shardings, source,
+                                                                            inflight_bytes=budget)
   assert source.bytes_read == x.nbytes  # every chunk read once
   for i in range(8):
     w = out[(f'layers_{i}', 'w')]

@@ -26,7 +26,8 @@ from orbax_nnx.planning.planner import Plan, TargetLeaf
 
 Index = tuple[slice, ...]
 
-SCATTER_INFLIGHT_BYTES = 256 * 2**20  # decoded chunks in flight while scattering layers (at least one)
+SCATTER_INFLIGHT_BYTES = 256 * 2**20  # decoded chunks in flight while scattering layers (at least one);
+# chunks larger than this are sliced through the chunk cache instead
 class Pending:
   """A target array whose shard reads are in flight."""
 
@@ -131,13 +132,13 @@ class _Scatter:
 
 
 def _run_scatters(scatters: list[_Scatter], pool: concurrent.futures.Executor, budget_bytes: int) -> None:
-  """Runs every chunk job of `scatters` with decoded bytes in flight within `budget_bytes`
-  (two chunks at least, so one decodes while the other is copied out)."""
+  """Runs every chunk job of `scatters` with decoded bytes in flight within `budget_bytes` (at least one
+  chunk: the one being decoded)."""
   running: collections.deque = collections.deque()
   inflight = 0
   for group in scatters:
     for nbytes, job in group.tasks():
-      while len(running) >= 2 and inflight + nbytes > budget_bytes:
+      while running and inflight + nbytes > budget_bytes:
         done_bytes, future = running.popleft()
         future.result()
         inflight -= done_bytes
@@ -147,8 +148,7 @@ def _run_scatters(scatters: list[_Scatter], pool: concurrent.futures.Executor, b
     future.result()
 
 
-def _scatter_groups(plan: Plan, shardings: Mapping[Path, Any], source: SourceArrays,
-                    budget_bytes: int = SCATTER_INFLIGHT_BYTES) -> list[_Scatter]:
+def _scatter_groups(plan: Plan, shardings: Mapping[Path, Any], source: SourceArrays) -> list[_Scatter]:
   """Target layers read from stored chunks that span several layers, grouped by stored array."""
   groups: dict[DiskPath, list] = collections.defaultdict(list)
   for path, expr in plan.entries.items():
@@ -164,9 +164,9 @@ def _scatter_groups(plan: Plan, shardings: Mapping[Path, Any], source: SourceArr
       continue
     chunk = store.chunk
     chunk_bytes = store.dtype.itemsize * int(np.prod(chunk, dtype=np.int64))
-    # chunks too big to have two in flight within the budget go through the chunk cache instead
-    # (measured: copying layers out of one huge chunk on many threads is faster)
-    if len(members) > 1 and chunk[axis] > 1 and 2 * chunk_bytes <= budget_bytes:
+    # huge chunks go through the chunk cache instead (measured: copying layers out of one huge chunk on
+    # many threads is faster); others are decoded once each and scattered (`_run_scatters` bounds them)
+    if len(members) > 1 and chunk[axis] > 1 and chunk_bytes <= SCATTER_INFLIGHT_BYTES:
       out.append(_Scatter(source, stored, [m for _, m in members]))
   return out
 
@@ -201,7 +201,7 @@ def execute(plan: Plan, shardings: Mapping[Path, jax.sharding.Sharding], source:
                   default=0)
     source = SourceArrays(plan.source.meta, cache_bytes=max(DEFAULT_CACHE_BYTES, 2 * largest + 64 * 2**20))
   scatter_bytes = min(SCATTER_INFLIGHT_BYTES, inflight_bytes)
-  scatters = _scatter_groups(plan, shardings, source, scatter_bytes)
+  scatters = _scatter_groups(plan, shardings, source)
   scattered = {path for group in scatters for path in group.outputs}
   order = sorted((p for p in plan.entries if p not in scattered),
                  key=lambda p: [r.source for r in reads(plan.entries[p])][:1])
