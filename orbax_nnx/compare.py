@@ -9,7 +9,6 @@ leaf in row blocks within `memory_budget`, with rng keys compared by their key d
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -20,7 +19,7 @@ from orbax_nnx.mapping.layout import MODEL, OPTIMIZER, Layout, detect
 from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 from orbax_nnx.planning.planner import Plan, build
 from orbax_nnx.io.source_arrays import SourceArrays
-from orbax_nnx.io.regions import evaluate
+from orbax_nnx.io.regions import evaluate, row_blocks
 from orbax_nnx.planning.targets import layout_target
 from orbax_nnx.mapping.views import check_rules
 
@@ -144,25 +143,13 @@ def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0,
       leaf = view_a.leaves[paths_a[name]]
       diffs = [_diff(name, evaluate(view_a.entries[paths_a[name]], block, src_a),
                      evaluate(view_b.entries[paths_b[name]], block, src_b), atol, rtol)
-               for block in _row_blocks(leaf.shape, leaf.dtype.itemsize, max(1, memory_budget // 4))]
-      report.values.append(LeafDiff(name, max(d.max_abs for d in diffs), max(d.max_rel for d in diffs),
-                                    all(d.within for d in diffs)))
+               for block in row_blocks(leaf.shape, leaf.dtype.itemsize, max(1, memory_budget // 4))]
+      report.values.append(LeafDiff(name, max((d.max_abs for d in diffs), default=0.0),
+                                    max((d.max_rel for d in diffs), default=0.0), all(d.within for d in diffs)))
   return report
 
 
 _DIFF_BLOCK = 1 << 22  # elements per float64 block, so the working copies stay small
-
-
-def _row_blocks(shape: tuple[int, ...], itemsize: int, block_bytes: int) -> Iterator[tuple[slice, ...]]:
-  """Whole-array index split along axis 0 into blocks of at most `block_bytes` (at least one row)."""
-  if not shape:
-    yield ()
-    return
-  row = max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize)
-  step = max(1, block_bytes // row)
-  rest = tuple(slice(0, n) for n in shape[1:])
-  for i in range(0, max(shape[0], 1), step):
-    yield (slice(i, min(i + step, shape[0])),) + rest
 
 
 def _diff(name: str, xa: np.ndarray, xb: np.ndarray, atol: float, rtol: float) -> LeafDiff:

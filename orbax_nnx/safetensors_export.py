@@ -33,7 +33,7 @@ from orbax_nnx.planning.expressions import Cast, Expr, Take
 from orbax_nnx.mapping.rules import apply_view
 from orbax_nnx.planning.planner import build, lookup_axis, target_leaves
 from orbax_nnx.io.source_arrays import SourceArrays
-from orbax_nnx.io.regions import evaluate
+from orbax_nnx.io.regions import evaluate, row_blocks
 from orbax_nnx.sources.safetensors import DTYPE_NAMES, INDEX_FILE
 from orbax_nnx.mapping.views import View, check_rules, compile_rules
 
@@ -150,17 +150,6 @@ def _header(names: list[str], tensors: dict[str, Expr]) -> bytes:
   return len(raw).to_bytes(8, 'little') + raw
 
 
-def _blocks(expr: Expr, block_bytes: int = BLOCK_BYTES) -> list[tuple]:
-  """Row blocks of about `block_bytes` (at least one row) covering `expr` (the whole of a scalar)."""
-  shape = tuple(expr.shape)
-  if not shape:
-    return [()]
-  row = max(1, _nbytes(expr) // max(shape[0], 1))
-  step = max(1, block_bytes // row)
-  return [(slice(start, min(shape[0], start + step)),) + tuple(slice(0, n) for n in shape[1:])
-          for start in range(0, shape[0], step)]
-
-
 def _evaluate_block(expr: Expr, index: tuple, source: SourceArrays) -> np.ndarray:
   return np.ascontiguousarray(evaluate(expr, index, source), dtype=expr.dtype)
 
@@ -214,8 +203,9 @@ def write_safetensors(dst: epath.Path, tensors: dict[str, Expr], source: SourceA
         for file_name, members in zip(names, files):
           with (tmp / file_name).open('wb') as f:
             f.write(_header(members, tensors))
-            _write_blocks(f, [(tensors[n], index) for n in members for index in _blocks(tensors[n], block_bytes)],
-                          source, pool, ahead_bytes=ahead_bytes)
+            jobs = [(tensors[n], index) for n in members
+                    for index in row_blocks(tensors[n].shape, np.dtype(tensors[n].dtype).itemsize, block_bytes)]
+            _write_blocks(f, jobs, source, pool, ahead_bytes=ahead_bytes)
           weight_map.update(dict.fromkeys(members, file_name))
       if len(files) > 1:
         (tmp / INDEX_FILE).write_text(json.dumps({'metadata': {'total_size': total},

@@ -157,6 +157,26 @@ def test_overwrite_replaces_dst(tmp_path, linen_ckpt):
   assert orbax_nnx.detect_layout(tmp_path / 'dst').groups[0].style == 'unrolled_suffix'
 
 
+def _convert_measured(save_script: str, src, dst, options: str) -> dict:
+  """Runs `save_script` (writes SRC), then `convert(src, dst, <options>)` in a fresh process: its peak RSS
+  growth (VmHWM) and the bytes it read."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), JAX_PLATFORMS='cpu', MALLOC_ARENA_MAX='2')
+  subprocess.run([sys.executable, '-c', save_script], check=True, env=env, timeout=300, capture_output=True)
+  measure = textwrap.dedent(f"""
+      import json, jax.numpy as jnp
+      from orbax_nnx.conversion import convert
+      def hwm():
+        return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024
+      jnp.zeros(1).block_until_ready()
+      base = hwm()
+      report = convert({str(src)!r}, {str(dst)!r}, {options})
+      print(json.dumps({{'growth': hwm() - base, 'read': report.bytes_read}}))
+  """)
+  out = subprocess.run([sys.executable, '-c', measure], check=True, env=env, timeout=300, capture_output=True,
+                       text=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('bound', ['buffer_bytes', 'memory_budget'])
 def test_memory_is_bounded_by_the_buffer(tmp_path, bound):
@@ -170,26 +190,10 @@ def test_memory_is_bounded_by_the_buffer(tmp_path, bound):
               'step': np.int32(1)}}
       c = ocp.StandardCheckpointer(); c.save({str(tmp_path / 'src')!r}, tree); c.wait_until_finished()
   """)
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), JAX_PLATFORMS='cpu', MALLOC_ARENA_MAX='2')
-  subprocess.run([sys.executable, '-c', script], check=True, env=env, timeout=300, capture_output=True)
-  measure = textwrap.dedent(f"""
-      import json, jax.numpy as jnp
-      from orbax_nnx.conversion import convert
-      def hwm():
-        return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024
-      jnp.zeros(1).block_until_ready()
-      base = hwm()
-      report = convert({str(tmp_path / 'src')!r}, {str(tmp_path / 'dst')!r}, scan_layers=False,
-                       {bound}=16 * 2**20)
-      print(json.dumps({{'base': base, 'peak': hwm(), 'read': report.bytes_read}}))
-  """)
-  out = subprocess.run([sys.executable, '-c', measure], check=True, env=env, timeout=300, capture_output=True,
-                       text=True)
-  figures = json.loads(out.stdout.strip().splitlines()[-1])
+  figures = _convert_measured(script, tmp_path / 'src', tmp_path / 'dst', f'scan_layers=False, {bound}=16 * 2**20')
   size = arrays * int(np.prod(shape)) * 4
   assert figures['read'] == size + 4, 'each stored byte (arrays + int32 step) read once'
-  growth = figures['peak'] - figures['base']
-  assert growth < 0.5 * size, (growth / 2**20, size / 2**20)
+  assert figures['growth'] < 0.5 * size, (figures['growth'] / 2**20, size / 2**20)
 
 
 class _LinenCNN(nn.Module):
@@ -322,22 +326,8 @@ def test_convert_memory_is_flat_as_arrays_grow(tmp_path):
         c = ocp.StandardCheckpointer(); c.save({str(tmp_path / f'src{scale}')!r}, tree, save_args=args)
         c.wait_until_finished()
     """)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), JAX_PLATFORMS='cpu', MALLOC_ARENA_MAX='2')
-    subprocess.run([sys.executable, '-c', script], check=True, env=env, timeout=300, capture_output=True)
-    measure = textwrap.dedent(f"""
-        import json, jax.numpy as jnp
-        from orbax_nnx.conversion import convert
-        def hwm():
-          return int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) * 1024
-        jnp.zeros(1).block_until_ready()
-        base = hwm()
-        report = convert({str(tmp_path / f'src{scale}')!r}, {str(tmp_path / f'dst{scale}')!r}, to='nnx',
-                         scan_layers=True, memory_budget=32 * 2**20)
-        print(json.dumps({{'growth': hwm() - base, 'read': report.bytes_read}}))
-    """)
-    out = subprocess.run([sys.executable, '-c', measure], check=True, env=env, timeout=300, capture_output=True,
-                         text=True)
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    figures = _convert_measured(script, tmp_path / f'src{scale}', tmp_path / f'dst{scale}',
+                                "to='nnx', scan_layers=True, memory_budget=32 * 2**20")
     assert figures['read'] == 4 * rows * 2048 * 4 + 4, 'each stored byte read once'
     growth[scale] = figures['growth']
   assert growth[4] <= 1.1 * growth[1] + 16 * 2**20, {k: v / 2**20 for k, v in growth.items()}

@@ -17,6 +17,17 @@ if TYPE_CHECKING:
 Index = tuple[slice, ...]
 
 
+def row_blocks(shape: tuple[int, ...], itemsize: int, block_bytes: int) -> list[Index]:
+  """Whole-array index split along axis 0 into blocks of at most `block_bytes` (at least one row each;
+  a scalar is one block, an array with no rows none)."""
+  if not shape:
+    return [()]
+  row = max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize)
+  step = max(1, block_bytes // row)
+  rest = tuple(slice(0, n) for n in shape[1:])
+  return [(slice(i, min(i + step, shape[0])),) + rest for i in range(0, shape[0], step)]
+
+
 def normalize(index: Index, shape: tuple[int, ...]) -> tuple[slice, ...]:
   out = []
   for s, n in zip(index, shape):

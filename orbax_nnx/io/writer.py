@@ -100,8 +100,8 @@ class LazyArrayHandler(compat.ArrayHandler):
     base = super()
     # leaves reading the same stored arrays go together, so each stored chunk is decoded once
     order = sorted(range(len(values)), key=lambda i: [r.source for r in reads(values[i].expr)][:1])
-    blocked = {i: _BlockedWrite(values[i], infos[i], args[i], compat.array_handler_options(self))
-               for i in order if _is_blocked(values[i])}
+    options = compat.array_handler_options(self)
+    blocked = {i: _BlockedWrite(values[i], infos[i], args[i], options) for i in order if _is_blocked(values[i])}
 
     async def write_all():
       if not values:
