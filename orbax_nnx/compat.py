@@ -17,6 +17,8 @@ from orbax.checkpoint._src.futures import future as future_lib
 from orbax.checkpoint._src.handlers import composite_checkpoint_handler as _composite
 from orbax.checkpoint._src.handlers import handler_type_registry as _handler_types
 from orbax.checkpoint._src.metadata import array_metadata_store as array_metadata_store_lib
+from orbax.checkpoint._src.metadata import sharding as _sharding_metadata
+from orbax.checkpoint._src.metadata import value as _value_metadata
 from orbax.checkpoint._src.serialization import jax_array_handlers, ocdbt_utils, tensorstore_utils
 from orbax.checkpoint._src.serialization import type_handler_registry
 from orbax.checkpoint._src.serialization import types as serialization_types
@@ -38,9 +40,16 @@ build_array_write_spec = tensorstore_utils.build_array_write_spec
 process_index_for_subdir = ocdbt_utils.get_process_index_for_subdir
 serialize_shardings = jax_array_handlers._async_serialize_shardings  # pylint: disable=protected-access
 create_type_handler_registry = type_handler_registry.create_type_handler_registry
+sharding_from_serialized = _sharding_metadata.from_serialized_string
+ZarrMetadata = _value_metadata.ZarrMetadata
 # v0 CheckpointManager no-args restores find an item's handler class by the typestr it recorded
 register_handler_type = _handler_types.register_handler_type
 get_handler_type = _handler_types.get_handler_type
+
+
+def global_type_handler_registry() -> Any:
+  """Orbax's global TypeHandler registry (what a handler built without one reads with)."""
+  return type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY
 
 
 def default_type_handlers() -> list[tuple[type, Any]]:

@@ -292,6 +292,7 @@ def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: 
                     what='writing the largest converted array', at_once=False,
                     advice='run the conversion as several jax.distributed processes (each writes its shards)')
   source = SourceArrays(layout.meta, cache_bytes=max(buffer_bytes, largest) if cache_bytes is None else cache_bytes)
+  source.open_ahead(r.source for e in the_plan.entries.values() for r in reads(e))
   session = WriteSession(source, buffer_bytes, progress=progress)
   tree: dict = {}
   save_args: dict = {}

@@ -19,7 +19,8 @@ from orbax_nnx import compat
                                   'CommitFuture', 'ArrayMetadataStore', 'ArrayHandler', 'ParamInfo', 'SaveArgs',
                                   'get_ts_context', 'build_array_read_spec', 'create_type_handler_registry',
                                   'register_handler_type', 'get_handler_type', 'build_array_write_spec',
-                                  'process_index_for_subdir', 'serialize_shardings'])
+                                  'process_index_for_subdir', 'serialize_shardings',
+                                  'global_type_handler_registry', 'sharding_from_serialized'])
 def test_symbol_exists_and_is_callable(name):
   assert callable(getattr(compat, name)), f'orbax_nnx.compat.{name} is gone: find its new home in this release'
 

@@ -200,6 +200,7 @@ def execute(plan: Plan, shardings: Mapping[Path, jax.sharding.Sharding], source:
     largest = max((plan.source.leaves[r.source].nbytes for e in plan.entries.values() for r in reads(e)),
                   default=0)
     source = SourceArrays(plan.source.meta, cache_bytes=max(DEFAULT_CACHE_BYTES, 2 * largest + 64 * 2**20))
+  source.open_ahead(r.source for e in plan.entries.values() for r in reads(e))
   scatter_bytes = min(SCATTER_INFLIGHT_BYTES, inflight_bytes)
   scatters = _scatter_groups(plan, shardings, source)
   scattered = {path for group in scatters for path in group.outputs}

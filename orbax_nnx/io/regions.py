@@ -83,17 +83,34 @@ def evaluate(expr: Expr, index: tuple[slice, ...], source: SourceArrays) -> np.n
       return source.read(expr.expr.source, tuple(src_index), perm=expr.perm)
     return transposed(evaluate(expr.expr, tuple(src_index), source), expr.perm)
   if isinstance(expr, Stack):
-    layer = index[expr.axis]
-    rest = index[: expr.axis] + index[expr.axis + 1:]
-    shape = tuple(s.stop - s.start for s in index)
-    out = None
-    for j, i in enumerate(range(layer.start, layer.stop)):
-      part = evaluate(expr.exprs[i], rest, source)
-      if out is None:
-        out = aligned_empty(shape, part.dtype)
-      out[(slice(None),) * expr.axis + (j,)] = part
-    return out
+    return _stack(expr, index, source)
   raise TypeError(f'unknown expression {expr!r}')
+
+
+def _stack(expr: Stack, index: tuple, source: SourceArrays) -> np.ndarray:
+  """Layers decoded straight into their slot of the output, all stored reads in flight at once."""
+  layer = index[expr.axis]
+  rest = index[: expr.axis] + index[expr.axis + 1:]
+  out = aligned_empty(tuple(s.stop - s.start for s in index), expr.dtype)
+  pending = []
+  try:
+    for j, i in enumerate(range(layer.start, layer.stop)):
+      part, slot = expr.exprs[i], out[(slice(None),) * expr.axis + (j, ...)]  # a view, even 0-d
+      read = part.expr if isinstance(part, Cast) else part
+      if isinstance(read, Read):
+        pending.append(source.start_read_into(read.source, rest, slot, dtype=expr.dtype))
+      else:
+        np.copyto(slot, evaluate(part, rest, source), casting='unsafe')
+  except BaseException:
+    for started in pending:  # nothing may still be writing into `out` once this returns
+      try:
+        source.finish_read(started)
+      except Exception:  # pylint: disable=broad-except  (the first error is the one reported)
+        pass
+    raise
+  for started in pending:
+    source.finish_read(started)
+  return out
 
 
 def _lora_regions(expr, index: tuple) -> tuple[tuple, tuple]:

@@ -16,6 +16,7 @@ from etils import epath
 
 from orbax_nnx import errors
 from orbax_nnx.nnx_tree import VALUE_KEY, DiskPath, VariableRecord
+from orbax_nnx.sources import zarr_headers
 
 CUSTOM_KEY = 'orbax_nnx'
 METADATA_FILE = '_METADATA'
@@ -148,18 +149,18 @@ def read_item_metadata(
     if safetensors_source.is_safetensors(directory):
       return safetensors_source.read_metadata(directory)
     _check_dir(directory)
-  custom = _custom_metadata(directory)
-  return ItemMetadata(directory, _OrbaxLeaves(directory, handler), custom)
+  flags = _item_file(directory)
+  custom = flags.get('custom_metadata')
+  return ItemMetadata(directory, _OrbaxLeaves(directory, handler, flags), custom if isinstance(custom, Mapping) else {})
 
 
-def _custom_metadata(directory: epath.Path) -> Any:
-  """The item's custom metadata, straight from `_METADATA` (no array is opened)."""
+def _item_file(directory: epath.Path) -> Mapping[str, Any]:
+  """The item's `_METADATA` JSON (tree, format flags, custom metadata); no array is opened."""
   try:
     data = json.loads((directory / METADATA_FILE).read_text())
   except Exception as e:  # a _METADATA file is there, so this is an Orbax item: damaged, or not ours to read
     raise _metadata_error(directory, e) from e
-  custom = data.get('custom_metadata') if isinstance(data, Mapping) else None
-  return custom if isinstance(custom, Mapping) else {}
+  return data if isinstance(data, Mapping) else {}
 
 
 def _metadata_error(directory: epath.Path, e: BaseException) -> errors.OrbaxNNXError:
@@ -170,16 +171,22 @@ def _metadata_error(directory: epath.Path, e: BaseException) -> errors.OrbaxNNXE
 
 
 class _OrbaxLeaves(Mapping):
-  """An Orbax item's leaves (path -> LeafInfo), read on first use: Orbax's `metadata()` opens every
-  array's tensorstore (about 0.4 ms a leaf), which an untargeted restore of a foreign item never needs."""
+  """An Orbax item's leaves (path -> LeafInfo), read on first use, from the zarr headers in one
+  batch (`zarr_headers`) or, for what those do not cover, by Orbax's `metadata()`."""
 
-  def __init__(self, directory: epath.Path, handler: ocp.PyTreeCheckpointHandler | None):
-    self._directory, self._handler = directory, handler
+  def __init__(self, directory: epath.Path, handler: ocp.PyTreeCheckpointHandler | None,
+               flags: Mapping[str, Any]):
+    self._directory, self._handler, self._flags = directory, handler, flags
     self._leaves: dict[DiskPath, LeafInfo] | None = None
     self.has_empty = False
 
   def _load(self) -> dict[DiskPath, LeafInfo]:
     if self._leaves is None:
+      fast = zarr_headers.read(self._directory, self._flags, self._handler)
+      if fast is not None:
+        flat, self.has_empty = fast
+        self._leaves = {path: _leaf_info(m) for path, m in flat.items()}
+        return self._leaves
       try:
         tree_meta = (self._handler or _reader()).metadata(self._directory)
       except errors.OrbaxNNXError:

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import tensorstore as ts
 
-from orbax_nnx import compat
 from orbax_nnx.io.buffers import aligned_empty
 from orbax_nnx.nnx_tree import DiskPath
 from orbax_nnx.sources.metadata import ItemMetadata
+from orbax_nnx.sources.zarr_headers import ReadSpecs
 
 
 class OrbaxArray:
@@ -37,6 +37,14 @@ class OrbaxArray:
     ts.array(out, copy=False, write=True).write(view).result()
     return out
 
+  def start_read_into(self, region: tuple, out: np.ndarray, dtype=None):
+    """Starts decoding `region` straight into `out` (any strided view of its shape), converted to
+    `dtype`; returns tensorstore's future (tensorstore's own threads do the work)."""
+    view = self.store[region]
+    if dtype is not None and np.dtype(dtype) != self.dtype:
+      view = ts.cast(view, ts.dtype(np.dtype(dtype).name))
+    return ts.array(out, copy=False, write=True).write(view)
+
 
 class OrbaxOpener:
   """Opens the stored arrays of one Orbax item by their tree paths, with Orbax's own read spec."""
@@ -44,13 +52,15 @@ class OrbaxOpener:
   def __init__(self, meta: ItemMetadata):
     flags = json.loads((meta.directory / '_METADATA').read_text())
     self.directory = meta.directory
-    self.use_ocdbt = bool(flags.get('use_ocdbt', True))
-    self.use_zarr3 = bool(flags.get('use_zarr3', False))
-    self.context = compat.get_ts_context(use_ocdbt=self.use_ocdbt)
+    self.specs = ReadSpecs(meta.directory, bool(flags.get('use_ocdbt', True)), bool(flags.get('use_zarr3', False)))
 
   def __call__(self, path: DiskPath) -> OrbaxArray:
-    info = compat.ParamInfo(name='.'.join(path), parent_dir=self.directory,
-                            is_ocdbt_checkpoint=self.use_ocdbt, use_zarr3=self.use_zarr3,
-                            ts_context=self.context)
-    spec = compat.build_array_read_spec(info, use_ocdbt=self.use_ocdbt)
-    return OrbaxArray(ts.open(spec.json, context=self.context, open=True, read=True).result())
+    return self.finish(self.start(path))
+
+  def start(self, path: DiskPath):
+    """Starts opening the array at `path`; `finish` turns the future into an OrbaxArray."""
+    return ts.open(self.specs.spec('.'.join(path)), context=self.specs.context, open=True, read=True)
+
+  @staticmethod
+  def finish(opening) -> OrbaxArray:
+    return OrbaxArray(opening.result())
