@@ -110,6 +110,16 @@ class SourceArrays:
     whole = all(r.start % c == 0 and (r.stop == n or r.stop % c == 0) for r, c, n in zip(region, chunk, shape))
     return store, region, cells, whole, squeeze, chunk
 
+  def chunks_needed(self, path: DiskPath, index: tuple) -> dict[tuple, int]:
+    """The decoded chunks (key -> bytes) a read of `index` goes through the cache for (none when the
+    region is whole chunks, decoded straight into the output)."""
+    store, _, cells, whole, _, chunk = self._cells(path, index)
+    if whole:
+      return {}
+    shape, itemsize = tuple(store.shape), store.dtype.itemsize
+    return {(path, cell): itemsize * int(np.prod([min((i + 1) * c, n) - i * c for i, c, n in zip(cell, chunk, shape)],
+                                                   dtype=np.int64)) for cell in cells}
+
   def expect(self, path: DiskPath, index: tuple, pool: concurrent.futures.Executor | None = None) -> None:
     """Announces a partial region read to come: its chunks are kept until their last
     announced reader has used them (then dropped at once), and decoded ahead of time on

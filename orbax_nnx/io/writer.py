@@ -29,7 +29,7 @@ from orbax_nnx.planning.expressions import Expr, reads
 from orbax_nnx.planning.planner import TargetLeaf
 from orbax_nnx.io.reader import Pending, announce, announce_regions
 from orbax_nnx.io.source_arrays import SourceArrays
-from orbax_nnx.io.regions import evaluate, normalize
+from orbax_nnx.io.regions import evaluate, normalize, read_regions
 
 
 class LazyArray:
@@ -193,6 +193,7 @@ class _BlockedWrite:
     chunk = tuple(self.spec.metadata.chunk_shape)
     self.blocks = [b for region in _own_regions(shape, value.sharding)
                    for b in _chunk_blocks(region, chunk, value.dtype.itemsize, limit, tuple(arg.shard_axes))]
+    self._chunk_memo: dict[int, dict] = {}
 
   def announce(self) -> None:
     session = self.value.session
@@ -206,27 +207,58 @@ class _BlockedWrite:
       await ts.open(ts.Spec(self.spec.json), create=True, open=True, context=info.ts_context)
     store = await ts.open(ts.Spec(self.spec.json), open=True, assume_metadata=True, context=info.ts_context)
     loop = asyncio.get_running_loop()
-    pending: collections.deque = collections.deque()
-    inflight = position = 0
-    for _ in self.blocks:
-      while position < len(self.blocks) and (
-          not pending or inflight + _nbytes(self.blocks[position], value.dtype) <= ahead_bytes):
-        block = self.blocks[position]
-        future = session.pool.submit(_evaluate_block, value.expr, block, value.dtype, session.source)
-        pending.append((_nbytes(block, value.dtype), asyncio.wrap_future(future, loop=loop), block))
-        inflight += pending[-1][0]
-        position += 1
-      nbytes, future, block = pending.popleft()
-      data = await future
-      await store[block].write(data, can_reference_source_data_indefinitely=True)
-      del data
-      inflight -= nbytes
+    pending: collections.deque = collections.deque()  # blocks being evaluated, in order
+    writing: collections.deque = collections.deque()  # (bytes, tensorstore write) being encoded and written
+    inflight = position = 0  # bytes held by both
+    try:
+      for _ in self.blocks:
+        while position < len(self.blocks) and (not pending or (
+            inflight + _nbytes(self.blocks[position], value.dtype) <= ahead_bytes and self._fits(position, pending))):
+          block = self.blocks[position]
+          future = session.pool.submit(_evaluate_block, value.expr, block, value.dtype, session.source)
+          pending.append((_nbytes(block, value.dtype), asyncio.wrap_future(future, loop=loop), block, position))
+          inflight += pending[-1][0]
+          position += 1
+        nbytes, future, block, _ = pending.popleft()
+        data = await future
+        # blocks are encoded concurrently (one chunk's encode is one thread), within the same budget
+        writing.append((nbytes, store[block].write(data, can_reference_source_data_indefinitely=True)))
+        del data
+        while len(writing) > WRITES_IN_FLIGHT:
+          done_bytes, write = writing.popleft()
+          await write
+          inflight -= done_bytes
+      while writing:
+        await writing.popleft()[1]
+    finally:
+      for _, future, _, _ in pending:  # an error: nothing may still be reading into a block
+        future.cancel()
     if self.options['array_metadata_store'] is not None:
       await self.options['array_metadata_store'].write(checkpoint_dir=info.parent_dir,
                                                        array_metadatas=[self.spec.metadata],
                                                        process_index=jax.process_index())
     if self.options['write_sharding_file']:
       await compat.serialize_shardings([value.sharding], [info], primary_host=primary)
+
+  def _fits(self, position: int, pending) -> bool:
+    """Whether block `position` may be evaluated alongside the `pending` ones: the decoded source chunks
+    they go through together fit the chunk cache (else a chunk still needed would be dropped and decoded
+    again: a block reading new chunks waits for the blocks before it)."""
+    source = self.value.session.source
+    need = self._chunks(position)
+    held: dict = {}
+    for *_, at in pending:
+      held.update(self._chunks(at))
+    return need.keys() <= held.keys() or sum({**held, **need}.values()) <= source.cache_bytes
+
+  def _chunks(self, position: int) -> dict:
+    if position not in self._chunk_memo:
+      source = self.value.session.source
+      need: dict = {}
+      for path, index in read_regions(self.value.expr, self.blocks[position]):
+        need.update(source.chunks_needed(path, index))
+      self._chunk_memo[position] = need
+    return self._chunk_memo[position]
 
 
 def _evaluate_block(expr: Expr, block: tuple[slice, ...], dtype, source: SourceArrays) -> np.ndarray:
@@ -282,7 +314,8 @@ MIN_LAYER_CHUNK_BYTES = 1 << 20  # Orbax warns below this chunk size
 MAX_BATCH = 256  # arrays handed to Orbax in one serialize call
 WRITE_BLOCK_BYTES = 32 * 2**20  # chunks (and write blocks) of arrays written block by block: at most this,
 MIN_WRITE_BLOCK_BYTES = 1 << 20  # and at least this (Orbax warns below 1 MiB)
-BLOCKS_AHEAD = 3  # blocks evaluated ahead of the one being written (reads overlap writes; more buys nothing)
+BLOCKS_AHEAD = 4  # blocks evaluated or being written at once (reads overlap writes; more buys nothing)
+WRITES_IN_FLIGHT = 2  # blocks encoded and written at once (each chunk's encode takes one thread)
 # bytes in one batch: many small arrays share a call (per-array write latency paid once, measured 6x on
 # 1,000 leaves); large ones go alone (batched, Orbax's concurrent writes measured +35% peak RSS)
 MAX_BATCH_BYTES = 16 * 2**20
