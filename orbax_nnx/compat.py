@@ -52,6 +52,17 @@ def global_type_handler_registry() -> Any:
   return type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY
 
 
+def type_handler_registry_of(handler: Any) -> Any:
+  """The TypeHandler registry a PyTreeCheckpointHandler reads with (None: it has none of its own)."""
+  impl = getattr(handler, '_handler_impl', handler)  # pylint: disable=protected-access
+  return getattr(impl, '_type_handler_registry', None)
+
+
+def type_handler_metadata_key(handler: Any) -> str | None:
+  """The zarr header name a TypeHandler was built with (None: the format's default)."""
+  return getattr(handler, '_metadata_key', None)
+
+
 def default_type_handlers() -> list[tuple[type, Any]]:
   """Orbax's default `(type, TypeHandler)` pairs (what its global registry starts with)."""
   return list(type_handler_registry._DEFAULT_TYPE_HANDLERS)  # pylint: disable=protected-access

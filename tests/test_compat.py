@@ -20,7 +20,8 @@ from orbax_nnx import compat
                                   'get_ts_context', 'build_array_read_spec', 'create_type_handler_registry',
                                   'register_handler_type', 'get_handler_type', 'build_array_write_spec',
                                   'process_index_for_subdir', 'serialize_shardings',
-                                  'global_type_handler_registry', 'sharding_from_serialized'])
+                                  'global_type_handler_registry', 'sharding_from_serialized',
+                                  'type_handler_registry_of', 'type_handler_metadata_key'])
 def test_symbol_exists_and_is_callable(name):
   assert callable(getattr(compat, name)), f'orbax_nnx.compat.{name} is gone: find its new home in this release'
 
@@ -100,3 +101,11 @@ def test_array_handler_options_and_write_spec(tmp_path):
   assert spec.metadata.chunk_shape == (32, 32) and spec.json['driver'] == 'zarr'
   params = inspect.signature(compat.serialize_shardings).parameters
   assert list(params)[:2] == ['shardings', 'infos'] and 'primary_host' in params
+
+
+def test_type_handler_registry_and_metadata_key_are_read():
+  registry = compat.create_type_handler_registry((np.ndarray, ocp.type_handlers.NumpyHandler(metadata_key='.meta')))
+  handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+  assert compat.type_handler_registry_of(handler) is registry
+  assert compat.type_handler_metadata_key(registry.get('np.ndarray')) == '.meta'
+  assert compat.type_handler_metadata_key(ocp.type_handlers.NumpyHandler()) is None

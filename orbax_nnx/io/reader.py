@@ -19,7 +19,7 @@ import numpy as np
 from orbax_nnx import errors
 from orbax_nnx.io.buffers import aligned_empty
 from orbax_nnx.io.regions import evaluate, normalize, read_regions
-from orbax_nnx.io.source_arrays import DEFAULT_CACHE_BYTES, SourceArrays
+from orbax_nnx.io.source_arrays import DEFAULT_CACHE_BYTES, SourceArrays, chunk_bounds
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
 from orbax_nnx.planning.expressions import Cast, Expr, Read, Take, reads
 from orbax_nnx.planning.planner import Plan, TargetLeaf
@@ -109,7 +109,7 @@ class _Scatter:
     shape = tuple(store.shape)
     itemsize = store.dtype.itemsize
     for cell in sorted(self.by_cell):
-      bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, self.chunk, shape))
+      bounds = chunk_bounds(cell, self.chunk, shape)
       nbytes = itemsize * int(np.prod([b.stop - b.start for b in bounds], dtype=np.int64))
       yield nbytes, functools.partial(self._scatter_chunk, bounds, self.by_cell[cell])
 

@@ -117,7 +117,7 @@ class SourceArrays:
     if whole:
       return {}
     shape, itemsize = tuple(store.shape), store.dtype.itemsize
-    return {(path, cell): itemsize * int(np.prod([min((i + 1) * c, n) - i * c for i, c, n in zip(cell, chunk, shape)],
+    return {(path, cell): itemsize * int(np.prod([b.stop - b.start for b in chunk_bounds(cell, chunk, shape)],
                                                    dtype=np.int64)) for cell in cells}
 
   def expect(self, path: DiskPath, index: tuple, pool: concurrent.futures.Executor | None = None) -> None:
@@ -135,7 +135,7 @@ class SourceArrays:
         key = (path, cell)
         self._expected[key] = self._expected.get(key, 0) + 1
         if self._expected[key] == 1 and key not in self._chunks and key not in self._loading:
-          bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, chunk, shape))
+          bounds = chunk_bounds(cell, chunk, shape)
           nbytes = itemsize * int(np.prod([b.stop - b.start for b in bounds], dtype=np.int64))
           self._queue.append((key, bounds, nbytes))
       if pool is not None:
@@ -193,7 +193,7 @@ class SourceArrays:
       shape = tuple(store.shape)
       out = aligned_empty(tuple(r.stop - r.start for r in region), dtype if dtype is not None else store.dtype)
       for cell in cells:
-        bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, chunk, shape))
+        bounds = chunk_bounds(cell, chunk, shape)
         data = self._chunk(path, cell, bounds)
         lo = [max(r.start, b.start) for r, b in zip(region, bounds)]
         hi = [min(r.stop, b.stop) for r, b in zip(region, bounds)]
@@ -260,6 +260,11 @@ class SourceArrays:
         self._cached_bytes -= old.nbytes
     future.set_result(data)
     return data
+
+
+def chunk_bounds(cell: tuple[int, ...], chunk: tuple[int, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+  """The region of the chunk at grid position `cell` (clipped at the array's end)."""
+  return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, chunk, shape))
 
 
 def _converted(out: np.ndarray, dtype) -> np.ndarray:

@@ -89,8 +89,7 @@ def _entries(flags: Mapping[str, Any], handler: Any) -> list[tuple[DiskPath, str
 
 def _default_handlers(handler: Any) -> bool:
   """Whether the handler reads arrays with Orbax's own TypeHandlers and header names."""
-  impl = getattr(handler, '_handler_impl', handler)
-  registry = getattr(impl, '_type_handler_registry', None) if handler is not None else None
+  registry = compat.type_handler_registry_of(handler) if handler is not None else None
   if registry is None:
     registry = compat.global_type_handler_registry()
   expected = {'jax.Array': compat.ArrayHandler, 'np.ndarray': ocp.type_handlers.NumpyHandler,
@@ -99,7 +98,7 @@ def _default_handlers(handler: Any) -> bool:
     handlers = {name: registry.get(name) for name in expected}
   except ValueError:
     return False
-  return all(type(h) is expected[name] and getattr(h, '_metadata_key', None) is None  # pylint: disable=unidiomatic-typecheck
+  return all(type(h) is expected[name] and compat.type_handler_metadata_key(h) is None  # pylint: disable=unidiomatic-typecheck
              for name, h in handlers.items())
 
 
