@@ -300,3 +300,35 @@ def test_memory_budget_bounds_the_chunk_cache_and_stays_exact(tmp_path, monkeypa
   np.testing.assert_array_equal(host(loaded['layers_3']['w']), np.asarray(x)[3])
   with pytest.raises(errors.OptionError, match='memory_budget'):
     orbax_nnx.restore(path, target, memory_budget=0)
+
+
+def test_reads_in_flight_wait_rather_than_decode_a_chunk_twice(tmp_path, monkeypatch):
+  """Each array is one stored chunk, read by 8 target shards. With a cache holding one chunk, the next
+  array's reads wait for the last shard of the one before (held back here) rather than evict a chunk
+  that shard still needs."""
+  import time
+  from orbax_nnx.io import reader
+  from orbax_nnx.planning.planner import build, target_leaves
+
+  xs = {f'w{i}': np.asarray(arange((64, 256), offset=i)) for i in range(3)}
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(tmp_path / 'c', xs)
+  ckptr.wait_until_finished()
+  original = reader.evaluate
+
+  def late_last_shard(expr, region, source):
+    if region[0].start == 56:  # the last shard of each array starts after the others are done
+      time.sleep(0.1)
+    return original(expr, region, source)
+
+  monkeypatch.setattr(reader, 'evaluate', late_last_shard)
+  mesh = jax.make_mesh((8,), ('a',), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('a'))
+  target = nnx.State({k: nnx.Param(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)) for k, v in xs.items()})
+  meta = orbax_nnx.read_item_metadata(tmp_path / 'c')
+  the_plan = build(orbax_nnx.detect_layout(tmp_path / 'c'), target_leaves(target, ()))
+  source = reader.SourceArrays(meta, cache_bytes=xs['w0'].nbytes * 5 // 4)
+  out = reader.execute(the_plan, {p: sharding for p in the_plan.entries}, source, inflight_bytes=4 * xs['w0'].nbytes)
+  assert source.bytes_read == sum(x.nbytes for x in xs.values())  # every chunk decoded once
+  for k, x in xs.items():
+    np.testing.assert_array_equal(np.asarray(out[(k,)]), x)

@@ -19,7 +19,7 @@ import numpy as np
 from orbax_nnx import errors
 from orbax_nnx.io.buffers import aligned_empty
 from orbax_nnx.io.regions import evaluate, normalize, read_regions
-from orbax_nnx.io.source_arrays import DEFAULT_CACHE_BYTES, SourceArrays, chunk_bounds
+from orbax_nnx.io.source_arrays import DEFAULT_CACHE_BYTES, ChunkLedger, SourceArrays, chunk_bounds
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
 from orbax_nnx.planning.expressions import Cast, Expr, Read, Take, reads
 from orbax_nnx.planning.planner import Plan, TargetLeaf
@@ -171,20 +171,29 @@ def _scatter_groups(plan: Plan, shardings: Mapping[Path, Any], source: SourceArr
   return out
 
 
-def announce(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays, pool=None) -> None:
-  """Tells `source` every region evaluating `expr` onto `sharding` will read (see `expect`).
+def announce(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays, pool=None) -> dict:
+  """Tells `source` every region evaluating `expr` onto `sharding` will read (see `expect`); returns
+  the decoded chunks those reads go through (key -> bytes), for a `ChunkLedger`.
 
   Announce all leaves up front, in the order they will be evaluated: a chunk is then
   dropped only after its last reader, and decoded ahead while the budget allows.
   """
-  announce_regions(expr, _shard_regions(leaf, sharding), source, pool)
+  need: dict = {}
+  for chunks in announce_regions(expr, _shard_regions(leaf, sharding), source, pool):
+    need.update(chunks)
+  return need
 
 
-def announce_regions(expr: Expr, regions, source: SourceArrays, pool=None) -> None:
-  """`announce` for explicit target regions (e.g. the blocks a large array is written in)."""
+def announce_regions(expr: Expr, regions, source: SourceArrays, pool=None) -> list[dict]:
+  """`announce` for explicit target regions (e.g. the blocks a large array is written in): the chunks
+  each region goes through."""
+  out = []
   for region in regions:
+    need: dict = {}
     for path, index in read_regions(expr, region):
-      source.expect(path, index, pool)
+      need.update(source.expect(path, index, pool))
+    out.append(need)
+  return out
 
 
 def execute(plan: Plan, shardings: Mapping[Path, jax.sharding.Sharding], source: SourceArrays | None = None,
@@ -209,10 +218,12 @@ def execute(plan: Plan, shardings: Mapping[Path, jax.sharding.Sharding], source:
   out: dict[Path, jax.Array] = {}
   pending: collections.deque[Pending] = collections.deque()
   inflight = 0
+  ledger = ChunkLedger(source.cache_bytes)  # reads needing chunks the cache cannot hold too wait
 
   def finish_one():
     nonlocal inflight
     job = pending.popleft()
+    ledger.remove(needs[job.path])
     try:
       out[job.path] = job.result()
     except errors.OrbaxNNXError:
@@ -226,11 +237,12 @@ def execute(plan: Plan, shardings: Mapping[Path, jax.sharding.Sharding], source:
     _run_scatters(scatters, pool, scatter_bytes)
     for group in scatters:
       out.update(group.results(plan.leaves, shardings))
+    needs = {path: announce(plan.entries[path], plan.leaves[path], shardings[path], source, prefetch_pool)
+             for path in order}
     for path in order:
-      announce(plan.entries[path], plan.leaves[path], shardings[path], source, prefetch_pool)
-    for path in order:
-      while pending and inflight >= inflight_bytes:
+      while pending and (inflight >= inflight_bytes or not ledger.fits(needs[path])):
         finish_one()
+      ledger.add(needs[path])
       job = Pending(path, plan.entries[path], plan.leaves[path], shardings[path], source, pool)
       pending.append(job)
       inflight += job.nbytes

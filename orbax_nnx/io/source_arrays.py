@@ -110,37 +110,30 @@ class SourceArrays:
     whole = all(r.start % c == 0 and (r.stop == n or r.stop % c == 0) for r, c, n in zip(region, chunk, shape))
     return store, region, cells, whole, squeeze, chunk
 
-  def chunks_needed(self, path: DiskPath, index: tuple) -> dict[tuple, int]:
-    """The decoded chunks (key -> bytes) a read of `index` goes through the cache for (none when the
-    region is whole chunks, decoded straight into the output)."""
-    store, _, cells, whole, _, chunk = self._cells(path, index)
-    if whole:
-      return {}
-    shape, itemsize = tuple(store.shape), store.dtype.itemsize
-    return {(path, cell): itemsize * int(np.prod([b.stop - b.start for b in chunk_bounds(cell, chunk, shape)],
-                                                   dtype=np.int64)) for cell in cells}
-
-  def expect(self, path: DiskPath, index: tuple, pool: concurrent.futures.Executor | None = None) -> None:
+  def expect(self, path: DiskPath, index: tuple, pool: concurrent.futures.Executor | None = None) -> dict:
     """Announces a partial region read to come: its chunks are kept until their last
     announced reader has used them (then dropped at once), and decoded ahead of time on
-    `pool` while cached plus loading bytes stay within `cache_bytes`.
+    `pool` while cached plus loading bytes stay within `cache_bytes`. Returns the chunks the
+    read goes through (key -> decoded bytes; none for a region of whole chunks).
     """
     store, _, cells, whole, _, chunk = self._cells(path, index)
     if whole:
-      return
+      return {}
     shape = tuple(store.shape)
     itemsize = store.dtype.itemsize
+    need = {}
     with self._lock:
       for cell in cells:
         key = (path, cell)
+        bounds = chunk_bounds(cell, chunk, shape)
+        need[key] = itemsize * int(np.prod([b.stop - b.start for b in bounds], dtype=np.int64))
         self._expected[key] = self._expected.get(key, 0) + 1
         if self._expected[key] == 1 and key not in self._chunks and key not in self._loading:
-          bounds = chunk_bounds(cell, chunk, shape)
-          nbytes = itemsize * int(np.prod([b.stop - b.start for b in bounds], dtype=np.int64))
-          self._queue.append((key, bounds, nbytes))
+          self._queue.append((key, bounds, need[key]))
       if pool is not None:
         self._pool = pool
     self._pump()
+    return need
 
   def _pump(self) -> None:
     """Starts queued chunk decodes while the budget allows (always at least one)."""
@@ -156,14 +149,8 @@ class SourceArrays:
         if busy and busy + nbytes > self.cache_bytes:
           return
         self._queue.popleft()
-        self._loading_bytes += nbytes
-      future = self._pool.submit(self._chunk, key[0], key[1], bounds)
-      future.add_done_callback(lambda _, n=nbytes: self._done_loading(n))
-
-  def _done_loading(self, nbytes: int) -> None:
-    with self._lock:
-      self._loading_bytes -= nbytes
-    self._pump()
+        future = self._begin_load(key, nbytes)
+      self._pool.submit(self._load, key, bounds, nbytes, future)
 
   def _used(self, key: tuple) -> None:
     """One announced reader of a chunk is done; the last one drops the chunk."""
@@ -241,25 +228,68 @@ class SourceArrays:
       future = self._loading.get(key)
       owner = future is None
       if owner:
-        future = self._loading[key] = concurrent.futures.Future()
-    if not owner:
-      return future.result()
+        nbytes = self._stores[path].dtype.itemsize * int(np.prod([b.stop - b.start for b in bounds], dtype=np.int64))
+        future = self._begin_load(key, nbytes)
+    return self._load(key, bounds, nbytes, future) if owner else future.result()
+
+  def _begin_load(self, key: tuple, nbytes: int) -> concurrent.futures.Future:
+    """Registers a chunk decode (under the lock): later readers wait on it, and its bytes count as busy."""
+    future = self._loading[key] = concurrent.futures.Future()
+    self._loading_bytes += nbytes
+    return future
+
+  def _load(self, key: tuple, bounds: tuple, nbytes: int, future: concurrent.futures.Future) -> np.ndarray:
+    """Decodes a chunk `_begin_load` registered and caches it, dropping what is no longer expected first."""
     try:
-      data = self._ts_read(path, bounds)
+      data = self._ts_read(key[0], bounds)
     except BaseException as e:
       with self._lock:
         del self._loading[key]
+        self._loading_bytes -= nbytes
       future.set_exception(e)
       raise
     with self._lock:
       del self._loading[key]
+      self._loading_bytes -= nbytes
       self._chunks[key] = data
       self._cached_bytes += data.nbytes
-      while self._cached_bytes > self.cache_bytes and len(self._chunks) > 1:
-        _, old = self._chunks.popitem(last=False)
-        self._cached_bytes -= old.nbytes
+      if self._cached_bytes > self.cache_bytes:  # over budget: unannounced chunks go first, then the oldest
+        for old in sorted(self._chunks, key=lambda k: k in self._expected):
+          if self._cached_bytes <= self.cache_bytes or len(self._chunks) == 1:
+            break
+          if old != key:
+            self._cached_bytes -= self._chunks.pop(old).nbytes
     future.set_result(data)
+    self._pump()
     return data
+
+
+class ChunkLedger:
+  """The decoded chunks that the reads in flight go through. A read needing chunks that the cache
+  cannot hold alongside them waits for the reads before it: otherwise a chunk still needed would be
+  dropped and decoded again."""
+
+  def __init__(self, cache_bytes: int):
+    self.cache_bytes = cache_bytes
+    self._readers: collections.Counter = collections.Counter()
+    self._held_bytes = 0
+
+  def fits(self, need: dict) -> bool:
+    new = sum(n for key, n in need.items() if key not in self._readers)
+    return not new or self._held_bytes + new <= self.cache_bytes
+
+  def add(self, need: dict) -> None:
+    for key, nbytes in need.items():
+      if not self._readers[key]:
+        self._held_bytes += nbytes
+      self._readers[key] += 1
+
+  def remove(self, need: dict) -> None:
+    for key, nbytes in need.items():
+      self._readers[key] -= 1
+      if not self._readers[key]:
+        del self._readers[key]
+        self._held_bytes -= nbytes
 
 
 def chunk_bounds(cell: tuple[int, ...], chunk: tuple[int, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:

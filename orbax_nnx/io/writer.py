@@ -28,8 +28,8 @@ from orbax_nnx import compat
 from orbax_nnx.planning.expressions import Expr, reads
 from orbax_nnx.planning.planner import TargetLeaf
 from orbax_nnx.io.reader import Pending, announce, announce_regions
-from orbax_nnx.io.source_arrays import SourceArrays
-from orbax_nnx.io.regions import evaluate, normalize, read_regions
+from orbax_nnx.io.source_arrays import ChunkLedger, SourceArrays
+from orbax_nnx.io.regions import evaluate, normalize
 
 
 class LazyArray:
@@ -61,8 +61,9 @@ class LazyArray:
   def start(self) -> Pending:
     return Pending(self.leaf.path, self.expr, self.leaf, self.sharding, self.session.source, self.session.pool)
 
-  def announce(self) -> None:
-    announce(self.expr, self.leaf, self.sharding, self.session.source, self.session.prefetch_pool)
+  def announce(self) -> dict:
+    """Announces this array's reads (see `reader.announce`); returns the chunks they go through."""
+    return announce(self.expr, self.leaf, self.sharding, self.session.source, self.session.prefetch_pool)
 
   def __repr__(self) -> str:
     return f'LazyArray({self.expr}, shape={self.shape}, dtype={self.dtype})'
@@ -107,11 +108,13 @@ class LazyArrayHandler(compat.ArrayHandler):
       if not values:
         return
       session = values[0].session
+      needs = {}  # chunks each array's reads go through
       for i in order:  # every region in evaluation order, so each stored chunk is dropped after its last reader
         if i in blocked:
           blocked[i].announce()
         else:
-          values[i].announce()
+          needs[i] = values[i].announce()
+      ledger = ChunkLedger(session.source.cache_bytes)
       window: collections.deque = collections.deque()  # (index, pending read), in write order
       batch: list[tuple[int, jax.Array]] = []  # read, waiting to be written together
       inflight = batch_bytes = 0  # bytes held: reads in flight plus the batch
@@ -146,18 +149,20 @@ class LazyArrayHandler(compat.ArrayHandler):
           continue
         # keep reads running ahead of the writer, up to the byte budget (which the batch counts against);
         # a blocked array stops the read-ahead: its blocks are read while it is written
-        while position < len(order) and order[position] not in blocked and (
-            not window or inflight + values[order[position]].nbytes <= session.buffer_bytes):
+        while position < len(order) and order[position] not in blocked and (not window or (
+            inflight + values[order[position]].nbytes <= session.buffer_bytes and ledger.fits(needs[order[position]]))):
+          ledger.add(needs[order[position]])
           window.append((order[position], values[order[position]].start()))
           inflight += values[order[position]].nbytes
           position += 1
         index, pending = window.popleft()
         assert index == i
         batch.append((i, pending.result()))
+        ledger.remove(needs[i])
         batch_bytes += values[i].nbytes
         del pending
-        stalled = position < len(order) and (order[position] in blocked or
-                                            inflight + values[order[position]].nbytes > session.buffer_bytes)
+        stalled = position < len(order) and (order[position] in blocked or not ledger.fits(needs[order[position]])
+                                            or inflight + values[order[position]].nbytes > session.buffer_bytes)
         if len(batch) >= MAX_BATCH or (stalled and not window) or batch_bytes >= MAX_BATCH_BYTES:
           await flush()
       await flush()
@@ -193,11 +198,11 @@ class _BlockedWrite:
     chunk = tuple(self.spec.metadata.chunk_shape)
     self.blocks = [b for region in _own_regions(shape, value.sharding)
                    for b in _chunk_blocks(region, chunk, value.dtype.itemsize, limit, tuple(arg.shard_axes))]
-    self._chunk_memo: dict[int, dict] = {}
+    self.needs: list[dict] = []  # chunks each block's reads go through
 
   def announce(self) -> None:
     session = self.value.session
-    announce_regions(self.value.expr, self.blocks, session.source, session.prefetch_pool)
+    self.needs = announce_regions(self.value.expr, self.blocks, session.source, session.prefetch_pool)
 
   async def write(self, ahead_bytes: int) -> None:
     value, info, session = self.value, self.info, self.value.session
@@ -210,17 +215,20 @@ class _BlockedWrite:
     pending: collections.deque = collections.deque()  # blocks being evaluated, in order
     writing: collections.deque = collections.deque()  # (bytes, tensorstore write) being encoded and written
     inflight = position = 0  # bytes held by both
+    ledger = ChunkLedger(session.source.cache_bytes)  # a block reading chunks the cache cannot hold too waits
     try:
       for _ in self.blocks:
         while position < len(self.blocks) and (not pending or (
-            inflight + _nbytes(self.blocks[position], value.dtype) <= ahead_bytes and self._fits(position, pending))):
+            inflight + _nbytes(self.blocks[position], value.dtype) <= ahead_bytes and ledger.fits(self.needs[position]))):
           block = self.blocks[position]
+          ledger.add(self.needs[position])
           future = session.pool.submit(_evaluate_block, value.expr, block, value.dtype, session.source)
           pending.append((_nbytes(block, value.dtype), asyncio.wrap_future(future, loop=loop), block, position))
           inflight += pending[-1][0]
           position += 1
-        nbytes, future, block, _ = pending.popleft()
+        nbytes, future, block, at = pending.popleft()
         data = await future
+        ledger.remove(self.needs[at])
         # a block's write runs while the next block is awaited and its write started (encodes overlap)
         writing.append((nbytes, store[block].write(data, can_reference_source_data_indefinitely=True)))
         del data
@@ -239,26 +247,6 @@ class _BlockedWrite:
                                                        process_index=jax.process_index())
     if self.options['write_sharding_file']:
       await compat.serialize_shardings([value.sharding], [info], primary_host=primary)
-
-  def _fits(self, position: int, pending) -> bool:
-    """Whether block `position` may be evaluated alongside the `pending` ones: the decoded source chunks
-    they go through together fit the chunk cache (else a chunk still needed would be dropped and decoded
-    again: a block reading new chunks waits for the blocks before it)."""
-    source = self.value.session.source
-    need = self._chunks(position)
-    held: dict = {}
-    for *_, at in pending:
-      held.update(self._chunks(at))
-    return need.keys() <= held.keys() or sum({**held, **need}.values()) <= source.cache_bytes
-
-  def _chunks(self, position: int) -> dict:
-    if position not in self._chunk_memo:
-      source = self.value.session.source
-      need: dict = {}
-      for path, index in read_regions(self.value.expr, self.blocks[position]):
-        need.update(source.chunks_needed(path, index))
-      self._chunk_memo[position] = need
-    return self._chunk_memo[position]
 
 
 def _evaluate_block(expr: Expr, block: tuple[slice, ...], dtype, source: SourceArrays) -> np.ndarray:
