@@ -7,6 +7,7 @@ buffer (casts per region), and placed on the devices that hold that shard.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import functools
@@ -43,6 +44,11 @@ class Pending:
       self.futures[key] = pool.submit(evaluate, expr, norm, source)
       self.nbytes += int(np.prod([s.stop - s.start for s in norm], dtype=np.int64)) * leaf.dtype.itemsize
       self.by_index[key] = devices
+
+  async def wait(self) -> None:
+    """Waits for every shard read without blocking the event loop."""
+    for future in self.futures.values():
+      await asyncio.wrap_future(future)
 
   def result(self) -> jax.Array:
     if self.leaf.key_impl is not None:

@@ -16,6 +16,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import itertools
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -117,7 +118,8 @@ class LazyArrayHandler(compat.ArrayHandler):
       ledger = ChunkLedger(session.source.cache_bytes)
       window: collections.deque = collections.deque()  # (index, pending read), in write order
       batch: list[tuple[int, jax.Array]] = []  # read, waiting to be written together
-      inflight = batch_bytes = 0  # bytes held: reads in flight plus the batch
+      writing: collections.deque = collections.deque()  # (bytes, batch, task): batches being written
+      inflight = batch_bytes = 0  # bytes held: reads in flight, the batch, and the batches being written
       position = 0
 
       def done(j: int) -> None:
@@ -126,46 +128,57 @@ class LazyArrayHandler(compat.ArrayHandler):
         if session.progress is not None:
           session.progress(values[j])
 
-      async def flush():
-        nonlocal inflight, batch_bytes
-        if not batch:
-          return
+      async def write(items: list[tuple[int, jax.Array]]) -> None:
         # one serialize call per batch: Orbax writes its arrays concurrently (per-array latency paid once)
-        futures = await base.serialize([a for _, a in batch], [infos[j] for j, _ in batch], [args[j] for j, _ in batch])
-        for f in futures:
-          f.result()
-        for j, _ in batch:
-          done(j)
-        inflight -= batch_bytes
-        batch.clear()
-        batch_bytes = 0
+        futures = await base.serialize([a for _, a in items], [infos[j] for j, _ in items], [args[j] for j, _ in items])
+        await asyncio.to_thread(lambda: [f.result() for f in futures])
 
-      for k, i in enumerate(order):
-        if i in blocked:  # read-ahead stopped here, so everything before it is in the batch
-          await flush()
-          await blocked[i].write(min(session.buffer_bytes, BLOCKS_AHEAD * session.write_block_bytes))
-          done(i)
-          position = k + 1
-          continue
-        # keep reads running ahead of the writer, up to the byte budget (which the batch counts against);
-        # a blocked array stops the read-ahead: its blocks are read while it is written
-        while position < len(order) and order[position] not in blocked and (not window or (
-            inflight + values[order[position]].nbytes <= session.buffer_bytes and ledger.fits(needs[order[position]]))):
-          ledger.add(needs[order[position]])
-          window.append((order[position], values[order[position]].start()))
-          inflight += values[order[position]].nbytes
-          position += 1
-        index, pending = window.popleft()
-        assert index == i
-        batch.append((i, pending.result()))
-        ledger.remove(needs[i])
-        batch_bytes += values[i].nbytes
-        del pending
-        stalled = position < len(order) and (order[position] in blocked or not ledger.fits(needs[order[position]])
-                                            or inflight + values[order[position]].nbytes > session.buffer_bytes)
-        if len(batch) >= MAX_BATCH or (stalled and not window) or batch_bytes >= MAX_BATCH_BYTES:
-          await flush()
-      await flush()
+      async def flush(left_running: int = WRITES_IN_FLIGHT):
+        """Starts writing the batch; waits until at most `left_running` batch writes are still running
+        (a batch is encoded while the next one is read)."""
+        nonlocal inflight, batch_bytes
+        if batch:
+          writing.append((batch_bytes, list(batch), asyncio.ensure_future(write(list(batch)))))
+          batch.clear()
+          batch_bytes = 0
+        while len(writing) > left_running:
+          nbytes, items, task = writing.popleft()
+          await task
+          for j, _ in items:
+            done(j)
+          inflight -= nbytes
+
+      try:
+        for k, i in enumerate(order):
+          if i in blocked:  # read-ahead stopped here, so everything before it is in the batch
+            await flush(left_running=0)
+            await blocked[i].write(min(session.buffer_bytes, BLOCKS_AHEAD * session.write_block_bytes))
+            done(i)
+            position = k + 1
+            continue
+          # keep reads running ahead of the writer, up to the byte budget (which the batches count against);
+          # a blocked array stops the read-ahead: its blocks are read while it is written
+          while position < len(order) and order[position] not in blocked and (not window or (
+              inflight + values[order[position]].nbytes <= session.buffer_bytes and ledger.fits(needs[order[position]]))):
+            ledger.add(needs[order[position]])
+            window.append((order[position], values[order[position]].start()))
+            inflight += values[order[position]].nbytes
+            position += 1
+          index, pending = window.popleft()
+          assert index == i
+          await pending.wait()  # the batches being written go on meanwhile
+          batch.append((i, pending.result()))
+          ledger.remove(needs[i])
+          batch_bytes += values[i].nbytes
+          del pending
+          stalled = position < len(order) and (order[position] in blocked or not ledger.fits(needs[order[position]])
+                                              or inflight + values[order[position]].nbytes > session.buffer_bytes)
+          if len(batch) >= MAX_BATCH or (stalled and not window) or batch_bytes >= MAX_BATCH_BYTES:
+            await flush()
+        await flush(left_running=0)
+      finally:
+        for *_, task in writing:  # an error: the writes still running are not waited for
+          task.cancel()
 
     return [compat.CommitFuture(write_all(), name='orbax_nnx_stream')]
 
@@ -287,9 +300,25 @@ def _chunk_blocks(region: tuple[slice, ...], chunk: tuple[int, ...], itemsize: i
   return blocks
 
 
+class _OneWriteAtATime(compat.ArrayMetadataStore):
+  """Orbax's array metadata store, its read-modify-write of the per-process file made one at a time:
+  batches of arrays are written concurrently, each from its own thread and event loop."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._lock = threading.Lock()
+
+  async def write(self, *args, **kwargs) -> None:
+    await asyncio.to_thread(self._lock.acquire)  # waits off the event loop
+    try:
+      await super().write(*args, **kwargs)
+    finally:
+      self._lock.release()
+
+
 def streaming_pytree_handler(**options: Any) -> ocp.PyTreeCheckpointHandler:
   """A PyTreeCheckpointHandler that also writes LazyArray leaves (local registry only)."""
-  store = compat.ArrayMetadataStore()
+  store = _OneWriteAtATime()
   registry = compat.create_type_handler_registry(
       *[(ty, h) for ty, h in compat.default_type_handlers() if ty is not jax.Array],
       (jax.Array, compat.ArrayHandler(array_metadata_store=store)),
