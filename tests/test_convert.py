@@ -349,3 +349,29 @@ def test_blocks_wait_rather_than_decode_a_chunk_twice(tmp_path):
   restored = ocp.StandardCheckpointer().restore(tmp_path / 'dst2')
   stacked = restored['params']['params']['layers']['w']
   np.testing.assert_array_equal(np.moveaxis(stacked, stacked.shape.index(6), 0), np.stack(layers))
+
+
+def test_default_room_for_every_target_of_a_shared_chunk(tmp_path, monkeypatch):
+  """Without a budget, the writer has room for all the layers one stored chunk feeds (so that chunk is
+  dropped and the next decoded while they are written); arrays read whole keep the default. Values are
+  exact and every stored byte is read once."""
+  from orbax_nnx import conversion
+
+  monkeypatch.setattr(conversion, 'DEFAULT_BUFFER_BYTES', 2**20)
+  seen = []
+  original = conversion._default_buffer_bytes
+  monkeypatch.setattr(conversion, '_default_buffer_bytes', lambda *a: seen.append(original(*a)) or seen[-1])
+  rng = np.random.default_rng(0)
+  stacked = {'up': rng.standard_normal((64, 4, 1024)).astype(np.float32),  # each one chunk spanning its layers
+             'down': rng.standard_normal((1024, 4, 96)).astype(np.float32)}  # 1.5 MiB: the largest
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / 'src', {'params': {'params': {'layers': stacked}}, 'step': np.int32(2)})
+  report = orbax_nnx.convert(tmp_path / 'src', tmp_path / 'nnx', scan_layers=False, param_scan_axis=1)
+  assert seen[-1] == stacked['down'].nbytes + 2 * conversion.MAX_BATCH_BYTES  # the largest chunk + two batches
+  assert report.bytes_read == sum(x.nbytes for x in stacked.values()) + 4
+  out = orbax_nnx.restore(tmp_path / 'nnx')
+  for i in range(4):
+    np.testing.assert_array_equal(host(out['model'][f'layers_{i}']['up']), stacked['up'][:, i])
+    np.testing.assert_array_equal(host(out['model'][f'layers_{i}']['down']), stacked['down'][:, i])
+  orbax_nnx.convert(tmp_path / 'nnx', tmp_path / 'back', to='linen', scan_layers=True)
+  assert seen[-1] == 2**20  # each stored layer is read whole: nothing shared

@@ -45,6 +45,9 @@ class Pending:
       self.nbytes += int(np.prod([s.stop - s.start for s in norm], dtype=np.int64)) * leaf.dtype.itemsize
       self.by_index[key] = devices
 
+  def done(self) -> bool:
+    return all(future.done() for future in self.futures.values())
+
   async def wait(self) -> None:
     """Waits for every shard read without blocking the event loop."""
     for future in self.futures.values():
@@ -229,7 +232,7 @@ def execute(plan: Plan, shardings: Mapping[Path, jax.sharding.Sharding], source:
   def finish_one():
     nonlocal inflight
     job = pending.popleft()
-    ledger.remove(needs[job.path])
+    ledger.release(job.path)
     try:
       out[job.path] = job.result()
     except errors.OrbaxNNXError:
@@ -246,9 +249,10 @@ def execute(plan: Plan, shardings: Mapping[Path, jax.sharding.Sharding], source:
     needs = {path: announce(plan.entries[path], plan.leaves[path], shardings[path], source, prefetch_pool)
              for path in order}
     for path in order:
-      while pending and (inflight >= inflight_bytes or not ledger.fits(needs[path])):
+      while pending and (inflight >= inflight_bytes or
+                         not ledger.room_for(needs[path], ((job.path, job.done) for job in pending))):
         finish_one()
-      ledger.add(needs[path])
+      ledger.hold(path, needs[path])
       job = Pending(path, plan.entries[path], plan.leaves[path], shardings[path], source, pool)
       pending.append(job)
       inflight += job.nbytes

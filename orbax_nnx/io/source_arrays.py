@@ -267,10 +267,11 @@ class SourceArrays:
 class ChunkLedger:
   """The decoded chunks that the reads in flight go through. A read needing chunks that the cache
   cannot hold alongside them waits for the reads before it: otherwise a chunk still needed would be
-  dropped and decoded again."""
+  dropped and decoded again. A read holds its chunks from `hold` until `release` (once it is done)."""
 
   def __init__(self, cache_bytes: int):
     self.cache_bytes = cache_bytes
+    self._held: dict[Any, dict] = {}  # read -> the chunks it goes through
     self._readers: collections.Counter = collections.Counter()
     self._held_bytes = 0
 
@@ -278,14 +279,25 @@ class ChunkLedger:
     new = sum(n for key, n in need.items() if key not in self._readers)
     return not new or self._held_bytes + new <= self.cache_bytes
 
-  def add(self, need: dict) -> None:
+  def room_for(self, need: dict, reads) -> bool:
+    """`fits`, after releasing the `reads` ((read, done?) pairs) that are done."""
+    if self.fits(need):
+      return True
+    for read, done in reads:
+      if read in self._held and done():
+        self.release(read)
+    return self.fits(need)
+
+  def hold(self, read: Any, need: dict) -> None:
+    self._held[read] = need
     for key, nbytes in need.items():
       if not self._readers[key]:
         self._held_bytes += nbytes
       self._readers[key] += 1
 
-  def remove(self, need: dict) -> None:
-    for key, nbytes in need.items():
+  def release(self, read: Any) -> None:
+    """Drops what `read` holds (nothing if it was released already)."""
+    for key, nbytes in self._held.pop(read, {}).items():
       self._readers[key] -= 1
       if not self._readers[key]:
         del self._readers[key]

@@ -159,8 +159,9 @@ class LazyArrayHandler(compat.ArrayHandler):
           # keep reads running ahead of the writer, up to the byte budget (which the batches count against);
           # a blocked array stops the read-ahead: its blocks are read while it is written
           while position < len(order) and order[position] not in blocked and (not window or (
-              inflight + values[order[position]].nbytes <= session.buffer_bytes and ledger.fits(needs[order[position]]))):
-            ledger.add(needs[order[position]])
+              inflight + values[order[position]].nbytes <= session.buffer_bytes and
+              ledger.room_for(needs[order[position]], ((j, read.done) for j, read in window)))):
+            ledger.hold(order[position], needs[order[position]])
             window.append((order[position], values[order[position]].start()))
             inflight += values[order[position]].nbytes
             position += 1
@@ -168,7 +169,7 @@ class LazyArrayHandler(compat.ArrayHandler):
           assert index == i
           await pending.wait()  # the batches being written go on meanwhile
           batch.append((i, pending.result()))
-          ledger.remove(needs[i])
+          ledger.release(i)
           batch_bytes += values[i].nbytes
           del pending
           stalled = position < len(order) and (order[position] in blocked or not ledger.fits(needs[order[position]])
@@ -232,16 +233,17 @@ class _BlockedWrite:
     try:
       for _ in self.blocks:
         while position < len(self.blocks) and (not pending or (
-            inflight + _nbytes(self.blocks[position], value.dtype) <= ahead_bytes and ledger.fits(self.needs[position]))):
+            inflight + _nbytes(self.blocks[position], value.dtype) <= ahead_bytes and
+            ledger.room_for(self.needs[position], ((at, future.done) for _, future, _, at in pending)))):
           block = self.blocks[position]
-          ledger.add(self.needs[position])
+          ledger.hold(position, self.needs[position])
           future = session.pool.submit(_evaluate_block, value.expr, block, value.dtype, session.source)
           pending.append((_nbytes(block, value.dtype), asyncio.wrap_future(future, loop=loop), block, position))
           inflight += pending[-1][0]
           position += 1
         nbytes, future, block, at = pending.popleft()
         data = await future
-        ledger.remove(self.needs[at])
+        ledger.release(at)
         # a block's write runs while the next block is awaited and its write started (encodes overlap)
         writing.append((nbytes, store[block].write(data, can_reference_source_data_indefinitely=True)))
         del data
