@@ -282,14 +282,17 @@ def apply_lora(the_plan: Plan, target: LayoutTarget, mode: str) -> Plan:
 def _default_buffer_bytes(the_plan: Plan, source: SourceArrays) -> int:
   """256 MiB, or room for every target one stored chunk feeds (a stacked array unrolled from chunks that
   span its layers): they are copied out of it at once, so the chunk is dropped and the next one decoded
-  while they are written (measured: 2.8 GiB stacked->unrolled from 512 MiB chunks 16.5 s -> 11.2 s)."""
+  while they are written (measured: 2.8 GiB stacked->unrolled from 512 MiB chunks 16.5 s -> 11.2 s).
+  At most a quarter of the memory this process can get."""
   readers = collections.Counter(r.source for e in the_plan.entries.values() for r in reads(e))
   shared = 0
   for path, count in readers.items():
     store = source.store(path)
     if count > 1 and not getattr(store, 'exact', False) and store.shape:
       shared = max(shared, store.dtype.itemsize * math.prod(store.chunk))
-  return max(DEFAULT_BUFFER_BYTES, shared + 2 * MAX_BATCH_BYTES) if shared else DEFAULT_BUFFER_BYTES
+  if not shared:
+    return DEFAULT_BUFFER_BYTES
+  return max(DEFAULT_BUFFER_BYTES, min(shared + 2 * MAX_BATCH_BYTES, budget.available_bytes() // 4))
 
 
 def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: Plan, custom: dict, *,
