@@ -35,7 +35,7 @@ from orbax_nnx.planning.expressions import Cast, LoraMerge, reads
 from orbax_nnx.planning.planner import Plan, build
 from orbax_nnx.io.source_arrays import SourceArrays
 from orbax_nnx.planning.targets import LayoutTarget, layout_target, model_target
-from orbax_nnx.io.writer import (MAX_BATCH_BYTES, LazyArray, WriteSession, layer_chunk_args,
+from orbax_nnx.io.writer import (MAX_BATCH_BYTES, LazyArray, WriteSession, layer_chunk_args, lockstep_align,
                                  streaming_pytree_handler)
 
 DEFAULT_BUFFER_BYTES = 256 * 2**20  # convert / export_params: arrays in flight, without a memory_budget
@@ -279,16 +279,31 @@ def apply_lora(the_plan: Plan, target: LayoutTarget, mode: str) -> Plan:
   return dataclasses.replace(the_plan, entries=entries, leaves=leaves)
 
 
-def _default_buffer_bytes(the_plan: Plan, source: SourceArrays) -> int:
+def _lockstep_sources(the_plan: Plan, source: SourceArrays) -> frozenset:
+  """Stored arrays whose layer targets are written together, source chunk by source chunk (see
+  `writer.lockstep_align`): two targets or more, every one of them aligned."""
+  aligned: dict = collections.defaultdict(int)
+  others: set = set()
+  for path, expr in the_plan.entries.items():
+    leaf = the_plan.leaves[path]
+    hit = lockstep_align(expr, leaf, _default_sharding(leaf), source)
+    if hit is None:
+      others.update(r.source for r in reads(expr))
+    else:
+      aligned[hit[0]] += 1
+  return frozenset(p for p, n in aligned.items() if n > 1 and p not in others)
+
+
+def _default_buffer_bytes(the_plan: Plan, source: SourceArrays, lockstep: frozenset) -> int:
   """256 MiB, or room for every target one stored chunk feeds (a stacked array unrolled from chunks that
-  span its layers): they are copied out of it at once, so the chunk is dropped and the next one decoded
-  while they are written (measured: 2.8 GiB stacked->unrolled from 512 MiB chunks 16.5 s -> 11.2 s).
-  At most a quarter of the memory this process can get."""
+  span its layers, not written in lockstep): they are copied out of it at once, so the chunk is dropped
+  and the next one decoded while they are written (measured: 2.8 GiB stacked->unrolled from 512 MiB
+  chunks 16.5 s -> 11.2 s). At most a quarter of the memory this process can get."""
   readers = collections.Counter(r.source for e in the_plan.entries.values() for r in reads(e))
   shared = 0
   for path, count in readers.items():
     store = source.store(path)
-    if count > 1 and not getattr(store, 'exact', False) and store.shape:
+    if count > 1 and path not in lockstep and not getattr(store, 'exact', False) and store.shape:
       shared = max(shared, store.dtype.itemsize * math.prod(store.chunk))
   if not shared:
     return DEFAULT_BUFFER_BYTES
@@ -304,8 +319,6 @@ def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: 
   `cache_bytes` decoded source chunks kept for other regions (default: the larger of `buffer_bytes` and
   the largest stored array read).
   """
-  # the chunk cache must hold the chunks a group of layers is sliced from (at least the largest)
-  largest = max((layout.leaves[r.source].nbytes for e in the_plan.entries.values() for r in reads(e)), default=0)
   budget.check_fits(layout.meta.directory, [('/'.join(target.disk[p]), leaf.shape, leaf.dtype,
                                                _default_sharding(leaf)) for p, leaf in the_plan.leaves.items()
                                               if p in the_plan.entries],
@@ -313,10 +326,17 @@ def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: 
                     advice='run the conversion as several jax.distributed processes (each writes its shards)')
   source = SourceArrays(layout.meta)
   source.open_ahead(r.source for e in the_plan.entries.values() for r in reads(e))
+  lockstep = _lockstep_sources(the_plan, source)
   if buffer_bytes is None:
-    buffer_bytes = _default_buffer_bytes(the_plan, source)
-  source.cache_bytes = max(buffer_bytes, largest) if cache_bytes is None else cache_bytes
-  session = WriteSession(source, buffer_bytes, progress=progress)
+    buffer_bytes = _default_buffer_bytes(the_plan, source, lockstep)
+  if cache_bytes is None:
+    # the chunks a group of layers is sliced from, kept until its last layer is read (at least the largest
+    # array read); arrays written in lockstep need only two of their chunks (one used, one decoded ahead)
+    read = {r.source for e in the_plan.entries.values() for r in reads(e)}
+    cache_bytes = max([buffer_bytes] + [layout.leaves[p].nbytes for p in read - lockstep] +
+                      [2 * source.store(p).dtype.itemsize * math.prod(source.store(p).chunk) for p in lockstep])
+  source.cache_bytes = cache_bytes
+  session = WriteSession(source, buffer_bytes, progress=progress, lockstep=lockstep)
   tree: dict = {}
   save_args: dict = {}
   try:

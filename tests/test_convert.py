@@ -375,3 +375,42 @@ def test_default_room_for_every_target_of_a_shared_chunk(tmp_path, monkeypatch):
     np.testing.assert_array_equal(host(out['model'][f'layers_{i}']['down']), stacked['down'][:, i])
   orbax_nnx.convert(tmp_path / 'nnx', tmp_path / 'back', to='linen', scan_layers=True)
   assert seen[-1] == 2**20  # each stored layer is read whole: nothing shared
+
+
+def test_layers_of_chunks_that_span_them_are_written_in_lockstep(tmp_path, monkeypatch):
+  """A stacked array stored in chunks that span its layers and split its rows (a sharded save): the
+  unrolled layers are written source chunk by source chunk (every layer's rows of one chunk, then the
+  next chunk), so the cache holds two chunks, not the whole array, and each stored byte is still read
+  once; each written chunk lies inside one source chunk, values are exact and plain Orbax reads them."""
+  from orbax_nnx import conversion
+
+  monkeypatch.setattr(conversion, 'DEFAULT_BUFFER_BYTES', 2**20)
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((2048, 4, 512)).astype(np.float32)  # 16 MiB; chunks of 512 rows x 4 layers: 4 MiB
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / 'src', {'params': {'params': {'layers': {'w': w}}}, 'step': np.int32(2)},
+               save_args={'params': {'params': {'layers': {'w': ocp.SaveArgs(chunk_byte_size=4 * 2**20)}}},
+                          'step': ocp.SaveArgs()})
+  meta = orbax_nnx.read_item_metadata(tmp_path / 'src')
+  assert meta.leaves[('params', 'params', 'layers', 'w')].metadata.storage.chunk_shape == (512, 4, 512)
+  made = []
+  original = conversion.WriteSession.__init__
+
+  def recording(self, source, buffer_bytes, **kwargs):
+    made.append((source, kwargs.get('lockstep')))
+    original(self, source, buffer_bytes, **kwargs)
+
+  monkeypatch.setattr(conversion.WriteSession, '__init__', recording)
+  report = orbax_nnx.convert(tmp_path / 'src', tmp_path / 'dst', scan_layers=False, param_scan_axis=1)
+  (source, lockstep), = made
+  assert lockstep == {('params', 'params', 'layers', 'w')}
+  assert source.cache_bytes == 2 * 4 * 2**20  # two 4 MiB chunks of the 16 MiB array
+  assert report.bytes_read == w.nbytes + 4
+  out = orbax_nnx.restore(tmp_path / 'dst')
+  plain = ocp.StandardCheckpointer().restore(tmp_path / 'dst')
+  written = orbax_nnx.read_item_metadata(tmp_path / 'dst')
+  for i in range(4):
+    np.testing.assert_array_equal(host(out['model'][f'layers_{i}']['w']), w[:, i])
+    np.testing.assert_array_equal(np.asarray(plain['model'][f'layers_{i}']['w']['value']), w[:, i])
+    chunk = written.leaves[('model', f'layers_{i}', 'w', 'value')].metadata.storage.chunk_shape
+    assert 512 % chunk[0] == 0 and chunk[1] == 512, chunk  # inside one source chunk

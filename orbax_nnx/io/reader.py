@@ -79,7 +79,7 @@ def _shard_regions(leaf: TargetLeaf, sharding) -> list[tuple[slice, ...]]:
   return [norm for norm, _ in _shards(leaf, sharding).values()]
 
 
-def _layer_of(expr: Expr) -> tuple[Read, int, int] | None:
+def layer_of(expr: Expr) -> tuple[Read, int, int] | None:
   """(stacked stored array, layer, axis) when `expr` is one layer of a stored array, maybe cast."""
   inner = expr.expr if isinstance(expr, Cast) else expr
   if isinstance(inner, Take) and isinstance(inner.expr, Read):
@@ -161,7 +161,7 @@ def _scatter_groups(plan: Plan, shardings: Mapping[Path, Any], source: SourceArr
   """Target layers read from stored chunks that span several layers, grouped by stored array."""
   groups: dict[DiskPath, list] = collections.defaultdict(list)
   for path, expr in plan.entries.items():
-    hit = _layer_of(expr)
+    hit = layer_of(expr)
     if hit is not None and plan.leaves[path].key_impl is None and plan.leaves[path].shape:
       stored, layer, axis = hit
       groups[stored.source].append((stored, (path, plan.leaves[path], shardings[path], layer, axis)))

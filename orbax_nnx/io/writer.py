@@ -16,6 +16,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import itertools
+import math
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -28,8 +29,9 @@ import tensorstore as ts
 from orbax_nnx import compat
 from orbax_nnx.planning.expressions import Expr, reads
 from orbax_nnx.planning.planner import TargetLeaf
-from orbax_nnx.io.reader import Pending, announce, announce_regions
+from orbax_nnx.io.reader import Pending, announce, announce_regions, layer_of
 from orbax_nnx.io.source_arrays import ChunkLedger, SourceArrays
+from orbax_nnx.nnx_tree import DiskPath
 from orbax_nnx.io.regions import evaluate, normalize
 
 
@@ -73,9 +75,11 @@ class LazyArray:
 class WriteSession:
   """Shared state of one streaming write: the source, the read pool, progress counters."""
 
-  def __init__(self, source: SourceArrays, buffer_bytes: int, max_workers: int = 8, progress=None):
+  def __init__(self, source: SourceArrays, buffer_bytes: int, max_workers: int = 8, progress=None,
+               lockstep: frozenset = frozenset()):
     self.source = source
     self.buffer_bytes = buffer_bytes
+    self.lockstep = lockstep  # stored arrays whose layer targets are written together (see `lockstep_align`)
     # arrays over a quarter of the budget are written block by block, in chunks of an eighth (1-32 MiB)
     self.write_block_bytes = min(max(buffer_bytes // 8, MIN_WRITE_BLOCK_BYTES), WRITE_BLOCK_BYTES)
     self.blocked_min_bytes = max(buffer_bytes // 4, 2 * self.write_block_bytes)
@@ -103,7 +107,17 @@ class LazyArrayHandler(compat.ArrayHandler):
     # leaves reading the same stored arrays go together, so each stored chunk is decoded once
     order = sorted(range(len(values)), key=lambda i: [r.source for r in reads(values[i].expr)][:1])
     options = compat.array_handler_options(self)
-    blocked = {i: _BlockedWrite(values[i], infos[i], args[i], options) for i in order if _is_blocked(values[i])}
+    together: dict[DiskPath, list[int]] = collections.defaultdict(list)  # layer targets written in lockstep
+    aligns = {}
+    for i in order:
+      value = values[i]
+      hit = lockstep_align(value.expr, value.leaf, value.sharding, value.session.source)
+      if hit is not None and hit[0] in value.session.lockstep:
+        together[hit[0]].append(i)
+        aligns[i] = hit[1]
+    groups = {i: members for members in together.values() for i in members}
+    blocked = {i: _BlockedWrite(values[i], infos[i], args[i], options, align=aligns.get(i))
+               for i in order if _is_blocked(values[i]) or i in groups}
 
     async def write_all():
       if not values:
@@ -151,10 +165,15 @@ class LazyArrayHandler(compat.ArrayHandler):
       try:
         for k, i in enumerate(order):
           if i in blocked:  # read-ahead stopped here, so everything before it is in the batch
-            await flush(left_running=0)
-            await blocked[i].write(min(session.buffer_bytes, BLOCKS_AHEAD * session.write_block_bytes))
-            done(i)
             position = k + 1
+            members = groups.get(i, [i])
+            if i != members[0]:  # written with the first of its group
+              continue
+            await flush(left_running=0)
+            await write_blocked([blocked[j] for j in members],
+                                min(session.buffer_bytes, BLOCKS_AHEAD * session.write_block_bytes))
+            for j in members:
+              done(j)
             continue
           # keep reads running ahead of the writer, up to the byte budget (which the batches count against);
           # a blocked array stops the read-ahead: its blocks are read while it is written
@@ -194,14 +213,18 @@ class _BlockedWrite:
   Its chunks are at most the session's `write_block_bytes`, so each block (whole chunks) is encoded and
   written as soon as it is evaluated; blocks are evaluated ahead on the read pool within the session's
   budget, a stacked array's layer axis outermost. This process writes the shards whose lowest-numbered
-  holder is one of its devices (one writer per shard).
+  holder is one of its devices (one writer per shard). `align` (see `lockstep_align`) makes every chunk,
+  and block, lie inside one stored source chunk.
   """
 
-  def __init__(self, value: LazyArray, info: compat.ParamInfo, arg: compat.SaveArgs, options: dict):
+  def __init__(self, value: LazyArray, info: compat.ParamInfo, arg: compat.SaveArgs, options: dict,
+               align: tuple[int, ...] | None = None):
     self.value, self.info, self.options = value, info, options
     shape = value.shape
     local = tuple(value.sharding.shard_shape(shape))
     limit = value.session.write_block_bytes
+    if align is not None:  # Orbax chunks divide the shape a process writes: one source chunk's worth at most
+      local = tuple(min(n, a) for n, a in zip(local, align))
     if not arg.shard_axes and value.leaf.layer_axis is not None:  # a stacked array: split by layer first
       arg = dataclasses.replace(arg, shard_axes=(value.leaf.layer_axis,))
     arg = dataclasses.replace(arg, chunk_byte_size=min(arg.chunk_byte_size or limit, limit))
@@ -210,58 +233,110 @@ class _BlockedWrite:
         use_ocdbt=info.is_ocdbt_checkpoint, process_index=compat.process_index_for_subdir(info.is_ocdbt_checkpoint),
         metadata_key=options['metadata_key'])
     chunk = tuple(self.spec.metadata.chunk_shape)
+    merge_bytes = limit if align is None else 0  # aligned blocks are single chunks: never across source chunks
     self.blocks = [b for region in _own_regions(shape, value.sharding)
-                   for b in _chunk_blocks(region, chunk, value.dtype.itemsize, limit, tuple(arg.shard_axes))]
+                   for b in _chunk_blocks(region, chunk, value.dtype.itemsize, merge_bytes, tuple(arg.shard_axes))]
     self.needs: list[dict] = []  # chunks each block's reads go through
 
   def announce(self) -> None:
     session = self.value.session
     self.needs = announce_regions(self.value.expr, self.blocks, session.source, session.prefetch_pool)
 
-  async def write(self, ahead_bytes: int) -> None:
-    value, info, session = self.value, self.info, self.value.session
-    await info.await_path_creation()
+  async def open(self):
+    """Creates the array (its primary host) and opens it for writing blocks."""
+    await self.info.await_path_creation()
     primary = self.options['primary_host']
     if primary is None or jax.process_index() == primary:
-      await ts.open(ts.Spec(self.spec.json), create=True, open=True, context=info.ts_context)
-    store = await ts.open(ts.Spec(self.spec.json), open=True, assume_metadata=True, context=info.ts_context)
-    loop = asyncio.get_running_loop()
-    pending: collections.deque = collections.deque()  # blocks being evaluated, in order
-    writing: collections.deque = collections.deque()  # (bytes, tensorstore write) being encoded and written
-    inflight = position = 0  # bytes held by both
-    ledger = ChunkLedger(session.source.cache_bytes)  # a block reading chunks the cache cannot hold too waits
-    try:
-      for _ in self.blocks:
-        while position < len(self.blocks) and (not pending or (
-            inflight + _nbytes(self.blocks[position], value.dtype) <= ahead_bytes and
-            ledger.room_for(self.needs[position], ((at, future.done) for _, future, _, at in pending)))):
-          block = self.blocks[position]
-          ledger.hold(position, self.needs[position])
-          future = session.pool.submit(_evaluate_block, value.expr, block, value.dtype, session.source)
-          pending.append((_nbytes(block, value.dtype), asyncio.wrap_future(future, loop=loop), block, position))
-          inflight += pending[-1][0]
-          position += 1
-        nbytes, future, block, at = pending.popleft()
-        data = await future
-        ledger.release(at)
-        # a block's write runs while the next block is awaited and its write started (encodes overlap)
-        writing.append((nbytes, store[block].write(data, can_reference_source_data_indefinitely=True)))
-        del data
-        while len(writing) > WRITES_IN_FLIGHT:
-          done_bytes, write = writing.popleft()
-          await write
-          inflight -= done_bytes
-      while writing:
-        await writing.popleft()[1]
-    finally:
-      for _, future, _, _ in pending:  # an error: nothing may still be reading into a block
-        future.cancel()
+      await ts.open(ts.Spec(self.spec.json), create=True, open=True, context=self.info.ts_context)
+    return await ts.open(ts.Spec(self.spec.json), open=True, assume_metadata=True, context=self.info.ts_context)
+
+  async def finish(self) -> None:
+    """Records the array's Orbax metadata and sharding, once all its blocks are written."""
     if self.options['array_metadata_store'] is not None:
-      await self.options['array_metadata_store'].write(checkpoint_dir=info.parent_dir,
+      await self.options['array_metadata_store'].write(checkpoint_dir=self.info.parent_dir,
                                                        array_metadatas=[self.spec.metadata],
                                                        process_index=jax.process_index())
     if self.options['write_sharding_file']:
-      await compat.serialize_shardings([value.sharding], [info], primary_host=primary)
+      await compat.serialize_shardings([self.value.sharding], [self.info], primary_host=self.options['primary_host'])
+
+
+async def write_blocked(writes: list[_BlockedWrite], ahead_bytes: int) -> None:
+  """Writes the blocks of `writes`, evaluated ahead within `ahead_bytes` (at least one block). Several
+  writes (layer targets of one stored array, `lockstep_align`) go source chunk by source chunk: every
+  block one stored chunk feeds, in every array, then the next chunk, so each is decoded once and dropped."""
+  session = writes[0].value.session
+  stores = [await w.open() for w in writes]
+  items = [(k, p) for k, w in enumerate(writes) for p in range(len(w.blocks))]
+  if len(writes) > 1:
+    items.sort(key=lambda kp: (sorted(writes[kp[0]].needs[kp[1]]), kp[0]))
+  loop = asyncio.get_running_loop()
+  pending: collections.deque = collections.deque()  # blocks being evaluated, in order
+  writing: collections.deque = collections.deque()  # (bytes, tensorstore write) being encoded and written
+  inflight = position = 0  # bytes held by both
+  ledger = ChunkLedger(session.source.cache_bytes)  # a block reading chunks the cache cannot hold too waits
+
+  def nbytes(item) -> int:
+    return _nbytes(writes[item[0]].blocks[item[1]], writes[item[0]].value.dtype)
+
+  # lockstep blocks are small (one source chunk split over the layers): many writes share the bytes ahead
+  in_flight = WRITES_IN_FLIGHT if len(writes) == 1 else max(
+      WRITES_IN_FLIGHT, ahead_bytes // (2 * max(map(nbytes, items), default=1)))
+
+  try:
+    for _ in items:
+      while position < len(items) and (not pending or (
+          inflight + nbytes(items[position]) <= ahead_bytes and
+          ledger.room_for(writes[items[position][0]].needs[items[position][1]],
+                          ((at, future.done) for _, future, at in pending)))):
+        k, p = items[position]
+        ledger.hold(position, writes[k].needs[p])
+        value = writes[k].value
+        future = session.pool.submit(_evaluate_block, value.expr, writes[k].blocks[p], value.dtype, session.source)
+        pending.append((nbytes(items[position]), asyncio.wrap_future(future, loop=loop), position))
+        inflight += pending[-1][0]
+        position += 1
+      size, future, at = pending.popleft()
+      data = await future
+      ledger.release(at)
+      k, p = items[at]
+      # a block's write runs while the next block is awaited and its write started (encodes overlap)
+      writing.append((size, stores[k][writes[k].blocks[p]].write(data, can_reference_source_data_indefinitely=True)))
+      del data
+      while len(writing) > in_flight:
+        done_bytes, write = writing.popleft()
+        await write
+        inflight -= done_bytes
+    while writing:
+      await writing.popleft()[1]
+  finally:
+    for _, future, _ in pending:  # an error: nothing may still be reading into a block
+      future.cancel()
+  for w in writes:
+    await w.finish()
+
+
+def lockstep_align(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays) -> tuple[DiskPath, tuple] | None:
+  """(stored array, block shape) when `expr` is one layer of a stored array whose chunks span several
+  layers and split its other axes (a sharded save of a scanned array): written in blocks of (a divisor of)
+  the source chunk without its layer axis, the layers of one chunk can be written together and the chunk
+  dropped, instead of every layer reading every chunk. None when the target's shards do not align with
+  those blocks, or blocks would be under 1 MiB."""
+  hit = layer_of(expr)
+  if hit is None or leaf.key_impl is not None or not leaf.shape:
+    return None
+  stored, _, axis = hit
+  store = source.store(stored.source)
+  if getattr(store, 'exact', False):
+    return None
+  chunk, shape = tuple(store.chunk), tuple(store.shape)
+  align = chunk[:axis] + chunk[axis + 1:]
+  rest = shape[:axis] + shape[axis + 1:]
+  if chunk[axis] < 2 or align == rest or math.prod(align) * leaf.dtype.itemsize < MIN_WRITE_BLOCK_BYTES:
+    return None
+  shard = tuple(sharding.shard_shape(leaf.shape))
+  if any(n % s or (s % a and a % s) for n, s, a in zip(leaf.shape, shard, align)):
+    return None
+  return stored.source, align
 
 
 def _evaluate_block(expr: Expr, block: tuple[slice, ...], dtype, source: SourceArrays) -> np.ndarray:
