@@ -250,15 +250,6 @@ class _BlockedWrite:
       await ts.open(ts.Spec(self.spec.json), create=True, open=True, context=self.info.ts_context)
     return await ts.open(ts.Spec(self.spec.json), open=True, assume_metadata=True, context=self.info.ts_context)
 
-  async def finish(self) -> None:
-    """Records the array's Orbax metadata and sharding, once all its blocks are written."""
-    if self.options['array_metadata_store'] is not None:
-      await self.options['array_metadata_store'].write(checkpoint_dir=self.info.parent_dir,
-                                                       array_metadatas=[self.spec.metadata],
-                                                       process_index=jax.process_index())
-    if self.options['write_sharding_file']:
-      await compat.serialize_shardings([self.value.sharding], [self.info], primary_host=self.options['primary_host'])
-
 
 async def write_blocked(writes: list[_BlockedWrite], ahead_bytes: int) -> None:
   """Writes the blocks of `writes`, evaluated ahead within `ahead_bytes` (at least one block). Several
@@ -278,9 +269,11 @@ async def write_blocked(writes: list[_BlockedWrite], ahead_bytes: int) -> None:
   def nbytes(item) -> int:
     return _nbytes(writes[item[0]].blocks[item[1]], writes[item[0]].value.dtype)
 
-  # lockstep blocks are small (one source chunk split over the layers): many writes share the bytes ahead
-  in_flight = WRITES_IN_FLIGHT if len(writes) == 1 else max(
-      WRITES_IN_FLIGHT, ahead_bytes // (2 * max(map(nbytes, items), default=1)))
+  in_flight = WRITES_IN_FLIGHT
+  if len(writes) > 1:  # lockstep blocks are small (a source chunk split over the layers): more of them at once,
+    block = max(map(nbytes, items), default=1)  # within fewer bytes ahead (measured at 2 MiB blocks: 128 ->
+    ahead_bytes = min(ahead_bytes, LOCKSTEP_BLOCKS_AHEAD * block)  # 32 MiB ahead, peak RSS -250 MiB)
+    in_flight = max(WRITES_IN_FLIGHT, LOCKSTEP_BLOCKS_AHEAD // 2)
 
   try:
     for _ in items:
@@ -311,8 +304,15 @@ async def write_blocked(writes: list[_BlockedWrite], ahead_bytes: int) -> None:
   finally:
     for _, future, _ in pending:  # an error: nothing may still be reading into a block
       future.cancel()
-  for w in writes:
-    await w.finish()
+  # each array's Orbax metadata and sharding, all in one write (Orbax rewrites the per-process file each time)
+  options = writes[0].options
+  if options['array_metadata_store'] is not None:
+    await options['array_metadata_store'].write(checkpoint_dir=writes[0].info.parent_dir,
+                                                array_metadatas=[w.spec.metadata for w in writes],
+                                                process_index=jax.process_index())
+  if options['write_sharding_file']:
+    await compat.serialize_shardings([w.value.sharding for w in writes], [w.info for w in writes],
+                                     primary_host=options['primary_host'])
 
 
 def lockstep_align(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays) -> tuple[DiskPath, tuple] | None:
@@ -408,6 +408,7 @@ MIN_LAYER_CHUNK_BYTES = 1 << 20  # Orbax warns below this chunk size
 MAX_BATCH = 256  # arrays handed to Orbax in one serialize call
 WRITE_BLOCK_BYTES = 32 * 2**20  # chunks (and write blocks) of arrays written block by block: at most this,
 MIN_WRITE_BLOCK_BYTES = 1 << 20  # and at least this (Orbax warns below 1 MiB)
+LOCKSTEP_BLOCKS_AHEAD = 16  # blocks evaluated or being written at once in lockstep writes (half of them writing)
 BLOCKS_AHEAD = 4  # blocks evaluated or being written at once (reads overlap writes; more buys nothing)
 WRITES_IN_FLIGHT = 1  # writes left running while the next block is awaited (a chunk's encode takes one thread;
 # two left running measured +15-20% peak RSS growth at 4x array size under a 32 MiB budget)
