@@ -1,14 +1,17 @@
 """Stored arrays of an Orbax item: tensorstore opened with Orbax's own read spec, regions decoded
-straight into aligned host buffers."""
+straight into aligned host buffers (large chunks of Orbax's own codecs as streams: `chunk_stream`)."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 
 import numpy as np
 import tensorstore as ts
 
 from orbax_nnx.io.buffers import aligned_empty
+from orbax_nnx.sources import chunk_stream
 from orbax_nnx.nnx_tree import DiskPath
 from orbax_nnx.sources.metadata import ItemMetadata
 from orbax_nnx.sources.zarr_headers import ReadSpecs
@@ -22,12 +25,24 @@ class OrbaxArray:
     self.shape = tuple(store.shape)
     self.dtype = store.dtype.numpy_dtype
     self.chunk = tuple(c or n for c, n in zip(store.chunk_layout.read_chunk.shape or self.shape, self.shape))
+    self._streams: chunk_stream.ChunkStreams | None | bool = False  # False: not looked at yet
 
   casts = True  # `read(..., dtype=)` converts while decoding, chunk by chunk
 
   def read(self, region: tuple, perm: tuple[int, ...] | None = None, dtype=None) -> np.ndarray:
     """`region` (normalized slices), decoded straight into an aligned buffer, axes permuted by `perm`,
     converted to `dtype` on the way (no full-size copy in the stored dtype)."""
+    streams = self._streams_for(region)
+    if streams is not None:
+      shape = tuple(r.stop - r.start for r in region)
+      out_dtype = self.dtype if dtype is None else np.dtype(dtype)
+      if perm is None:
+        out = aligned_empty(shape, out_dtype)
+        self._stream(region, out, streams, dtype)
+        return out
+      out = aligned_empty(tuple(shape[p] for p in perm), out_dtype)
+      self._stream(region, np.transpose(out, np.argsort(perm)), streams, dtype)
+      return out
     view = self.store[region]
     if perm is not None:
       view = view[ts.d[tuple(perm)].transpose[tuple(range(len(perm)))]]
@@ -39,11 +54,41 @@ class OrbaxArray:
 
   def start_read_into(self, region: tuple, out: np.ndarray, dtype=None):
     """Starts decoding `region` straight into `out` (any strided view of its shape), converted to
-    `dtype`; returns tensorstore's future (tensorstore's own threads do the work)."""
+    `dtype`; returns a future (tensorstore's, or one of the chunk streams' threads)."""
+    streams = self._streams_for(region)
+    if streams is not None:
+      return chunk_stream.pool().submit(self._stream, region, out, streams, dtype)
+    return ts.array(out, copy=False, write=True).write(self._view(region, dtype))
+
+  def _view(self, region: tuple, dtype=None):
     view = self.store[region]
     if dtype is not None and np.dtype(dtype) != self.dtype:
       view = ts.cast(view, ts.dtype(np.dtype(dtype).name))
-    return ts.array(out, copy=False, write=True).write(view)
+    return view
+
+  def _streams_for(self, region: tuple) -> chunk_stream.ChunkStreams | None:
+    """The chunk streams, when chunks are large and `region` is made of whole ones."""
+    if self._streams is False:
+      fmt = None
+      if math.prod(self.chunk) * self.dtype.itemsize >= chunk_stream.MIN_STREAM_BYTES:
+        fmt = chunk_stream.chunk_format(self.store.spec().to_json().get('metadata', {}))
+      self._streams = chunk_stream.ChunkStreams(self.store.kvstore, fmt) \
+          if fmt is not None and fmt.chunk == self.chunk else None
+    if self._streams is None or any(r.start % c or (r.stop % c and r.stop != n)
+                                    for r, c, n in zip(region, self.chunk, self.shape)):
+      return None
+    return self._streams
+
+  def _stream(self, region: tuple, out: np.ndarray, streams: chunk_stream.ChunkStreams, dtype=None) -> None:
+    """Decodes the whole chunks of `region` into `out` (shaped like it) one stream at a time."""
+    grid = [range(r.start // c, -(-r.stop // c)) for r, c in zip(region, self.chunk)]
+    for cell in itertools.product(*grid):
+      bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, self.chunk, self.shape))
+      into = out[tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(bounds, region)) + (Ellipsis,)]
+      try:
+        streams.decode_into(cell, into)
+      except chunk_stream.MissingChunk:  # tensorstore decides: fill value, or its own error
+        ts.array(into, copy=False, write=True).write(self._view(bounds, dtype)).result()
 
 
 class OrbaxOpener:
