@@ -243,13 +243,19 @@ def test_stack_unroll_roundtrip_is_identity(tmp_path_factory, n, member, axis_fr
   assert_same_state(back, nnx.State({'layers': {'w': nnx.Param(x)}}))
 
 
+@pytest.mark.parametrize('streamed', [False, True], ids=['decoded-whole', 'streamed-in-bands'])
 @pytest.mark.parametrize('budget', [None, 1], ids=['default', 'budget-under-one-chunk'])
-def test_layers_scattered_from_chunks_that_span_them_read_each_chunk_once(tmp_path, budget):
+def test_layers_scattered_from_chunks_that_span_them_read_each_chunk_once(tmp_path, monkeypatch, budget, streamed):
   """Chunks keep the layer axis whole (as sharded saves do): each is decoded once and scattered, also when
-  the budget is smaller than one chunk (then one chunk is in flight at a time)."""
+  the budget is smaller than one chunk (then one chunk is in flight at a time), and band by band when
+  chunks decode as streams."""
   from orbax_nnx.planning.planner import build, target_leaves
   from orbax_nnx.io.reader import _scatter_groups, execute
   from orbax_nnx.io.source_arrays import SourceArrays
+  from orbax_nnx.sources import chunk_stream
+
+  monkeypatch.setattr(chunk_stream, 'MIN_STREAM_BYTES', 0 if streamed else 2**40)
+  monkeypatch.setattr(chunk_stream, 'BAND_BYTES', 8 * 32 * 4)  # a band: one row of every layer
 
   x = np.asarray(arange((6, 8, 32)))  # layers on axis 1, Linen style
   ckptr = ocp.StandardCheckpointer()
@@ -267,6 +273,7 @@ def test_layers_scattered_from_chunks_that_span_them_read_each_chunk_once(tmp_pa
   shardings = {p: sharding for p in the_plan.entries}
   source = SourceArrays(meta) if budget is None else SourceArrays(meta, cache_bytes=budget)
   assert len(_scatter_groups(the_plan, shardings, source)) == 1
+  assert source.streamed(('params', 'params', 'layers', 'w')) == streamed
   out = execute(the_plan, shardings, source) if budget is None else execute(the_plan, shardings, source,
                                                                             inflight_bytes=budget)
   assert source.bytes_read == x.nbytes  # every chunk read once

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import concurrent.futures
 import functools
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,13 +23,14 @@ from orbax_nnx.io.buffers import aligned_empty
 from orbax_nnx.io.regions import evaluate, normalize, read_regions
 from orbax_nnx.io.source_arrays import DEFAULT_CACHE_BYTES, ChunkLedger, SourceArrays, chunk_bounds
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
+from orbax_nnx.sources import chunk_stream
 from orbax_nnx.planning.expressions import Cast, Expr, Read, Take, reads
 from orbax_nnx.planning.planner import Plan, TargetLeaf
 
 Index = tuple[slice, ...]
 
 SCATTER_INFLIGHT_BYTES = 256 * 2**20  # decoded chunks in flight while scattering layers (at least one);
-# chunks larger than this are sliced through the chunk cache instead
+# chunks larger than this are sliced through the chunk cache instead, unless they decode as streams
 class Pending:
   """A target array whose shard reads are in flight."""
 
@@ -113,24 +115,29 @@ class _Scatter:
           self.by_cell[cell].append((region, axis, layer, out))
 
   def tasks(self):
-    """(decoded bytes, job) per needed chunk: each job reads its chunk once and scatters it."""
+    """(decoded bytes held, job) per needed chunk: each job reads its chunk once and scatters it
+    (a streamed chunk band by band: it holds a stream's buffers, not the chunk)."""
     store = self.source.store(self.path)
     shape = tuple(store.shape)
     itemsize = store.dtype.itemsize
+    streamed = self.source.streamed(self.path)
     for cell in sorted(self.by_cell):
       bounds = chunk_bounds(cell, self.chunk, shape)
-      nbytes = itemsize * int(np.prod([b.stop - b.start for b in bounds], dtype=np.int64))
-      yield nbytes, functools.partial(self._scatter_chunk, bounds, self.by_cell[cell])
+      nbytes = chunk_stream.STREAM_BYTES if streamed else \
+          itemsize * int(np.prod([b.stop - b.start for b in bounds], dtype=np.int64))
+      yield nbytes, functools.partial(self._scatter_chunk, cell, bounds, self.by_cell[cell])
 
-  def _scatter_chunk(self, bounds: tuple, targets: list) -> None:
-    data = self.source._ts_read(self.path, bounds)
-    for region, axis, layer, out in targets:
-      lo = [max(r.start, b.start) for r, b in zip(region, bounds)]
-      hi = [min(r.stop, b.stop) for r, b in zip(region, bounds)]
-      src = tuple(layer - b.start if k == axis else slice(l - b.start, h - b.start)
-                  for k, (l, h, b) in enumerate(zip(lo, hi, bounds)))
-      dst = tuple(slice(l - r.start, h - r.start) for k, (l, h, r) in enumerate(zip(lo, hi, region)) if k != axis)
-      np.copyto(out[dst], data[src], casting='unsafe')
+  def _scatter_chunk(self, cell: tuple, bounds: tuple, targets: list) -> None:
+    for part, data in self.source.chunk_parts(self.path, cell, bounds):
+      for region, axis, layer, out in targets:
+        lo = [max(r.start, b.start) for r, b in zip(region, part)]
+        hi = [min(r.stop, b.stop) for r, b in zip(region, part)]
+        if any(l >= h for l, h in zip(lo, hi)):
+          continue
+        src = tuple(layer - b.start if k == axis else slice(l - b.start, h - b.start)
+                    for k, (l, h, b) in enumerate(zip(lo, hi, part)))
+        dst = tuple(slice(l - r.start, h - r.start) for k, (l, h, r) in enumerate(zip(lo, hi, region)) if k != axis)
+        np.copyto(out[dst], data[src], casting='unsafe')
 
   def results(self, leaves: Mapping[Path, TargetLeaf], shardings: Mapping[Path, Any]) -> dict[Path, jax.Array]:
     out = {}
@@ -142,12 +149,13 @@ class _Scatter:
 
 def _run_scatters(scatters: list[_Scatter], pool: concurrent.futures.Executor, budget_bytes: int) -> None:
   """Runs every chunk job of `scatters` with decoded bytes in flight within `budget_bytes` (at least one
-  chunk: the one being decoded)."""
+  chunk: the one being decoded), one job per core (decoding is CPU-bound: more only holds more)."""
   running: collections.deque = collections.deque()
   inflight = 0
+  cores = os.cpu_count() or 2
   for group in scatters:
     for nbytes, job in group.tasks():
-      while running and inflight + nbytes > budget_bytes:
+      while running and (inflight + nbytes > budget_bytes or len(running) >= cores):
         done_bytes, future = running.popleft()
         future.result()
         inflight -= done_bytes
@@ -175,7 +183,7 @@ def _scatter_groups(plan: Plan, shardings: Mapping[Path, Any], source: SourceArr
     chunk_bytes = store.dtype.itemsize * int(np.prod(chunk, dtype=np.int64))
     # huge chunks go through the chunk cache instead (measured: copying layers out of one huge chunk on
     # many threads is faster); others are decoded once each and scattered (`_run_scatters` bounds them)
-    if len(members) > 1 and chunk[axis] > 1 and chunk_bytes <= SCATTER_INFLIGHT_BYTES:
+    if len(members) > 1 and chunk[axis] > 1 and (chunk_bytes <= SCATTER_INFLIGHT_BYTES or source.streamed(stored.source)):
       out.append(_Scatter(source, stored, [m for _, m in members]))
   return out
 

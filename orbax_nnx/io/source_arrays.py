@@ -94,6 +94,28 @@ class SourceArrays:
       self.bytes_read += out.size * np.dtype(store.dtype).itemsize
     return out
 
+  def chunk_parts(self, path: DiskPath, cell: tuple, bounds: tuple):
+    """The decoded chunk at grid position `cell` (array region `bounds`) as (region, data) pairs in
+    stored order: a streamed chunk in bands, each valid until the next is asked for, else whole."""
+    store = self.store(path)
+    parts = store.parts(cell) if hasattr(store, 'parts') else None
+    if parts is None:
+      yield bounds, self._ts_read(path, bounds)
+      return
+    try:
+      yield from parts
+    except errors.OrbaxNNXError:
+      raise
+    except Exception as e:
+      raise errors.CorruptCheckpointError(self.meta.directory, f'{"/".join(path)}: {e}') from e
+    with self._lock:
+      self.bytes_read += store.dtype.itemsize * int(np.prod([b.stop - b.start for b in bounds], dtype=np.int64))
+
+  def streamed(self, path: DiskPath) -> bool:
+    """Whether the chunks at `path` decode as streams (`chunk_parts` yields bands, not whole chunks)."""
+    store = self.store(path)
+    return hasattr(store, 'parts') and store.parts(tuple(0 for _ in store.shape)) is not None
+
   def _cells(self, path: DiskPath, index: tuple):
     """(store, region, chunk cells touched, whether it is made of whole chunks, squeezed axes, chunk shape)."""
     store = self.store(path)

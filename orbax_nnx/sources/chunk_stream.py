@@ -22,8 +22,9 @@ import ml_dtypes
 import numpy as np
 import zstandard
 
-WINDOW_BYTES = 8 * 2**20  # compressed bytes read at a time (and one more read ahead)
-BAND_BYTES = 16 * 2**20  # decoded bytes copied out at a time
+WINDOW_BYTES = 1 * 2**20  # compressed bytes read at a time (and one more read ahead)
+BAND_BYTES = 2 * 2**20  # decoded bytes copied out at a time
+STREAM_BYTES = 2 * WINDOW_BYTES + BAND_BYTES + 2 * 2**20  # what one stream holds (windows, band, zstd state)
 MIN_STREAM_BYTES = 16 * 2**20  # smaller chunks: tensorstore (decode buffers too small to matter)
 _MISSING = 2**64 - 1  # a shard index entry for a chunk never written
 
@@ -143,26 +144,42 @@ class ChunkStreams:
   def decode_into(self, cell: tuple[int, ...], out: np.ndarray) -> None:
     """Decodes the chunk at grid position `cell` into `out` (shaped like the chunk clipped at the
     array's end, any strides, any dtype: converted band by band). Raises MissingChunk."""
+    for region, band in self._parts(cell, out.shape, out):
+      if band is not None:
+        np.copyto(out[region], band, casting='unsafe')
+
+  def parts(self, cell: tuple[int, ...], shape: tuple[int, ...]) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+    """The chunk at grid position `cell`, `shape` being the chunk clipped at the array's end, decoded
+    band by band in stored order: (region within the chunk, decoded band) pairs. A band is valid
+    until the next one is asked for. Raises MissingChunk."""
+    return self._parts(cell, shape, None)
+
+  def _parts(self, cell: tuple[int, ...], shape: tuple[int, ...], into: np.ndarray | None):
+    """`parts`; a band that fills a C-contiguous part of `into` in the stored dtype is decoded
+    straight into it (and yielded as None)."""
     fmt = self.fmt
     key, start, stop = self._locate(cell)
     source = _Window(self.kvstore, key, start, stop)
-    reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=WINDOW_BYTES, closefd=False) if fmt.compressed else source
+    reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=WINDOW_BYTES, closefd=False) \
+        if fmt.compressed else source
     buffer = None
     with reader:
-      for index in bands(fmt.chunk, fmt.dtype.itemsize, BAND_BYTES):  # a chunk at the array's end is still stored whole
-        band_shape = tuple(s.stop - s.start for s in index if isinstance(s, slice)) + fmt.chunk[len(index):]
+      for index in bands(fmt.chunk, fmt.dtype.itemsize, BAND_BYTES):  # a chunk at the array's end is stored whole
+        band_shape = tuple(1 if isinstance(s, int) else s.stop - s.start for s in index) + fmt.chunk[len(index):]
         nbytes = math.prod(band_shape) * fmt.dtype.itemsize
-        target = _clip(index, out.shape)
-        into = out[target + (Ellipsis,)] if target is not None else None
-        if into is not None and into.shape == band_shape and into.dtype == fmt.dtype and into.flags.c_contiguous:
-          _fill(reader, memoryview(into.reshape(-1).view(np.uint8)), key)  # straight into the destination
-          continue
+        region = _clip(index, shape)
+        if region is not None and into is not None:
+          target = into[region]
+          if target.shape == band_shape and target.dtype == fmt.dtype and target.flags.c_contiguous:
+            _fill(reader, memoryview(target.reshape(-1).view(np.uint8)), key)  # straight into the destination
+            yield region, None
+            continue
         if buffer is None:
           buffer = np.empty(min(BAND_BYTES, fmt.nbytes) + fmt.dtype.itemsize, np.uint8)
         _fill(reader, memoryview(buffer[:nbytes]), key)
-        if into is not None:
-          band = buffer[:nbytes].view(fmt.dtype).reshape(band_shape)
-          np.copyto(into, band[tuple(slice(0, n) for n in into.shape)], casting='unsafe')
+        if region is not None:
+          yield region, buffer[:nbytes].view(fmt.dtype).reshape(band_shape)[tuple(slice(0, r.stop - r.start)
+                                                                                   for r in region)]
       if fmt.compressed and reader.read(1):
         raise ValueError(f'chunk {key} decodes to more than {fmt.nbytes} bytes')
 
@@ -203,19 +220,16 @@ def bands(chunk: tuple[int, ...], itemsize: int, band_bytes: int) -> Iterator[tu
       yield tuple(int(i) for i in lead) + (slice(r, min(r + rows, chunk[k - 1])),)
 
 
-def _clip(index: tuple, shape: tuple[int, ...]) -> tuple | None:
-  """`index` within an `out` of `shape` (the chunk clipped at the array's end), or None if outside."""
+def _clip(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...] | None:
+  """`index` (from `bands`) as full-rank slices within an array of `shape` (the chunk clipped at
+  the array's end), or None if the band lies outside it."""
   out = []
-  for i, s in enumerate(index):
-    if isinstance(s, slice):
-      stop = min(s.stop, shape[i])
-      if s.start >= stop:
-        return None
-      out.append(slice(s.start, stop))
-    elif s >= shape[i]:
+  for i, n in enumerate(shape):
+    s = index[i] if i < len(index) else slice(0, n)
+    start, stop = (s, s + 1) if isinstance(s, int) else (s.start, min(s.stop, n))
+    if start >= min(stop, n):
       return None
-    else:
-      out.append(s)
+    out.append(slice(start, min(stop, n)))
   return tuple(out)
 
 
@@ -286,6 +300,6 @@ def pool() -> concurrent.futures.ThreadPoolExecutor:
   """The threads that run chunk streams started in the background (zstd and reads release the GIL)."""
   global _POOL  # pylint: disable=global-statement
   if _POOL is None:
-    _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2),
+    _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2),
                                                   thread_name_prefix='orbax_nnx_stream')
   return _POOL

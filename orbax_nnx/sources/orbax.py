@@ -66,18 +66,39 @@ class OrbaxArray:
       view = ts.cast(view, ts.dtype(np.dtype(dtype).name))
     return view
 
-  def _streams_for(self, region: tuple) -> chunk_stream.ChunkStreams | None:
-    """The chunk streams, when chunks are large and `region` is made of whole ones."""
+  def _streams_for(self, region: tuple | None) -> chunk_stream.ChunkStreams | None:
+    """The chunk streams, when chunks are large and `region` (None: any) is made of whole ones."""
     if self._streams is False:
       fmt = None
       if math.prod(self.chunk) * self.dtype.itemsize >= chunk_stream.MIN_STREAM_BYTES:
         fmt = chunk_stream.chunk_format(self.store.spec().to_json().get('metadata', {}))
       self._streams = chunk_stream.ChunkStreams(self.store.kvstore, fmt) \
           if fmt is not None and fmt.chunk == self.chunk else None
-    if self._streams is None or any(r.start % c or (r.stop % c and r.stop != n)
-                                    for r, c, n in zip(region, self.chunk, self.shape)):
+    if self._streams is None or region is not None and any(
+        r.start % c or (r.stop % c and r.stop != n) for r, c, n in zip(region, self.chunk, self.shape)):
       return None
     return self._streams
+
+  def parts(self, cell: tuple[int, ...]):
+    """The chunk at grid position `cell` as (region of the array, decoded data) pairs in stored order:
+    bands of a streamed chunk (each valid until the next is asked for), else None (read it whole)."""
+    streams = self._streams_for(None)
+    if streams is None:
+      return None
+    bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, self.chunk, self.shape))
+    return self._parts(streams, cell, bounds)
+
+  def _parts(self, streams: chunk_stream.ChunkStreams, cell: tuple[int, ...], bounds: tuple):
+    bands = streams.parts(cell, tuple(b.stop - b.start for b in bounds))
+    try:
+      first = next(bands, None)
+    except chunk_stream.MissingChunk:  # tensorstore decides: fill value, or its own error
+      out = aligned_empty(tuple(b.stop - b.start for b in bounds), self.dtype)
+      ts.array(out, copy=False, write=True).write(self.store[bounds]).result()
+      yield bounds, out
+      return
+    for region, band in itertools.chain([first] if first is not None else [], bands):
+      yield tuple(slice(b.start + r.start, b.start + r.stop) for b, r in zip(bounds, region)), band
 
   def _stream(self, region: tuple, out: np.ndarray, streams: chunk_stream.ChunkStreams, dtype=None) -> None:
     """Decodes the whole chunks of `region` into `out` (shaped like it) one stream at a time."""
