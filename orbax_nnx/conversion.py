@@ -35,8 +35,9 @@ from orbax_nnx.planning.expressions import Cast, LoraMerge, reads
 from orbax_nnx.planning.planner import Plan, build
 from orbax_nnx.io.source_arrays import SourceArrays
 from orbax_nnx.planning.targets import LayoutTarget, layout_target, model_target
-from orbax_nnx.io.writer import (MAX_BATCH_BYTES, LazyArray, WriteSession, layer_chunk_args, lockstep_align,
-                                 streaming_pytree_handler)
+from orbax_nnx.io.reader import layer_of
+from orbax_nnx.io.writer import (MAX_BATCH_BYTES, MIN_WRITE_BLOCK_BYTES, LazyArray, WriteSession, layer_chunk_args,
+                                 lockstep_align, streaming_pytree_handler)
 
 DEFAULT_BUFFER_BYTES = 256 * 2**20  # convert / export_params: arrays in flight, without a memory_budget
 OCDBT_FILE_BYTES = 64 * 2**20  # OCDBT buffers a data file in memory until it is this big
@@ -279,6 +280,18 @@ def apply_lora(the_plan: Plan, target: LayoutTarget, mode: str) -> Plan:
   return dataclasses.replace(the_plan, entries=entries, leaves=leaves)
 
 
+def _size_units(the_plan: Plan, source: SourceArrays) -> None:
+  """Large streamed chunks read by layer targets are decoded in units that hold a block of 1 MiB or more
+  of every layer in them, so the layers can be written in lockstep (`writer.lockstep_align`)."""
+  for path, expr in the_plan.entries.items():
+    hit = layer_of(expr)
+    store = source.store(hit[0].source) if hit is not None else None
+    if store is None or not hasattr(store, 'unit_bytes'):
+      continue
+    per_layer = MIN_WRITE_BLOCK_BYTES * store.dtype.itemsize // the_plan.leaves[path].dtype.itemsize
+    store.unit_bytes = max(store.unit_bytes, store.chunk[hit[2]] * per_layer)
+
+
 def _lockstep_sources(the_plan: Plan, source: SourceArrays) -> frozenset:
   """Stored arrays whose layer targets are written together, source chunk by source chunk (see
   `writer.lockstep_align`): two targets or more, every one of them aligned."""
@@ -304,7 +317,7 @@ def _default_buffer_bytes(the_plan: Plan, source: SourceArrays, lockstep: frozen
   for path, count in readers.items():
     store = source.store(path)
     if count > 1 and path not in lockstep and not getattr(store, 'exact', False) and store.shape:
-      shared = max(shared, store.dtype.itemsize * math.prod(store.chunk))
+      shared = max(shared, store.dtype.itemsize * math.prod(getattr(store, 'unit', store.chunk)))
   if not shared:
     return DEFAULT_BUFFER_BYTES
   return max(DEFAULT_BUFFER_BYTES, min(shared + 2 * MAX_BATCH_BYTES, budget.available_bytes() // 4))
@@ -326,6 +339,7 @@ def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: 
                     advice='run the conversion as several jax.distributed processes (each writes its shards)')
   source = SourceArrays(layout.meta)
   source.open_ahead(r.source for e in the_plan.entries.values() for r in reads(e))
+  _size_units(the_plan, source)
   lockstep = _lockstep_sources(the_plan, source)
   if buffer_bytes is None:
     buffer_bytes = _default_buffer_bytes(the_plan, source, lockstep)
@@ -334,7 +348,8 @@ def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: 
     # array read); arrays written in lockstep need only two of their chunks (one used, one decoded ahead)
     read = {r.source for e in the_plan.entries.values() for r in reads(e)}
     cache_bytes = max([buffer_bytes] + [layout.leaves[p].nbytes for p in read - lockstep] +
-                      [2 * source.store(p).dtype.itemsize * math.prod(source.store(p).chunk) for p in lockstep])
+                      [2 * source.store(p).dtype.itemsize * math.prod(getattr(source.store(p), 'unit', source.store(p).chunk))
+                       for p in lockstep])
   source.cache_bytes = cache_bytes
   session = WriteSession(source, buffer_bytes, progress=progress, lockstep=lockstep)
   tree: dict = {}

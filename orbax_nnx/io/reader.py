@@ -110,7 +110,7 @@ class _Scatter:
         out = aligned_empty(tuple(r.stop - r.start for r in norm), leaf.dtype)
         self.outputs[path].append((out, devices))
         region = norm[:axis] + (slice(layer, layer + 1),) + norm[axis:]
-        _, region, cells, _, _, self.chunk = source._cells(self.path, region)
+        _, region, cells, _, _, self.chunk = source._cells(self.path, region, units=False)
         for cell in cells:
           self.by_cell[cell].append((region, axis, layer, out))
 

@@ -116,8 +116,9 @@ class SourceArrays:
     store = self.store(path)
     return hasattr(store, 'parts') and store.parts(tuple(0 for _ in store.shape)) is not None
 
-  def _cells(self, path: DiskPath, index: tuple):
-    """(store, region, chunk cells touched, whether it is made of whole chunks, squeezed axes, chunk shape)."""
+  def _cells(self, path: DiskPath, index: tuple, units: bool = True):
+    """(store, region, cells touched, whether it is made of whole chunks, squeezed axes, cell shape): cells
+    of the store's decode units (see `OrbaxArray.unit`) or, with `units` False, of its chunks."""
     store = self.store(path)
     shape = tuple(store.shape)
     squeeze = tuple(i for i, s in enumerate(index) if isinstance(s, (int, np.integer)))
@@ -125,11 +126,11 @@ class SourceArrays:
     region = normalize(region, shape)
     if not shape or getattr(store, 'exact', False):  # any region reads exactly what it needs
       return store, region, [], True, squeeze, ()
-    chunk = store.chunk
+    chunk = getattr(store, 'unit', store.chunk) if units else store.chunk
     grid = [range(r.start // c, -(-r.stop // c)) if r.stop > r.start else range(0) for r, c in zip(region, chunk)]
     cells = list(itertools.product(*grid))
-    # a region made of whole chunks needs no cache: tensorstore decodes each one straight into the output
-    whole = all(r.start % c == 0 and (r.stop == n or r.stop % c == 0) for r, c, n in zip(region, chunk, shape))
+    # a region made of whole chunks needs no cache: each one is decoded straight into the output
+    whole = all(r.start % c == 0 and (r.stop == n or r.stop % c == 0) for r, c, n in zip(region, store.chunk, shape))
     return store, region, cells, whole, squeeze, chunk
 
   def expect(self, path: DiskPath, index: tuple, pool: concurrent.futures.Executor | None = None) -> dict:
@@ -263,7 +264,9 @@ class SourceArrays:
   def _load(self, key: tuple, bounds: tuple, nbytes: int, future: concurrent.futures.Future) -> np.ndarray:
     """Decodes a chunk `_begin_load` registered and caches it, dropping what is no longer expected first."""
     try:
-      data = self._ts_read(key[0], bounds)
+      store = self._stores[key[0]]
+      data = self._decode_unit(store, key) if getattr(store, 'unit', store.chunk) != store.chunk \
+          else self._ts_read(key[0], bounds)
     except BaseException as e:
       with self._lock:
         del self._loading[key]
@@ -273,8 +276,9 @@ class SourceArrays:
     with self._lock:
       del self._loading[key]
       self._loading_bytes -= nbytes
-      self._chunks[key] = data
-      self._cached_bytes += data.nbytes
+      if key not in self._chunks:  # (unless decoded on the way to another unit)
+        self._chunks[key] = data
+        self._cached_bytes += data.nbytes
       if self._cached_bytes > self.cache_bytes:  # over budget: unannounced chunks go first, then the oldest
         for old in sorted(self._chunks, key=lambda k: k in self._expected):
           if self._cached_bytes <= self.cache_bytes or len(self._chunks) == 1:
@@ -283,6 +287,33 @@ class SourceArrays:
             self._cached_bytes -= self._chunks.pop(old).nbytes
     future.set_result(data)
     self._pump()
+    return data
+
+
+  def _decode_unit(self, store, key: tuple) -> np.ndarray:
+    """One unit of a large streamed chunk. Its chunk's stream decodes the units before it on the way:
+    those still expected are cached (another reader is about to ask), the rest dropped."""
+    path, cell = key
+
+    def passed(at: tuple, data: np.ndarray) -> None:
+      with self._lock:
+        self.bytes_read += data.nbytes
+        if (path, at) in self._expected and (path, at) not in self._chunks:
+          self._chunks[(path, at)] = data
+          self._cached_bytes += data.nbytes
+
+    try:
+      with store.unit_lock(cell):
+        with self._lock:
+          if key in self._chunks:
+            return self._chunks[key]
+        data = store.read_unit(cell, passed)
+    except errors.OrbaxNNXError:
+      raise
+    except Exception as e:
+      raise errors.CorruptCheckpointError(self.meta.directory, f'{"/".join(path)}: {e}') from e
+    with self._lock:
+      self.bytes_read += data.nbytes
     return data
 
 

@@ -25,6 +25,8 @@ import zstandard
 WINDOW_BYTES = 1 * 2**20  # compressed bytes read at a time (and one more read ahead)
 BAND_BYTES = 2 * 2**20  # decoded bytes copied out at a time
 STREAM_BYTES = 2 * WINDOW_BYTES + BAND_BYTES + 2 * 2**20  # what one stream holds (windows, band, zstd state)
+UNIT_BYTES = 32 * 2**20  # a large chunk read in parts is decoded (and cached) this much at a time
+MAX_CURSORS = 8  # chunk streams of one array kept open between parts
 MIN_STREAM_BYTES = 16 * 2**20  # smaller chunks: tensorstore (decode buffers too small to matter)
 _MISSING = 2**64 - 1  # a shard index entry for a chunk never written
 
@@ -208,16 +210,30 @@ class ChunkStreams:
 
 def bands(chunk: tuple[int, ...], itemsize: int, band_bytes: int) -> Iterator[tuple]:
   """Index tuples (ints, then one slice) that cover an array of shape `chunk` in C order, each at most
-  `band_bytes` (or one element): consecutive runs of the stored byte stream."""
-  band_bytes = max(band_bytes, itemsize)
-  k = next(k for k in range(len(chunk) + 1) if math.prod(chunk[k:]) * itemsize <= band_bytes)
+  `band_bytes` (or one element): consecutive runs of the stored byte stream, all of `band_shape`."""
+  k, rows = _split(chunk, itemsize, band_bytes)
   if k == 0:
     yield ()
     return
-  rows = max(1, band_bytes // (math.prod(chunk[k:]) * itemsize))
   for lead in np.ndindex(*chunk[:k - 1]):
     for r in range(0, chunk[k - 1], rows):
-      yield tuple(int(i) for i in lead) + (slice(r, min(r + rows, chunk[k - 1])),)
+      yield tuple(int(i) for i in lead) + (slice(r, r + rows),)
+
+
+def band_shape(chunk: tuple[int, ...], itemsize: int, band_bytes: int) -> tuple[int, ...]:
+  """The shape of the bands `bands` cuts a chunk into: they tile it, in C order."""
+  k, rows = _split(chunk, itemsize, band_bytes)
+  return chunk if k == 0 else (1,) * (k - 1) + (rows,) + tuple(chunk[k:])
+
+
+def _split(chunk: tuple[int, ...], itemsize: int, band_bytes: int) -> tuple[int, int]:
+  """(k, rows): bands keep axes k.. whole and take `rows` (a divisor) of axis k-1; k 0: one band."""
+  band_bytes = max(band_bytes, itemsize)
+  k = next(k for k in range(len(chunk) + 1) if math.prod(chunk[k:]) * itemsize <= band_bytes)
+  if k == 0:
+    return 0, 0
+  limit = min(chunk[k - 1], max(1, band_bytes // (math.prod(chunk[k:]) * itemsize)))
+  return k, next(d for d in range(limit, 0, -1) if chunk[k - 1] % d == 0)
 
 
 def _clip(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...] | None:
@@ -241,6 +257,33 @@ def _fill(reader: Any, view: memoryview, key: str) -> None:
     if not n:
       raise ValueError(f'chunk {key} ends after {done} of {len(view)} bytes')
     done += n
+
+
+class ChunkCursor:
+  """One chunk's stream, decoded forward band by band (bands of `band_shape`, in stored order)."""
+
+  def __init__(self, streams: ChunkStreams, cell: tuple[int, ...], band_bytes: int):
+    fmt = self.fmt = streams.fmt
+    self.shape = band_shape(fmt.chunk, fmt.dtype.itemsize, band_bytes)
+    self.count = math.prod(c // b for c, b in zip(fmt.chunk, self.shape))
+    self.key, start, stop = streams._locate(cell)
+    self._source = _Window(streams.kvstore, self.key, start, stop)
+    self._reader = zstandard.ZstdDecompressor().stream_reader(self._source, read_size=WINDOW_BYTES, closefd=False) \
+        if fmt.compressed else self._source
+    self.next = 0  # the band the stream is at
+
+  def read(self) -> np.ndarray:
+    """The next band, decoded into a new array (native byte order)."""
+    out = np.empty(self.shape, self.fmt.dtype)
+    _fill(self._reader, memoryview(out.reshape(-1).view(np.uint8)), self.key)
+    self.next += 1
+    if self.next == self.count:
+      self.close()
+    return out if out.dtype.isnative else out.astype(out.dtype.newbyteorder('='))
+
+  def close(self) -> None:
+    if self._reader is not self._source:
+      self._reader.close()
 
 
 class _Window:
