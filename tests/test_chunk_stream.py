@@ -154,3 +154,37 @@ def test_a_large_chunk_streams_within_a_fraction_of_its_size(tmp_path, monkeypat
   out = store.read((slice(0, 64), slice(0, 1024), slice(0, 256)), dtype=jnp.bfloat16)
   assert max(used) <= chunk_stream.BAND_BYTES and len(used) == 64 * 2**20 // chunk_stream.BAND_BYTES
   assert (out.view(np.uint16) == data.astype(jnp.bfloat16).view(np.uint16)).all()
+
+
+def test_units_of_a_chunk_decode_in_stored_order_and_restart_only_when_asked_again(tmp_path, monkeypatch):
+  monkeypatch.setattr(chunk_stream, 'MIN_STREAM_BYTES', 0)
+  monkeypatch.setattr(chunk_stream, 'UNIT_BYTES', 4096)
+  w = np.arange(64 * 4 * 32, dtype=np.float32).reshape(64, 4, 32)  # one 32 KiB chunk
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / 'c', {'w': w})
+  meta = metadata_lib.read_item_metadata(epath.Path(tmp_path / 'c'))
+  store = OrbaxOpener(meta)(('w',))
+  assert store.chunk == w.shape and store.unit == (8, 4, 32)  # bands of 8 rows tile the chunk
+  passed = []
+  keep = lambda cell, data: passed.append((cell, data.copy()))
+  np.testing.assert_array_equal(store.read_unit((2, 0, 0), keep), w[16:24])
+  assert [c for c, _ in passed] == [(0, 0, 0), (1, 0, 0)]  # decoded on the way, handed over
+  np.testing.assert_array_equal(passed[1][1], w[8:16])
+  np.testing.assert_array_equal(store.read_unit((3, 0, 0), keep), w[24:32])
+  assert len(passed) == 2  # the stream went on from where it was
+  np.testing.assert_array_equal(store.read_unit((1, 0, 0), keep), w[8:16])
+  assert [c for c, _ in passed[2:]] == [(0, 0, 0)]  # asked again: restarted from the chunk's start
+
+  # through the chunk cache: every layer of the stacked array read once from units, each decoded once
+  arrays = SourceArrays(meta, cache_bytes=2 * 4096)
+  for i in range(4):
+    arrays.expect(('w',), (slice(0, 64), i, slice(0, 32)))
+  layers = [arrays.read(('w',), (slice(0, 64), i, slice(0, 32))) for i in range(4)]
+  for i in range(4):
+    np.testing.assert_array_equal(layers[i], w[:, i])
+  assert w.nbytes < arrays.bytes_read <= 4 * w.nbytes  # layer-major under a 2-unit cache: units decoded again
+  arrays = SourceArrays(meta, cache_bytes=2 * w.nbytes)
+  for i in range(4):
+    arrays.expect(('w',), (slice(0, 64), i, slice(0, 32)))
+  layers = [arrays.read(('w',), (slice(0, 64), i, slice(0, 32))) for i in range(4)]
+  assert arrays.bytes_read == w.nbytes and all((layers[i] == w[:, i]).all() for i in range(4))

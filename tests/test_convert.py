@@ -377,22 +377,28 @@ def test_default_room_for_every_target_of_a_shared_chunk(tmp_path, monkeypatch):
   assert seen[-1] == 2**20  # each stored layer is read whole: nothing shared
 
 
-def test_layers_of_chunks_that_span_them_are_written_in_lockstep(tmp_path, monkeypatch):
-  """A stacked array stored in chunks that span its layers and split its rows (a sharded save): the
-  unrolled layers are written source chunk by source chunk (every layer's rows of one chunk, then the
-  next chunk), so the cache holds two chunks, not the whole array, and each stored byte is still read
-  once; each written chunk lies inside one source chunk, values are exact and plain Orbax reads them."""
+@pytest.mark.parametrize('stored', ['4-MiB-chunks', 'one-chunk-streamed'])
+def test_layers_of_chunks_that_span_them_are_written_in_lockstep(tmp_path, monkeypatch, stored):
+  """A stacked array stored in chunks that span its layers and split its rows (a sharded save), or as one
+  chunk decoded as a stream in 4 MiB units: the unrolled layers are written source chunk (unit) by chunk
+  (every layer's rows of one chunk, then the next chunk), so the cache holds two chunks, not the whole
+  array, and each stored byte is still read once; each written chunk lies inside one source chunk,
+  values are exact and plain Orbax reads them."""
   from orbax_nnx import conversion
+  from orbax_nnx.sources import chunk_stream
 
   monkeypatch.setattr(conversion, 'DEFAULT_BUFFER_BYTES', 2**20)
+  monkeypatch.setattr(chunk_stream, 'MIN_STREAM_BYTES', 0 if stored == 'one-chunk-streamed' else 2**40)
+  monkeypatch.setattr(chunk_stream, 'UNIT_BYTES', 4 * 2**20)
   rng = np.random.default_rng(0)
   w = rng.standard_normal((2048, 4, 512)).astype(np.float32)  # 16 MiB; chunks of 512 rows x 4 layers: 4 MiB
+  args = ocp.SaveArgs(chunk_byte_size=4 * 2**20) if stored == '4-MiB-chunks' else ocp.SaveArgs()
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(tmp_path / 'src', {'params': {'params': {'layers': {'w': w}}}, 'step': np.int32(2)},
-               save_args={'params': {'params': {'layers': {'w': ocp.SaveArgs(chunk_byte_size=4 * 2**20)}}},
-                          'step': ocp.SaveArgs()})
+               save_args={'params': {'params': {'layers': {'w': args}}}, 'step': ocp.SaveArgs()})
   meta = orbax_nnx.read_item_metadata(tmp_path / 'src')
-  assert meta.leaves[('params', 'params', 'layers', 'w')].metadata.storage.chunk_shape == (512, 4, 512)
+  assert meta.leaves[('params', 'params', 'layers', 'w')].metadata.storage.chunk_shape == \
+      ((512, 4, 512) if stored == '4-MiB-chunks' else w.shape)
   made = []
   original = conversion.WriteSession.__init__
 
@@ -404,7 +410,8 @@ def test_layers_of_chunks_that_span_them_are_written_in_lockstep(tmp_path, monke
   report = orbax_nnx.convert(tmp_path / 'src', tmp_path / 'dst', scan_layers=False, param_scan_axis=1)
   (source, lockstep), = made
   assert lockstep == {('params', 'params', 'layers', 'w')}
-  assert source.cache_bytes == 2 * 4 * 2**20  # two 4 MiB chunks of the 16 MiB array
+  assert source.cache_bytes == 2 * 4 * 2**20  # two 4 MiB chunks (units) of the 16 MiB array
+  assert source.store(('params', 'params', 'layers', 'w')).unit == (512, 4, 512)
   assert report.bytes_read == w.nbytes + 4
   out = orbax_nnx.restore(tmp_path / 'dst')
   plain = ocp.StandardCheckpointer().restore(tmp_path / 'dst')
