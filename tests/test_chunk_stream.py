@@ -105,9 +105,9 @@ def test_a_damaged_chunk_is_an_error_not_wrong_numbers(tmp_path, tiny_streams):
 @pytest.mark.parametrize('zarr3', [False, True])
 def test_orbax_arrays_read_the_same_streamed(tmp_path, monkeypatch, zarr3):
   tree = {'w': jnp.asarray((np.arange(48 * 8 * 20) % 251).reshape(48, 8, 20) * 0.5, jnp.float32),
-          'b': jnp.arange(12, dtype=jnp.int32)}
+          'b': jnp.arange(12, dtype=jnp.int32), 's': jnp.asarray(2.5, jnp.float32)}
   handler = ocp.PyTreeCheckpointHandler(use_zarr3=zarr3)
-  save_args = {'w': ocp.SaveArgs(chunk_byte_size=4 * 8 * 20 * 12), 'b': ocp.SaveArgs()}
+  save_args = {'w': ocp.SaveArgs(chunk_byte_size=4 * 8 * 20 * 12), 'b': ocp.SaveArgs(), 's': ocp.SaveArgs()}
   with ocp.Checkpointer(handler) as ckptr:
     ckptr.save(tmp_path / 'c', args=ocp.args.PyTreeSave(tree, save_args=save_args))
   meta = metadata_lib.read_item_metadata(epath.Path(tmp_path / 'c'))
@@ -119,7 +119,7 @@ def test_orbax_arrays_read_the_same_streamed(tmp_path, monkeypatch, zarr3):
     strided = np.zeros((48, 2, 8, 20), ml_dtypes.bfloat16)
     arrays.finish_read(arrays.start_read_into(('w',), whole, strided[:, 0], dtype=ml_dtypes.bfloat16))
     return (w.chunk, arrays.read(('w',), whole), arrays.read(('w',), whole, perm=(2, 0, 1)),
-            arrays.read(('w',), (slice(12, 24), 3, slice(0, 20))), strided.view(np.uint16), arrays.read(('b',), (slice(0, 12),)))
+            arrays.read(('w',), (slice(12, 24), 3, slice(0, 20))), strided.view(np.uint16), arrays.read(('b',), (slice(0, 12),)), arrays.read(('s',), ()))
 
   monkeypatch.setattr(chunk_stream, 'MIN_STREAM_BYTES', 2**40)
   by_tensorstore = reads()
@@ -130,7 +130,7 @@ def test_orbax_arrays_read_the_same_streamed(tmp_path, monkeypatch, zarr3):
   monkeypatch.setattr(chunk_stream.ChunkStreams, 'decode_into', lambda self, *a: calls.append(a[0]) or decode(self, *a))
   streamed = reads()
   chunks = 48 * 8 * 20 // int(np.prod(by_tensorstore[0]))
-  assert chunks > 1 and len(set(calls)) == chunks + 1  # every chunk of w, and b's one
+  assert chunks > 1 and len(set(calls)) == chunks + 2  # every chunk of w, b's and s's
   for a, b in zip(by_tensorstore, streamed):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_array_equal(streamed[1], np.asarray(tree['w']))

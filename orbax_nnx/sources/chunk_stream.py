@@ -10,11 +10,13 @@ inside `sharding_indexed`); for anything else `chunk_format` returns None and te
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import math
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -142,13 +144,53 @@ class ChunkStreams:
 
   def __init__(self, kvstore: Any, fmt: ChunkFormat):
     self.kvstore, self.fmt = kvstore, fmt
+    self._cursors: collections.OrderedDict[tuple, ChunkCursor] = collections.OrderedDict()  # streams left open
+    self._locks: dict[tuple, threading.Lock] = collections.defaultdict(threading.Lock)
+    self._lock = threading.Lock()
+
+  def lock(self, cell: tuple[int, ...], unit: tuple[int, ...]) -> threading.Lock:
+    """The lock the units (of shape `unit`) of the chunk holding unit `cell` are decoded under."""
+    with self._lock:
+      return self._locks[tuple(c * u // k for c, u, k in zip(cell, unit, self.fmt.chunk))]
+
+  def read_unit(self, cell: tuple[int, ...], unit_bytes: int,
+                passed: Callable[[tuple[int, ...], np.ndarray], None]) -> np.ndarray:
+    """The unit (band of `unit_bytes`, see `band_shape`) at grid position `cell` over the array. Its
+    chunk's stream decodes the units before it first, if it has not yet: each goes to `passed(unit cell,
+    data)`. A unit asked for again after the stream went past it restarts the stream from the chunk's
+    start. Call under `lock`: a chunk's stream goes one way, one unit at a time."""
+    fmt = self.fmt
+    unit = band_shape(fmt.chunk, fmt.dtype.itemsize, unit_bytes)
+    chunk_cell = tuple(c * u // k for c, u, k in zip(cell, unit, fmt.chunk))
+    per_chunk = tuple(k // u for k, u in zip(fmt.chunk, unit))
+    first = tuple(c * p for c, p in zip(chunk_cell, per_chunk))
+    n = int(np.ravel_multi_index(tuple(c - f for c, f in zip(cell, first)), per_chunk)) if cell else 0
+    with self._lock:
+      cursor = self._cursors.pop(chunk_cell, None)
+    if cursor is None or cursor.next > n:
+      if cursor is not None:
+        cursor.close()
+      cursor = ChunkCursor(self, chunk_cell, unit_bytes)
+    try:
+      while True:
+        at = tuple(f + int(i) for f, i in zip(first, np.unravel_index(cursor.next, per_chunk))) if cell else ()
+        data = cursor.read()
+        if at == cell:
+          return data
+        passed(at, data)
+    finally:
+      if cursor.next < cursor.count:
+        with self._lock:
+          self._cursors[chunk_cell] = cursor
+          while len(self._cursors) > MAX_CURSORS:
+            self._cursors.popitem(last=False)[1].close()
 
   def decode_into(self, cell: tuple[int, ...], out: np.ndarray) -> None:
     """Decodes the chunk at grid position `cell` into `out` (shaped like the chunk clipped at the
     array's end, any strides, any dtype: converted band by band). Raises MissingChunk."""
     for region, band in self._parts(cell, out.shape, out):
       if band is not None:
-        np.copyto(out[region], band, casting='unsafe')
+        np.copyto(out[region + (Ellipsis,)], band, casting='unsafe')
 
   def parts(self, cell: tuple[int, ...], shape: tuple[int, ...]) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
     """The chunk at grid position `cell`, `shape` being the chunk clipped at the array's end, decoded
@@ -171,7 +213,7 @@ class ChunkStreams:
         nbytes = math.prod(band_shape) * fmt.dtype.itemsize
         region = _clip(index, shape)
         if region is not None and into is not None:
-          target = into[region]
+          target = into[region + (Ellipsis,)]
           if target.shape == band_shape and target.dtype == fmt.dtype and target.flags.c_contiguous:
             _fill(reader, memoryview(target.reshape(-1).view(np.uint8)), key)  # straight into the destination
             yield region, None

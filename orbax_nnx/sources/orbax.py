@@ -3,7 +3,6 @@ straight into aligned host buffers (large chunks of Orbax's own codecs as stream
 
 from __future__ import annotations
 
-import collections
 import itertools
 import json
 import math
@@ -31,9 +30,6 @@ class OrbaxArray:
     self._streams: chunk_stream.ChunkStreams | None | bool = False  # False: not looked at yet
     self.unit_bytes = chunk_stream.UNIT_BYTES  # set before the first read, if at all
     self._unit: tuple[int, ...] | None = None
-    self._cursors: collections.OrderedDict[tuple, chunk_stream.ChunkCursor] = collections.OrderedDict()
-    self._cursor_locks: dict[tuple, threading.Lock] = collections.defaultdict(threading.Lock)
-    self._lock = threading.Lock()
 
   @property
   def unit(self) -> tuple[int, ...]:
@@ -48,40 +44,12 @@ class OrbaxArray:
     return self._unit
 
   def unit_lock(self, cell: tuple[int, ...]) -> threading.Lock:
-    """The lock one chunk's units are decoded under (units at grid position `cell`'s chunk)."""
-    unit = self.unit
-    with self._lock:
-      return self._cursor_locks[tuple(c * u // k for c, u, k in zip(cell, unit, self.chunk))]
+    """The lock the units of the chunk holding unit `cell` are decoded under."""
+    return self._streams_for(None).lock(cell, self.unit)
 
   def read_unit(self, cell: tuple[int, ...], passed: Callable[[tuple[int, ...], np.ndarray], None]) -> np.ndarray:
-    """The unit at grid position `cell` (see `unit`; call under `unit_lock(cell)`). Its chunk's stream
-    decodes the units before it first, if it has not yet: each goes to `passed(unit cell, data)`. A unit
-    asked for again after the stream went past it restarts the stream from the chunk's start."""
-    unit = self.unit
-    chunk_cell = tuple(c * u // k for c, u, k in zip(cell, unit, self.chunk))
-    per_chunk = tuple(k // u for k, u in zip(self.chunk, unit))
-    first = tuple(c * p for c, p in zip(chunk_cell, per_chunk))
-    n = int(np.ravel_multi_index(tuple(c - f for c, f in zip(cell, first)), per_chunk)) if cell else 0
-    with self._lock:
-      cursor = self._cursors.pop(chunk_cell, None)
-    if cursor is None or cursor.next > n:
-      if cursor is not None:
-        cursor.close()
-      cursor = chunk_stream.ChunkCursor(self._streams_for(None), chunk_cell, self.unit_bytes)
-    try:
-      while True:
-        local = np.unravel_index(cursor.next, per_chunk) if per_chunk else ()
-        at = tuple(f + int(i) for f, i in zip(first, local))
-        data = cursor.read()
-        if at == cell:
-          return data
-        passed(at, data)
-    finally:
-      if cursor.next < cursor.count:
-        with self._lock:
-          self._cursors[chunk_cell] = cursor
-          while len(self._cursors) > chunk_stream.MAX_CURSORS:
-            self._cursors.popitem(last=False)[1].close()
+    """The unit at grid position `cell` (see `unit`), under `unit_lock(cell)`: `ChunkStreams.read_unit`."""
+    return self._streams_for(None).read_unit(cell, self.unit_bytes, passed)
 
   casts = True  # `read(..., dtype=)` converts while decoding, chunk by chunk
 
