@@ -3,7 +3,8 @@ ranges), zstd-decoded band by band straight into the destination.
 
 Tensorstore decodes a chunk whole and holds its stored and its decoded bytes at once: reading a
 512 MiB chunk costs ~1 GiB on top of the destination, whatever the read API (measured). A stream
-holds one window and one band (~40 MiB), at the same speed. Only the codecs Orbax writes are
+holds two windows, one band and zstd's state (`STREAM_BYTES`, ~6 MiB), at the same speed or faster.
+A chunk read in parts is decoded a unit (a band of `UNIT_BYTES`) at a time, forward (`read_unit`). Only the codecs Orbax writes are
 streamed (zarr v2: zstd or none, C order, no filters; zarr v3: `bytes` + optional `zstd`, also
 inside `sharding_indexed`); for anything else `chunk_format` returns None and tensorstore decodes.
 """
@@ -24,9 +25,10 @@ import ml_dtypes
 import numpy as np
 import zstandard
 
-WINDOW_BYTES = 1 * 2**20  # compressed bytes read at a time (and one more read ahead)
+WINDOW_BYTES, READ_AHEAD = 1 * 2**20, 1  # compressed bytes read at a time, and windows in flight (local disk)
+REMOTE_WINDOW_BYTES, REMOTE_READ_AHEAD = 8 * 2**20, 4  # where each read pays a round trip (gs://, s3://)
 BAND_BYTES = 2 * 2**20  # decoded bytes copied out at a time
-STREAM_BYTES = 2 * WINDOW_BYTES + BAND_BYTES + 2 * 2**20  # what one stream holds (windows, band, zstd state)
+STREAM_BYTES = READ_AHEAD * WINDOW_BYTES + BAND_BYTES + 2 * 2**20  # one stream's buffers (local storage)
 UNIT_BYTES = 32 * 2**20  # a large chunk read in parts is decoded (and cached) this much at a time
 MAX_CURSORS = 8  # chunk streams of one array kept open between parts
 MIN_STREAM_BYTES = 16 * 2**20  # smaller chunks: tensorstore (decode buffers too small to matter)
@@ -144,9 +146,18 @@ class ChunkStreams:
 
   def __init__(self, kvstore: Any, fmt: ChunkFormat):
     self.kvstore, self.fmt = kvstore, fmt
+    spec = kvstore.spec().to_json()
+    self.local = spec.get('base', spec).get('driver') in ('file', 'memory')  # (OCDBT's base, or the store)
     self._cursors: collections.OrderedDict[tuple, ChunkCursor] = collections.OrderedDict()  # streams left open
     self._locks: dict[tuple, threading.Lock] = collections.defaultdict(threading.Lock)
     self._lock = threading.Lock()
+
+  def window(self, key: str, start: int, stop: int | None) -> _Window:
+    """A read-ahead view of one stored value's bytes [start, stop): small windows from local storage,
+    larger ones where each request pays a round trip (gs://, s3://)."""
+    if self.local:
+      return _Window(self.kvstore, key, start, stop, WINDOW_BYTES, READ_AHEAD)
+    return _Window(self.kvstore, key, start, stop, REMOTE_WINDOW_BYTES, REMOTE_READ_AHEAD)
 
   def lock(self, cell: tuple[int, ...], unit: tuple[int, ...]) -> threading.Lock:
     """The lock the units (of shape `unit`) of the chunk holding unit `cell` are decoded under."""
@@ -203,27 +214,26 @@ class ChunkStreams:
     straight into it (and yielded as None)."""
     fmt = self.fmt
     key, start, stop = self._locate(cell)
-    source = _Window(self.kvstore, key, start, stop)
-    reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=WINDOW_BYTES, closefd=False) \
+    source = self.window(key, start, stop)
+    reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=source.window, closefd=False) \
         if fmt.compressed else source
+    whole = band_shape(fmt.chunk, fmt.dtype.itemsize, BAND_BYTES)  # every band's shape: they tile the chunk
+    nbytes = math.prod(whole) * fmt.dtype.itemsize
     buffer = None
     with reader:
       for index in bands(fmt.chunk, fmt.dtype.itemsize, BAND_BYTES):  # a chunk at the array's end is stored whole
-        band_shape = tuple(1 if isinstance(s, int) else s.stop - s.start for s in index) + fmt.chunk[len(index):]
-        nbytes = math.prod(band_shape) * fmt.dtype.itemsize
         region = _clip(index, shape)
         if region is not None and into is not None:
           target = into[region + (Ellipsis,)]
-          if target.shape == band_shape and target.dtype == fmt.dtype and target.flags.c_contiguous:
+          if target.shape == whole and target.dtype == fmt.dtype and target.flags.c_contiguous:
             _fill(reader, memoryview(target.reshape(-1).view(np.uint8)), key)  # straight into the destination
             yield region, None
             continue
         if buffer is None:
-          buffer = np.empty(min(BAND_BYTES, fmt.nbytes) + fmt.dtype.itemsize, np.uint8)
-        _fill(reader, memoryview(buffer[:nbytes]), key)
+          buffer = np.empty(whole, fmt.dtype)
+        _fill(reader, memoryview(buffer.reshape(-1).view(np.uint8)), key)
         if region is not None:
-          yield region, buffer[:nbytes].view(fmt.dtype).reshape(band_shape)[tuple(slice(0, r.stop - r.start)
-                                                                                   for r in region)]
+          yield region, buffer[tuple(slice(0, r.stop - r.start) for r in region)]
       if fmt.compressed and reader.read(1):
         raise ValueError(f'chunk {key} decodes to more than {fmt.nbytes} bytes')
 
@@ -309,8 +319,8 @@ class ChunkCursor:
     self.shape = band_shape(fmt.chunk, fmt.dtype.itemsize, band_bytes)
     self.count = math.prod(c // b for c, b in zip(fmt.chunk, self.shape))
     self.key, start, stop = streams._locate(cell)
-    self._source = _Window(streams.kvstore, self.key, start, stop)
-    self._reader = zstandard.ZstdDecompressor().stream_reader(self._source, read_size=WINDOW_BYTES, closefd=False) \
+    self._source = streams.window(self.key, start, stop)
+    self._reader = zstandard.ZstdDecompressor().stream_reader(self._source, read_size=self._source.window, closefd=False) \
         if fmt.compressed else self._source
     self.next = 0  # the band the stream is at
 
@@ -329,36 +339,39 @@ class ChunkCursor:
 
 
 class _Window:
-  """A file-like view of bytes [start, stop) of one stored value, read `WINDOW_BYTES` at a time with
-  the next window's read already in flight (stop None: to the value's end)."""
+  """A file-like view of bytes [start, stop) of one stored value (stop None: to the value's end), read
+  `window` bytes at a time with the next `depth - 1` windows' reads in flight."""
 
-  def __init__(self, kvstore: Any, key: str, start: int, stop: int | None):
-    self.kvstore, self.key, self.offset, self.stop = kvstore, key, start, stop
-    self._next = self._request(start)
+  def __init__(self, kvstore: Any, key: str, start: int, stop: int | None, window: int, depth: int):
+    self.kvstore, self.key, self.stop, self.window = kvstore, key, stop, window
+    self._offset = start  # where the next request starts
+    self._requests: collections.deque = collections.deque()
+    for _ in range(depth):
+      self._request()
     self._pending = b''
 
-  def _request(self, offset: int):
-    end = offset + WINDOW_BYTES if self.stop is None else min(offset + WINDOW_BYTES, self.stop)
-    if end <= offset:
-      return None
-    return offset, self.kvstore.read(self.key, byte_range=slice(offset, end))
+  def _request(self) -> None:
+    end = self._offset + self.window if self.stop is None else min(self._offset + self.window, self.stop)
+    if end > self._offset:
+      self._requests.append((self._offset, self.kvstore.read(self.key, byte_range=slice(self._offset, end))))
+      self._offset = end
 
   def _take(self) -> bytes:
-    if self._next is None:
+    if not self._requests:
       return b''
-    offset, future = self._next
+    offset, future = self._requests.popleft()
     try:
       result = future.result()
-    except ValueError as e:
+    except ValueError as e:  # the value ends inside this window (its size is not known ahead)
       if self.stop is not None or 'OUT_OF_RANGE' not in str(e):
         raise
-      result = self.kvstore.read(self.key, byte_range=slice(offset, None)).result()  # the value's last bytes
+      result = self.kvstore.read(self.key, byte_range=slice(offset, None)).result()
       self.stop = offset + len(result.value)
+      self._requests.clear()  # (all past the end)
     if result.state != 'value':
       raise MissingChunk(self.key)
-    data = result.value
-    self._next = self._request(offset + len(data)) if data else None
-    return data
+    self._request()
+    return result.value
 
   def read(self, n: int = -1) -> bytes:
     if not self._pending:
