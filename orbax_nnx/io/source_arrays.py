@@ -292,13 +292,15 @@ class SourceArrays:
 
   def _decode_unit(self, store, key: tuple) -> np.ndarray:
     """One unit of a large streamed chunk. Its chunk's stream decodes the units before it on the way:
-    those still expected are cached (another reader is about to ask), the rest dropped."""
+    those still expected are cached while the cache has room (another reader is about to ask), the rest
+    dropped (decoded again if asked for)."""
     path, cell = key
 
     def passed(at: tuple, data: np.ndarray) -> None:
       with self._lock:
         self.bytes_read += data.nbytes
-        if (path, at) in self._expected and (path, at) not in self._chunks:
+        if (path, at) in self._expected and (path, at) not in self._chunks and \
+            self._cached_bytes + data.nbytes <= self.cache_bytes:
           self._chunks[(path, at)] = data
           self._cached_bytes += data.nbytes
 
