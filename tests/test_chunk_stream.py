@@ -188,3 +188,14 @@ def test_units_of_a_chunk_decode_in_stored_order_and_restart_only_when_asked_aga
     arrays.expect(('w',), (slice(0, 64), i, slice(0, 32)))
   layers = [arrays.read(('w',), (slice(0, 64), i, slice(0, 32))) for i in range(4)]
   assert arrays.bytes_read == w.nbytes and all((layers[i] == w[:, i]).all() for i in range(4))
+
+  # a unit decoded on the way to a later one serves its own reader; a decode ahead that finds it used is skipped
+  arrays = SourceArrays(meta, cache_bytes=w.nbytes)
+  rows = [(slice(8 * i, 8 * i + 8), slice(0, 4), slice(0, 32)) for i in range(8)]
+  for region in rows:
+    arrays.expect(('w',), region)
+  np.testing.assert_array_equal(arrays.read(('w',), rows[1]), w[8:16])
+  np.testing.assert_array_equal(arrays.read(('w',), rows[0]), w[:8])
+  assert arrays.bytes_read == 2 * w.nbytes // 8  # unit 0 decoded once, on the way to unit 1
+  assert arrays._decode_unit(arrays.store(('w',)), (('w',), (0, 0, 0)), ahead=True) is None
+  assert arrays.bytes_read == 2 * w.nbytes // 8

@@ -173,7 +173,7 @@ class SourceArrays:
           return
         self._queue.popleft()
         future = self._begin_load(key, nbytes)
-      self._pool.submit(self._load, key, bounds, nbytes, future)
+      self._pool.submit(self._load, key, bounds, nbytes, future, True)
 
   def _used(self, key: tuple) -> None:
     """One announced reader of a chunk is done; the last one drops the chunk."""
@@ -244,16 +244,19 @@ class SourceArrays:
 
   def _chunk(self, path: DiskPath, cell: tuple, bounds: tuple) -> np.ndarray:
     key = (path, cell)
-    with self._lock:
-      if key in self._chunks:
-        self._chunks.move_to_end(key)
-        return self._chunks[key]
-      future = self._loading.get(key)
-      owner = future is None
-      if owner:
-        nbytes = self._stores[path].dtype.itemsize * int(np.prod([b.stop - b.start for b in bounds], dtype=np.int64))
-        future = self._begin_load(key, nbytes)
-    return self._load(key, bounds, nbytes, future) if owner else future.result()
+    while True:
+      with self._lock:
+        if key in self._chunks:
+          self._chunks.move_to_end(key)
+          return self._chunks[key]
+        future = self._loading.get(key)
+        owner = future is None
+        if owner:
+          nbytes = self._stores[path].dtype.itemsize * int(np.prod([b.stop - b.start for b in bounds], dtype=np.int64))
+          future = self._begin_load(key, nbytes)
+      data = self._load(key, bounds, nbytes, future) if owner else future.result()
+      if data is not None:  # (None: a decode ahead found nobody expecting it any more)
+        return data
 
   def _begin_load(self, key: tuple, nbytes: int) -> concurrent.futures.Future:
     """Registers a chunk decode (under the lock): later readers wait on it, and its bytes count as busy."""
@@ -261,11 +264,14 @@ class SourceArrays:
     self._loading_bytes += nbytes
     return future
 
-  def _load(self, key: tuple, bounds: tuple, nbytes: int, future: concurrent.futures.Future) -> np.ndarray:
-    """Decodes a chunk `_begin_load` registered and caches it, dropping what is no longer expected first."""
+  def _load(self, key: tuple, bounds: tuple, nbytes: int, future: concurrent.futures.Future,
+            ahead: bool = False) -> np.ndarray | None:
+    """Decodes a chunk `_begin_load` registered and caches it, dropping what is no longer expected first.
+    A decode `ahead` of its readers that finds none left (a unit decoded and used on the way to another)
+    returns None instead."""
     try:
       store = self._stores[key[0]]
-      data = self._decode_unit(store, key) if getattr(store, 'unit', store.chunk) != store.chunk \
+      data = self._decode_unit(store, key, ahead) if getattr(store, 'unit', store.chunk) != store.chunk \
           else self._ts_read(key[0], bounds)
     except BaseException as e:
       with self._lock:
@@ -276,7 +282,7 @@ class SourceArrays:
     with self._lock:
       del self._loading[key]
       self._loading_bytes -= nbytes
-      if key not in self._chunks:  # (unless decoded on the way to another unit)
+      if data is not None and key not in self._chunks:  # (unless decoded on the way to another unit)
         self._chunks[key] = data
         self._cached_bytes += data.nbytes
       if self._cached_bytes > self.cache_bytes:  # over budget: unannounced chunks go first, then the oldest
@@ -289,18 +295,16 @@ class SourceArrays:
     self._pump()
     return data
 
-
-  def _decode_unit(self, store, key: tuple) -> np.ndarray:
+  def _decode_unit(self, store, key: tuple, ahead: bool = False) -> np.ndarray | None:
     """One unit of a large streamed chunk. Its chunk's stream decodes the units before it on the way:
-    those still expected are cached while the cache has room (another reader is about to ask), the rest
-    dropped (decoded again if asked for)."""
+    those still expected are cached (another reader is about to ask; at most the chunk, what decoding
+    it whole used to keep), the rest dropped (decoded again if asked for)."""
     path, cell = key
 
     def passed(at: tuple, data: np.ndarray) -> None:
       with self._lock:
         self.bytes_read += data.nbytes
-        if (path, at) in self._expected and (path, at) not in self._chunks and \
-            self._cached_bytes + data.nbytes <= self.cache_bytes:
+        if (path, at) in self._expected and (path, at) not in self._chunks:
           self._chunks[(path, at)] = data
           self._cached_bytes += data.nbytes
 
@@ -309,6 +313,8 @@ class SourceArrays:
         with self._lock:
           if key in self._chunks:
             return self._chunks[key]
+          if ahead and key not in self._expected:  # decoded and used while this waited: nothing to do
+            return None
         data = store.read_unit(cell, passed)
     except errors.OrbaxNNXError:
       raise
