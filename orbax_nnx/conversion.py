@@ -317,7 +317,7 @@ def _default_buffer_bytes(the_plan: Plan, source: SourceArrays, lockstep: frozen
   for path, count in readers.items():
     store = source.store(path)
     if count > 1 and path not in lockstep and not getattr(store, 'exact', False) and store.shape:
-      shared = max(shared, store.dtype.itemsize * math.prod(getattr(store, 'unit', store.chunk)))
+      shared = max(shared, store.dtype.itemsize * math.prod(source.unit(path)))
   if not shared:
     return DEFAULT_BUFFER_BYTES
   return max(DEFAULT_BUFFER_BYTES, min(shared + 2 * MAX_BATCH_BYTES, budget.available_bytes() // 4))
@@ -345,11 +345,10 @@ def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: 
     buffer_bytes = _default_buffer_bytes(the_plan, source, lockstep)
   if cache_bytes is None:
     # the chunks a group of layers is sliced from, kept until its last layer is read (at least the largest
-    # array read); arrays written in lockstep need only two of their chunks (one used, one decoded ahead)
+    # array read); arrays written in lockstep need only two of their chunks or units (one used, one ahead)
     read = {r.source for e in the_plan.entries.values() for r in reads(e)}
     cache_bytes = max([buffer_bytes] + [layout.leaves[p].nbytes for p in read - lockstep] +
-                      [2 * source.store(p).dtype.itemsize * math.prod(getattr(source.store(p), 'unit', source.store(p).chunk))
-                       for p in lockstep])
+                      [2 * source.store(p).dtype.itemsize * math.prod(source.unit(p)) for p in lockstep])
   source.cache_bytes = cache_bytes
   session = WriteSession(source, buffer_bytes, progress=progress, lockstep=lockstep)
   tree: dict = {}

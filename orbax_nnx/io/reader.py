@@ -181,9 +181,10 @@ def _scatter_groups(plan: Plan, shardings: Mapping[Path, Any], source: SourceArr
       continue
     chunk = store.chunk
     chunk_bytes = store.dtype.itemsize * int(np.prod(chunk, dtype=np.int64))
-    # huge chunks go through the chunk cache instead (measured: copying layers out of one huge chunk on
-    # many threads is faster); others are decoded once each and scattered (`_run_scatters` bounds them)
-    if len(members) > 1 and chunk[axis] > 1 and (chunk_bytes <= SCATTER_INFLIGHT_BYTES or source.streamed(stored.source)):
+    # huge chunks tensorstore decodes go through the chunk cache instead (measured: copying layers out of one
+    # huge chunk on many threads is faster); others, and streamed ones, are decoded once each and scattered
+    if len(members) > 1 and chunk[axis] > 1 and (chunk_bytes <= SCATTER_INFLIGHT_BYTES or
+                                                  source.streamed(stored.source)):
       out.append(_Scatter(source, stored, [m for _, m in members]))
   return out
 

@@ -111,6 +111,12 @@ class SourceArrays:
     with self._lock:
       self.bytes_read += store.dtype.itemsize * int(np.prod([b.stop - b.start for b in bounds], dtype=np.int64))
 
+  def unit(self, path: DiskPath) -> tuple[int, ...]:
+    """The part of the stored array at `path` decoded at a time for partial reads: its chunk, or a unit
+    of a large streamed chunk (`OrbaxArray.unit`)."""
+    store = self.store(path)
+    return tuple(getattr(store, 'unit', store.chunk))
+
   def streamed(self, path: DiskPath) -> bool:
     """Whether the chunks at `path` decode as streams (`chunk_parts` yields bands, not whole chunks)."""
     store = self.store(path)

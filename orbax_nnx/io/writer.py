@@ -328,7 +328,7 @@ def lockstep_align(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays)
   store = source.store(stored.source)
   if getattr(store, 'exact', False):
     return None
-  chunk, shape = tuple(getattr(store, 'unit', store.chunk)), tuple(store.shape)  # what is decoded at a time
+  chunk, shape = source.unit(stored.source), tuple(store.shape)  # what is decoded at a time
   align = chunk[:axis] + chunk[axis + 1:]
   rest = shape[:axis] + shape[axis + 1:]
   if chunk[axis] < 2 or align == rest or math.prod(align) * leaf.dtype.itemsize < MIN_WRITE_BLOCK_BYTES:
