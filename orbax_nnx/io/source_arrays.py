@@ -119,8 +119,7 @@ class SourceArrays:
 
   def streamed(self, path: DiskPath) -> bool:
     """Whether the chunks at `path` decode as streams (`chunk_parts` yields bands, not whole chunks)."""
-    store = self.store(path)
-    return hasattr(store, 'parts') and store.parts(tuple(0 for _ in store.shape)) is not None
+    return bool(getattr(self.store(path), 'streamed', False))
 
   def _cells(self, path: DiskPath, index: tuple, units: bool = True):
     """(store, region, cells touched, whether it is made of whole chunks, squeezed axes, cell shape): cells

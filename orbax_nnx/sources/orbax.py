@@ -43,6 +43,11 @@ class OrbaxArray:
         self._unit = chunk_stream.band_shape(self.chunk, self.dtype.itemsize, self.unit_bytes)
     return self._unit
 
+  @property
+  def streamed(self) -> bool:
+    """Whether its chunks decode as streams (large, in a codec Orbax writes)."""
+    return self._streams_for(None) is not None
+
   def unit_lock(self, cell: tuple[int, ...]) -> threading.Lock:
     """The lock the units of the chunk holding unit `cell` are decoded under."""
     return self._streams_for(None).lock(cell, self.unit)
