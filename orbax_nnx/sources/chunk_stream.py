@@ -218,7 +218,6 @@ class ChunkStreams:
     reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=source.window, closefd=False) \
         if fmt.compressed else source
     whole = band_shape(fmt.chunk, fmt.dtype.itemsize, BAND_BYTES)  # every band's shape: they tile the chunk
-    nbytes = math.prod(whole) * fmt.dtype.itemsize
     buffer = None
     with reader:
       for index in bands(fmt.chunk, fmt.dtype.itemsize, BAND_BYTES):  # a chunk at the array's end is stored whole
