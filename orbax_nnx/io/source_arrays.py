@@ -15,6 +15,7 @@ from orbax_nnx import errors
 from orbax_nnx.io.buffers import aligned_empty, transposed
 from orbax_nnx.io.regions import normalize
 from orbax_nnx.nnx_tree import DiskPath
+from orbax_nnx.sources.chunk_stream import chunk_bounds
 from orbax_nnx.sources.metadata import ItemMetadata
 from orbax_nnx.sources.orbax import OrbaxOpener
 
@@ -368,11 +369,6 @@ class ChunkLedger:
       if not self._readers[key]:
         del self._readers[key]
         self._held_bytes -= nbytes
-
-
-def chunk_bounds(cell: tuple[int, ...], chunk: tuple[int, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
-  """The region of the chunk at grid position `cell` (clipped at the array's end)."""
-  return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, chunk, shape))
 
 
 def _converted(out: np.ndarray, dtype) -> np.ndarray:

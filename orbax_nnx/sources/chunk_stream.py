@@ -4,9 +4,10 @@ ranges), zstd-decoded band by band straight into the destination.
 Tensorstore decodes a chunk whole and holds its stored and its decoded bytes at once: reading a
 512 MiB chunk costs ~1 GiB on top of the destination, whatever the read API (measured). A stream
 holds two windows, one band and zstd's state (`STREAM_BYTES`, ~6 MiB), at the same speed or faster.
-A chunk read in parts is decoded a unit (a band of `UNIT_BYTES`) at a time, forward (`read_unit`). Only the codecs Orbax writes are
-streamed (zarr v2: zstd or none, C order, no filters; zarr v3: `bytes` + optional `zstd`, also
-inside `sharding_indexed`); for anything else `chunk_format` returns None and tensorstore decodes.
+A chunk read in parts is decoded a unit (a band of `UNIT_BYTES`) at a time, forward (`read_unit`).
+Only the codecs Orbax writes are streamed (zarr v2: zstd or none, C order, no filters; zarr v3:
+`bytes` + optional `zstd`, also inside `sharding_indexed`); for anything else `chunk_format` returns
+None and tensorstore decodes.
 """
 
 from __future__ import annotations
@@ -159,10 +160,22 @@ class ChunkStreams:
       return _Window(self.kvstore, key, start, stop, WINDOW_BYTES, READ_AHEAD)
     return _Window(self.kvstore, key, start, stop, REMOTE_WINDOW_BYTES, REMOTE_READ_AHEAD)
 
+  def open(self, cell: tuple[int, ...]) -> tuple[str, _Window, Any]:
+    """(stored key, its byte window, the decoded stream) of the chunk at grid position `cell`."""
+    key, start, stop = self._locate(cell)
+    source = self.window(key, start, stop)
+    if not self.fmt.compressed:
+      return key, source, source
+    return key, source, zstandard.ZstdDecompressor().stream_reader(source, read_size=source.window, closefd=False)
+
   def lock(self, cell: tuple[int, ...], unit: tuple[int, ...]) -> threading.Lock:
     """The lock the units (of shape `unit`) of the chunk holding unit `cell` are decoded under."""
     with self._lock:
-      return self._locks[tuple(c * u // k for c, u, k in zip(cell, unit, self.fmt.chunk))]
+      return self._locks[self._chunk_of(cell, unit)]
+
+  def _chunk_of(self, cell: tuple[int, ...], unit: tuple[int, ...]) -> tuple[int, ...]:
+    """The grid position of the chunk holding the unit (of shape `unit`) at `cell`."""
+    return tuple(c * u // k for c, u, k in zip(cell, unit, self.fmt.chunk))
 
   def read_unit(self, cell: tuple[int, ...], unit_bytes: int,
                 passed: Callable[[tuple[int, ...], np.ndarray], None]) -> np.ndarray:
@@ -172,7 +185,7 @@ class ChunkStreams:
     start. Call under `lock`: a chunk's stream goes one way, one unit at a time."""
     fmt = self.fmt
     unit = band_shape(fmt.chunk, fmt.dtype.itemsize, unit_bytes)
-    chunk_cell = tuple(c * u // k for c, u, k in zip(cell, unit, fmt.chunk))
+    chunk_cell = self._chunk_of(cell, unit)
     per_chunk = tuple(k // u for k, u in zip(fmt.chunk, unit))
     first = tuple(c * p for c, p in zip(chunk_cell, per_chunk))
     n = int(np.ravel_multi_index(tuple(c - f for c, f in zip(cell, first)), per_chunk)) if cell else 0
@@ -213,10 +226,7 @@ class ChunkStreams:
     """`parts`; a band that fills a C-contiguous part of `into` in the stored dtype is decoded
     straight into it (and yielded as None)."""
     fmt = self.fmt
-    key, start, stop = self._locate(cell)
-    source = self.window(key, start, stop)
-    reader = zstandard.ZstdDecompressor().stream_reader(source, read_size=source.window, closefd=False) \
-        if fmt.compressed else source
+    key, _, reader = self.open(cell)
     whole = band_shape(fmt.chunk, fmt.dtype.itemsize, BAND_BYTES)  # every band's shape: they tile the chunk
     buffer = None
     with reader:
@@ -257,6 +267,11 @@ class ChunkStreams:
     if offset == _MISSING and nbytes == _MISSING:
       raise MissingChunk(key)
     return key, offset, offset + nbytes
+
+
+def chunk_bounds(cell: tuple[int, ...], chunk: tuple[int, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+  """The region of the chunk at grid position `cell` (clipped at the array's end)."""
+  return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, chunk, shape))
 
 
 def bands(chunk: tuple[int, ...], itemsize: int, band_bytes: int) -> Iterator[tuple]:
@@ -317,10 +332,7 @@ class ChunkCursor:
     fmt = self.fmt = streams.fmt
     self.shape = band_shape(fmt.chunk, fmt.dtype.itemsize, band_bytes)
     self.count = math.prod(c // b for c, b in zip(fmt.chunk, self.shape))
-    self.key, start, stop = streams._locate(cell)
-    self._source = streams.window(self.key, start, stop)
-    self._reader = zstandard.ZstdDecompressor().stream_reader(self._source, read_size=self._source.window, closefd=False) \
-        if fmt.compressed else self._source
+    self.key, self._source, self._reader = streams.open(cell)
     self.next = 0  # the band the stream is at
 
   def read(self) -> np.ndarray:

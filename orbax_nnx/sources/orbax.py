@@ -114,16 +114,15 @@ class OrbaxArray:
     streams = self._streams_for(None)
     if streams is None:
       return None
-    bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, self.chunk, self.shape))
-    return self._parts(streams, cell, bounds)
+    return self._parts(streams, cell, chunk_stream.chunk_bounds(cell, self.chunk, self.shape))
 
   def _parts(self, streams: chunk_stream.ChunkStreams, cell: tuple[int, ...], bounds: tuple):
     bands = streams.parts(cell, tuple(b.stop - b.start for b in bounds))
     try:
       first = next(bands, None)
-    except chunk_stream.MissingChunk:  # tensorstore decides: fill value, or its own error
+    except chunk_stream.MissingChunk:
       out = aligned_empty(tuple(b.stop - b.start for b in bounds), self.dtype)
-      ts.array(out, copy=False, write=True).write(self.store[bounds]).result()
+      self._read_missing(bounds, out)
       yield bounds, out
       return
     for region, band in itertools.chain([first] if first is not None else [], bands):
@@ -133,12 +132,16 @@ class OrbaxArray:
     """Decodes the whole chunks of `region` into `out` (shaped like it) one stream at a time."""
     grid = [range(r.start // c, -(-r.stop // c)) for r, c in zip(region, self.chunk)]
     for cell in itertools.product(*grid):
-      bounds = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, self.chunk, self.shape))
+      bounds = chunk_stream.chunk_bounds(cell, self.chunk, self.shape)
       into = out[tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(bounds, region)) + (Ellipsis,)]
       try:
         streams.decode_into(cell, into)
-      except chunk_stream.MissingChunk:  # tensorstore decides: fill value, or its own error
-        ts.array(into, copy=False, write=True).write(self._view(bounds, dtype)).result()
+      except chunk_stream.MissingChunk:
+        self._read_missing(bounds, into, dtype)
+
+  def _read_missing(self, bounds: tuple, out: np.ndarray, dtype=None) -> None:
+    """A chunk that is not stored, read by tensorstore: it decides between fill value and its own error."""
+    ts.array(out, copy=False, write=True).write(self._view(bounds, dtype)).result()
 
 
 class OrbaxOpener:
