@@ -159,8 +159,11 @@ def test_overwrite_replaces_dst(tmp_path, linen_ckpt):
 
 def _convert_measured(save_script: str, src, dst, options: str) -> dict:
   """Runs `save_script` (writes SRC), then `convert(src, dst, <options>)` in a fresh process: its peak RSS
-  growth (VmHWM) and the bytes it read."""
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), JAX_PLATFORMS='cpu', MALLOC_ARENA_MAX='2')
+  growth (VmHWM) and the bytes it read. glibc's mmap threshold is pinned at 1 MiB: its default moves up as
+  large buffers are freed, so later ones come from a heap that fragments (measured +8 MiB, +-7 MiB run to
+  run, on a 60 MiB growth), which measures the allocator, not what convert holds."""
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), JAX_PLATFORMS='cpu', MALLOC_ARENA_MAX='2',
+             MALLOC_MMAP_THRESHOLD_=str(2**20))
   subprocess.run([sys.executable, '-c', save_script], check=True, env=env, timeout=300, capture_output=True)
   measure = textwrap.dedent(f"""
       import json, jax.numpy as jnp
@@ -313,7 +316,7 @@ def test_large_arrays_are_written_block_by_block(tmp_path):
 @pytest.mark.slow
 def test_convert_memory_is_flat_as_arrays_grow(tmp_path):
   """Same leaf count, 4x larger arrays (stored in 8 MiB chunks, as a sharded save chunks them), one 32 MiB
-  budget: peak RSS growth of the unrolled -> stacked convert stays within 10% (+16 MiB of allocator noise)."""
+  budget: peak RSS growth of the unrolled -> stacked convert stays within 10% (+8 MiB of noise)."""
   growth = {}
   for scale in (1, 4):
     rows = 1024 * scale
@@ -330,7 +333,7 @@ def test_convert_memory_is_flat_as_arrays_grow(tmp_path):
                                 "to='nnx', scan_layers=True, memory_budget=32 * 2**20")
     assert figures['read'] == 4 * rows * 2048 * 4 + 4, 'each stored byte read once'
     growth[scale] = figures['growth']
-  assert growth[4] <= 1.1 * growth[1] + 16 * 2**20, {k: v / 2**20 for k, v in growth.items()}
+  assert growth[4] <= 1.1 * growth[1] + 8 * 2**20, {k: v / 2**20 for k, v in growth.items()}
 
 
 def test_blocks_wait_rather_than_decode_a_chunk_twice(tmp_path):
