@@ -337,7 +337,7 @@ def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: 
                                               if p in the_plan.entries],
                     what='writing the largest converted array', at_once=False,
                     advice='run the conversion as several jax.distributed processes (each writes its shards)')
-  source = SourceArrays(layout.meta)
+  source = SourceArrays(layout.meta) if cache_bytes is None else SourceArrays(layout.meta, cache_bytes)
   source.open_ahead(r.source for e in the_plan.entries.values() for r in reads(e))
   _size_units(the_plan, source)
   lockstep = _lockstep_sources(the_plan, source)

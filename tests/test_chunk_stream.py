@@ -102,6 +102,27 @@ def test_a_damaged_chunk_is_an_error_not_wrong_numbers(tmp_path, tiny_streams):
     chunk_stream.ChunkStreams(store.kvstore, fmt).decode_into((0, 0, 0), np.empty(data.shape, np.float32))
 
 
+def test_a_damaged_shard_index_is_an_error_not_wrong_numbers(tmp_path, tiny_streams):
+  """Raw (uncompressed) chunks in a shard: an index pointing elsewhere would decode someone else's bytes,
+  so its crc32c is checked, as tensorstore checks it."""
+  assert chunk_stream.crc32c(b'123456789') == 0xE3069283  # the CRC-32C check value
+  raw = [{'name': 'bytes', 'configuration': {'endian': 'little'}}]
+  codecs = [{'name': 'sharding_indexed', 'configuration': {
+      'chunk_shape': [2, 3, 3], 'codecs': raw,
+      'index_codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}}, {'name': 'crc32c'}]}}]
+  store, data = _zarr(tmp_path, 'zarr3', codecs, (4, 6, 6))
+  fmt = chunk_stream.chunk_format(store.spec().to_json()['metadata'])
+  out = np.empty((2, 3, 3), np.float32)
+  chunk_stream.ChunkStreams(store.kvstore, fmt).decode_into((1, 0, 0), out)
+  np.testing.assert_array_equal(out, data[2:4, :3, :3])
+  stored = bytearray(store.kvstore['c/0/0/0'])
+  index = len(stored) - 4 - 16 * 8  # 2 x 2 x 2 chunks per shard; chunk (1, 0, 0) is the 5th
+  stored[index + 16 * 4:index + 16 * 4 + 8] = stored[index:index + 8]  # points at chunk (0, 0, 0)'s bytes
+  store.kvstore['c/0/0/0'] = bytes(stored)
+  with pytest.raises(ValueError, match='crc32c'):
+    chunk_stream.ChunkStreams(store.kvstore, fmt).decode_into((1, 0, 0), out)
+
+
 @pytest.mark.parametrize('zarr3', [False, True])
 def test_orbax_arrays_read_the_same_streamed(tmp_path, monkeypatch, zarr3):
   tree = {'w': jnp.asarray((np.arange(48 * 8 * 20) % 251).reshape(48, 8, 20) * 0.5, jnp.float32),
@@ -134,6 +155,21 @@ def test_orbax_arrays_read_the_same_streamed(tmp_path, monkeypatch, zarr3):
   for a, b in zip(by_tensorstore, streamed):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_array_equal(streamed[1], np.asarray(tree['w']))
+
+
+def test_a_small_memory_budget_streams_smaller_chunks(tmp_path):
+  """Below 16 MiB, chunks decode through tensorstore (2x the chunk for a moment), unless the chunks a
+  reader may keep are few: with 16 MiB of them (a 32 MiB budget), an 8 MiB chunk streams."""
+  data = np.random.default_rng(0).standard_normal((2048, 1024)).astype(np.float32)  # 8 MiB, one chunk
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / 'c', {'w': data})
+  meta = metadata_lib.read_item_metadata(epath.Path(tmp_path / 'c'))
+  assert chunk_stream.min_stream_bytes() == chunk_stream.MIN_STREAM_BYTES
+  assert not SourceArrays(meta).streamed(('w',))
+  tight = SourceArrays(meta, cache_bytes=16 * 2**20)
+  assert tight.streamed(('w',))
+  np.testing.assert_array_equal(tight.read(('w',), (slice(0, 2048), slice(0, 1024))), data)
+  assert chunk_stream.min_stream_bytes(2 * 2**20) == chunk_stream.STREAM_BYTES  # never below one stream's cost
 
 
 def test_a_large_chunk_streams_within_a_fraction_of_its_size(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from orbax_nnx import errors
 from orbax_nnx.io.buffers import aligned_empty, transposed
 from orbax_nnx.io.regions import normalize
 from orbax_nnx.nnx_tree import DiskPath
-from orbax_nnx.sources.chunk_stream import chunk_bounds
+from orbax_nnx.sources.chunk_stream import chunk_bounds, min_stream_bytes
 from orbax_nnx.sources.metadata import ItemMetadata
 from orbax_nnx.sources.orbax import OrbaxOpener
 
@@ -30,7 +30,8 @@ class SourceArrays:
   unsharded array as one chunk), so regions are served from decoded chunks: a chunk
   only partly needed is kept (LRU, `cache_bytes`, always at least one chunk) until
   the other regions that need it (e.g. the other layers of a stacked array) are read.
-  Each chunk is decoded once as long as its readers are scheduled together.
+  Each chunk is decoded once as long as its readers are scheduled together. Large chunks (or, under a
+  small `cache_bytes`, smaller ones: `chunk_stream.min_stream_bytes`) of Orbax's codecs decode as streams.
   """
 
   def __init__(self, meta: ItemMetadata, cache_bytes: int = DEFAULT_CACHE_BYTES):
@@ -44,6 +45,7 @@ class SourceArrays:
     else:
       self._open = OrbaxOpener(meta)
     self.cache_bytes = cache_bytes
+    self.min_stream_bytes = min_stream_bytes(cache_bytes)  # follows the budget the source is made with
     self._stores: dict[DiskPath, Any] = {}
     self._opening: dict[DiskPath, Any] = {}  # path -> open started by `open_ahead`
     self._chunks: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
@@ -79,6 +81,8 @@ class SourceArrays:
       raise
     except Exception as e:
       raise errors.CorruptCheckpointError(self.meta.directory, f'{"/".join(path)} cannot be opened: {e}') from e
+    if hasattr(store, 'min_stream_bytes'):
+      store.min_stream_bytes = self.min_stream_bytes
     with self._lock:
       self._stores[path] = store
     return store

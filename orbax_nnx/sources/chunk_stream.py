@@ -6,8 +6,8 @@ Tensorstore decodes a chunk whole and holds its stored and its decoded bytes at 
 holds two windows, one band and zstd's state (`STREAM_BYTES`, ~6 MiB), at the same speed or faster.
 A chunk read in parts is decoded a unit (a band of `UNIT_BYTES`) at a time, forward (`read_unit`).
 Only the codecs Orbax writes are streamed (zarr v2: zstd or none, C order, no filters; zarr v3:
-`bytes` + optional `zstd`, also inside `sharding_indexed`); for anything else `chunk_format` returns
-None and tensorstore decodes.
+`bytes` + optional `zstd`, also inside `sharding_indexed`, whose chunk index is checked against its
+crc32c as tensorstore checks it); for anything else `chunk_format` returns None and tensorstore decodes.
 """
 
 from __future__ import annotations
@@ -32,8 +32,18 @@ BAND_BYTES = 2 * 2**20  # decoded bytes copied out at a time
 STREAM_BYTES = READ_AHEAD * WINDOW_BYTES + BAND_BYTES + 2 * 2**20  # one stream's buffers (local storage)
 UNIT_BYTES = 32 * 2**20  # a large chunk read in parts is decoded (and cached) this much at a time
 MAX_CURSORS = 8  # chunk streams of one array kept open between parts
+MAX_SHARD_INDEXES = 64  # shard chunk indexes of one array kept (16 bytes per chunk)
 MIN_STREAM_BYTES = 16 * 2**20  # smaller chunks: tensorstore (decode buffers too small to matter)
 _MISSING = 2**64 - 1  # a shard index entry for a chunk never written
+
+
+def min_stream_bytes(cache_bytes: int | None = None) -> int:
+  """Chunks of this many bytes or more decode as streams: `MIN_STREAM_BYTES`, or less when the decoded
+  chunks a reader may keep (`cache_bytes`, half a memory budget) are few: tensorstore's decode holds a
+  chunk's stored and decoded bytes at once, which must not outgrow a quarter of them."""
+  if cache_bytes is None:
+    return MIN_STREAM_BYTES
+  return min(MIN_STREAM_BYTES, max(STREAM_BYTES, cache_bytes // 4))
 
 
 class MissingChunk(Exception):
@@ -151,6 +161,7 @@ class ChunkStreams:
     self.local = spec.get('base', spec).get('driver') in ('file', 'memory')  # (OCDBT's base, or the store)
     self._cursors: collections.OrderedDict[tuple, ChunkCursor] = collections.OrderedDict()  # streams left open
     self._locks: dict[tuple, threading.Lock] = collections.defaultdict(threading.Lock)
+    self._indexes: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()  # shard key -> index
     self._lock = threading.Lock()
 
   def window(self, key: str, start: int, stop: int | None) -> _Window:
@@ -254,6 +265,19 @@ class ChunkStreams:
     shard = tuple(c // n for c, n in zip(cell, fmt.shard))
     key = fmt.key(shard)
     position = int(np.ravel_multi_index(tuple(c % n for c, n in zip(cell, fmt.shard)), fmt.shard)) if cell else 0
+    offset, nbytes = self._shard_index(key)[position].tolist()
+    if offset == _MISSING and nbytes == _MISSING:
+      raise MissingChunk(key)
+    return key, offset, offset + nbytes
+
+  def _shard_index(self, key: str) -> np.ndarray:
+    """The (offset, size) pairs of the chunks in the shard stored at `key`, its checksum verified (read
+    once per shard: the last few are kept)."""
+    with self._lock:
+      index = self._indexes.get(key)
+    if index is not None:
+      return index
+    fmt = self.fmt
     count = math.prod(fmt.shard)
     size = 16 * count + (4 if fmt.index_checksum else 0)
     window = slice(-size, None) if fmt.index_at_end else slice(0, size)
@@ -263,10 +287,35 @@ class ChunkStreams:
       raise MissingChunk(key) from e
     if result.state != 'value':
       raise MissingChunk(key)
-    offset, nbytes = np.frombuffer(result.value, '<u8', count=2, offset=16 * position).tolist()
-    if offset == _MISSING and nbytes == _MISSING:
-      raise MissingChunk(key)
-    return key, offset, offset + nbytes
+    data = bytes(result.value)
+    if fmt.index_checksum and crc32c(data[:-4]) != int.from_bytes(data[-4:], 'little'):
+      raise ValueError(f'shard {key}: its chunk index fails its crc32c checksum (the shard is damaged)')
+    index = np.frombuffer(data, '<u8', count=2 * count).reshape(count, 2)
+    with self._lock:
+      self._indexes[key] = index
+      while len(self._indexes) > MAX_SHARD_INDEXES:
+        self._indexes.popitem(last=False)
+    return index
+
+
+def _crc32c_table() -> list[int]:
+  table = []
+  for n in range(256):
+    for _ in range(8):
+      n = (n >> 1) ^ 0x82F63B78 if n & 1 else n >> 1
+    table.append(n)
+  return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  """CRC-32C (Castagnoli), zarr v3's `crc32c` codec: checks shard indexes (a few bytes per chunk)."""
+  crc, table = 0xFFFFFFFF, _CRC32C
+  for byte in data:
+    crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
 
 
 def chunk_bounds(cell: tuple[int, ...], chunk: tuple[int, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:

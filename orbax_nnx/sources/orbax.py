@@ -28,7 +28,8 @@ class OrbaxArray:
     self.dtype = store.dtype.numpy_dtype
     self.chunk = tuple(c or n for c, n in zip(store.chunk_layout.read_chunk.shape or self.shape, self.shape))
     self._streams: chunk_stream.ChunkStreams | None | bool = False  # False: not looked at yet
-    self.unit_bytes = chunk_stream.UNIT_BYTES  # set before the first read, if at all
+    self.unit_bytes = chunk_stream.UNIT_BYTES  # these two: set before the first read, if at all
+    self.min_stream_bytes = chunk_stream.MIN_STREAM_BYTES  # smaller chunks: tensorstore decodes them
     self._unit: tuple[int, ...] | None = None
 
   @property
@@ -99,7 +100,7 @@ class OrbaxArray:
     """The chunk streams, when chunks are large and `region` (None: any) is made of whole ones."""
     if self._streams is False:
       fmt = None
-      if math.prod(self.chunk) * self.dtype.itemsize >= chunk_stream.MIN_STREAM_BYTES:
+      if math.prod(self.chunk) * self.dtype.itemsize >= self.min_stream_bytes:
         fmt = chunk_stream.chunk_format(self.store.spec().to_json().get('metadata', {}))
       self._streams = chunk_stream.ChunkStreams(self.store.kvstore, fmt) \
           if fmt is not None and fmt.chunk == self.chunk else None
