@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import itertools
 import threading
 from typing import Any
@@ -87,14 +88,20 @@ class SourceArrays:
       self._stores[path] = store
     return store
 
-  def _ts_read(self, path: DiskPath, index: tuple, perm: tuple[int, ...] | None = None, dtype=None) -> np.ndarray:
-    store = self.store(path)
+  @contextlib.contextmanager
+  def _reading(self, path: DiskPath):
+    """Errors decoding the stored array at `path` raised as a CorruptCheckpointError naming it."""
     try:
-      out = store.read(index, perm) if dtype is None else store.read(index, perm, dtype)
+      yield
     except errors.OrbaxNNXError:
       raise
     except Exception as e:
       raise errors.CorruptCheckpointError(self.meta.directory, f'{"/".join(path)}: {e}') from e
+
+  def _ts_read(self, path: DiskPath, index: tuple, perm: tuple[int, ...] | None = None, dtype=None) -> np.ndarray:
+    store = self.store(path)
+    with self._reading(path):
+      out = store.read(index, perm) if dtype is None else store.read(index, perm, dtype)
     with self._lock:
       self.bytes_read += out.size * np.dtype(store.dtype).itemsize
     return out
@@ -107,12 +114,8 @@ class SourceArrays:
     if parts is None:
       yield bounds, self._ts_read(path, bounds)
       return
-    try:
+    with self._reading(path):
       yield from parts
-    except errors.OrbaxNNXError:
-      raise
-    except Exception as e:
-      raise errors.CorruptCheckpointError(self.meta.directory, f'{"/".join(path)}: {e}') from e
     with self._lock:
       self.bytes_read += store.dtype.itemsize * int(np.prod([b.stop - b.start for b in bounds], dtype=np.int64))
 
@@ -136,7 +139,7 @@ class SourceArrays:
     region = normalize(region, shape)
     if not shape or getattr(store, 'exact', False):  # any region reads exactly what it needs
       return store, region, [], True, squeeze, ()
-    chunk = getattr(store, 'unit', store.chunk) if units else store.chunk
+    chunk = self.unit(path) if units else store.chunk
     grid = [range(r.start // c, -(-r.stop // c)) if r.stop > r.start else range(0) for r, c in zip(region, chunk)]
     cells = list(itertools.product(*grid))
     # a region made of whole chunks needs no cache: each one is decoded straight into the output
@@ -281,7 +284,7 @@ class SourceArrays:
     returns None instead."""
     try:
       store = self._stores[key[0]]
-      data = self._decode_unit(store, key, ahead) if getattr(store, 'unit', store.chunk) != store.chunk \
+      data = self._decode_unit(store, key, ahead) if self.unit(key[0]) != tuple(store.chunk) \
           else self._ts_read(key[0], bounds)
     except BaseException as e:
       with self._lock:
@@ -318,18 +321,13 @@ class SourceArrays:
           self._chunks[(path, at)] = data
           self._cached_bytes += data.nbytes
 
-    try:
-      with store.unit_lock(cell):
-        with self._lock:
-          if key in self._chunks:
-            return self._chunks[key]
-          if ahead and key not in self._expected:  # decoded and used while this waited: nothing to do
-            return None
-        data = store.read_unit(cell, passed)
-    except errors.OrbaxNNXError:
-      raise
-    except Exception as e:
-      raise errors.CorruptCheckpointError(self.meta.directory, f'{"/".join(path)}: {e}') from e
+    with self._reading(path), store.unit_lock(cell):
+      with self._lock:
+        if key in self._chunks:
+          return self._chunks[key]
+        if ahead and key not in self._expected:  # decoded and used while this waited: nothing to do
+          return None
+      data = store.read_unit(cell, passed)
     with self._lock:
       self.bytes_read += data.nbytes
     return data

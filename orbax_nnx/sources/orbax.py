@@ -73,11 +73,9 @@ class OrbaxArray:
       out = aligned_empty(tuple(shape[p] for p in perm), out_dtype)
       self._stream(region, np.transpose(out, np.argsort(perm)), streams, dtype)
       return out
-    view = self.store[region]
+    view = self._view(region, dtype)
     if perm is not None:
       view = view[ts.d[tuple(perm)].transpose[tuple(range(len(perm)))]]
-    if dtype is not None and np.dtype(dtype) != self.dtype:
-      view = ts.cast(view, ts.dtype(np.dtype(dtype).name))
     out = aligned_empty(tuple(view.shape), view.dtype.numpy_dtype)
     ts.array(out, copy=False, write=True).write(view).result()
     return out
