@@ -375,6 +375,11 @@ def _maybe_distributed() -> None:
     jax.distributed.initialize(coordinator_address=address, num_processes=int(count), process_id=int(index))
 
 
+def _version() -> str:
+  from orbax_nnx.version import __version__
+  return __version__
+
+
 def main(argv=None) -> int:
   _setup_env()
   _maybe_distributed()
@@ -390,6 +395,12 @@ def main(argv=None) -> int:
   except errors.OrbaxNNXError as e:
     print(f'orbax-nnx {args.command}: error: {e}', file=sys.stderr)
     return _USAGE_ERROR
+  except Exception:  # not a checkpoint or usage problem we recognise: an internal error, shown in full
+    import traceback
+    traceback.print_exc()
+    print(f'orbax-nnx {args.command}: internal error (a bug in orbax-nnx {_version()}); please report it with the'
+          ' traceback above.', file=sys.stderr)
+    return 1
 
 
 if __name__ == '__main__':

@@ -36,6 +36,7 @@ from orbax_nnx.planning.planner import Plan, build
 from orbax_nnx.io.source_arrays import SourceArrays
 from orbax_nnx.planning.targets import LayoutTarget, layout_target, model_target
 from orbax_nnx.io.reader import layer_of
+from orbax_nnx.io.destination import check_destination
 from orbax_nnx.io.writer import (MAX_BATCH_BYTES, MIN_WRITE_BLOCK_BYTES, LazyArray, WriteSession, layer_chunk_args,
                                  lockstep_align, streaming_pytree_handler)
 
@@ -61,18 +62,6 @@ class ConvertReport:
     return (f'converted {self.src} ({self.source_kind}) -> {self.dst} ({self.framework}): {self.leaves} leaves,'
             f' read {self.bytes_read / 2**20:.1f} MiB, wrote {self.bytes_written / 2**20:.1f} MiB,'
             f' {self.seconds:.1f} s, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB')
-
-
-def _check_paths(src: epath.Path, dst: epath.Path, overwrite: bool) -> None:
-  s, d = str(src.resolve()), str(dst.resolve()) if dst.exists() or dst.parent.exists() else str(dst)
-  if s == d:
-    raise errors.OrbaxNNXError(f'DST {dst} is SRC; write the conversion somewhere else.')
-  if d.startswith(s.rstrip('/') + '/'):
-    raise errors.OrbaxNNXError(f'DST {dst} is inside SRC {src}; write it outside the source checkpoint.')
-  if s.startswith(d.rstrip('/') + '/'):
-    raise errors.OrbaxNNXError(f'SRC {src} is inside DST {dst}; overwriting DST would destroy the source.')
-  if dst.exists() and not overwrite:
-    raise errors.OrbaxNNXError(f'DST {dst} exists; pass overwrite=True (--overwrite) to replace it.')
 
 
 def _default_sharding(leaf) -> jax.sharding.Sharding:
@@ -423,8 +412,7 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   if buffer_bytes is not None:
     errors.check_int('buffer_bytes', buffer_bytes)
   src_item = resolve_item(src, step=step, item=item)
-  dst = epath.Path(dst)
-  _check_paths(src_item, dst, overwrite)
+  dst = check_destination(dst, sources=(src, src_item), overwrite=overwrite)
   source, written, the_plan, options = plan_conversion(
       src_item, to=to, scan_layers=scan_layers, scan_axis=scan_axis, param_scan_axis=param_scan_axis,
       flavour=format, rules=rules, include=include, dtype=dtype, lora=lora, target=target, linen_style=linen_style,

@@ -92,6 +92,14 @@ class ShardingError(OrbaxNNXError, ValueError):
   """A target sharding cannot be used on the available devices."""
 
 
+class DestinationError(OrbaxNNXError, ValueError):
+  """A writer's DST may not be written or replaced (a source, a protected folder, not a checkpoint, a link)."""
+
+  def __init__(self, path, reason: str):
+    self.path = str(path)
+    super().__init__(f'Refusing to write DST {self.path}: {reason}.')
+
+
 class ResourceError(OrbaxNNXError, MemoryError):
   """An operation would need more memory than this process can get (checked before allocating)."""
 

@@ -32,6 +32,7 @@ from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 from orbax_nnx.planning.expressions import Cast, Expr, Take
 from orbax_nnx.mapping.rules import apply_view
 from orbax_nnx.planning.planner import build, lookup_axis, target_leaves
+from orbax_nnx.io.destination import check_destination
 from orbax_nnx.io.source_arrays import SourceArrays
 from orbax_nnx.io.regions import evaluate, row_blocks
 from orbax_nnx.sources.safetensors import DTYPE_NAMES, INDEX_FILE
@@ -178,15 +179,15 @@ def _block_bytes(expr: Expr, index: tuple) -> int:
 
 def write_safetensors(dst: epath.Path, tensors: dict[str, Expr], source: SourceArrays, *,
                       max_shard_size: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
-                      ahead_bytes: int = 2 * BLOCK_BYTES) -> int:
+                      ahead_bytes: int = 2 * BLOCK_BYTES, sources: Sequence[epath.PathLike] = ()) -> int:
   """Writes `tensors` as `model.safetensors` or `model-0000K-of-0000N.safetensors` + index (atomic).
 
   Row blocks are evaluated ahead of the file writes within `ahead_bytes` (two blocks of at most
-  `BLOCK_BYTES`). Returns the bytes written. Under `jax.distributed`, process 0 writes, the others wait.
+  `BLOCK_BYTES`). `dst` is checked against `sources` first (`io.destination.check_destination`).
+  Returns the bytes written. Under `jax.distributed`, process 0 writes, the others wait.
   """
   block_bytes = max(1, min(BLOCK_BYTES, ahead_bytes // 2))
-  if dst.exists() and not overwrite:
-    raise errors.OrbaxNNXError(f'DST {dst} exists; pass overwrite=True (--overwrite) to replace it.')
+  dst = check_destination(dst, sources=sources, overwrite=overwrite)
   total = sum(_nbytes(e) for e in tensors.values())
   if jax.process_count() > 1:  # every process has looked at DST before process 0 creates it
     from jax.experimental import multihost_utils
@@ -211,9 +212,13 @@ def write_safetensors(dst: epath.Path, tensors: dict[str, Expr], source: SourceA
         (tmp / INDEX_FILE).write_text(json.dumps({'metadata': {'total_size': total},
                                                   'weight_map': dict(sorted(weight_map.items(), key=lambda kv: _natural(kv[0])))},
                                                  indent=2))
-      if dst.exists():
-        shutil.rmtree(dst)
-      tmp.rename(dst)
+      if dst.exists():  # a checkpoint (check_destination): moved aside, replaced, then deleted
+        old = dst.parent / f'.{dst.name}.orbax-nnx-old-{uuid.uuid4().hex[:8]}'
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old)
+      else:
+        tmp.rename(dst)
     except BaseException:
       shutil.rmtree(tmp, ignore_errors=True)
       raise
@@ -240,18 +245,18 @@ def export_safetensors(src: epath.PathLike, dst: epath.PathLike, *, target: Any,
     raise errors.OptionError("format='safetensors' needs target= (the model, abstract) and rules= (model path"
                              ' -> tensor name, e.g. orbax_nnx.llama.hf_export_rules(cfg)).')
   dst = epath.Path(dst)
+  sources = ()
   if live:  # a live model: its Params, read from memory
     from orbax_nnx.sources.live import live_metadata
     meta = live_metadata(nnx.state(src, nnx.Param) if nnx_tree.is_graph_node(src) else src)
   else:
     src_item = resolve_item(src, step=step, item=item)
-    if str(dst.resolve()).startswith(str(src_item.resolve()).rstrip('/') + '/') or dst.resolve() == src_item.resolve():
-      raise errors.OrbaxNNXError(f'DST {dst} is inside SRC {src_item}; write it somewhere else.')
+    sources = (src, src_item)
     meta = read_item_metadata(src_item)
   state = nnx.state(target, nnx.Param) if nnx_tree.is_graph_node(target) else target
   tensors = export_plan(meta, state, rules, dtype=dtype, scan_axis=scan_axis, param_scan_axis=param_scan_axis,
                         merge_lora=merge_lora, layout=layout, groups=groups)
   source = SourceArrays(meta, cache_bytes=max(1, buffer_bytes // 2))  # half decoded chunks, half blocks ahead
   written = write_safetensors(dst, tensors, source, max_shard_size=max_shard_size, overwrite=overwrite,
-                              ahead_bytes=max(1, buffer_bytes - buffer_bytes // 2))
+                              ahead_bytes=max(1, buffer_bytes - buffer_bytes // 2), sources=sources)
   return len(tensors), source.bytes_read, written
