@@ -240,10 +240,12 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
         return self._restore_nnx(directory, NNXRestore(
             target=args.item, default_sharding=args.fallback_sharding, strict=args.strict,
             support_layout=args.support_layout))
+      self._check_plain_untargeted(directory, args.item, args.fallback_sharding)
       return self._std.restore(directory, args=args)
     if isinstance(args, ocp.args.PyTreeRestore):
       nnx_item = nnx_tree.contains_nnx(args.item) or (args.item is None and self._written_as_nnx(directory))
       if not nnx_item:
+        self._check_plain_untargeted(directory, args.item)
         return self._pytree.restore(directory, args=args)
       for name in ('transforms', 'legacy_transform_fn'):
         if getattr(args, name) is not None:
@@ -257,6 +259,18 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
       return self._restore_nnx(directory, NNXRestore(
           target=args.item, extra='ignore' if args.partial_restore else 'error', restore_args=args.restore_args))
     raise TypeError(f'NNXCheckpointHandler cannot restore with {type(args).__name__}.')
+
+  def _check_plain_untargeted(self, directory: epath.Path, item: Any,
+                              default_sharding: jax.sharding.Sharding | None = None) -> None:
+    """An untargeted plain restore allocates by stored shapes: they must fit (a forged `.zarray` would abort)."""
+    if item is not None:
+      return
+    try:
+      meta = read_item_metadata(directory, self._pytree)
+      len(meta.leaves)  # read now: Orbax's older formats (aggregated, no _METADATA) are left to Orbax
+    except errors.NotACheckpointError:
+      return
+    restoring.check_untargeted_fits(meta, default_sharding)
 
   def _written_as_nnx(self, directory: epath.Path) -> bool:
     """Whether the item holds our metadata (an NNX item); plain items restore as stock Orbax does."""
@@ -273,6 +287,7 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
         raise errors.OptionError(f'{meta.directory} is a {meta.format} checkpoint: restoring it needs a target'
                                  ' (an abstract NNX model or state) and usually rules=...; see `orbax-nnx inspect`.')
       if not meta.ours:  # not an NNX item we wrote: exactly what Orbax returns
+        restoring.check_untargeted_fits(meta, args.default_sharding)
         return self._std.restore(meta.directory, args=ocp.args.StandardRestore(
             fallback_sharding=args.default_sharding))
       return restoring.restore_untargeted(self._pytree, meta, args.default_sharding)
@@ -358,6 +373,7 @@ def to_save_tree(item: PyTree, flavour: nnx_tree.Flavour = 'raw', exclude=nnx_tr
   """(nested dict of arrays as Orbax will write it, our custom metadata block)."""
   tree: dict = {}
   records = []
+  names: dict[str, Any] = {}
   for path, leaf in nnx_tree.flatten(item, exclude, keep_empty=True):
     is_var = isinstance(leaf, nnx.Variable)
     value = leaf.get_value() if is_var else leaf
@@ -373,6 +389,12 @@ def to_save_tree(item: PyTree, flavour: nnx_tree.Flavour = 'raw', exclude=nnx_tr
                                  ' Orbax cannot store; drop it from the item or give it at least one element.')
     if not disk:
       raise errors.OrbaxNNXError('Cannot save a single Variable or array as an item; wrap it in a dict.')
+    name = '.'.join(disk)  # Orbax stores each array under its keys joined by '.'
+    if name in names:
+      raise errors.OrbaxNNXError(
+          f'Cannot save {nnx_tree.path_str(path)!r} and {nnx_tree.path_str(names[name])!r}: Orbax stores both as'
+          f' {name!r}, so one would overwrite the other; rename one of them.')
+    names[name] = path
     nnx_tree.set_path(tree, disk, value)
   ours = {'version': version.__version__, 'flavour': flavour, 'variables': records}
   return tree, ours

@@ -306,6 +306,32 @@ def check_plan(the_plan, target: Any, missing: MissingPolicy, extra: ExtraPolicy
         f' ({the_plan.source.kind} layout), so nothing would be restored')
 
 
+def _stored_placement(meta: ItemMetadata, default_sharding: jax.sharding.Sharding | None) -> dict:
+  """Where an untargeted restore puts each stored leaf: its saved sharding (None: a host array)."""
+  placed = {}
+  for disk, info in meta.leaves.items():
+    sharding = None
+    if isinstance(info.metadata, ocp.metadata.ArrayMetadata) and info.metadata.sharding is not None:
+      sharding = info.saved_sharding() or default_sharding or shardings.default_sharding()
+    placed[disk] = sharding
+  return placed
+
+
+def check_untargeted_fits(meta: ItemMetadata, default_sharding: jax.sharding.Sharding | None = None,
+                          placed: dict | None = None) -> None:
+  """Raises ResourceError before an untargeted restore (ours or plain Orbax's) whose stored shapes cannot fit.
+
+  Every untargeted restore allocates by the shapes the metadata declares, which may be damaged or forged; an
+  item need not carry our records for this check to run.
+  """
+  placed = _stored_placement(meta, default_sharding) if placed is None else placed
+  budget.check_fits(meta.directory, [('/'.join(disk), info.shape, info.dtype, placed[disk])
+                                     for disk, info in meta.leaves.items()],
+                    what='restoring every stored array',
+                    advice='restore into a target that shards the arrays over more devices or processes,'
+                    ' or only a part of them (a partial target, orbax_nnx.load_params)')
+
+
 def restore_untargeted(
     impl: ocp.PyTreeCheckpointHandler,
     meta: ItemMetadata,
@@ -313,18 +339,13 @@ def restore_untargeted(
 ) -> nnx.State:
   """Restores an NNX item we wrote, everything in it: Orbax reads it as stored (numpy stays
   numpy, dtypes kept), then our records turn leaves back into their Variable types."""
-  item, restore_args, allocations = {}, {}, []
+  item, restore_args = {}, {}
+  placed = _stored_placement(meta, default_sharding)
+  check_untargeted_fits(meta, default_sharding, placed)
   for disk, info in meta.leaves.items():
-    sharding = None
-    if isinstance(info.metadata, ocp.metadata.ArrayMetadata) and info.metadata.sharding is not None:
-      sharding = info.saved_sharding() or default_sharding or shardings.default_sharding()
-    allocations.append(('/'.join(disk), info.shape, info.dtype, sharding))
-    restore_arg = ocp.checkpoint_utils.construct_restore_args({'x': info.metadata}, {'x': sharding})['x']
+    restore_arg = ocp.checkpoint_utils.construct_restore_args({'x': info.metadata}, {'x': placed[disk]})['x']
     nnx_tree.set_path(item, disk, info.metadata)
     nnx_tree.set_path(restore_args, disk, restore_arg)
-  budget.check_fits(meta.directory, allocations, what='restoring every stored array',
-                    advice='restore into a target that shards the arrays over more devices or processes,'
-                    ' or only a part of them (a partial target, orbax_nnx.load_params)')
   restored = orbax_restore(impl, meta, ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                                              partial_restore=meta.has_empty_nodes))
   flat: dict[Path, Any] = {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +15,7 @@ from etils import epath
 
 from orbax_nnx import errors
 from orbax_nnx.nnx_tree import VALUE_KEY, DiskPath, VariableRecord
-from orbax_nnx.sources import zarr_headers
+from orbax_nnx.sources import untrusted, zarr_headers
 
 CUSTOM_KEY = 'orbax_nnx'
 METADATA_FILE = '_METADATA'
@@ -64,11 +63,24 @@ class ItemMetadata:
       return self.leaves.has_empty
     return self.empty_nodes
 
-  @property
+  @functools.cached_property
   def ours(self) -> Mapping[str, Any]:
-    """Our own custom metadata block (empty for checkpoints others wrote)."""
+    """Our own custom metadata block (empty for checkpoints others wrote), its fields type-checked."""
     block = self.custom.get(CUSTOM_KEY) if isinstance(self.custom, Mapping) else None
-    return block if isinstance(block, Mapping) else {}
+    if not isinstance(block, Mapping):
+      return {}
+    where = self.directory / METADATA_FILE
+    for key, kind in (('variables', list), ('scan_axes', Mapping), ('conversion', Mapping), ('flavour', str)):
+      if block.get(key) is not None:
+        untrusted.field(block[key], kind, where, f'custom metadata {CUSTOM_KEY}.{key}')
+    conversion = block.get('conversion') or {}
+    for name, axes in (('scan_axes', block.get('scan_axes')), ('conversion.source_scan_axes',
+                                                             conversion.get('source_scan_axes'))):
+      if axes is not None and not (isinstance(axes, Mapping) and all(
+          isinstance(a, int) and not isinstance(a, bool) for a in axes.values())):
+        raise errors.CorruptCheckpointError(where, f'custom metadata {CUSTOM_KEY}.{name} should map paths to'
+                                            ' integer axes')
+    return block
 
   def record_of(self, disk: DiskPath) -> VariableRecord | None:
     """Our Variable record for a stored leaf (either NNX flavour), if we wrote one."""
@@ -78,8 +90,14 @@ class ItemMetadata:
   def records(self) -> dict[tuple, VariableRecord]:
     """Variable records keyed by the string-keyed path (as on disk, without 'value')."""
     out = {}
-    for data in self.ours.get('variables', []):
-      record = VariableRecord.from_json(data)
+    where = self.directory / METADATA_FILE
+    for data in untrusted.field(self.ours.get('variables', []), list, where, f'custom metadata {CUSTOM_KEY}.variables'):
+      try:
+        record = VariableRecord.from_json(data)
+      except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise errors.CorruptCheckpointError(
+            where, f'a Variable record in custom metadata {CUSTOM_KEY}.variables is malformed ({type(e).__name__});'
+            f' restore with a target, or remove the {CUSTOM_KEY!r} block') from e
       out[tuple(str(k) for k in record.path)] = record
     return out
 
@@ -156,10 +174,7 @@ def read_item_metadata(
 
 def _item_file(directory: epath.Path) -> Mapping[str, Any]:
   """The item's `_METADATA` JSON (tree, format flags, custom metadata); no array is opened."""
-  try:
-    data = json.loads((directory / METADATA_FILE).read_text())
-  except Exception as e:  # a _METADATA file is there, so this is an Orbax item: damaged, or not ours to read
-    raise _metadata_error(directory, e) from e
+  data = untrusted.read_json(directory / METADATA_FILE)  # there, so this is an Orbax item: damaged, or not ours
   return data if isinstance(data, Mapping) else {}
 
 

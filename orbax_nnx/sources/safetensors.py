@@ -15,7 +15,7 @@ budget. Both are used in the tests as the reference for what the files hold.
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
 import threading
 from typing import Any
@@ -25,6 +25,7 @@ import numpy as np
 from etils import epath
 
 from orbax_nnx import errors
+from orbax_nnx.sources import untrusted
 from orbax_nnx.sources.metadata import ItemMetadata, LeafInfo
 from orbax_nnx.nnx_tree import DiskPath
 from orbax_nnx.io.buffers import aligned_empty, transposed
@@ -66,68 +67,66 @@ def is_safetensors(path: epath.Path) -> bool:
 def _files(path: epath.Path) -> tuple[list[epath.Path], dict[str, str] | None, dict]:
   """The files to read, the index's weight_map (if any) and the index's metadata."""
   if path.is_file():
+    untrusted.check_regular(path)
     return [path], None, {}
   index_path = path / INDEX_FILE
   if not index_path.exists():
     return sorted(path.glob(f'*{SUFFIX}')), None, {}
-  try:
-    index = json.loads(index_path.read_text())
-    weight_map = dict(index['weight_map'])
-  except PermissionError as e:
-    raise errors.NotACheckpointError(index_path, f'it cannot be read ({e}); check its file modes') from e
-  except Exception as e:
-    raise errors.CorruptCheckpointError(path, f'{INDEX_FILE} is not a safetensors index ({type(e).__name__}: {e})') from e
-  names = sorted(set(weight_map.values()))
-  absent = [n for n in names if not (path / n).exists()]
+  index = untrusted.field(untrusted.read_json(index_path), dict, index_path, INDEX_FILE)
+  weight_map = untrusted.field(index.get('weight_map'), dict, index_path, f'{INDEX_FILE} "weight_map"')
+  metadata = untrusted.field(index.get('metadata') or {}, dict, index_path, f'{INDEX_FILE} "metadata"')
+  files = {name: untrusted.member(path, name, what=f'{INDEX_FILE} (tensor {tensor[:100]!r})')
+           for tensor, name in weight_map.items()}  # every name checked before any file is looked at
+  absent = sorted(name for name, file in files.items() if not file.exists())
   if absent:
     lost = sorted(k for k, v in weight_map.items() if v in absent)
     raise errors.CorruptCheckpointError(
         path, f'{INDEX_FILE} names shard files that are not there: {absent} (holding {len(lost)} tensors, e.g.'
         f' {lost[:3]}); download the missing files')
-  return [path / n for n in names], weight_map, dict(index.get('metadata') or {})
+  return [files[name] for name in sorted(files)], weight_map, metadata
 
 
 def read_header(file: epath.Path) -> tuple[dict[str, Any], int, int]:
   """(header, data start, file size) of one safetensors file; raises on a malformed header."""
-  try:
+  untrusted.check_regular(file)
+  with untrusted.os_errors(file):
     with file.open('rb') as f:
       head = f.read(8)
       if len(head) < 8:
         raise errors.CorruptCheckpointError(file, 'it is shorter than a safetensors header (truncated?)')
       size = int.from_bytes(head, 'little')
       if size > MAX_HEADER_BYTES:
-        raise errors.CorruptCheckpointError(file, f'its header claims {size} bytes: not a safetensors file')
+        raise errors.CorruptCheckpointError(file, f'its first 8 bytes are not a safetensors header length (over'
+                                            f' {MAX_HEADER_BYTES} bytes): not a safetensors file')
       raw = f.read(size)
-  except PermissionError as e:
-    raise errors.NotACheckpointError(file, f'it cannot be read ({e}); check its file modes') from e
+    file_size = file.stat().length
   if len(raw) < size:
     raise errors.CorruptCheckpointError(file, f'its header is cut short ({len(raw)} of {size} bytes; truncated?)')
-  try:
-    header = json.loads(raw)
-    if not isinstance(header, dict):
-      raise ValueError('not a JSON object')
-  except ValueError as e:
-    raise errors.CorruptCheckpointError(file, f'its header is not valid JSON ({e})') from e
-  return header, 8 + size, file.stat().length
+  header = untrusted.field(untrusted.parse_json(raw, file, what='its header'), dict, file, 'its header')
+  return header, 8 + size, file_size
 
 
 def _entry(file: epath.Path, name: str, entry: Any, data_start: int, file_size: int) -> LeafInfo:
-  try:
-    dtype_name, shape, (start, stop) = entry['dtype'], tuple(int(n) for n in entry['shape']), entry['data_offsets']
-  except Exception as e:
-    raise errors.CorruptCheckpointError(file, f'header entry {name!r} is malformed: {entry!r}') from e
+  what = f'header entry {name[:200]!r}'
+  entry = untrusted.field(entry, dict, file, what)
+  dtype_name = untrusted.field(entry.get('dtype'), str, file, f'{what} "dtype"')
+  shape = untrusted.shape_of(entry.get('shape'), file, what)
+  offsets = untrusted.field(entry.get('data_offsets'), list, file, f'{what} "data_offsets"')
+  if len(offsets) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in offsets):
+    raise errors.CorruptCheckpointError(file, f'{what} "data_offsets" should be two integers')
+  start, stop = offsets
   if dtype_name not in DTYPES:
-    raise errors.LayoutError(f'{file}: tensor {name!r} has dtype {dtype_name}, which numpy cannot hold'
+    raise errors.LayoutError(f'{file}: tensor {name[:200]!r} has dtype {dtype_name[:20]}, which numpy cannot hold'
                              f' (supported: {sorted(DTYPES)}).')
   dtype = DTYPES[dtype_name]
-  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-  if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop) or stop - start != nbytes:
+  nbytes = math.prod(shape) * dtype.itemsize  # Python ints: a lying shape cannot wrap around to match
+  if not 0 <= start <= stop or stop - start != nbytes:
     raise errors.CorruptCheckpointError(
-        file, f'header entry {name!r} says bytes [{start}, {stop}) for a {dtype_name} {list(shape)} tensor'
+        file, f'{what} says bytes [{start}, {stop}) for a {dtype_name} {list(shape)} tensor'
         f' of {nbytes} bytes: the header lies about its offsets')
   if data_start + stop > file_size:
     raise errors.CorruptCheckpointError(
-        file, f'tensor {name!r} ends at byte {data_start + stop} but the file has {file_size} bytes (truncated)')
+        file, f'tensor {name[:200]!r} ends at byte {data_start + stop} but the file has {file_size} bytes (truncated)')
   return LeafInfo(shape, dtype, TensorLocation(file, data_start + start, data_start + stop))
 
 
@@ -142,7 +141,7 @@ def read_metadata(path: epath.PathLike) -> ItemMetadata:
   file_meta: dict[str, Any] = {}
   for file in files:
     header, data_start, file_size = read_header(file)
-    file_meta[file.name] = header.pop('__metadata__', None) or {}
+    file_meta[file.name] = untrusted.field(header.pop('__metadata__', None) or {}, dict, file, '"__metadata__"')
     spans = []
     for name, entry in header.items():
       if name in where:

@@ -23,6 +23,7 @@ import tensorstore as ts
 from etils import epath
 
 from orbax_nnx import compat
+from orbax_nnx.sources import untrusted
 from orbax_nnx.nnx_tree import DiskPath
 
 ARRAY_TYPES = ('jax.Array', 'np.ndarray', 'scalar')
@@ -155,7 +156,7 @@ def _read_headers(directory: epath.Path, names: list[str], use_ocdbt: bool, use_
 def _array_facts(header: Any, use_zarr3: bool) -> tuple[tuple[int, ...], Any, tuple[int, ...], Any] | None:
   """(shape, dtype, read chunk shape, ZarrMetadata) from one zarr header, or None if unusual."""
   try:
-    shape = tuple(int(n) for n in header['shape'])
+    shape = tuple(header['shape'])
     if use_zarr3:
       dtype = jnp.dtype(header['data_type'])
       chunk = tuple(header['chunk_grid']['configuration']['chunk_shape'])
@@ -167,15 +168,16 @@ def _array_facts(header: Any, use_zarr3: bool) -> tuple[tuple[int, ...], Any, tu
         return None
       dtype = _zarr2_dtype(header['dtype'])
       chunk = tuple(header['chunks'])
-    if len(chunk) != len(shape):
-      return None
+    if len(chunk) != len(shape) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                           for n in shape + chunk):
+      return None  # damaged (or unusual): Orbax's own reader reports it
   except (KeyError, TypeError, ValueError, AttributeError):
     return None
   try:
     zarr = compat.ZarrMetadata.from_json(header)
   except Exception:  # pylint: disable=broad-except  (best effort, as in Orbax)
     zarr = None
-  return shape, dtype, tuple(int(c) for c in chunk), zarr
+  return shape, dtype, chunk, zarr
 
 
 @functools.lru_cache(maxsize=None)
@@ -187,10 +189,9 @@ def _zarr2_dtype(name: str) -> Any:
 def _shardings(directory: epath.Path) -> dict[str, Any]:
   """Saved sharding metadata by parameter name, from the item's `_sharding` JSON file."""
   path = directory / SHARDING_FILE
-  try:
-    data = json.loads(path.read_text())
-  except (FileNotFoundError, ValueError):
+  if not path.exists():
     return {}
+  data = untrusted.field(untrusted.read_json(path), dict, path, f'{SHARDING_FILE}')
   out = {}
   for key, serialized in data.items():
     try:
