@@ -31,7 +31,7 @@ from orbax_nnx.io import budget
 from orbax_nnx.mapping.views import check_rules
 from orbax_nnx.mapping.layout import Layout, detect
 from orbax_nnx.sources.metadata import CUSTOM_KEY, read_item_metadata, resolve_item
-from orbax_nnx.planning.expressions import Cast, LoraMerge, reads
+from orbax_nnx.planning.expressions import Cast, LoraMerge, cast, reads
 from orbax_nnx.planning.planner import Plan, build
 from orbax_nnx.io.source_arrays import SourceArrays
 from orbax_nnx.planning.targets import LayoutTarget, layout_target, model_target
@@ -261,7 +261,7 @@ def apply_lora(the_plan: Plan, target: LayoutTarget, mode: str) -> Plan:
       continue
     base = LoraMerge(_strip_cast(entries[path]), _strip_cast(entries.pop(a_path)), _strip_cast(entries.pop(b_path)))
     leaf = leaves[path]
-    entries[path] = base if base.dtype == leaf.dtype else Cast(base, leaf.dtype)
+    entries[path] = cast(base, leaf.dtype)
     leaves.pop(a_path), leaves.pop(b_path)
     merged += 1
   if not merged:

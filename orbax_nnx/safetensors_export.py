@@ -29,8 +29,8 @@ from etils import epath
 
 from orbax_nnx import errors, nnx_tree
 from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
-from orbax_nnx.planning.expressions import Cast, Expr, Take
-from orbax_nnx.mapping.rules import apply_view
+from orbax_nnx.planning.expressions import Cast, Expr, Take, cast
+from orbax_nnx.mapping.rules import apply_view, expand
 from orbax_nnx.planning.planner import build, lookup_axis, target_leaves
 from orbax_nnx.io.destination import check_destination
 from orbax_nnx.io.source_arrays import SourceArrays
@@ -89,18 +89,19 @@ def export_plan(meta, target: Any, rules: Sequence, *, dtype: Any = None,
   for path, expr in plan.entries.items():
     for name, layer_expr in _per_layer(path, expr, plan.leaves[path], scan_axis, counts, source.group_names):
       for i, (pattern, repl) in enumerate(compiled):
-        if not pattern.fullmatch(name):
+        match = pattern.fullmatch(name)
+        if match is None:
           continue
         used.add(i)
         views = repl if isinstance(repl, Mapping) else {repl: View()}
         for out_name, v in views.items():
-          tensor = pattern.sub(out_name, name)
+          tensor = expand(match, out_name)
           if tensor in out:
             raise errors.PlanError(f'two model leaves export to the tensor {tensor!r} (the second: {name}); fix the rules.')
           e = apply_view(v, layer_expr, f'{name} -> {tensor}')
           own_dtype = any(op[0] == 'astype' for op in v.ops)
           if cast_to is not None and not own_dtype and np.issubdtype(e.dtype, np.floating) and e.dtype != cast_to:
-            e = Cast(e.expr if isinstance(e, Cast) else e, cast_to)
+            e = cast(e.expr if isinstance(e, Cast) else e, cast_to)
           out[tensor] = e
         break
       else:

@@ -3,23 +3,25 @@ views compiled into plan expressions."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import numpy as np
 
 from orbax_nnx import errors
+from orbax_nnx.mapping.axes import normalize_axis
 from orbax_nnx.mapping.groups import MODEL, OPTIMIZER
 from orbax_nnx.mapping.layout import CanonPath, Layout
 from orbax_nnx.mapping.views import View
-from orbax_nnx.planning.expressions import Cast, Concat, Expr, Reshape, Slice, Take, Transpose
+from orbax_nnx.planning.expressions import Concat, Expr, Reshape, Slice, Take, Transpose, cast
 
 
 def rename(layout: Layout, canon: CanonPath, rules, matched: set[int],
            prefix: CanonPath) -> CanonPath | dict[CanonPath, View]:
   """The first matching rule's result: a renamed path, or {target path: view} for a view rule.
 
-  A pattern fullmatches the canonical path as `plan` prints it, else the stored path as `inspect`
-  prints it. A replacement names a path in the target tree (`layers/0/mlp/kernel` in a model); one
+  A pattern fullmatches the stored path as `inspect` prints it, else the canonical path as `plan`
+  prints it (a catch-all such as `(.*)` thus sees the stored path). A replacement names a path in the target tree (`layers/0/mlp/kernel` in a model); one
   already starting at the target's canonical root (`model/...`, or `optimizer/...` in a train state)
   is taken as canonical. A raw-flavour `value` wrapper a stored-path match carries over is dropped.
   """
@@ -33,13 +35,31 @@ def rename(layout: Layout, canon: CanonPath, rules, matched: set[int],
     return (prefix or (MODEL,)) + parts  # a train-state target's rules name model paths
 
   for i, (pattern, repl) in enumerate(rules):
-    joined = next((key for key in ('/'.join(canon), layout.stored_name(canon)) if pattern.fullmatch(key)), None)
-    if joined is not None:
+    match = next((m for key in (layout.stored_name(canon), '/'.join(canon)) if (m := pattern.fullmatch(key))), None)
+    if match is not None:
       matched.add(i)
       if isinstance(repl, Mapping):
-        return {target(pattern.sub(r, joined)): v.resolve(lambda t: pattern.sub(t, joined)) for r, v in repl.items()}
-      return target(pattern.sub(repl, joined))
+        return {target(expand(match, r)): v.resolve(lambda t: expand(match, t)) for r, v in repl.items()}
+      return target(expand(match, repl))
   return canon
+
+
+def expand(match: 're.Match', template: str) -> str:
+  """A rule's replacement for one fullmatched path: `template` with its backreferences (`\\1`, `\\g<name>`)
+  filled from `match`, as `re.Match.expand` does (never a substitution inside the path)."""
+  try:
+    return match.expand(template)
+  except (re.error, IndexError) as e:
+    raise errors.OptionError(f'rule replacement {template!r} for pattern {match.re.pattern!r}: {e}.') from e
+
+
+def _axis(axis: int, rank: int, where: str, v: View) -> int:
+  """An axis of a view validated as numpy does: negatives count from the end, out of range is an error."""
+  try:
+    return normalize_axis(axis, rank, f'{where}: {v}')
+  except errors.PlanError:
+    raise errors.PlanError(f'{where}: {v} names axis {axis}, but the array has {rank} dimensions'
+                           f' (axes {-rank}..{rank - 1}).') from None
 
 
 def apply_view(v: View, expr: Expr, where: str, lookup=None) -> Expr:
@@ -52,12 +72,12 @@ def apply_view(v: View, expr: Expr, where: str, lookup=None) -> Expr:
     if op[0] == 'concat':
       if lookup is None:
         raise errors.PlanError(f'{where}: {v}: concat needs stored arrays to join; it has none here.')
-      parts, axis = (expr,) + tuple(lookup(name) for name in op[1]), op[2] % max(rank, 1)
+      parts, axis = (expr,) + tuple(lookup(name) for name in op[1]), _axis(op[2], rank, where, v)
       for part in parts[1:]:
         if len(part.shape) != rank or any(a != b for k, (a, b) in enumerate(zip(part.shape, expr.shape)) if k != axis):
           raise errors.PlanError(f'{where}: {v} joins {part} of shape {part.shape} to shape {expr.shape} on axis'
                                  f' {axis}: the other axes differ.')
-      expr = Concat(parts, axis)
+      expr = Concat(parts, axis)  # parts keep their dtypes: each is cast straight to the target's (expressions.cast)
     elif op[0] == 'take':
       if rank == 0 or not -expr.shape[0] <= op[1] < expr.shape[0]:
         raise errors.PlanError(f'{where}: {v} indexes {op[1]} into shape {expr.shape}.')
@@ -82,14 +102,14 @@ def apply_view(v: View, expr: Expr, where: str, lookup=None) -> Expr:
     elif op[0] in ('transpose', 'swapaxes'):
       if op[0] == 'swapaxes':
         perm = list(range(rank))
-        a, b = op[1] % max(rank, 1), op[2] % max(rank, 1)
+        a, b = _axis(op[1], rank, where, v), _axis(op[2], rank, where, v)
         perm[a], perm[b] = perm[b], perm[a]
         perm = tuple(perm)
       else:
-        perm = tuple(reversed(range(rank))) if op[1] is None else tuple(p % max(rank, 1) for p in op[1])
+        perm = tuple(reversed(range(rank))) if op[1] is None else tuple(_axis(p, rank, where, v) for p in op[1])
       if sorted(perm) != list(range(rank)):
         raise errors.PlanError(f'{where}: {v} is not a permutation of the {rank} axes of shape {expr.shape}.')
       expr = expr if perm == tuple(range(rank)) else Transpose(expr, perm)
     else:
-      expr = expr if expr.dtype == op[1] else Cast(expr, op[1])
+      expr = cast(expr, op[1])
   return expr

@@ -63,7 +63,7 @@ class Stack:
 
   @property
   def dtype(self):
-    return self.exprs[0].dtype
+    return joined_dtype(self.exprs)
 
   def __str__(self) -> str:
     first, last = self.exprs[0], self.exprs[-1]
@@ -171,7 +171,7 @@ class Concat:
 
   @property
   def dtype(self):
-    return self.exprs[0].dtype
+    return joined_dtype(self.exprs)
 
   def __str__(self) -> str:
     return f'concat([{", ".join(map(str, self.exprs))}], axis={self.axis})'
@@ -223,6 +223,42 @@ class LoraMerge:
 
 
 Expr = Union[Read, Take, Slice, Reshape, Stack, Concat, Transpose, Cast, Const, LoraMerge]
+
+
+def joined_dtype(exprs) -> np.dtype:
+  """The dtype of parts joined (concat, stack): theirs when they agree, else numpy's promotion of them.
+
+  Planned targets never rely on it: `cast` gives every part the target dtype first."""
+  dtypes = {np.dtype(e.dtype) for e in exprs}
+  if len(dtypes) == 1:
+    return dtypes.pop()
+  try:
+    return np.result_type(*dtypes)
+  except TypeError:  # e.g. bfloat16 with an integer type: no promotion; float64 holds both
+    return np.dtype(np.float64)
+
+
+_SHAPE_ONLY = (Take, Slice, Reshape, Transpose)
+
+
+def cast(expr: 'Expr', dtype: Any) -> 'Expr':
+  """`expr` with values of `dtype`: the one place composed expressions get their dtype.
+
+  Each part of a `Concat` or `Stack` (also under shape-only operations) is cast straight to `dtype`, so
+  parts of different dtypes are each rounded once, never through another part's dtype.
+  """
+  dtype = np.dtype(dtype)
+  if isinstance(expr, (Concat, Stack)):
+    return dataclasses.replace(expr, exprs=tuple(cast(e, dtype) for e in expr.exprs))
+  if isinstance(expr, _SHAPE_ONLY) and _joins(expr.expr):
+    return dataclasses.replace(expr, expr=cast(expr.expr, dtype))
+  return expr if np.dtype(expr.dtype) == dtype else Cast(expr, dtype)
+
+
+def _joins(expr: 'Expr') -> bool:
+  while isinstance(expr, _SHAPE_ONLY):
+    expr = expr.expr
+  return isinstance(expr, (Concat, Stack))
 
 
 def reads(expr: Expr) -> Iterable[Read]:

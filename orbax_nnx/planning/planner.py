@@ -18,10 +18,11 @@ import numpy as np
 from flax import nnx
 
 from orbax_nnx import compat, errors, nnx_tree
+from orbax_nnx.mapping.axes import AmbiguousAxisError, Evidence, layer_axis
 from orbax_nnx.mapping.groups import MODEL, OPTIMIZER, model_start
 from orbax_nnx.mapping.layout import CanonPath, Layout
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
-from orbax_nnx.planning.expressions import Cast, Const, Expr, Read, Stack, Take, Transpose, reads
+from orbax_nnx.planning.expressions import Const, Expr, Read, Stack, Take, Transpose, cast, reads
 from orbax_nnx.mapping.rules import apply_view, rename
 from orbax_nnx.mapping.views import View, check_rules, compile_rules
 
@@ -90,6 +91,7 @@ class Plan:
   leaves: dict[Path, TargetLeaf]
   missing: list[str]
   unused: list[str]
+  inferred: list[str] = dataclasses.field(default_factory=list)  # layer axes the shapes alone left open
 
   @property
   def is_identity(self) -> bool:
@@ -107,6 +109,7 @@ class Plan:
       leaf = self.leaves[path]
       nbytes = int(np.prod(leaf.shape, dtype=np.int64)) * leaf.dtype.itemsize
       lines.append(f'{path_str(path)}  <-  {expr}   [{leaf.shape} {leaf.dtype.name}, {nbytes} B]')
+    lines += [f'# INFERRED {note}' for note in self.inferred]
     lines += [f'MISSING {m}' for m in self.missing]
     lines += [f'UNUSED  {u}' for u in self.unused]
     return '\n'.join(lines)
@@ -124,13 +127,27 @@ class _Planner:
     self.views: dict[CanonPath, tuple[CanonPath, View]] = {}  # target -> (source, view)
     self.renamed_of: dict[CanonPath, CanonPath] = {}
     prefix = _target_prefix(targets)
-    for canon, disk in layout.canonical.items():
+    by_rule: dict[CanonPath, CanonPath] = {}  # target path -> the stored leaf a rule sends there
+    for canon in layout.canonical:
       renamed = rename(layout, canon, compiled, matched, prefix)
       if isinstance(renamed, dict):  # a view rule: the source keeps its path, its views name targets
-        self.views.update({target: (canon, v) for target, v in renamed.items()})
+        for target, v in renamed.items():
+          _claim(by_rule, target, canon, layout)
+          self.views[target] = (canon, v)
         renamed = canon
-      self.src[renamed] = disk
+      elif renamed != canon:
+        _claim(by_rule, renamed, canon, layout)
       self.renamed_of[canon] = renamed
+    # a stored leaf whose own path a rule gives to another leaf is displaced: read by nothing, so unused
+    self.displaced = [canon for canon, renamed in self.renamed_of.items()
+                      if renamed == canon and by_rule.get(canon, canon) != canon]
+    view_sources = {source for source, _ in self.views.values()}
+    for canon in set(self.displaced) & view_sources:
+      raise errors.PlanError(f'a rule sends {layout.stored_name(by_rule[canon])} to {"/".join(canon)}, the path of a'
+                             ' stored leaf that a view rule reads; rename one of them.')
+    for canon, renamed in self.renamed_of.items():
+      if canon not in self.displaced:
+        self.src[renamed] = layout.canonical[canon]
     unmatched = [rules[i] for i in range(len(rules)) if i not in matched]
     if unmatched:
       examples = ', '.join(sorted(layout.stored_name(c) for c in layout.canonical)[:5])
@@ -146,15 +163,26 @@ class _Planner:
     self.source_group_indices = self.names.unrolled_groups(list(self.src) + list(self.views))
     self.used: set[CanonPath] = set()
     self.by_rule_key = {layout.stored_name(c): c for c in layout.canonical}
+    self.recorded_axes = dict(layout.meta.ours.get('scan_axes') or {})
+    self.decided: dict[tuple, set[int]] = {}  # (group, side, param-like) -> axes decided without the group
+    self.use_group_axes = False  # second pass: leaves left ambiguous follow their group
+    self.inferred: list[str] = []  # what the second pass inferred, for `plan`
 
-  # - axis choice
+  # - axis choice (the decision itself: mapping/axes.py)
 
   def _explicit_axis(self, canon: CanonPath) -> int | None:
     return lookup_axis(self.scan_axis, canon)
 
-  def _source_names_axis(self, disk: DiskPath) -> int | None:
+  def _source_evidence(self, stacked: CanonPath, disk: DiskPath, leaf: TargetLeaf, key: tuple) -> Evidence:
     record = self.layout.meta.record_of(disk)
-    return self.names.names_axis(record.metadata.get('out_sharding') if record else None)
+    recorded = self.recorded_axes.get('/'.join(stacked))
+    return Evidence(explicit=self._explicit_axis(stacked), recorded=recorded,
+                    names=self.names.names_axis(record.metadata.get('out_sharding') if record else None),
+                    group=self._group_axis(key), convention=self._convention(leaf))
+
+  def _target_evidence(self, leaf: TargetLeaf, key: tuple, explicit: int | None = None) -> Evidence:
+    return Evidence(explicit=leaf.layer_axis if leaf.layer_axis is not None else explicit,
+                    names=self.names.names_axis(leaf.out_sharding), group=self._group_axis(key))
 
   def _convention(self, leaf: TargetLeaf) -> int | None:
     """The Linen/MaxText layer-axis convention, for Linen sources only: NNX models stack on axis 0
@@ -163,16 +191,32 @@ class _Planner:
       return None
     return self.param_scan_axis if leaf.param_like else 0
 
-  def _choose(self, candidates: list, leaf: TargetLeaf, hints: Sequence[int | None], what: str):
-    if len(candidates) == 1:
-      return candidates[0]
-    for hint in hints:
-      if hint is not None and hint in candidates:
-        return hint
-    raise errors.PlanError(
-        f'{path_str(leaf.path)}: ambiguous layer axis for {what}: any of axes {candidates} fits.'
-        f' Pass scan_axis={{{"/".join(leaf.canon)!r}: AXIS}} (CLI: --scan-axis REGEX=AXIS).'
-    )
+  def _group_axis(self, key: tuple) -> int | None:
+    """The axis every decided leaf of the same group, side and kind was found on (second pass only)."""
+    found = self.decided.get(key, set())
+    return next(iter(found)) if self.use_group_axes and len(found) == 1 else None
+
+  def _decide(self, key: tuple, path: CanonPath, shape, candidates, evidence: Evidence, what: str,
+              leaf: TargetLeaf) -> int:
+    """`layer_axis`, in two passes: the first decides on strong evidence only (explicit, records, names,
+    unique shapes) and defers the rest; the second adds the group's axis, then the Linen convention."""
+    joined = '/'.join(path)
+    try:
+      axis = layer_axis(joined, shape, candidates, dataclasses.replace(evidence, group=None, convention=None),
+                        what=what, target=path_str(leaf.path))
+    except AmbiguousAxisError:
+      if not self.use_group_axes:
+        raise
+      axis = layer_axis(joined, shape, candidates, evidence, what=what, target=path_str(leaf.path))
+      how = 'as the other leaves of its group' if axis == evidence.group else 'by the Linen/MaxText convention'
+      self.inferred.append(f'{joined}: layer axis {axis} of {tuple(shape)} for {what}, {how}')
+      return axis
+    self.decided.setdefault(key, set()).add(axis)
+    return axis
+
+  @staticmethod
+  def _group_key(canon: CanonPath, group_end: int, side: str, leaf: TargetLeaf) -> tuple:
+    return canon[model_start(canon):group_end], side, leaf.param_like
 
   # - resolution
 
@@ -220,41 +264,51 @@ class _Planner:
     return self._viewed(canon) if canon in self.views else self._read(canon)
 
   def _cast(self, expr: Expr, leaf: TargetLeaf) -> Expr:
-    return expr if expr.dtype == leaf.dtype else Cast(expr, leaf.dtype)
+    return cast(expr, leaf.dtype)
 
   def _fit(self, expr: Read, leaf: TargetLeaf) -> Expr:
-    """Same canonical path: equal shapes read as is; a moved layer axis is transposed."""
-    src, tgt = expr.shape, leaf.shape
-    if src == tgt:
-      return expr
-    perms = sorted({p for p in _moves(len(src)) if tuple(src[i] for i in p) == tgt})
-    if perms and not (leaf.layer_axis is not None or self._in_stacked_group(leaf.canon)):
+    """Same canonical path: equal shapes read as is, unless the leaf is in a stacked layer group whose layer
+    axis is decided to differ on the two sides (then, and only then, the layer axis moves)."""
+    src, tgt = tuple(expr.shape), tuple(leaf.shape)
+    group = self._stacked_group(leaf.canon)
+    n = group.length if group is not None else 0
+    pairs = [(a, b) for a in range(len(src)) if src[a] == n for b in range(len(tgt))
+             if tgt[b] == n and src[:a] + src[a + 1:] == tgt[:b] + tgt[b + 1:]] if n > 0 else []
+    if not pairs:
+      if src == tgt:
+        return expr
+      moved = any(tuple(src[i] for i in p) == tgt for p in _moves(len(src)))
       raise errors.ShapeMismatchError(
-          '/'.join(expr.source), src, tgt,
-          hint=f'(target {path_str(leaf.path)}) Only stacked layer groups move their layer axis; this leaf is in'
-          ' none, so its axes are not reinterpreted. Check the model config.')
-    if not perms:
-      raise errors.ShapeMismatchError('/'.join(expr.source), src, tgt,
-                                      hint=f'(target {path_str(leaf.path)}) Check the model config.')
-    if len(perms) > 1:
-      src_axis = self._explicit_axis(leaf.canon)
-      if src_axis is None:
-        src_axis = self._source_names_axis(expr.source)
-      if src_axis is None:
-        src_axis = self._convention(leaf) if self.layout.framework == 'linen' else 0
-      tgt_axis = leaf.layer_axis if leaf.layer_axis is not None else (self.names.names_axis(leaf.out_sharding) or 0)
-      wanted = _move(len(src), src_axis, tgt_axis)
-      if wanted not in perms:
-        raise errors.PlanError(
-            f'{path_str(leaf.path)}: stored {src} and requested {tgt} differ by a layer-axis move'
-            f' that cannot be decided ({len(perms)} fit). Pass scan_axis={{REGEX: AXIS}} for the source.')
-      perms = [wanted]
-    return Transpose(expr, perms[0])
+          '/'.join(expr.source), src, tgt, hint=f'(target {path_str(leaf.path)}) ' + (
+              'Only stacked layer groups move their layer axis; this leaf is in none, so its axes are not'
+              ' reinterpreted. Check the model config.' if moved and group is None else 'Check the model config.'))
+    end = model_start(leaf.canon) + len(group.path) - 1
+    try:
+      a = self._decide(self._group_key(leaf.canon, end, 'source', leaf), leaf.canon, src,
+                       sorted({a for a, _ in pairs}),
+                       self._source_evidence(leaf.canon, expr.source, leaf,
+                                             self._group_key(leaf.canon, end, 'source', leaf)),
+                       'the stored array', leaf)
+    except AmbiguousAxisError:
+      if src == tgt and self.use_group_axes and self.layout.framework != 'linen':
+        return expr  # an NNX or plain source into the same shape: the same tree, as Orbax restores it
+      raise
+    target_key = self._group_key(leaf.canon, end, 'target', leaf)
+    try:
+      b = self._decide(target_key, leaf.canon, tgt, sorted({b for a2, b in pairs if a2 == a}),
+                       self._target_evidence(leaf, target_key), 'the target', leaf)
+    except AmbiguousAxisError:
+      if src == tgt and self.use_group_axes and self.layout.framework != 'linen':
+        return expr
+      raise
+    perm = _move(len(src), a, b)
+    return expr if perm == tuple(range(len(src))) else Transpose(expr, perm)
 
-  def _in_stacked_group(self, canon: CanonPath) -> bool:
-    """Whether a canonical path lies inside a stacked layer group of the source (params or moments)."""
+  def _stacked_group(self, canon: CanonPath):
+    """The stacked layer group of the source a canonical path lies in (params or moments), if any."""
     rel = canon[model_start(canon):]
-    return any(g.style == 'stacked' and rel[:len(g.path) - 1] == g.path[1:] for g in self.layout.groups)
+    return next((g for g in self.layout.groups if g.style == 'stacked' and rel[:len(g.path) - 1] == g.path[1:]),
+                None)
 
   def _unrolled_target(self, leaf: TargetLeaf, k: int) -> Expr | None:
     """Target `.../layers_3/...` or `.../layers/3/...` from a stacked source `.../layers/...`."""
@@ -275,8 +329,9 @@ class _Planner:
           '/'.join(source.source), source.shape, leaf.shape,
           hint=f'(target {path_str(leaf.path)} is layer {index} of {n}: no axis of size {n} whose removal'
           ' gives the requested shape.)')
-    axis = self._choose(cands, leaf, (self._explicit_axis(stacked), self._source_names_axis(source.source),
-                                      self._convention(leaf)), 'unrolling')
+    key = self._group_key(stacked, k + 1, 'source', leaf)
+    axis = self._decide(key, stacked, source.shape, cands, self._source_evidence(stacked, source.source, leaf, key),
+                        'unrolling', leaf)
     return Take(source, index, axis)
 
   def _stacked_target(self, leaf: TargetLeaf, k: int) -> Expr | None:
@@ -315,10 +370,20 @@ class _Planner:
         raise errors.ShapeMismatchError(
             str(reads_[0]), member_shape, leaf.shape,
             hint=f'(stacking {n} layers into {path_str(leaf.path)}: no axis fits.)')
-      axis = self._choose(cands, leaf, (leaf.layer_axis, self._explicit_axis(canon), self.names.names_axis(leaf.out_sharding),
-                                        self._convention(leaf)), 'stacking')
+      key = self._group_key(canon, k + 1, 'target', leaf)
+      axis = self._decide(key, canon, leaf.shape, cands, self._target_evidence(leaf, key, self._explicit_axis(canon)),
+                          'stacking', leaf)
       return Stack(tuple(reads_), axis)
     return None
+
+
+def _claim(by_rule: dict, target: CanonPath, canon: CanonPath, layout: Layout) -> None:
+  """Records that a rule sends stored leaf `canon` to `target`; a second stored leaf there is an error."""
+  other = by_rule.setdefault(target, canon)
+  if other != canon:
+    raise errors.PlanError(
+        f'rules send two stored leaves to {"/".join(target)}: {layout.stored_name(other)} and'
+        f' {layout.stored_name(canon)}; make the rules name one target per stored leaf.')
 
 
 def lookup_axis(scan_axis: ScanAxis, canon: CanonPath) -> int | None:
@@ -362,17 +427,25 @@ def build(
 ) -> Plan:
   """Builds the plan for `targets` over `layout` (metadata only; reads no arrays)."""
   planner = _Planner(layout, targets, rules, scan_axis, param_scan_axis)
+  resolved, deferred = {}, []
+  for leaf in targets:
+    try:
+      resolved[leaf.path] = planner.resolve(leaf)
+    except AmbiguousAxisError:
+      deferred.append(leaf)  # decided by its group's other leaves, or refused, in the second pass
+  planner.use_group_axes = True
+  for leaf in deferred:
+    resolved[leaf.path] = planner.resolve(leaf)
   entries, missing = {}, []
   for leaf in targets:
-    expr = planner.resolve(leaf)
-    if expr is None:
+    if resolved[leaf.path] is None:
       missing.append(path_str(leaf.path))
     else:
-      entries[leaf.path] = expr
+      entries[leaf.path] = resolved[leaf.path]
   roots = {t.canon[0] for t in targets}
-  unused = sorted('/'.join(disk) for canon, disk in planner.src.items()
-                  if canon not in planner.used and canon[0] in roots)
-  return Plan(layout, entries, {t.path: t for t in targets}, missing, unused)
+  unused = sorted({'/'.join(disk) for canon, disk in planner.src.items() if canon not in planner.used and
+                   canon[0] in roots} | {'/'.join(layout.canonical[c]) for c in planner.displaced if c[0] in roots})
+  return Plan(layout, entries, {t.path: t for t in targets}, missing, unused, planner.inferred)
 
 
 def plan(source, target, *, rules: Sequence[Rule] = (), scan_axis: ScanAxis = None, param_scan_axis: int = 1,

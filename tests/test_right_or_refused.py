@@ -1,0 +1,187 @@
+"""Right or refused: each case returns the right values or a typed error, one test per behaviour."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import orbax_nnx
+from orbax_nnx import errors, view
+from orbax_nnx.planning.expressions import Read, Transpose
+
+from helpers import host
+
+
+def save_plain(path, tree):
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, tree)
+  return path
+
+
+def save_nnx(path, tree):
+  with ocp.Checkpointer(orbax_nnx.NNXCheckpointHandler()) as ckptr:
+    ckptr.save(path, args=orbax_nnx.NNXSave(tree))
+  return path
+
+
+def numbers(shape, dtype=np.float32, offset=0):
+  return (np.arange(int(np.prod(shape)), dtype=np.float64) + offset).reshape(shape).astype(dtype)
+
+
+def sds(shape, dtype=jnp.float32):
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+
+def param(shape, dtype=jnp.float32, names=None):
+  variable = nnx.Param(sds(shape, dtype))
+  if names:
+    variable.set_metadata(out_sharding=names)
+  return variable
+
+
+# -- rules ----------------------------------------------------------------------
+
+
+def test_a_rule_onto_a_stored_path_displaces_that_leaf_which_is_then_unused(tmp_path):
+  path = save_plain(tmp_path / 'c', {'w': np.zeros(3, np.float32), 'ema_w': np.ones(3, np.float32)})
+  target = nnx.State({'w': param((3,))})
+  with pytest.raises(errors.StructureMismatchError, match=r'have no place in the target:\n    w\n'):
+    orbax_nnx.restore(path, target, rules=[('ema_w', 'w')])
+  the_plan = orbax_nnx.plan(path, target, rules=[('ema_w', 'w')])
+  assert the_plan.unused == ['w'] and str(the_plan.entries[('w',)]) == 'ema_w'
+  out = orbax_nnx.restore(path, target, rules=[('ema_w', 'w')], extra='ignore')
+  np.testing.assert_array_equal(host(out['w']), np.ones(3))
+
+
+def test_two_stored_leaves_sent_to_one_target_is_an_error_naming_both(tmp_path):
+  path = save_plain(tmp_path / 'c', {'a': np.zeros(3, np.float32), 'b': np.ones(3, np.float32)})
+  with pytest.raises(errors.PlanError, match=r'two stored leaves to model/w: a and b'):
+    orbax_nnx.plan(path, nnx.State({'w': param((3,))}), rules=[('a', 'w'), ('b', 'w')])
+
+
+def test_rule_templates_expand_once_per_match(tmp_path):
+  path = save_plain(tmp_path / 'c', {'w': np.ones(3, np.float32)})
+  the_plan = orbax_nnx.plan(path, nnx.State({'enc': {'w': param((3,))}}), rules=[('(.*)', r'enc/\1')])
+  assert not the_plan.missing and str(the_plan.entries[('enc', 'w')]) == 'w'
+
+
+def test_export_rule_templates_expand_once_per_match(tmp_path):
+  model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+  orbax_nnx.export_params(model, tmp_path / 'st', format='safetensors', rules=[('(.*)', r'model.\1')], dtype=None)
+  from safetensors.numpy import load_file
+  assert sorted(load_file(str(tmp_path / 'st' / 'model.safetensors'))) == ['model.bias', 'model.kernel']
+
+
+# -- views ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('bad', [view.transpose(1, 2), view.swapaxes(0, 2), view.transpose(0, 0),
+                                 view.concat('b', axis=2)])
+def test_view_axes_out_of_range_are_errors_as_in_numpy(tmp_path, bad):
+  path = save_plain(tmp_path / 'c', {'a': np.ones((2, 3), np.float32), 'b': np.ones((2, 3), np.float32)})
+  with pytest.raises(errors.PlanError, match='axis|permutation'):
+    orbax_nnx.plan(path, nnx.State({'w': param((3, 2))}), rules=[('a', {'w': bad})])
+
+
+def test_negative_view_axes_count_from_the_end(tmp_path):
+  stored = numbers((2, 3, 4))
+  path = save_plain(tmp_path / 'c', {'a': stored})
+  out = orbax_nnx.restore(path, nnx.State({'w': param((2, 4, 3))}), rules=[('a', {'w': view.swapaxes(-1, -2)})])
+  np.testing.assert_array_equal(host(out['w']), np.swapaxes(stored, -1, -2))
+
+
+def test_parts_of_a_concat_are_each_cast_straight_to_the_target_dtype(tmp_path):
+  half, full = np.float16([1, 2]), np.float32([1.0001, 3.0001])
+  path = save_plain(tmp_path / 'c', {'a': half, 'b': full})
+  for dtype in (jnp.float32, jnp.bfloat16):
+    out = orbax_nnx.restore(path, nnx.State({'w': param((4,), dtype)}), rules=[('a', {'w': view.concat('b')})],
+                            extra='ignore')
+    expected = np.concatenate([half.astype(dtype), full.astype(dtype)])
+    np.testing.assert_array_equal(host(out['w']), expected)
+    assert host(out['w']).dtype == np.dtype(dtype)
+
+
+def test_unrolled_layers_of_mixed_dtypes_are_each_cast_straight_to_the_target(tmp_path):
+  layers = {'layers_0': {'w': np.float16([1, 2, 3])}, 'layers_1': {'w': np.float32([1.0001, 2.0001, 3])}}
+  path = save_plain(tmp_path / 'c', layers)
+  out = orbax_nnx.restore(path, nnx.State({'layers': {'w': param((2, 3))}}))
+  np.testing.assert_array_equal(host(out['layers']['w']), np.stack([layers['layers_0']['w'].astype(np.float32),
+                                                                    layers['layers_1']['w']]))
+
+
+# -- the layer axis -------------------------------------------------------------
+
+
+def test_a_linen_leaf_square_in_the_layer_count_moves_like_its_group(tmp_path):
+  """MaxText scans Params on axis 1: a norm scale (emb,) of 2 layers is (emb=2, L=2). The kernel's shapes
+  say the NNX target stacks on axis 0, so the scale's layer l is column l of the stored array."""
+  kernel, scale = numbers((4, 2, 6)), numbers((2, 2), offset=100)
+  path = save_plain(tmp_path / 'c', {'params': {'params': {'layers': {'kernel': kernel, 'scale': scale}}},
+                                     'step': np.int32(1)})
+  target = nnx.State({'layers': {'kernel': param((2, 4, 6)), 'scale': param((2, 2))}})
+  the_plan = orbax_nnx.plan(path, target)
+  assert the_plan.entries[('layers', 'scale')] == Transpose(Read(('params', 'params', 'layers', 'scale'), (2, 2),
+                                                                 np.dtype('float32')), (1, 0))
+  assert any('model/layers/scale' in note for note in the_plan.inferred) and '# INFERRED' in str(the_plan)
+  out = orbax_nnx.restore(path, target, missing='keep')
+  np.testing.assert_array_equal(host(out['layers']['scale']), scale.T)
+  np.testing.assert_array_equal(host(out['layers']['kernel']), np.moveaxis(kernel, 1, 0))
+
+
+def test_a_linen_leaf_square_in_the_layer_count_unrolls_by_the_convention(tmp_path):
+  scale = numbers((3, 3))
+  path = save_plain(tmp_path / 'c', {'params': {'params': {'layers': {'scale': scale}}}, 'step': np.int32(1)})
+  target = nnx.State({f'layers_{i}': {'scale': param((3,))} for i in range(3)})
+  out = orbax_nnx.restore(path, target)
+  for i in range(3):
+    np.testing.assert_array_equal(host(out[f'layers_{i}']['scale']), scale[:, i])
+
+
+def test_a_square_linen_group_with_nothing_to_tell_the_target_axis_is_refused(tmp_path):
+  path = save_plain(tmp_path / 'c', {'params': {'params': {'layers': {'scale': numbers((2, 2))}}},
+                                     'step': np.int32(1)})
+  with pytest.raises(errors.PlanError, match=r'ambiguous layer axis .*model/layers/scale'):
+    orbax_nnx.plan(path, nnx.State({'layers': {'scale': param((2, 2))}}))
+  out = orbax_nnx.restore(path, nnx.State({'layers': {'scale': param((2, 2), names=('layers', None))}}))
+  np.testing.assert_array_equal(host(out['layers']['scale']), numbers((2, 2)).T)
+
+
+@pytest.mark.parametrize('saver', [save_plain, save_nnx])
+def test_an_undecidable_stored_layer_axis_is_refused_not_guessed(tmp_path, saver):
+  stored = numbers((2, 2, 3))
+  tree = {'layers': {'w': stored if saver is save_plain else nnx.Param(jnp.asarray(stored))}}
+  path = saver(tmp_path / 'c', tree)
+  target = nnx.State({'layers': {'w': param((2, 3, 2), names=(None, None, 'layers'))}})
+  with pytest.raises(errors.PlanError, match=r'ambiguous layer axis for the stored array: axes \[0, 1\]'):
+    orbax_nnx.plan(path, target)
+  out = orbax_nnx.restore(path, target, scan_axis={'model/layers/w': 1})
+  np.testing.assert_array_equal(host(out['layers']['w']), np.moveaxis(stored, 1, 2))
+
+
+def test_the_same_nnx_tree_restores_as_stored_when_every_axis_is_square(tmp_path):
+  stored = numbers((2, 2))
+  path = save_nnx(tmp_path / 'c', {'layers': {'w': nnx.Param(jnp.asarray(stored))}})
+  out = orbax_nnx.restore(path, nnx.State({'layers': {'w': param((2, 2))}}))
+  np.testing.assert_array_equal(host(out['layers']['w']), stored)
+
+
+def test_an_explicit_axis_that_does_not_fit_is_an_error(tmp_path):
+  path = save_plain(tmp_path / 'c', {'params': {'params': {'layers': {'w': numbers((4, 2, 6))}}}, 'step': np.int32(1)})
+  target = nnx.State({'layers_0': {'w': param((4, 6))}, 'layers_1': {'w': param((4, 6))}})
+  with pytest.raises(errors.PlanError, match='scan_axis says axis 0'):
+    orbax_nnx.plan(path, target, scan_axis={'model/layers/w': 0})
+  with pytest.raises(errors.PlanError, match='out of range'):
+    orbax_nnx.plan(path, target, scan_axis={'model/layers/w': 3})
+  assert not orbax_nnx.plan(path, target, scan_axis={'model/layers/w': -2}).missing
+
+
+def test_bfloat16_parts_join_float32(tmp_path):
+  path = save_plain(tmp_path / 'c', {'a': np.ones(2, ml_dtypes.bfloat16), 'b': np.float32([1.0001, 2])})
+  out = orbax_nnx.restore(path, nnx.State({'w': param((4,))}), rules=[('a', {'w': view.concat('b')})],
+                          extra='ignore')
+  np.testing.assert_array_equal(host(out['w']), np.float32([1, 1, 1.0001, 2]))
