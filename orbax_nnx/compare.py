@@ -70,7 +70,11 @@ class CompareReport:
       bad = [d for d in self.values if not d.within]
       lines.append(f'values: {len(self.values) - len(bad)}/{len(self.values)} leaves within tolerance')
       lines += [f'  differs {d.path}: max abs {d.max_abs:.3g}, max rel {d.max_rel:.3g}' for d in bad]
-    lines.append('EQUAL' if self.equal else 'DIFFERENT')
+    if self.values is None:
+      lines.append(('EQUAL' if self.equal else 'DIFFERENT') + ' (structure only: values were not compared; pass'
+                   ' values=True, CLI --values)')
+    else:
+      lines.append('EQUAL' if self.equal else 'DIFFERENT')
     return '\n'.join(lines)
 
 
@@ -153,19 +157,37 @@ _DIFF_BLOCK = 1 << 22  # elements per float64 block, so the working copies stay 
 
 
 def _diff(name: str, xa: np.ndarray, xb: np.ndarray, atol: float, rtol: float) -> LeafDiff:
-  """Max abs/rel differences and whether every element is within tolerance (NaNs must match)."""
+  """Max abs/rel differences and whether every element is within tolerance.
+
+  Equality is decided in the stored dtype: equal elements (infinities of one sign included, NaN with NaN)
+  are within any tolerance, and integers are compared exactly (int64 2**60 and 2**60 + 1 differ). Only the
+  reported magnitudes and the tolerance test of unequal elements use float64.
+  """
   flat_a, flat_b = np.asarray(xa).reshape(-1), np.asarray(xb).reshape(-1)
   max_abs, max_rel, within = 0.0, 0.0, True
+  floating = flat_a.dtype.kind in 'fcV'  # ml_dtypes (bfloat16, float8) are kind 'V'
   for start in range(0, flat_a.size, _DIFF_BLOCK):
-    fa = flat_a[start:start + _DIFF_BLOCK].astype(np.float64)
-    fb = flat_b[start:start + _DIFF_BLOCK].astype(np.float64)
-    nan_a, nan_b = np.isnan(fa), np.isnan(fb)
-    diff = np.abs(fa - fb)
-    with np.errstate(divide='ignore', invalid='ignore'):
-      rel = np.where(diff == 0, 0.0, diff / np.abs(fb))
-    if not np.all(nan_a | nan_b):
-      max_abs = max(max_abs, float(np.nanmax(diff)))
-      max_rel = max(max_rel, float(np.nanmax(rel)))
-    within = within and bool(np.array_equal(nan_a, nan_b)) and bool(
-        np.all((diff <= atol + rtol * np.abs(fb)) | (nan_a & nan_b)))
+    ba, bb = flat_a[start:start + _DIFF_BLOCK], flat_b[start:start + _DIFF_BLOCK]
+    same = ba == bb
+    if floating:
+      same |= np.isnan(ba) & np.isnan(bb)
+    if bool(np.all(same)):
+      continue
+    if flat_a.dtype.kind in 'iu':  # integers: differences in Python ints (int64 has no room for all of them)
+      ia, ib = ba[~same].astype(object), bb[~same].astype(object)
+      exact = np.abs(ia - ib)
+      ok = np.asarray(exact <= atol + rtol * np.abs(ib), dtype=bool)
+      diff, fb = exact.astype(np.float64), ib.astype(np.float64)
+    else:
+      fa, fb = ba[~same].astype(np.float64), bb[~same].astype(np.float64)
+      with np.errstate(invalid='ignore', over='ignore'):
+        diff = np.abs(fa - fb)
+      diff = np.where(np.isnan(diff), np.inf, diff)  # one side infinite or NaN: never within a tolerance
+      ok = diff <= atol + rtol * np.abs(fb)
+    with np.errstate(invalid='ignore', divide='ignore'):
+      rel = diff / np.abs(fb)
+    rel = np.where(np.isnan(rel), np.inf, rel)
+    max_abs, max_rel = max(max_abs, float(diff.max())), max(max_rel, float(rel.max()))
+    # an unequal pair passes only within a positive tolerance
+    within = within and (atol > 0 or rtol > 0) and bool(np.all(ok))
   return LeafDiff(name, max_abs, max_rel, within)

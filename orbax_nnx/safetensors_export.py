@@ -30,6 +30,7 @@ from etils import epath
 from orbax_nnx import errors, nnx_tree
 from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 from orbax_nnx.planning.expressions import Cast, Expr, Take, cast
+from orbax_nnx.mapping.axes import Evidence, layer_axis
 from orbax_nnx.mapping.rules import apply_view, expand
 from orbax_nnx.planning.planner import build, lookup_axis, target_leaves
 from orbax_nnx.io.destination import check_destination
@@ -43,16 +44,21 @@ BLOCK_BYTES = 64 * 2**20  # one tensor is evaluated and written this much at a t
 
 
 def _per_layer(path: tuple, expr: Expr, leaf, scan_axis, counts: dict, names) -> list[tuple[str, Expr]]:
-  """`layers/attn/...` of a stacked group as `layers/0/attn/...`, `layers/1/...`: Takes on its layer axis,
-  0 (nnx.vmap's) unless `scan_axis` says otherwise. Every leaf of a group must give the same layer count
+  """`layers/attn/...` of a stacked group as `layers/0/attn/...`, `layers/1/...`: Takes on its layer axis.
+
+  Only names that mark a stacked group (`layers`, `blocks`, ... and declared `groups=`) are split: a single
+  submodule called `layer` is not. The axis is decided by `mapping.axes.layer_axis`: `scan_axis`, then the
+  leaf's `out_sharding` names, then nnx.vmap's 0. Every leaf of a group must give the same layer count
   (`counts`: group -> (count, first leaf)), so a wrong axis is an error, not a wrong tensor."""
   name = nnx_tree.path_str(path)
   keys = [str(k) for k in path]
-  for k, key in enumerate(keys):
-    if names.is_group(key) and not (k + 1 < len(keys) and keys[k + 1].isdigit()):
-      axis = lookup_axis(scan_axis, leaf.canon)
-      axis = 0 if axis is None else axis
-      n = expr.shape[axis] if len(expr.shape) > axis else 0
+  for k in range(len(keys)):
+    if names.stacked_at(tuple(keys), k) and expr.shape:
+      rank = len(expr.shape)
+      axis = layer_axis(name, expr.shape, range(rank), Evidence(
+          explicit=lookup_axis(scan_axis, leaf.canon), names=names.names_axis(leaf.out_sharding), convention=0),
+          what='exporting each layer')
+      n = expr.shape[axis]
       group = '/'.join(keys[: k + 1])
       seen, first = counts.setdefault(group, (n, name))
       if seen != n:

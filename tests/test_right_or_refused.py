@@ -185,3 +185,122 @@ def test_bfloat16_parts_join_float32(tmp_path):
   out = orbax_nnx.restore(path, nnx.State({'w': param((4,))}), rules=[('a', {'w': view.concat('b')})],
                           extra='ignore')
   np.testing.assert_array_equal(host(out['w']), np.float32([1, 1, 1.0001, 2]))
+
+
+# -- exports --------------------------------------------------------------------
+
+
+class _OneLayer(nnx.Module):
+  def __init__(self, rngs):
+    self.layer = nnx.Linear(2, 3, rngs=rngs)
+
+
+def test_a_single_submodule_named_like_a_group_exports_whole(tmp_path):
+  from safetensors.numpy import load_file
+  model = _OneLayer(nnx.Rngs(0))
+  orbax_nnx.export_params(model, tmp_path / 'st', format='safetensors', rules=[('(.*)', r'\1')], dtype=None)
+  tensors = load_file(str(tmp_path / 'st' / 'model.safetensors'))
+  assert sorted(tensors) == ['layer/bias', 'layer/kernel']
+  np.testing.assert_array_equal(tensors['layer/kernel'], np.asarray(model.layer.kernel.get_value()))
+
+
+def test_a_stacked_group_exports_per_layer_on_its_named_axis(tmp_path):
+  from safetensors.numpy import load_file
+  stacked = numbers((3, 2, 4))  # (emb, L, mlp): the layer axis is 1, as out_sharding says
+  kernel = nnx.Param(jnp.asarray(stacked))
+  kernel.set_metadata(out_sharding=(None, 'layers', None))
+  state = nnx.State({'layers': {'kernel': kernel}})
+  orbax_nnx.export_params(state, tmp_path / 'st', format='safetensors', dtype=None,
+                          rules=[(r'layers/(\d+)/kernel', r'l.\1.w')])
+  tensors = load_file(str(tmp_path / 'st' / 'model.safetensors'))
+  assert sorted(tensors) == ['l.0.w', 'l.1.w']
+  np.testing.assert_array_equal(tensors['l.1.w'], stacked[:, 1])
+
+
+# -- compare --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('a, b, equal', [
+    (np.float32([np.inf, -np.inf, np.nan]), np.float32([np.inf, -np.inf, np.nan]), True),
+    (np.float32([np.inf]), np.float32([-np.inf]), False),
+    (np.int64([2**60]), np.int64([2**60 + 1]), False),
+    (np.int64([2**60, -2**63]), np.int64([2**60, -2**63]), True),
+    (np.float32([0.0]), np.float32([-0.0]), True),
+])
+def test_compare_decides_equality_in_the_stored_dtype(tmp_path, a, b, equal):
+  pa, pb = save_plain(tmp_path / 'a', {'w': a}), save_plain(tmp_path / 'b', {'w': b})
+  assert orbax_nnx.compare(pa, pb, values=True).equal is equal
+
+
+def test_a_structure_only_compare_says_values_were_not_compared(tmp_path):
+  pa = save_plain(tmp_path / 'a', {'w': np.float32([1])})
+  pb = save_plain(tmp_path / 'b', {'w': np.float32([2])})
+  report = orbax_nnx.compare(pa, pb)
+  assert report.equal and 'values were not compared' in report.summary()
+  assert not orbax_nnx.compare(pa, pb, values=True).equal
+
+
+# -- targets and paths ----------------------------------------------------------
+
+
+class _HFStyle(nnx.Module):
+  def __init__(self, rngs):
+    self.model = nnx.Linear(2, 3, rngs=rngs)
+    self.lm_head = nnx.Linear(3, 2, rngs=rngs)
+
+
+def test_a_model_with_a_submodule_called_model_is_a_model_not_a_train_state(tmp_path):
+  model = _HFStyle(nnx.Rngs(0))
+  path = save_nnx(tmp_path / 'c', model)
+  target = nnx.eval_shape(lambda: _HFStyle(nnx.Rngs(1)))
+  the_plan = orbax_nnx.plan(path, nnx.state(target))
+  assert not the_plan.missing and not the_plan.unused
+  assert orbax_nnx.detect_layout(path).preset == 'params'
+  out = orbax_nnx.restore(path, target)
+  np.testing.assert_array_equal(np.asarray(out.lm_head.kernel.get_value()), np.asarray(model.lm_head.kernel.get_value()))
+
+
+def test_step_and_item_on_an_item_directory_are_honoured_or_refused(tmp_path):
+  with ocp.CheckpointManager(tmp_path / 'run', handler_registry=orbax_nnx.nnx_registry) as mngr:
+    mngr.save(5, args=ocp.args.Composite(model=orbax_nnx.NNXSave({'w': nnx.Param(jnp.ones(2))})))
+  item = tmp_path / 'run' / '5' / 'model'
+  assert orbax_nnx.resolve_item(item, step=5, item='model') == item
+  with pytest.raises(errors.OptionError, match='step=4 cannot be honoured'):
+    orbax_nnx.restore(item, step=4)
+  with pytest.raises(errors.OptionError, match="item='opt' names another item"):
+    orbax_nnx.restore(item, item='opt')
+
+
+def test_a_folder_holding_one_unrelated_item_is_not_a_step_directory(tmp_path):
+  save_plain(tmp_path / 'data' / 'thing', {'w': np.float32([1])})
+  with pytest.raises(errors.NotACheckpointError):
+    orbax_nnx.restore(tmp_path / 'data')
+  assert orbax_nnx.resolve_item(tmp_path / 'data' / 'thing') == tmp_path / 'data' / 'thing'
+
+
+def test_relative_paths_work_everywhere(tmp_path, monkeypatch):
+  save_nnx(tmp_path / 'ckpt', {'w': nnx.Param(jnp.arange(3.0))})
+  monkeypatch.chdir(tmp_path)
+  np.testing.assert_array_equal(host(orbax_nnx.restore('ckpt')['w']), np.arange(3.0))
+  assert orbax_nnx.inspect('ckpt')['path'] == str(tmp_path / 'ckpt')
+  orbax_nnx.convert('ckpt', 'out', to='linen')
+  assert orbax_nnx.compare('ckpt', 'out', values=True).equal
+  import subprocess, sys, os
+  out = subprocess.run([sys.executable, '-m', 'orbax_nnx', 'convert', 'out', 'back'], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert out.returncode == 0, out.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['back', 'ckpt', 'out']  # no tmp dir left
+
+
+def test_typed_prng_keys_keep_their_impl_through_convert_and_export(tmp_path):
+  model = nnx.Dict(dense=nnx.Linear(2, 2, rngs=nnx.Rngs(0)), drop=nnx.Dropout(0.1, rngs=nnx.Rngs(dropout=3)))
+  path = save_nnx(tmp_path / 'c', {'model': nnx.state(model)})
+  orbax_nnx.convert(path, tmp_path / 'linen', to='linen')
+  with ocp.StandardCheckpointer() as ckptr:
+    key = ckptr.restore(tmp_path / 'linen')['nnx_aux']['model']['drop']['rngs']['key']
+  assert jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  np.testing.assert_array_equal(jax.random.key_data(key), jax.random.key_data(model.drop.rngs.key.get_value()))
+  orbax_nnx.convert(tmp_path / 'linen', tmp_path / 'back')
+  with ocp.StandardCheckpointer() as ckptr:
+    back = ckptr.restore(tmp_path / 'back')['model']['drop']['rngs']['key']['value']
+  assert jax.dtypes.issubdtype(back.dtype, jax.dtypes.prng_key)

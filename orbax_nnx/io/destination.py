@@ -33,13 +33,14 @@ def _is_local(path: epath.Path) -> bool:
 
 def normalized(path: epath.PathLike) -> epath.Path:
   """`path` absolute, with `..` and the symlinks of its parents resolved (the last component kept as is)."""
+  from orbax_nnx.sources import metadata  # local: sources build on io
+
   path = epath.Path(path)
   if not _is_local(path):
     text = os.fspath(path)
     scheme, rest = text.split('://', 1)
     return epath.Path(f'{scheme}://{posixpath.normpath(rest).lstrip("/")}')
-  absolute = os.path.abspath(os.fspath(path))
-  parent, name = os.path.split(absolute)
+  parent, name = os.path.split(os.fspath(metadata.absolute(path)))
   return epath.Path(os.path.join(os.path.realpath(parent), name) if name else parent)
 
 

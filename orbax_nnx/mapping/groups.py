@@ -23,6 +23,14 @@ STACK_HINT_NAMES = ('layers', 'layers_per_stage', 'circular_repeats', 'stage', '
 LAYER_GROUP_NAME = r'layers?|blocks?|h|stages?|layers_per_stage|circular_repeats|[a-z0-9_]*_(layers|blocks)'
 
 
+def is_train_state(top_keys) -> bool:
+  """Whether a tree with these top-level keys is a train state (`model` / `optimizer` and nothing else).
+
+  A model with a submodule called `model` (the Hugging Face `.model` + `.lm_head` style) is a model."""
+  top = {str(k) for k in top_keys}
+  return bool(top) and top <= {MODEL, OPTIMIZER}
+
+
 def model_start(canon: CanonPath) -> int:
   """Index where the model-mirroring part of a canonical path starts (after `model`, or after an
   optax state's chain indices and field name)."""

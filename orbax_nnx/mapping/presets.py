@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from orbax_nnx import errors
-from orbax_nnx.mapping.groups import MODEL, OPTIMIZER
+from orbax_nnx.mapping.groups import MODEL, OPTIMIZER, is_train_state
 
 Kind = Literal['nnx', 'linen', 'maxtext', 'params', 'safetensors']
 Role = Literal['params', 'aux', 'opt', 'step']
@@ -76,7 +76,7 @@ def _double_params(paths: Sequence[DiskPath]) -> bool:
 
 
 def _linen(top: frozenset) -> bool:
-  return 'params' in top and not top & {MODEL, OPTIMIZER}
+  return 'params' in top and not is_train_state(top)
 
 
 _LINEN_STATE = (
@@ -87,12 +87,12 @@ _LINEN_STATE = (
 
 PRESETS: tuple[Preset, ...] = (
     Preset('nnx', 'nnx', 'NNX train state or module: model/..., optimizer/{step,opt_state}/... (raw or pure)',
-           lambda top, paths: bool(top & {MODEL, OPTIMIZER}),
+           lambda top, paths: is_train_state(top),
            (PresetRule(f'model/(.+?){_V}', r'model/\1', 'params'),
             PresetRule(f'optimizer/step{_V}', 'optimizer/step', 'step'),
             PresetRule(f'optimizer/opt_state/(.+?){_V}', r'optimizer/opt_state/\1', 'opt'))),
     Preset('nnx-optimizer', 'nnx', 'an nnx.Optimizer saved alone: opt_state/..., step',
-           lambda top, paths: {'opt_state', 'step'} <= top and not top & {MODEL, OPTIMIZER, 'params'},
+           lambda top, paths: {'opt_state', 'step'} <= top and 'params' not in top and not is_train_state(top),
            (PresetRule(f'step{_V}', 'optimizer/step', 'step'),
             PresetRule(f'opt_state/(.+?){_V}', r'optimizer/opt_state/\1', 'opt'))),
     Preset('linen-maxtext', 'linen',
@@ -120,7 +120,7 @@ PRESETS: tuple[Preset, ...] = (
            lambda top, paths: top == {'base'},
            (PresetRule(f'base/(.+?){_V}', r'model/\1', 'params'),)),
     Preset('params', 'params', 'a bare module tree: a decode checkpoint, an NNX pure dict, any pytree of arrays',
-           lambda top, paths: not top & {MODEL, OPTIMIZER, 'params'} and not {'opt_state', 'step'} <= top
+           lambda top, paths: not is_train_state(top) and 'params' not in top and not {'opt_state', 'step'} <= top
            and top != {'base'},
            (PresetRule(f'(.+?){_V}', r'model/\1', 'params'),)),
 )

@@ -17,20 +17,22 @@ from orbax_nnx.planning.expressions import Concat, Expr, Reshape, Slice, Take, T
 
 
 def rename(layout: Layout, canon: CanonPath, rules, matched: set[int],
-           prefix: CanonPath) -> CanonPath | dict[CanonPath, View]:
+           prefix: CanonPath, literal_model: bool = False) -> CanonPath | dict[CanonPath, View]:
   """The first matching rule's result: a renamed path, or {target path: view} for a view rule.
 
   A pattern fullmatches the stored path as `inspect` prints it, else the canonical path as `plan`
-  prints it (a catch-all such as `(.*)` thus sees the stored path). A replacement names a path in the target tree (`layers/0/mlp/kernel` in a model); one
-  already starting at the target's canonical root (`model/...`, or `optimizer/...` in a train state)
-  is taken as canonical. A raw-flavour `value` wrapper a stored-path match carries over is dropped.
+  prints it (a catch-all such as `(.*)` thus sees the stored path). A replacement names a path in the target
+  tree (`layers/0/mlp/kernel` in a model); one already starting at the target's canonical root (`model/...`,
+  or `optimizer/...` in a train state) is taken as canonical, unless `literal_model` (the target model has a
+  submodule called `model`, which such a path then names). A raw-flavour `value` wrapper a stored-path match
+  carries over is dropped.
   """
   wrapped = layout.kind != 'safetensors' and layout.canonical[canon][-1] == 'value' and canon[-1] != 'value'
 
   def target(path: str) -> CanonPath:
     parts = tuple(path.split('/'))
     parts = parts[:-1] if wrapped and parts[-1] == 'value' else parts
-    if parts[:1] == (prefix or parts)[:1] and parts[0] in (MODEL, OPTIMIZER):
+    if parts[:1] == (prefix or parts)[:1] and parts[0] in (MODEL, OPTIMIZER) and not literal_model:
       return parts  # already canonical
     return (prefix or (MODEL,)) + parts  # a train-state target's rules name model paths
 

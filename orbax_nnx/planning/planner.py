@@ -19,7 +19,7 @@ from flax import nnx
 
 from orbax_nnx import compat, errors, nnx_tree
 from orbax_nnx.mapping.axes import AmbiguousAxisError, Evidence, layer_axis
-from orbax_nnx.mapping.groups import MODEL, OPTIMIZER, model_start
+from orbax_nnx.mapping.groups import MODEL, OPTIMIZER, is_train_state, model_start
 from orbax_nnx.mapping.layout import CanonPath, Layout
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
 from orbax_nnx.planning.expressions import Const, Expr, Read, Stack, Take, Transpose, cast, reads
@@ -54,11 +54,11 @@ _NON_PARAM = (nnx.RngState, nnx.BatchStat, nnx.Cache, nnx.Intermediate)
 def target_leaves(target: Any, exclude=nnx_tree.DEFAULT_EXCLUDE) -> list[TargetLeaf]:
   """Flattens a target and gives each leaf its canonical path.
 
-  A target with top-level `model`/`optimizer` keys is a train state; one with `opt_state` and `step` an optimizer; anything else a model.
+  A target whose top-level keys are `model`/`optimizer` only is a train state; one with `opt_state` and `step` an optimizer; anything else a model.
   """
   flat = list(nnx_tree.flatten(target, exclude))
   top = {str(p[0]) for p, _ in flat if p}
-  if top & {MODEL, OPTIMIZER}:
+  if is_train_state(top):
     prefix: tuple = ()
   elif {'opt_state', 'step'} <= top:
     prefix = (OPTIMIZER,)
@@ -127,9 +127,10 @@ class _Planner:
     self.views: dict[CanonPath, tuple[CanonPath, View]] = {}  # target -> (source, view)
     self.renamed_of: dict[CanonPath, CanonPath] = {}
     prefix = _target_prefix(targets)
+    literal_model = prefix == (MODEL,) and any(t.canon[1:2] == (MODEL,) for t in targets)
     by_rule: dict[CanonPath, CanonPath] = {}  # target path -> the stored leaf a rule sends there
     for canon in layout.canonical:
-      renamed = rename(layout, canon, compiled, matched, prefix)
+      renamed = rename(layout, canon, compiled, matched, prefix, literal_model)
       if isinstance(renamed, dict):  # a view rule: the source keeps its path, its views name targets
         for target, v in renamed.items():
           _claim(by_rule, target, canon, layout)

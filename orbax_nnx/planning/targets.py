@@ -219,7 +219,8 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
       out_dtype = np.dtype(original_dtypes[key]) if key in original_dtypes else dtype
       if cast_to is not None and jnp.issubdtype(out_dtype, jnp.floating):
         out_dtype = cast_to
-      leaf = TargetLeaf(out_canon, out_canon, tuple(out_shape), out_dtype, None, param_like, None, layer_axis)
+      leaf = TargetLeaf(out_canon, out_canon, tuple(out_shape), out_dtype, info.key_impl, param_like, None,
+                        layer_axis)
       leaves.append(leaf)
       disk_of[out_canon] = (tuple(original_paths[key].split('/')) if key in original_paths else
                             _stored_path(out_canon, to, flavour, linen_params, param_like, model_at_root))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,6 +29,7 @@ class LeafInfo:
   shape: tuple[int, ...]
   dtype: Any
   metadata: Any  # the Orbax value metadata (ArrayMetadata, ScalarMetadata, ...)
+  key_impl: str | None = None  # a typed PRNG key stored as key data: its impl (Orbax's `random_key_impl`)
 
   @property
   def nbytes(self) -> int:
@@ -138,12 +140,12 @@ def _flatten_tree(tree: Any, prefix: DiskPath = ()) -> dict[DiskPath, Any]:
   return out
 
 
-def _leaf_info(meta: Any) -> LeafInfo:
+def _leaf_info(meta: Any, key_impls: Mapping[str, str]) -> LeafInfo:
   shape = tuple(getattr(meta, 'shape', ()) or ())
   dtype = getattr(meta, 'dtype', None)
   if dtype is None:
     dtype = np.dtype(np.float64)
-  return LeafInfo(shape, dtype, meta)
+  return LeafInfo(shape, dtype, meta, key_impls.get(getattr(meta, 'name', None)))
 
 
 _READER = None
@@ -162,7 +164,7 @@ def read_item_metadata(
   """Reads an Orbax PyTree item's metadata (or safetensors headers); raises NotACheckpointError on bad input."""
   from orbax_nnx.sources import safetensors as safetensors_source  # local: it builds on this module
 
-  directory = epath.Path(directory)
+  directory = absolute(directory)
   with _readable(directory):
     if safetensors_source.is_safetensors(directory):
       return safetensors_source.read_metadata(directory)
@@ -200,7 +202,8 @@ class _OrbaxLeaves(Mapping):
       fast = zarr_headers.read(self._directory, self._flags, self._handler)
       if fast is not None:
         flat, self.has_empty = fast
-        self._leaves = {path: _leaf_info(m) for path, m in flat.items()}
+        impls = zarr_headers.key_impls(self._directory)
+        self._leaves = {path: _leaf_info(m, impls) for path, m in flat.items()}
         return self._leaves
       try:
         tree_meta = (self._handler or _reader()).metadata(self._directory)
@@ -211,7 +214,8 @@ class _OrbaxLeaves(Mapping):
       tree = getattr(tree_meta, 'tree', tree_meta)
       flat = _flatten_tree(tree)
       self.has_empty = len(jax.tree.leaves(tree, is_leaf=lambda x: x is None)) != len(flat)
-      self._leaves = {path: _leaf_info(m) for path, m in flat.items()}
+      impls = zarr_headers.key_impls(self._directory)
+      self._leaves = {path: _leaf_info(m, impls) for path, m in flat.items()}
     return self._leaves
 
   def __getitem__(self, key):
@@ -225,9 +229,13 @@ class _OrbaxLeaves(Mapping):
 
 
 def _is_step_dir(path: epath.Path) -> bool:
-  return (path / '_CHECKPOINT_METADATA').exists() or any(
-      (child / METADATA_FILE).exists() for child in path.iterdir() if child.is_dir()
-  )
+  """A step directory: Orbax's `_CHECKPOINT_METADATA` in it, or a step name (`ocp.path.step`) over items.
+
+  A folder that merely holds an item directory (a data folder, a run's parent) is not one."""
+  if (path / '_CHECKPOINT_METADATA').exists():
+    return True
+  return _step_of(path.name) is not None and any(
+      (child / METADATA_FILE).exists() for child in path.iterdir() if child.is_dir())
 
 
 def manager_steps(root: epath.Path) -> dict[int, epath.Path]:
@@ -251,6 +259,14 @@ def manager_steps(root: epath.Path) -> dict[int, epath.Path]:
   return dict(sorted(steps.items()))
 
 
+def absolute(path: epath.PathLike) -> epath.Path:
+  """`path` made absolute once, at the API boundary (Orbax and tensorstore refuse relative paths);
+  object-store paths (`gs://...`) are returned as they are."""
+  path = epath.Path(path)
+  text = os.fspath(path)
+  return path if '://' in text else epath.Path(os.path.abspath(text))
+
+
 def resolve_item(path: epath.PathLike, *, step: int | None = None, item: str | None = None) -> epath.Path:
   """The item directory for an item dir, a step dir (+ `item`), or a manager root (+ `step`).
 
@@ -264,7 +280,7 @@ def resolve_item(path: epath.PathLike, *, step: int | None = None, item: str | N
     raise errors.OptionError(f'step={step!r} is not a step number; use a non-negative int.')
   if item is not None and not isinstance(item, str):
     raise errors.OptionError(f'item={item!r} is not an item name; use a str.')
-  path = epath.Path(path)
+  path = absolute(path)
   with _readable(path):
     return _resolve_item(path, step, item)
 
@@ -280,9 +296,21 @@ def _resolve_item(path: epath.Path, step: int | None, item: str | None) -> epath
     return path
   if not path.is_dir():
     raise errors.NotACheckpointError(path, 'it is a file, not a directory')
-  if (path / METADATA_FILE).exists():
+  if (path / METADATA_FILE).exists():  # an item directory: step= and item= must name it, or are refused
+    if item is not None and item != path.name:
+      raise errors.OptionError(f'{path} is an item directory ({path.name!r}), not a step directory: item={item!r}'
+                               ' names another item; pass the step directory or drop item=.')
+    if step is not None and _step_of(path.parent.name) != step:
+      raise errors.OptionError(f'{path} is an item directory, not a manager root: step={step} cannot be honoured;'
+                               ' pass the manager root or drop step=.')
     return path
-  steps = {} if _is_step_dir(path) else manager_steps(path)
+  step_dir = _is_step_dir(path)
+  steps = {} if step_dir else manager_steps(path)
+  if not step_dir and not steps:
+    items = sorted(c.name for c in path.iterdir() if c.is_dir() and (c / METADATA_FILE).exists())
+    if items:
+      raise errors.NotACheckpointError(path, f'it is neither an item, a step directory nor a manager root, but holds'
+                                       f' the item directories {items[:8]}: pass one of them')
   if steps:
     if step is None:
       step = max(steps)

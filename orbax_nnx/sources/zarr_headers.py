@@ -22,13 +22,15 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from orbax_nnx import compat
+from orbax_nnx import compat, errors
 from orbax_nnx.sources import untrusted
 from orbax_nnx.nnx_tree import DiskPath
 
 ARRAY_TYPES = ('jax.Array', 'np.ndarray', 'scalar')
 EMPTY_TYPES = ('None', 'Dict', 'List', 'Tuple', 'NamedTuple')
 SHARDING_FILE = '_sharding'
+ARRAY_METADATA_DIR = 'array_metadatas'  # Orbax's per-process array metadata files (`process_N`)
+KEY_IMPLS = ('threefry2x32', 'rbg', 'unsafe_rbg')  # JAX's PRNG implementations, by the names Orbax records
 
 
 def read(directory: epath.Path, flags: Mapping[str, Any], handler: Any) -> tuple[dict[DiskPath, Any], bool] | None:
@@ -199,4 +201,25 @@ def _shardings(directory: epath.Path) -> dict[str, Any]:
       out[name] = compat.sharding_from_serialized(serialized) if serialized else None
     except Exception:  # pylint: disable=broad-except  (as in Orbax: an unreadable sharding is no sharding)
       continue
+  return out
+
+
+def key_impls(directory: epath.Path) -> dict[str, str]:
+  """The PRNG impl of every array stored as typed-key data, by parameter name (Orbax's `random_key_impl`
+  in `array_metadatas/process_*`); empty when the item has none."""
+  folder = directory / ARRAY_METADATA_DIR
+  if not folder.exists():
+    return {}
+  out = {}
+  for file in sorted(folder.iterdir()):
+    data = untrusted.field(untrusted.read_json(file), dict, file, 'array metadata')
+    for entry in untrusted.field(data.get('array_metadatas') or [], list, file, '"array_metadatas"'):
+      meta = entry.get('array_metadata') if isinstance(entry, dict) else None
+      ext = meta.get('ext_metadata') if isinstance(meta, dict) else None
+      impl = ext.get('random_key_impl') if isinstance(ext, dict) else None
+      if impl is not None and impl not in KEY_IMPLS:
+        raise errors.CorruptCheckpointError(file, f'random_key_impl {str(impl)[:40]!r} is not a JAX PRNG'
+                                            f' implementation ({", ".join(KEY_IMPLS)})')
+      if impl is not None and isinstance(meta.get('param_name'), str):
+        out[meta['param_name']] = impl
   return out
