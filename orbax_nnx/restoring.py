@@ -175,6 +175,18 @@ def restore_args_for(matches: list[LeafMatch], meta: ItemMetadata, default_shard
   return item, args
 
 
+def _layer_axes_differ(match: LeafMatch, meta: ItemMetadata, names) -> bool:
+  """Whether a stored leaf's recorded sharding names put its layer axis elsewhere than the target's do.
+
+  The target's own tree (same paths, same shapes) restores as stored, as Orbax restores it; only when both
+  sides name a layer axis and the names disagree is it planned (the layer axis then moves)."""
+  record = meta.record_of(match.disk)
+  stored = names.names_axis(record.metadata.get('out_sharding')) if record else None
+  wanted = (names.names_axis(match.leaf.get_metadata().get('out_sharding'))
+            if isinstance(match.leaf, nnx.Variable) else None)
+  return stored is not None and wanted is not None and stored != wanted
+
+
 def restore_target(
     impl: ocp.PyTreeCheckpointHandler,
     meta: ItemMetadata,
@@ -199,11 +211,14 @@ def restore_target(
   NNX, stacking/unrolling layers) is evaluated lazily, per target shard.
   """
   if not rules and meta.format == 'orbax':
+    from orbax_nnx.mapping.groups import group_names  # local: mapping builds on this module's users
+    names = group_names(groups)
     try:
       matches = match_target(meta, target, missing, extra, exclude)
     except errors.StructureMismatchError:
       matches = None
-    if matches is not None and (not orbax.strict or all(_same_shape(m, meta) for m in matches)):
+    if matches is not None and (not orbax.strict or all(_same_shape(m, meta) for m in matches)) and not any(
+        _layer_axes_differ(m, meta, names) for m in matches):
       item, restore_args = restore_args_for(matches, meta, default_sharding, orbax)
       # partial when we ask for less than the stored tree: leaves skipped by policy or placeholders,
       # or empty nodes (optax MaskedNode is stored as None)

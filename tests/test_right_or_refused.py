@@ -304,3 +304,14 @@ def test_typed_prng_keys_keep_their_impl_through_convert_and_export(tmp_path):
   with ocp.StandardCheckpointer() as ckptr:
     back = ckptr.restore(tmp_path / 'back')['model']['drop']['rngs']['key']['value']
   assert jax.dtypes.issubdtype(back.dtype, jax.dtypes.prng_key)
+
+
+def test_the_same_tree_moves_its_layer_axis_only_when_both_sides_name_it_differently(tmp_path):
+  stored = numbers((2, 2))
+  variable = nnx.Param(jnp.asarray(stored))
+  variable.set_metadata(out_sharding=('layers', None))
+  path = save_nnx(tmp_path / 'c', {'layers': {'w': variable}})
+  out = orbax_nnx.restore(path, nnx.State({'layers': {'w': param((2, 2), names=(None, 'layers'))}}))
+  np.testing.assert_array_equal(host(out['layers']['w']), stored.T)
+  out = orbax_nnx.restore(path, nnx.State({'layers': {'w': param((2, 2), names=('layers', None))}}))
+  np.testing.assert_array_equal(host(out['layers']['w']), stored)

@@ -273,6 +273,9 @@ class _Planner:
     src, tgt = tuple(expr.shape), tuple(leaf.shape)
     group = self._stacked_group(leaf.canon)
     n = group.length if group is not None else 0
+    said = leaf.layer_axis if leaf.layer_axis is not None else self.names.names_axis(leaf.out_sharding)
+    if group is not None and n <= 0 and said is not None and said < len(tgt):
+      n = tgt[said]  # the stored shapes left the layer count open: the target's layer axis tells it
     pairs = [(a, b) for a in range(len(src)) if src[a] == n for b in range(len(tgt))
              if tgt[b] == n and src[:a] + src[a + 1:] == tgt[:b] + tgt[b + 1:]] if n > 0 else []
     if not pairs:
@@ -291,8 +294,8 @@ class _Planner:
                                              self._group_key(leaf.canon, end, 'source', leaf)),
                        'the stored array', leaf)
     except AmbiguousAxisError:
-      if src == tgt and self.use_group_axes and self.layout.framework != 'linen':
-        return expr  # an NNX or plain source into the same shape: the same tree, as Orbax restores it
+      if src == tgt and self.use_group_axes and self.layout.framework != 'linen' and said is None:
+        return expr  # an NNX or plain source into the same shape, nothing said on either side: as Orbax restores
       raise
     target_key = self._group_key(leaf.canon, end, 'target', leaf)
     try:
