@@ -78,8 +78,9 @@ def _add_layout_options(p: argparse.ArgumentParser) -> None:
                  help='layer axis of stacked arrays (per canonical path regex)')
   p.add_argument('--param-scan-axis', type=int, default=1, help='convention for Params (MaxText: 1)')
   p.add_argument('--format', choices=['raw', 'pure'], default='raw', help='NNX flavour to write')
-  p.add_argument('--linen-style', choices=['maxtext', 'flax'], default='maxtext',
-                 help='Linen tree to write: maxtext (params/params, nnx_aux) or flax (params, batch_stats)')
+  p.add_argument('--linen-style', choices=['maxtext', 'flax'], default=None,
+                 help='Linen tree to write: maxtext (params/params, params/batch_stats, nnx_aux) or flax (params,'
+                 ' batch_stats); default: as the conversion that made SRC, else maxtext')
   p.add_argument('--rename', action='append', metavar='REGEX=REPL', help='rename canonical paths first')
 
 

@@ -29,7 +29,7 @@ from etils import epath
 from orbax_nnx import errors, nnx_tree, version
 from orbax_nnx.io import budget
 from orbax_nnx.mapping.views import check_rules
-from orbax_nnx.mapping.layout import Layout, detect
+from orbax_nnx.mapping.layout import LINEN_STYLES, Layout, detect, linen_style as choose_linen_style
 from orbax_nnx.sources.metadata import CUSTOM_KEY, read_item_metadata, resolve_item
 from orbax_nnx.planning.expressions import Cast, LoraMerge, cast, reads
 from orbax_nnx.planning.planner import Plan, build
@@ -103,16 +103,19 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
                     scan_axis=None, param_scan_axis: int = 1, flavour: str = 'raw',
                     rules: Sequence[tuple[str, str]] = (), include: str = 'all',
                     dtype: Any = None, lora: str | None = None,
-                    target: Any = None, linen_style: str = 'maxtext', layout: str | None = None,
-                    groups=None) -> tuple[Layout, LayoutTarget, Plan, dict]:
+                    target: Any = None, linen_style: str | None = None, layout: str | None = None,
+                    groups=None, template: Any = None) -> tuple[Layout, LayoutTarget, Plan, dict]:
   """Layout, target and plan of a conversion (metadata only).
 
   `target` (an NNX model or abstract state) replaces the layout-derived target: the result is
-  that model's checkpoint, mapped from the source by `rules` (e.g. Hugging Face weights).
+  that model's checkpoint, mapped from the source by `rules` (e.g. Hugging Face weights). The Linen style
+  is decided by `mapping.layout.linen_style` (`linen_style` > `template`'s structure > the source's record);
+  a Linen tree that differs from `template` is a StructureMismatchError.
   """
   check_conversion_options(to=to, scan_layers=scan_layers, param_scan_axis=param_scan_axis, flavour=flavour,
                            include=include, lora=lora)
-  errors.check_choice('linen_style', linen_style, ('maxtext', 'flax'))
+  if linen_style is not None:
+    errors.check_choice('linen_style', linen_style, LINEN_STYLES)
   rules = check_rules(rules)
   source = detect(read_item_metadata(src_item), layout=layout, groups=groups)
   if target is None and source.kind == 'safetensors':
@@ -136,10 +139,21 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
       scan_layers = reverse.get('scan_layers')
   record = source.meta.ours.get('conversion') if source.meta.ours else None
   original = record if isinstance(record, Mapping) and record.get('from_framework') == to else None
+  template_paths = _leaf_paths(template) if template is not None else []
+  style = choose_linen_style(linen_style, template_paths, source)
   target = layout_target(source, to=to, scan_layers=scan_layers, scan_axis=scan_axis,
                          param_scan_axis=param_scan_axis, flavour=flavour, include=include,
                          original=original if include == 'all' else None, dtype=dtype,
-                         linen_params='single' if linen_style == 'flax' else 'double')
+                         linen_params='single' if style == 'flax' else 'double')
+  if template is not None and to == 'linen':
+    written = {'/'.join(target.disk[leaf.path]) for leaf in target.leaves}
+    wanted = set(template_paths)
+    if written != wanted:
+      raise errors.StructureMismatchError(
+          sorted(wanted - written), sorted(written - wanted),
+          where=f'written from {src_item} in the {style} Linen style (as the template)',
+          advice="  The converted tree must be the template's: pass linen_style= if the style was guessed wrong,"
+          ' or a template that matches the model and optimizer of this checkpoint.')
   axes = target.planner_axes()
   the_plan = build(source, target.leaves, rules=rules, scan_axis=axes or scan_axis,
                    param_scan_axis=param_scan_axis)
@@ -165,6 +179,15 @@ def source_structure(item_dir: epath.Path) -> dict[str, Any]:
     if (entry.get('value_metadata') or {}).get('value_type') == 'None':
       nones.append('/'.join(keys))
   return {'sequences': sorted(sequences), 'nones': sorted(nones)}
+
+
+def _leaf_paths(template: Any) -> list[str]:
+  """The `/`-joined paths of a template's value leaves (a Linen TrainState or any pytree)."""
+  out = []
+  for keypath, leaf in jax.tree_util.tree_flatten_with_path(template)[0]:
+    if hasattr(leaf, 'shape') or isinstance(leaf, (int, float)):  # arrays, and scalars such as a TrainState's step
+      out.append('/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in keypath))
+  return out
 
 
 def structure_from_template(template: Any) -> dict[str, Any]:
@@ -373,7 +396,7 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
             include: Literal['all', 'params'] = 'all', overwrite: bool = False,
             buffer_bytes: int | None = None, step: int | None = None, item: str | None = None,
             progress: Callable | None = None, template: Any = None, dtype: Any = None,
-            lora: str | None = None, target: Any = None, linen_style: str = 'maxtext', layout: str | None = None,
+            lora: str | None = None, target: Any = None, linen_style: str | None = None, layout: str | None = None,
             groups=None, memory_budget: int | None = None) -> ConvertReport:
   """Converts the checkpoint at `src` to another layout at `dst` (an Orbax item directory).
 
@@ -385,7 +408,9 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   (int32 Linen <-> uint32 NNX). DST restores with `orbax_nnx.restore(dst, target)`, with
   `ocp.StandardCheckpointer().restore(dst, abstract_tree)`, or through a manager as an item.
   `linen_style='flax'` writes Linen as flax's own `TrainState` holds it (`params/<model>`, `batch_stats/<model>`,
-  no NNX rng state) instead of MaxText's `params/params/<model>` + `nnx_aux`.
+  no NNX rng state), `'maxtext'` as MaxText does (`params/params/<model>`, `params/batch_stats/<model>`, NNX-only
+  state under `nnx_aux`); None decides from `template` (its `params/params` level), then from the record of
+  the conversion that made SRC, else MaxText's. A Linen tree that differs from `template` is an error.
   `target` (an NNX model, e.g. from `nnx.eval_shape`) writes that model's own tree instead, each leaf
   mapped from SRC by `rules`: how a Hugging Face safetensors checkpoint becomes an NNX Orbax one.
   `layout` forces SRC's preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
@@ -416,7 +441,7 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   source, written, the_plan, options = plan_conversion(
       src_item, to=to, scan_layers=scan_layers, scan_axis=scan_axis, param_scan_axis=param_scan_axis,
       flavour=format, rules=rules, include=include, dtype=dtype, lora=lora, target=target, linen_style=linen_style,
-      layout=layout, groups=groups)
+      layout=layout, groups=groups, template=template)
   records = [written.records.get(p) or {'path': list(_record_path(p, written.disk[p], format)),
                                         'type': written.types[p], 'metadata': {}}
              for p in the_plan.entries] if options['to'] == 'nnx' else []
@@ -424,7 +449,8 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
                          'scan_axes': dict(written.scan_axes)}}
   if target is None:  # a layout conversion records how to convert back
     custom[CUSTOM_KEY]['conversion'] = {
-        'from_kind': source.kind, 'from_framework': source.framework, 'scan_layers': options['scan_layers'],
+        'from_kind': source.kind, 'from_preset': source.preset, 'from_framework': source.framework,
+        'scan_layers': options['scan_layers'],
         'source_scan_axes': {**dict(source.meta.ours.get('scan_axes', {}) if source.meta.ours else {}),
                              **dict(written.source_axes)},
         'paths': {'/'.join(c): '/'.join(d) for c, d in source.canonical.items()},

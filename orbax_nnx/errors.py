@@ -38,7 +38,7 @@ class NotACheckpointError(OrbaxNNXError, FileNotFoundError):
 class StructureMismatchError(OrbaxNNXError, ValueError):
   """Target and checkpoint trees have different leaves."""
 
-  def __init__(self, missing: Sequence[str], extra: Sequence[str], where: str = ''):
+  def __init__(self, missing: Sequence[str], extra: Sequence[str], where: str = '', advice: str | None = None):
     self.missing = sorted(missing)
     self.extra = sorted(extra)
     parts = [f'Checkpoint{" " + where if where else ""} does not match the target tree.']
@@ -52,10 +52,9 @@ class StructureMismatchError(OrbaxNNXError, ValueError):
           f'  {len(self.extra)} checkpoint leaves have no place in the target:\n'
           + _listing(self.extra)
       )
-    parts.append(
+    parts.append(advice or (
         "  Fix the target, or relax the policy: missing='keep' keeps the target's"
-        " values, extra='ignore' skips unused checkpoint leaves."
-    )
+        " values, extra='ignore' skips unused checkpoint leaves."))
     super().__init__('\n'.join(parts))
 
 

@@ -313,8 +313,13 @@ def check_plan(the_plan, target: Any, missing: MissingPolicy, extra: ExtraPolicy
   skipped = {path_str(p) + suffix for p, _ in placeholder_paths(target, exclude) for suffix in ('', '/' + VALUE_KEY)}
   unused = [u for u in the_plan.unused if u not in skipped] if extra == 'error' else []
   if absent or unused:
+    advice = None
+    if missing == 'keep' and absent:
+      advice = ("  missing='keep' keeps a target's own values, but these target leaves are abstract (no values to"
+                ' keep): restore into a live model (an nnx.Module, or a state with arrays) for them, or fix the'
+                " target" + (", and extra='ignore' skips unused checkpoint leaves." if unused else '.'))
     raise errors.StructureMismatchError(
-        absent, unused, where=f'at {the_plan.source.meta.directory} ({the_plan.source.kind} layout)')
+        absent, unused, where=f'at {the_plan.source.meta.directory} ({the_plan.source.kind} layout)', advice=advice)
   if not the_plan.entries and leaves:
     raise errors.StructureMismatchError(
         sorted(leaves), [], where=f'at {the_plan.source.meta.directory}: no target leaf is stored there'

@@ -315,3 +315,73 @@ def test_the_same_tree_moves_its_layer_axis_only_when_both_sides_name_it_differe
   np.testing.assert_array_equal(host(out['layers']['w']), stored.T)
   out = orbax_nnx.restore(path, nnx.State({'layers': {'w': param((2, 2), names=('layers', None))}}))
   np.testing.assert_array_equal(host(out['layers']['w']), stored)
+
+
+# -- Linen output style ---------------------------------------------------------
+
+
+class _Norm(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(2, 3, rngs=rngs)
+    self.bn = nnx.BatchNorm(3, rngs=rngs)
+
+
+def _norm_checkpoint(tmp_path):
+  model = _Norm(nnx.Rngs(0))
+  model.bn.mean.set_value(jnp.arange(3.0) + 1)
+  return model, save_nnx(tmp_path / 'nnx', {'model': nnx.state(model)})
+
+
+def test_a_flax_train_state_template_decides_the_linen_style(tmp_path):
+  model, path = _norm_checkpoint(tmp_path)
+  template = {'params': {'dense': {'kernel': np.zeros((2, 3), np.float32), 'bias': np.zeros(3, np.float32)},
+                         'bn': {'scale': np.zeros(3, np.float32), 'bias': np.zeros(3, np.float32)}},
+              'batch_stats': {'bn': {'mean': np.zeros(3, np.float32), 'var': np.zeros(3, np.float32)}}}
+  orbax_nnx.convert(path, tmp_path / 'linen', to='linen', template=template)
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore(tmp_path / 'linen', template)
+  np.testing.assert_array_equal(restored['batch_stats']['bn']['mean'], np.arange(3.0) + 1)
+  np.testing.assert_array_equal(restored['params']['dense']['kernel'], np.asarray(model.dense.kernel.get_value()))
+
+
+def test_a_written_tree_that_differs_from_the_template_is_an_error(tmp_path):
+  _, path = _norm_checkpoint(tmp_path)
+  template = {'params': {'dense': {'kernel': np.zeros((2, 3), np.float32)}}}
+  with pytest.raises(errors.StructureMismatchError, match='params/dense/bias'):
+    orbax_nnx.convert(path, tmp_path / 'linen', to='linen', template=template)
+  assert not (tmp_path / 'linen').exists()
+
+
+def test_maxtext_style_puts_batch_stats_where_linen_reads_them(tmp_path):
+  model, path = _norm_checkpoint(tmp_path)
+  orbax_nnx.convert(path, tmp_path / 'linen', to='linen', linen_style='maxtext')
+  stored = {'/'.join(p) for p in orbax_nnx.read_item_metadata(tmp_path / 'linen').leaves}
+  assert {'params/batch_stats/bn/mean', 'params/params/bn/scale'} <= stored
+  assert not any(p.startswith('nnx_aux') for p in stored)
+  target = nnx.state(nnx.eval_shape(lambda: _Norm(nnx.Rngs(1))))
+  out = orbax_nnx.restore(tmp_path / 'linen', target)
+  np.testing.assert_array_equal(host(out['bn']['mean']), np.arange(3.0) + 1)
+
+
+def test_a_forced_layout_that_leaves_stored_leaves_unmapped_is_refused(tmp_path):
+  path = save_plain(tmp_path / 'flax', {'params': {'dense': {'kernel': np.ones((2, 3), np.float32)}},
+                                        'opt_state': {'count': np.int32(1)}, 'step': np.int32(1)})
+  assert orbax_nnx.detect_layout(path).preset == 'linen-flax'
+  with pytest.raises(errors.LayoutError, match="layout='linen-maxtext' leaves 1 stored leaves unmapped"):
+    orbax_nnx.convert(path, tmp_path / 'out', layout='linen-maxtext')
+  assert not (tmp_path / 'out').exists()
+
+
+def test_detect_layout_takes_manager_roots_and_step_directories(tmp_path):
+  with ocp.CheckpointManager(tmp_path / 'run', handler_registry=orbax_nnx.nnx_registry) as mngr:
+    mngr.save(2, args=ocp.args.Composite(model=orbax_nnx.NNXSave({'w': nnx.Param(jnp.ones(2))})))
+  for path in (tmp_path / 'run', tmp_path / 'run' / '2'):
+    assert orbax_nnx.detect_layout(path).preset == 'params'
+  assert orbax_nnx.detect_layout(tmp_path / 'run', step=2, item='model').preset == 'params'
+
+
+def test_missing_keep_on_an_abstract_target_does_not_recommend_itself(tmp_path):
+  path = save_plain(tmp_path / 'c', {'a': np.ones(2, np.float32)})
+  with pytest.raises(errors.StructureMismatchError) as info:
+    orbax_nnx.restore(path, nnx.State({'a': param((2,)), 'b': param((2,))}), missing='keep')
+  assert 'abstract' in str(info.value) and "relax the policy: missing='keep'" not in str(info.value)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from orbax_nnx import errors
 from orbax_nnx.mapping import presets
 from orbax_nnx.mapping.groups import DEFAULT_GROUPS, MODEL, OPTIMIZER, GroupNames, group_names
-from orbax_nnx.sources.metadata import ItemMetadata, LeafInfo, read_item_metadata
+from orbax_nnx.sources.metadata import ItemMetadata, LeafInfo, read_item_metadata, resolve_item
 from orbax_nnx.nnx_tree import DiskPath
 from orbax_nnx.mapping.presets import Kind
 
@@ -117,6 +117,12 @@ def detect(meta: ItemMetadata, *, layout: str | None = None, groups=None) -> Lay
       root = _root(p, canon, role)
       if root not in roots[role]:
         roots[role].append(root)
+  unmapped = sorted('/'.join(p) for c, p in canonical.items() if c[0] not in (MODEL, OPTIMIZER))
+  if layout is not None and unmapped:  # a forced preset that drops stored leaves would lose them silently
+    raise errors.LayoutError(
+        f'{meta.directory}: layout={layout!r} leaves {len(unmapped)} stored leaves unmapped (e.g.'
+        f' {unmapped[:3]}), so they would be lost; this checkpoint is not in that layout: omit layout= to'
+        f' detect, or pick another of {sorted(presets.BY_NAME)}.')
   if not any(c[0] in (MODEL, OPTIMIZER) for c in canonical):
     raise errors.LayoutError(f'{meta.directory}: preset {preset.name!r} maps none of the stored paths (e.g.'
                              f' {"/".join(paths[0])}); pick another layout= or omit it to detect.')
@@ -201,9 +207,41 @@ def _common_length(canonical, meta, prefix: CanonPath, framework: str, names: Gr
   return 0
 
 
-def detect_layout(path, *, layout: str | None = None, groups=None) -> Layout:
-  """Reads the metadata of an Orbax item directory (or safetensors source) and detects its layout.
+def detect_layout(path, *, layout: str | None = None, groups=None, step: int | None = None,
+                  item: str | None = None) -> Layout:
+  """Reads the metadata of a checkpoint and detects its layout.
 
-  `layout=NAME` forces a preset (`orbax_nnx.mapping.presets.BY_NAME`); `groups=` declares layer-group names.
+  Args:
+    path: an item directory, a step directory, a manager root (latest step) or a safetensors source.
+    layout: forces a preset by name (`orbax_nnx.mapping.presets.BY_NAME`).
+    groups: declares more layer-group names (names or regexes).
+    step: a manager root's step. item: a step directory's item.
+
+  Returns:
+    The Layout.
+
+  Raises:
+    NotACheckpointError, LayoutError, OptionError.
   """
-  return detect(read_item_metadata(path), layout=layout, groups=groups)
+  return detect(read_item_metadata(resolve_item(path, step=step, item=item)), layout=layout, groups=groups)
+
+
+LINEN_STYLES = ('maxtext', 'flax')
+
+
+def linen_style(explicit: str | None, template_paths: Sequence[str] = (), source: 'Layout | None' = None) -> str:
+  """The Linen tree a conversion writes: 'maxtext' (`params/params/<m>`, batch stats under
+  `params/batch_stats/<m>`, NNX-only state under `nnx_aux`) or 'flax' (`params/<m>`, `batch_stats/<m>`).
+
+  Precedence: `explicit` (`linen_style=`) > the template's structure (`params/params/...` is MaxText's) >
+  the record of the conversion that made the source (converting back) > 'maxtext'.
+  """
+  if explicit is not None:
+    errors.check_choice('linen_style', explicit, LINEN_STYLES)
+    return explicit
+  params = [p for p in template_paths if p.startswith('params/')]
+  if params:
+    return 'maxtext' if all(p.startswith(('params/params/', 'params/batch_stats/')) for p in params) else 'flax'
+  record = source.meta.ours.get('conversion') if source is not None and source.meta.ours else None
+  preset = record.get('from_preset') if isinstance(record, Mapping) else None
+  return 'flax' if preset == 'linen-flax' else 'maxtext'

@@ -223,7 +223,7 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
                         layer_axis)
       leaves.append(leaf)
       disk_of[out_canon] = (tuple(original_paths[key].split('/')) if key in original_paths else
-                            _stored_path(out_canon, to, flavour, linen_params, param_like, model_at_root))
+                            _stored_path(out_canon, to, flavour, linen_params, param_like, model_at_root, vtype))
       types[out_canon] = vtype
   if include == 'params' and to == 'linen':
     step = (OPTIMIZER, 'step')
@@ -265,8 +265,12 @@ def _stack_axis(canon, scan_axis, recorded, param_like, param_scan_axis, to) -> 
   return (param_scan_axis if param_like else 0) if to == 'linen' else 0
 
 
+def _is_batch_stat(type_name: str) -> bool:
+  return type_name.rsplit('.', 1)[-1] == 'BatchStat'
+
+
 def _stored_path(canon: CanonPath, to: Framework, flavour: str, linen_params: str, param_like: bool,
-                 model_at_root: bool) -> DiskPath:
+                 model_at_root: bool, vtype: str = '') -> DiskPath:
   if to == 'nnx':
     if model_at_root and canon[0] == MODEL:
       base = canon[1:]
@@ -276,8 +280,10 @@ def _stored_path(canon: CanonPath, to: Framework, flavour: str, linen_params: st
   # Linen: params (optionally double-nested), opt_state with moments mirroring params, step
   double = linen_params == 'double'
   if canon[0] == MODEL:
-    if not param_like:  # MaxText keeps NNX-only state in nnx_aux; flax keeps batch stats in their collection
-      return (('nnx_aux', MODEL) if double else ('batch_stats',)) + canon[1:]
+    if not param_like:  # batch stats where each style's Linen code reads them; NNX-only state in MaxText's nnx_aux
+      if _is_batch_stat(vtype):
+        return (('params', 'batch_stats') if double else ('batch_stats',)) + canon[1:]
+      return ('nnx_aux', MODEL) + canon[1:] if double else ('batch_stats',) + canon[1:]
     return (('params', 'params') if double else ('params',)) + canon[1:]
   if canon == (OPTIMIZER, 'step'):
     return ('step',)
