@@ -191,7 +191,11 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
 
   # -- save -------------------------------------------------------------------
 
-  async def async_save(self, directory: epath.Path, args: ocp.args.CheckpointArgs):
+  async def async_save(self, directory: epath.Path, item: Any = None, save_args: Any = None,
+                       args: ocp.args.CheckpointArgs | None = None):
+    """Saves `args`; Orbax's older call form `async_save(directory, item, save_args)` is honoured as
+    `args=PyTreeSave(item, save_args)`, as Orbax's own PyTree handler does."""
+    args = _legacy_save_args(item, save_args, args)
     if isinstance(args, NNXSave):
       return await self._async_save_nnx(directory, args)
     if isinstance(args, ocp.args.StandardSave):
@@ -219,9 +223,10 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
         item=tree, save_args=save_args, custom_metadata=_merge_custom(args.custom_metadata, ours),
         ocdbt_target_data_file_size=args.ocdbt_target_data_file_size))
 
-  def save(self, directory: epath.Path, *args, **kwargs) -> None:
+  def save(self, directory: epath.Path, item: Any = None, save_args: Any = None,
+           args: ocp.args.CheckpointArgs | None = None) -> None:
     async def run():
-      futures = await self.async_save(directory, *args, **kwargs)
+      futures = await self.async_save(directory, item, save_args, args)
       for f in futures or ():
         f.result()
 
@@ -229,8 +234,19 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
 
   # -- restore ----------------------------------------------------------------
 
-  def restore(self, directory: epath.Path, args: ocp.args.CheckpointArgs | None = None) -> Any:
+  def restore(self, directory: epath.Path, item: Any = None, restore_args: Any = None, transforms: Any = None,
+              transforms_default_to_original: bool = True, legacy_transform_fn: Any = None,
+              args: ocp.args.CheckpointArgs | None = None) -> Any:
+    """Restores `args`; Orbax's older call form `restore(directory, item, restore_args, ...)` is honoured as
+    `args=PyTreeRestore(item, restore_args, ...)`, as Orbax's own PyTree handler does."""
     directory = epath.Path(directory)
+    if isinstance(item, ocp.args.CheckpointArgs) and args is None:
+      item, args = None, item  # restore(directory, args) positionally
+    if args is None and (item is not None or restore_args is not None or transforms is not None or
+                         legacy_transform_fn is not None):
+      args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, transforms=transforms,
+                                    transforms_default_to_original=transforms_default_to_original,
+                                    legacy_transform_fn=legacy_transform_fn)
     if args is None:
       args = NNXRestore()
     if isinstance(args, NNXRestore):
@@ -367,6 +383,20 @@ def _drop_false_warnings(record) -> bool:
 
 
 logging.getLogger('absl').addFilter(_drop_false_warnings)
+
+
+def _legacy_save_args(item: Any, save_args: Any, args: Any) -> ocp.args.CheckpointArgs:
+  """The args of a save called in any of Orbax's forms: `args=`, `(directory, args)`, or the older
+  `(directory, item, save_args)`."""
+  if isinstance(item, ocp.args.CheckpointArgs) and args is None:
+    return item
+  if args is None:
+    if item is None:
+      raise errors.OptionError('save needs args= (e.g. orbax_nnx.NNXSave(state)) or an item.')
+    return ocp.args.PyTreeSave(item=item, save_args=save_args)
+  if item is not None or save_args is not None:
+    raise errors.OptionError('save takes args= or the older (item, save_args), not both.')
+  return args
 
 
 def to_save_tree(item: PyTree, flavour: nnx_tree.Flavour = 'raw', exclude=nnx_tree.DEFAULT_EXCLUDE):

@@ -385,3 +385,18 @@ def test_missing_keep_on_an_abstract_target_does_not_recommend_itself(tmp_path):
   with pytest.raises(errors.StructureMismatchError) as info:
     orbax_nnx.restore(path, nnx.State({'a': param((2,)), 'b': param((2,))}), missing='keep')
   assert 'abstract' in str(info.value) and "relax the policy: missing='keep'" not in str(info.value)
+
+
+def test_orbax_older_call_forms_are_honoured(tmp_path):
+  from etils import epath
+  handler = orbax_nnx.NNXCheckpointHandler()
+  tree = {'a': np.arange(4, dtype=np.float32), 'b': {'c': np.int32(3)}}
+  handler.save(epath.Path(tmp_path / 'plain'), tree)
+  handler.finalize(epath.Path(tmp_path / 'plain'))
+  out = handler.restore(epath.Path(tmp_path / 'plain'), item=tree)
+  np.testing.assert_array_equal(out['a'], tree['a'])
+  handler.save(epath.Path(tmp_path / 'nnx'), {'w': nnx.Param(jnp.ones(2))})
+  handler.finalize(epath.Path(tmp_path / 'nnx'))
+  assert isinstance(handler.restore(epath.Path(tmp_path / 'nnx'))['w'], nnx.Param)
+  with pytest.raises(errors.OptionError, match='not both'):
+    handler.save(epath.Path(tmp_path / 'x'), tree, args=ocp.args.PyTreeSave(tree))
