@@ -3,8 +3,31 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
+
+import orbax_nnx
+
+
+def save_plain(path, tree):
+  """Saves a plain pytree with Orbax's StandardCheckpointer; returns `path`."""
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path, tree)
+  return path
+
+
+def save_nnx(path, tree):
+  """Saves NNX objects with our handler; returns `path`."""
+  with ocp.Checkpointer(orbax_nnx.NNXCheckpointHandler()) as ckptr:
+    ckptr.save(path, args=orbax_nnx.NNXSave(tree))
+  return path
+
+
+def sds(shape, dtype=jnp.float32):
+  """An abstract array on the first device."""
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
 def host(x) -> np.ndarray:

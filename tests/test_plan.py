@@ -12,28 +12,11 @@ import orbax_nnx
 from orbax_nnx import errors
 from orbax_nnx.planning.expressions import Cast, Read, Stack, Take, Transpose
 
-from helpers import assert_same_state, host
-
-
-def save_plain(path, tree):
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(path, tree)
-  ckptr.wait_until_finished()
-  return path
-
-
-def save_nnx(path, tree):
-  with ocp.Checkpointer(orbax_nnx.NNXCheckpointHandler()) as ckptr:
-    ckptr.save(path, args=orbax_nnx.NNXSave(tree))
-  return path
+from helpers import assert_same_state, host, save_nnx, save_plain, sds
 
 
 def arange(shape, dtype=jnp.float32, offset=0):
   return (jnp.arange(int(np.prod(shape)), dtype=jnp.float32) + offset).reshape(shape).astype(dtype)
-
-
-def sds(shape, dtype=jnp.float32):
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
 def abstract(tree):

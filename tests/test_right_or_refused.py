@@ -14,27 +14,11 @@ import orbax_nnx
 from orbax_nnx import errors, view
 from orbax_nnx.planning.expressions import Read, Transpose
 
-from helpers import host
-
-
-def save_plain(path, tree):
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path, tree)
-  return path
-
-
-def save_nnx(path, tree):
-  with ocp.Checkpointer(orbax_nnx.NNXCheckpointHandler()) as ckptr:
-    ckptr.save(path, args=orbax_nnx.NNXSave(tree))
-  return path
+from helpers import host, save_nnx, save_plain, sds
 
 
 def numbers(shape, dtype=np.float32, offset=0):
   return (np.arange(int(np.prod(shape)), dtype=np.float64) + offset).reshape(shape).astype(dtype)
-
-
-def sds(shape, dtype=jnp.float32):
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
 def param(shape, dtype=jnp.float32, names=None):
