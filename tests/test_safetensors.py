@@ -287,7 +287,7 @@ def test_cli_with_the_llama_preset(tmp_path, capsys):
   assert cli.main(['inspect', str(tmp_path / 'hf')]) == 0
   assert 'model.layers.1.self_attn.o_proj.weight' in capsys.readouterr().out
   assert cli.main(['plan', str(tmp_path / 'hf'), '--preset', 'llama', '--scan-layers']) == 0
-  assert 'layers/mlp/up_proj/kernel  <-  cast(stack([transpose(model.layers.0.mlp.up_proj.weight' in capsys.readouterr().out
+  assert 'layers/mlp/up_proj/kernel  <-  stack([cast(transpose(model.layers.0.mlp.up_proj.weight' in capsys.readouterr().out
   assert cli.main(['convert', str(tmp_path / 'hf'), str(tmp_path / 'nnx'), '--preset', 'llama', '--scan-layers',
                    '--quiet', '--memory-budget', '1']) == 0
   assert cli.main(['export-params', str(tmp_path / 'nnx'), str(tmp_path / 'out'), '--format', 'safetensors',
@@ -330,17 +330,29 @@ def test_rope_scaling_is_not_ignored():
     model(jnp.zeros((1, 3), jnp.int32))
 
 
-def test_layer_count_equal_to_heads_is_an_error_not_a_guess(tmp_path):
-  """4 layers and 4 heads: o_proj stacks to (4, 4, 8, 32) with either axis fitting; no convention decides."""
+def test_layer_count_equal_to_heads_follows_its_group_and_plan_says_so(tmp_path):
+  """4 layers and 4 heads: o_proj stacks to (4, 4, 8, 32) with either axis fitting. The group's other leaves
+  stack on axis 0 by their shapes alone, so o_proj does too, and `plan` prints that inference."""
   cfg = dataclasses.replace(CFG, num_layers=4, scan_layers=True)
   tensors = hf_tensors(cfg)
   write_hf(tmp_path / 'hf', tensors, hf_config(cfg))
+  the_plan = orbax_nnx.plan(tmp_path / 'hf', nnx.state(abstract(cfg)), rules=hf_rules(cfg))
+  assert any('o_proj' in note and 'as the other leaves of its group' in note for note in the_plan.inferred)
+  for scan_axis in (None, orbax_nnx.llama.SCAN_AXIS):
+    model = orbax_nnx.restore(tmp_path / 'hf', abstract(cfg), rules=hf_rules(cfg), scan_axis=scan_axis)
+    got, want = params_by_path(model, cfg), reference_params(cfg, tensors)
+    for name, value in want.items():
+      np.testing.assert_array_equal(got[name], value.astype(np.float32), err_msg=name)
+
+
+def test_a_group_of_only_square_leaves_is_an_error_not_a_guess(tmp_path):
+  """Every leaf of the group has the layer count at two axes: nothing decides, so it is refused."""
+  from safetensors.numpy import save_file
+  (tmp_path / 'hf').mkdir()
+  save_file({f'layers.{i}.w': np.full((2,), i, np.float32) for i in range(2)}, str(tmp_path / 'hf' / 'model.safetensors'))
+  target = nnx.State({'layers': {'w': nnx.Param(jax.ShapeDtypeStruct((2, 2), jnp.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])))}})
   with pytest.raises(errors.PlanError, match=r'ambiguous layer axis.*scan_axis'):
-    orbax_nnx.restore(tmp_path / 'hf', abstract(cfg), rules=hf_rules(cfg))
-  model = orbax_nnx.restore(tmp_path / 'hf', abstract(cfg), rules=hf_rules(cfg), scan_axis=orbax_nnx.llama.SCAN_AXIS)
-  got, want = params_by_path(model, cfg), reference_params(cfg, tensors)
-  for name, value in want.items():
-    np.testing.assert_array_equal(got[name], value.astype(np.float32), err_msg=name)
+    orbax_nnx.restore(tmp_path / 'hf', target, rules=[(r'layers\.(\d+)\.w', r'layers/\1/w')])
 
 
 def test_export_a_live_model(tmp_path):
@@ -390,7 +402,7 @@ def test_fuse_separate_projections_into_one_target(tmp_path):
 def test_export_layer_counts_must_agree(tmp_path):
   state = nnx.State({'layers': {'a': nnx.Param(jnp.zeros((3, 4))), 'b': nnx.Param(jnp.zeros((3, 5)))}})
   rules = [(r'layers/(\d+)/(a|b)', r'\2.\1')]
-  with pytest.raises(errors.PlanError, match='layers/b: 5 layers on axis 1, but layers/a has 4'):
+  with pytest.raises(errors.PlanError, match='layers/b: 5 layers on axis 1, but layers/a has 4|scan_axis says axis 1'):
     orbax_nnx.export_params(state, tmp_path / 'out', format='safetensors', rules=rules, scan_axis=1)
   orbax_nnx.export_params(state, tmp_path / 'out', format='safetensors', rules=rules, dtype=None)
   import safetensors.numpy
