@@ -181,8 +181,9 @@ def find_groups(canonical: Mapping[CanonPath, DiskPath], meta: ItemMetadata, fra
 def _common_length(canonical, meta, prefix: CanonPath, framework: str, names: GroupNames) -> int:
   """The layer count of a stacked group: the dimension every member shares (0 if unclear).
 
-  When several sizes are shared, our recorded `out_sharding` names decide, then the
-  convention: the size every member has at axis 1 (Linen/MaxText params) or 0 (NNX).
+  When several sizes are shared, our recorded `out_sharding` names decide, then for Linen sources the
+  convention (the size every member has at axis 1, then 0); for NNX sources the size every member has at axis
+  0 or 1, when only one of those is consistent (else 0: a plan then needs `scan_axis` or the target's count).
   """
   common = None
   shapes = []
@@ -200,11 +201,15 @@ def _common_length(canonical, meta, prefix: CanonPath, framework: str, names: Gr
     axis = names.names_axis(record.metadata.get('out_sharding') if record else None)
     if axis is not None:
       return meta.leaves[disk].shape[axis]
+  fits = []
   for axis in ((1, 0) if framework == 'linen' else (0, 1)):
     sizes = {s[axis] for s in shapes if len(s) > axis}
     if len(sizes) == 1 and common and sizes <= common and all(len(s) > axis or not s for s in shapes):
-      return sizes.pop()
-  return 0
+      fits.append(sizes.pop())
+  if framework == 'linen' and fits:  # the Linen/MaxText convention decides (axis 1, then 0)
+    return fits[0]
+  # NNX stacks on axis 0 (nnx.vmap) or 1 (MaxText NNX) alike: only one consistent count is a count
+  return fits[0] if len(set(fits)) == 1 else 0
 
 
 def detect_layout(path, *, layout: str | None = None, groups=None, step: int | None = None,

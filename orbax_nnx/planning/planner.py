@@ -276,8 +276,12 @@ class _Planner:
     said = leaf.layer_axis if leaf.layer_axis is not None else self.names.names_axis(leaf.out_sharding)
     if group is not None and n <= 0 and said is not None and said < len(tgt):
       n = tgt[said]  # the stored shapes left the layer count open: the target's layer axis tells it
-    pairs = [(a, b) for a in range(len(src)) if src[a] == n for b in range(len(tgt))
-             if tgt[b] == n and src[:a] + src[a + 1:] == tgt[:b] + tgt[b + 1:]] if n > 0 else []
+    # (stored axis, target axis) pairs the shapes allow: of the layer count, or of any size when it is unknown
+    pairs = [(a, b) for a in range(len(src)) for b in range(len(tgt)) if src[a] == tgt[b] and (
+        n <= 0 or src[a] == n) and src[:a] + src[a + 1:] == tgt[:b] + tgt[b + 1:]] if group is not None else []
+    perms = {_move(len(src), a, b) for a, b in pairs}
+    if len(perms) == 1 and n <= 0 and src != tgt:  # every reading of the unknown count moves the same axes
+      return Transpose(expr, perms.pop())
     if not pairs:
       if src == tgt:
         return expr

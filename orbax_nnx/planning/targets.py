@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from orbax_nnx import errors
+from orbax_nnx.mapping.axes import Evidence, layer_axis
 from orbax_nnx.mapping.groups import MODEL, OPTIMIZER, model_start
 from orbax_nnx.mapping.layout import CanonPath, LayerGroup, Layout
 from orbax_nnx.nnx_tree import VALUE_KEY, DiskPath
@@ -145,14 +146,15 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
     model_rels = [(c.split('/', 1)[1], d) for c, d in original_paths.items() if c.startswith(MODEL + '/')]
     model_at_root = model_at_root or any(d in (rel, f'{rel}/{VALUE_KEY}') for rel, d in model_rels)
     flavour = 'raw' if any(d.endswith(f'/{VALUE_KEY}') for d in original_paths.values()) else 'pure'
+  known = [_with_length(layout, g, scan_axis) for g in layout.groups]
   if scan_layers is False:
-    groups = [g for g in layout.groups if g.style == 'stacked']
+    groups = [g for g in known if g.style == 'stacked']
   elif scan_layers is True:
-    groups = [g for g in layout.groups if g.style != 'stacked']
+    groups = [g for g in known if g.style != 'stacked']
   else:
     groups = []
   # stacked groups that stay stacked across frameworks move to the target's layer-axis convention
-  moved = [g for g in layout.groups if g.style == 'stacked' and g.length > 0 and g not in groups
+  moved = [g for g in known if g.style == 'stacked' and g.length > 0 and g not in groups
            and to != layout.framework]
   target_recorded = dict(original.get('source_scan_axes', {})) if original else {}
   for g in groups:
@@ -232,28 +234,31 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
   return LayoutTarget(leaves, disk_of, types, to, axes, source_axes, stacked_out)
 
 
+def _with_length(layout: Layout, group: LayerGroup, scan_axis) -> LayerGroup:
+  """A stacked group whose layer count the shapes left open, counted on the axes `scan_axis` gives."""
+  if group.style != 'stacked' or group.length > 0 or scan_axis is None:
+    return group
+  sizes = set()
+  for canon, disk in layout.canonical.items():
+    hit = _group_of(canon, [group])
+    axis = lookup_axis(scan_axis, canon) if hit is not None else None
+    shape = layout.leaves[disk].shape
+    if axis is not None and -len(shape) <= axis < len(shape):
+      sizes.add(shape[axis])
+  return dataclasses.replace(group, length=sizes.pop()) if len(sizes) == 1 else group
+
+
 def _is_rng(type_name: str) -> bool:
   return type_name.rsplit('.', 1)[-1] in ('RngKey', 'RngCount', 'RngState')
 
 
 def _unstack_axis(canon, shape, length, scan_axis, recorded, param_like, param_scan_axis, framework) -> int:
-  explicit = lookup_axis(scan_axis, canon)
-  if explicit is None:
-    explicit = recorded.get('/'.join(canon))
+  """The layer axis of a stored stacked array, by `mapping.axes.layer_axis`'s precedence."""
   cands = [a for a, n in enumerate(shape) if n == length]
-  if explicit is not None:
-    if explicit not in cands:
-      raise errors.PlanError(f'{"/".join(canon)}: scan axis {explicit} has size'
-                             f' {shape[explicit] if explicit < len(shape) else "?"}, not {length} layers {shape}.')
-    return explicit
-  if len(cands) == 1:
-    return cands[0]
-  # the Linen/MaxText convention decides for Linen sources only: NNX stacks on 0 (nnx.vmap) or 1 (MaxText NNX)
   conv = (param_scan_axis if param_like else 0) if framework == 'linen' else None
-  if conv in cands:
-    return conv
-  raise errors.PlanError(f'{"/".join(canon)}: no unique layer axis of size {length} in {shape};'
-                         f' pass scan_axis={{{"/".join(canon)!r}: AXIS}}.')
+  return layer_axis('/'.join(canon), shape, cands, Evidence(
+      explicit=lookup_axis(scan_axis, canon), recorded=recorded.get('/'.join(canon)), convention=conv),
+      what=f'{length} layers')
 
 
 def _stack_axis(canon, scan_axis, recorded, param_like, param_scan_axis, to) -> int:
