@@ -109,8 +109,8 @@ def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0,
   layout_a = detect(read_item_metadata(dir_a), layout=layout_a, groups=groups)
   layout_b = detect(read_item_metadata(dir_b), layout=layout_b, groups=groups)
   mapped = bool(rules) or layout_a.kind == 'safetensors'
-  view_b = canonical_view(layout_b, only, unroll=not mapped)  # A is mapped onto B's groups as B stores them
   if mapped:
+    view_b = canonical_view(layout_b, only, unroll=False)  # A is mapped onto B's groups as B stores them
     if not rules:
       raise errors.OptionError(f'{dir_a} is a safetensors checkpoint: pass rules= mapping its tensor names onto'
                                f" B's model paths (e.g. orbax_nnx.llama.hf_rules(cfg); CLI --preset).")
@@ -118,7 +118,13 @@ def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0,
     paths_a = {'/'.join(p): p for p in view_a.entries}
     only_a = list(view_a.unused)
   else:
-    view_a = canonical_view(layout_a, only)
+    # layer groups are unrolled only where the two sides store them differently (a stacked group of an NNX
+    # source may not say its layer axis; stored alike, it compares as stored)
+    unroll = _groups(layout_a) != _groups(layout_b) or layout_a.framework != layout_b.framework
+    if unroll:  # a layer count one side's shapes leave open is the other side's, for the same group
+      layout_a, layout_b = _counted(layout_a, layout_b), _counted(layout_b, layout_a)
+    view_b = canonical_view(layout_b, only, unroll=unroll)
+    view_a = canonical_view(layout_a, only, unroll=unroll)
     paths_a = {'/'.join(p): p for p in view_a.entries}
     only_a = None
   paths_b = {'/'.join(p): p for p in view_b.entries}
@@ -151,6 +157,18 @@ def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0,
       report.values.append(LeafDiff(name, max((d.max_abs for d in diffs), default=0.0),
                                     max((d.max_rel for d in diffs), default=0.0), all(d.within for d in diffs)))
   return report
+
+
+def _counted(layout: Layout, other: Layout) -> Layout:
+  """`layout` with the layer counts its shapes left open taken from `other`'s group of the same path."""
+  counts = {g.path: g.length for g in other.groups if g.length > 0}
+  groups = tuple(dataclasses.replace(g, length=counts[g.path]) if g.length <= 0 and g.path in counts else g
+                 for g in layout.groups)
+  return dataclasses.replace(layout, groups=groups)
+
+
+def _groups(layout: Layout) -> set:
+  return {(g.path, g.style, g.length) for g in layout.groups}
 
 
 _DIFF_BLOCK = 1 << 22  # elements per float64 block, so the working copies stay small

@@ -111,14 +111,36 @@ def _open_somewhere(source: str, target: str, n: int, leaves: dict) -> bool:
   return bool(sides) and any(list(layers[0].shape).count(n) >= 1 for layers, _ in leaves.values())
 
 
+def _shard(state: nnx.State) -> nnx.State:
+  """The target spread over 2 devices: each leaf split on its first even axis, else replicated."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ('x',))
+  for _, variable in nnx.to_flat_state(state):
+    value = variable.get_value()
+    spec = [None] * len(value.shape)
+    even = [a for a, size in enumerate(value.shape) if size % 2 == 0]
+    if even:
+      spec[even[0]] = 'x'
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    variable.set_value(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
+  return state
+
+
 @SETTINGS
-@given(case=cases())
-def test_restore_is_the_reference_or_refused(tmp_path_factory, case):
+@given(case=cases(), route=st.sampled_from(['direct', 'sharded', 'converted', 'unrolled', 'stacked']))
+def test_restore_is_the_reference_or_refused(tmp_path_factory, case, route):
+  """Restore straight from the source (onto one device or sharded over two), or after converting it to the
+  other framework as it is, unrolled or stacked: the reference's values, or a typed refusal."""
   source, target, n, leaves = case
   path = tmp_path_factory.mktemp('ref') / 'ckpt'
   _save(path, source, leaves)
   state, truth = _target_and_truth(target, leaves)
+  if route == 'sharded':
+    state = _shard(state)
   try:
+    if route in ('converted', 'unrolled', 'stacked'):
+      scan_layers = {'converted': None, 'unrolled': False, 'stacked': True}[route]
+      orbax_nnx.convert(path, path.parent / 'converted', scan_layers=scan_layers)
+      path = path.parent / 'converted'
     out = orbax_nnx.restore(path, state, missing='keep' if source == 'linen' else 'error')
   except errors.PlanError as e:
     assert _open_somewhere(source, target, n, leaves), f'refused a decidable case: {e}'

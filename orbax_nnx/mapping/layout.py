@@ -181,7 +181,7 @@ def find_groups(canonical: Mapping[CanonPath, DiskPath], meta: ItemMetadata, fra
 def _common_length(canonical, meta, prefix: CanonPath, framework: str, names: GroupNames) -> int:
   """The layer count of a stacked group: the dimension every member shares (0 if unclear).
 
-  When several sizes are shared, our recorded `out_sharding` names decide, then for Linen sources the
+  When several sizes are shared, our recorded layer axes or `out_sharding` names decide, then for Linen sources the
   convention (the size every member has at axis 1, then 0); for NNX sources the size every member has at axis
   0 or 1, when only one of those is consistent (else 0: a plan then needs `scan_axis` or the target's count).
   """
@@ -194,9 +194,13 @@ def _common_length(canonical, meta, prefix: CanonPath, framework: str, names: Gr
       common = dims if common is None else common & dims
   if common and len(common) == 1:
     return next(iter(common))
+  recorded = meta.ours.get('scan_axes') or {}
   for canon, disk in canonical.items():
     if canon[: len(prefix)] != prefix:
       continue
+    axis = recorded.get('/'.join(canon))
+    if axis is not None and -len(meta.leaves[disk].shape) <= axis < len(meta.leaves[disk].shape):
+      return meta.leaves[disk].shape[axis]  # the layer axis a conversion of ours recorded
     record = meta.record_of(disk)
     axis = names.names_axis(record.metadata.get('out_sharding') if record else None)
     if axis is not None:

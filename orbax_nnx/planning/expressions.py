@@ -225,17 +225,21 @@ class LoraMerge:
 Expr = Union[Read, Take, Slice, Reshape, Stack, Concat, Transpose, Cast, Const, LoraMerge]
 
 
-def joined_dtype(exprs) -> np.dtype:
-  """The dtype of parts joined (concat, stack): theirs when they agree, else numpy's promotion of them.
-
-  Planned targets never rely on it: `cast` gives every part the target dtype first."""
-  dtypes = {np.dtype(e.dtype) for e in exprs}
+def promote(dtypes) -> np.dtype:
+  """One dtype for values of several: theirs when they agree, else numpy's promotion of them."""
+  dtypes = {np.dtype(d) for d in dtypes}
   if len(dtypes) == 1:
     return dtypes.pop()
   try:
     return np.result_type(*dtypes)
   except TypeError:  # e.g. bfloat16 with an integer type: no promotion; float64 holds both
     return np.dtype(np.float64)
+
+
+def joined_dtype(exprs) -> np.dtype:
+  """The dtype of parts joined (concat, stack), by `promote`. Planned targets never rely on it: `cast`
+  gives every part the target dtype first."""
+  return promote(e.dtype for e in exprs)
 
 
 _SHAPE_ONLY = (Take, Slice, Reshape, Transpose)

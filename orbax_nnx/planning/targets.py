@@ -7,6 +7,7 @@ dtype and Variable kind, and where it is stored in the target framework's tree.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,7 @@ from orbax_nnx.mapping.axes import Evidence, layer_axis
 from orbax_nnx.mapping.groups import MODEL, OPTIMIZER, model_start
 from orbax_nnx.mapping.layout import CanonPath, LayerGroup, Layout
 from orbax_nnx.nnx_tree import VALUE_KEY, DiskPath
+from orbax_nnx.planning.expressions import promote
 from orbax_nnx.planning.planner import TargetLeaf, lookup_axis
 
 Framework = Literal['nnx', 'linen']
@@ -154,10 +156,9 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
   else:
     groups = []
   # stacked groups that stay stacked across frameworks move to the target's layer-axis convention
-  moved = [g for g in known if g.style == 'stacked' and g.length > 0 and g not in groups
-           and to != layout.framework]
+  moved = [g for g in known if g.style == 'stacked' and g not in groups and to != layout.framework]
   target_recorded = dict(original.get('source_scan_axes', {})) if original else {}
-  for g in groups:
+  for g in groups + moved:
     if g.style == 'stacked' and g.length <= 0:
       raise errors.PlanError(f'{"/".join(g.path)}: the number of stacked layers cannot be told from the shapes;'
                              ' pass scan_axis to say where the layer axis is.')
@@ -167,6 +168,9 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
           ' has that many: check the stored shapes with `orbax-nnx inspect` (damaged metadata?), or pass scan_axis'
           ' if the layer axis is another one.')
   recorded = layout.meta.ours.get('scan_axes', {}) if isinstance(layout.meta.ours, Mapping) else {}
+  member_dtypes = collections.defaultdict(set)  # stacked path -> the dtypes its unrolled layers are stored in
+  for canon, disk in layout.canonical.items():
+    member_dtypes[_stacked_path(canon, groups)].add(np.dtype(layout.leaves[disk].dtype))
   leaves, disk_of, types, axes, source_axes, stacked_out = [], {}, {}, {}, {}, {}
   seen: set[CanonPath] = set()
   for canon, disk in sorted(layout.canonical.items()):
@@ -189,10 +193,10 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
     if move is not None:
       src = _unstack_axis(canon, shape, move[0].length, scan_axis, recorded, param_like, param_scan_axis,
                           layout.framework)
-      dst = _stack_axis(canon, None, target_recorded, param_like, param_scan_axis, to)
+      member = shape[:src] + shape[src + 1:]
+      dst = min(_stack_axis(canon, None, target_recorded, param_like, param_scan_axis, to), len(member))
       source_axes['/'.join(canon)] = src
       axes['/'.join(canon)] = dst
-      member = shape[:src] + shape[src + 1:]
       layer_axis = dst
       stacked_out[canon] = dst
       outputs.append((canon, member[:dst] + (move[0].length,) + member[dst:]))
@@ -207,14 +211,15 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
       outputs += [(canon[:k] + (f'{canon[k]}_{i}',) + canon[k + 1:], member) for i in range(group.length)]
     else:
       group, k = hit
-      stacked = (canon[:k] + (group.path[-1],) + canon[k + 1:] if group.style == 'unrolled_suffix'
-                 else canon[:k] + canon[k + 1:])
+      stacked = _stacked_path(canon, groups)
       if stacked in seen:
         continue
-      axis = _stack_axis(stacked, scan_axis, target_recorded, param_like, param_scan_axis, to)
+      axis = min(_stack_axis(stacked, scan_axis, target_recorded, param_like, param_scan_axis, to), len(shape))
       axes['/'.join(stacked)] = axis
       stacked_out[stacked] = axis
       outputs.append((stacked, shape[:axis] + (group.length,) + shape[axis:]))
+      # layers stored in several dtypes stack in one that holds each exactly (numpy's promotion)
+      dtype = promote(member_dtypes[stacked])
     for out_canon, out_shape in outputs:
       seen.add(out_canon)
       key = '/'.join(out_canon)
@@ -232,6 +237,15 @@ def layout_target(layout: Layout, *, to: Framework, scan_layers: bool | None = N
     leaves.append(TargetLeaf(step, step, (), np.dtype('int32'), None, False, None, None, 0))
     disk_of[step], types[step] = ('step',), 'flax.nnx.training.optimizer.OptState'
   return LayoutTarget(leaves, disk_of, types, to, axes, source_axes, stacked_out)
+
+
+def _stacked_path(canon: CanonPath, groups: Sequence[LayerGroup]) -> CanonPath | None:
+  """The stacked path an unrolled layer's leaf goes to (`layers_3/w` -> `layers/w`), if it is one."""
+  hit = _group_of(canon, groups)
+  if hit is None or hit[0].style == 'stacked':
+    return None
+  group, k = hit
+  return canon[:k] + (group.path[-1],) + canon[k + 1:] if group.style == 'unrolled_suffix' else canon[:k] + canon[k + 1:]
 
 
 def _with_length(layout: Layout, group: LayerGroup, scan_axis) -> LayerGroup:
@@ -262,6 +276,8 @@ def _unstack_axis(canon, shape, length, scan_axis, recorded, param_like, param_s
 
 
 def _stack_axis(canon, scan_axis, recorded, param_like, param_scan_axis, to) -> int:
+  """Where a conversion writes a stacked layer axis: explicit or recorded, else the target framework's own
+  (Linen Params on `param_scan_axis`, all else and NNX on 0); callers clamp it to the member's rank."""
   explicit = lookup_axis(scan_axis, canon)
   if explicit is None:
     explicit = recorded.get('/'.join(canon))
