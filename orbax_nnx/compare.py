@@ -178,8 +178,9 @@ def _diff(name: str, xa: np.ndarray, xb: np.ndarray, atol: float, rtol: float) -
   """Max abs/rel differences and whether every element is within tolerance.
 
   Equality is decided in the stored dtype: equal elements (infinities of one sign included, NaN with NaN)
-  are within any tolerance, and integers are compared exactly (int64 2**60 and 2**60 + 1 differ). Only the
-  reported magnitudes and the tolerance test of unequal elements use float64.
+  are within any tolerance, and integers are compared exactly (int64 2**60 and 2**60 + 1 differ, and their
+  tolerance test uses exact differences). The reported magnitudes, and the tolerance test of unequal floats,
+  use float64.
   """
   flat_a, flat_b = np.asarray(xa).reshape(-1), np.asarray(xb).reshape(-1)
   max_abs, max_rel, within = 0.0, 0.0, True

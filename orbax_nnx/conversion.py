@@ -139,7 +139,7 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
       scan_layers = reverse.get('scan_layers')
   record = source.meta.ours.get('conversion') if source.meta.ours else None
   original = record if isinstance(record, Mapping) and record.get('from_framework') == to else None
-  template_paths = _leaf_paths(template) if template is not None else []
+  template_paths = structure_from_template(template)['leaves'] if template is not None else []
   style = choose_linen_style(linen_style, template_paths, source)
   target = layout_target(source, to=to, scan_layers=scan_layers, scan_axis=scan_axis,
                          param_scan_axis=param_scan_axis, flavour=flavour, include=include,
@@ -181,26 +181,18 @@ def source_structure(item_dir: epath.Path) -> dict[str, Any]:
   return {'sequences': sorted(sequences), 'nones': sorted(nones)}
 
 
-def _leaf_paths(template: Any) -> list[str]:
-  """The `/`-joined paths of a template's value leaves (a Linen TrainState or any pytree)."""
-  out = []
-  for keypath, leaf in jax.tree_util.tree_flatten_with_path(template)[0]:
-    if hasattr(leaf, 'shape') or isinstance(leaf, (int, float)):  # arrays, and scalars such as a TrainState's step
-      out.append('/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in keypath))
-  return out
-
-
 def structure_from_template(template: Any) -> dict[str, Any]:
-  """Container facts of a pytree (e.g. a Linen TrainState): its sequence nodes and empty entries.
+  """Container facts of a pytree (e.g. a Linen TrainState): its sequence nodes, empty entries and value leaves.
 
   NNX keeps no optax EmptyState entries; a Linen TrainState has them (as None on disk).
   Passing the Linen state as `template` to `convert` writes them, so the result restores
-  into that TrainState with plain Orbax.
+  into that TrainState with plain Orbax. `leaves` are the paths of its values (arrays and scalars such as a
+  TrainState's step), which the converted Linen tree must have exactly.
   """
   def empty(x):
     return x is None or (isinstance(x, tuple) and len(x) == 0)
 
-  sequences, nones = set(), []
+  sequences, nones, leaves = set(), [], []
   for keypath, leaf in jax.tree_util.tree_flatten_with_path(template, is_leaf=empty)[0]:
     names = []
     for k in keypath:
@@ -211,7 +203,9 @@ def structure_from_template(template: Any) -> dict[str, Any]:
         names.append(str(getattr(k, 'key', getattr(k, 'name', k))))
     if empty(leaf):
       nones.append('/'.join(names))
-  return {'sequences': sorted(sequences), 'nones': sorted(nones)}
+    elif hasattr(leaf, 'shape') or isinstance(leaf, (int, float)):
+      leaves.append('/'.join(names))
+  return {'sequences': sorted(sequences), 'nones': sorted(nones), 'leaves': sorted(leaves)}
 
 
 def _shape_containers(tree: dict, structure: Mapping[str, Any] | None, framework: str) -> Any:

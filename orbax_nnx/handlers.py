@@ -251,17 +251,23 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
       args = NNXRestore()
     if isinstance(args, NNXRestore):
       return self._restore_nnx(directory, args)
+    # an untargeted restore reads the item's metadata once: whether it is ours, and whether it fits
+    untargeted = isinstance(args, (ocp.args.StandardRestore, ocp.args.PyTreeRestore)) and args.item is None
+    meta = read_item_metadata(directory, self._pytree) if untargeted else None
+
+    def as_nnx(nnx_args: NNXRestore) -> Any:
+      return self.restore_item(meta if meta is not None else read_item_metadata(directory, self._pytree), nnx_args)
+
     if isinstance(args, ocp.args.StandardRestore):
-      if nnx_tree.contains_nnx(args.item) or (args.item is None and self._written_as_nnx(directory)):
-        return self._restore_nnx(directory, NNXRestore(
-            target=args.item, default_sharding=args.fallback_sharding, strict=args.strict,
-            support_layout=args.support_layout))
-      self._check_plain_untargeted(directory, args.item, args.fallback_sharding)
+      if nnx_tree.contains_nnx(args.item) or (meta is not None and meta.ours):
+        return as_nnx(NNXRestore(target=args.item, default_sharding=args.fallback_sharding, strict=args.strict,
+                                 support_layout=args.support_layout))
+      _check_plain_untargeted(meta, args.fallback_sharding)
       return self._std.restore(directory, args=args)
     if isinstance(args, ocp.args.PyTreeRestore):
-      nnx_item = nnx_tree.contains_nnx(args.item) or (args.item is None and self._written_as_nnx(directory))
+      nnx_item = nnx_tree.contains_nnx(args.item) or (meta is not None and bool(meta.ours))
       if not nnx_item:
-        self._check_plain_untargeted(directory, args.item)
+        _check_plain_untargeted(meta)
         return self._pytree.restore(directory, args=args)
       for name in ('transforms', 'legacy_transform_fn'):
         if getattr(args, name) is not None:
@@ -272,25 +278,9 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
         raise errors.UnsupportedArgumentError(
             'PyTreeRestore(restore_args=...) needs item= for an NNX checkpoint: give the target whose'
             ' leaves the restore_args describe.')
-      return self._restore_nnx(directory, NNXRestore(
-          target=args.item, extra='ignore' if args.partial_restore else 'error', restore_args=args.restore_args))
+      return as_nnx(NNXRestore(target=args.item, extra='ignore' if args.partial_restore else 'error',
+                               restore_args=args.restore_args))
     raise TypeError(f'NNXCheckpointHandler cannot restore with {type(args).__name__}.')
-
-  def _check_plain_untargeted(self, directory: epath.Path, item: Any,
-                              default_sharding: jax.sharding.Sharding | None = None) -> None:
-    """An untargeted plain restore allocates by stored shapes: they must fit (a forged `.zarray` would abort)."""
-    if item is not None:
-      return
-    try:
-      meta = read_item_metadata(directory, self._pytree)
-      len(meta.leaves)  # read now: Orbax's older formats (aggregated, no _METADATA) are left to Orbax
-    except errors.NotACheckpointError:
-      return
-    restoring.check_untargeted_fits(meta, default_sharding)
-
-  def _written_as_nnx(self, directory: epath.Path) -> bool:
-    """Whether the item holds our metadata (an NNX item); plain items restore as stock Orbax does."""
-    return bool(read_item_metadata(directory, self._pytree).ours)
 
   def _restore_nnx(self, directory: epath.Path, args: NNXRestore) -> Any:
     return self.restore_item(read_item_metadata(directory, self._pytree), args)
@@ -303,7 +293,7 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
         raise errors.OptionError(f'{meta.directory} is a {meta.format} checkpoint: restoring it needs a target'
                                  ' (an abstract NNX model or state) and usually rules=...; see `orbax-nnx inspect`.')
       if not meta.ours:  # not an NNX item we wrote: exactly what Orbax returns
-        restoring.check_untargeted_fits(meta, args.default_sharding)
+        _check_plain_untargeted(meta, args.default_sharding)
         return self._std.restore(meta.directory, args=ocp.args.StandardRestore(
             fallback_sharding=args.default_sharding))
       return restoring.restore_untargeted(self._pytree, meta, args.default_sharding)
@@ -383,6 +373,18 @@ def _drop_false_warnings(record) -> bool:
 
 
 logging.getLogger('absl').addFilter(_drop_false_warnings)
+
+
+def _check_plain_untargeted(meta, default_sharding: jax.sharding.Sharding | None = None) -> None:
+  """An untargeted plain restore (`meta`: its item's metadata; None when targeted) allocates by stored shapes:
+  they must fit, or a forged `.zarray` would abort the process."""
+  if meta is None:
+    return
+  try:
+    len(meta.leaves)  # read now: what we cannot read (Orbax's older formats) is left to Orbax
+  except errors.NotACheckpointError:
+    return
+  restoring.check_untargeted_fits(meta, default_sharding)
 
 
 def _legacy_save_args(item: Any, save_args: Any, args: Any) -> ocp.args.CheckpointArgs:

@@ -23,12 +23,9 @@ from collections.abc import Iterable
 from etils import epath
 
 from orbax_nnx import errors
+from orbax_nnx.sources import untrusted
 
 _LISTED = 6
-
-
-def _is_local(path: epath.Path) -> bool:
-  return '://' not in os.fspath(path)
 
 
 def normalized(path: epath.PathLike) -> epath.Path:
@@ -36,7 +33,7 @@ def normalized(path: epath.PathLike) -> epath.Path:
   from orbax_nnx.sources import metadata  # local: sources build on io
 
   path = epath.Path(path)
-  if not _is_local(path):
+  if not untrusted.is_local(path):
     text = os.fspath(path)
     scheme, rest = text.split('://', 1)
     return epath.Path(f'{scheme}://{posixpath.normpath(rest).lstrip("/")}')
@@ -47,7 +44,7 @@ def normalized(path: epath.PathLike) -> epath.Path:
 def _real(path: epath.PathLike) -> str:
   """The comparable form of a path: fully resolved when local (symlinks included)."""
   path = epath.Path(path)
-  return os.path.realpath(os.fspath(path)) if _is_local(path) else os.fspath(normalized(path))
+  return os.path.realpath(os.fspath(path)) if untrusted.is_local(path) else os.fspath(normalized(path))
 
 
 def _within(inner: str, outer: str) -> bool:
@@ -116,12 +113,12 @@ def check_destination(dst: epath.PathLike, *, sources: Iterable[epath.PathLike] 
   errors.check_choice('overwrite', overwrite, (True, False))
   given = epath.Path(dst)
   dst = normalized(given)
-  if _is_local(dst) and os.path.islink(os.fspath(dst)):
+  if untrusted.is_local(dst) and os.path.islink(os.fspath(dst)):
     raise errors.DestinationError(
         given, f'it is a symbolic link (to {os.readlink(os.fspath(dst))}); nothing is written or deleted through a'
         ' link: pass the directory it points to, or remove the link')
   real = _real(dst)
-  protected = protected_paths() if _is_local(dst) else {real.rstrip('/')} if real.count('/') <= 2 else set()
+  protected = protected_paths() if untrusted.is_local(dst) else {real.rstrip('/')} if real.count('/') <= 2 else set()
   if real in protected:
     raise errors.DestinationError(given, 'it is the filesystem root, a bucket root, or your home directory (or one'
                                   ' of its parents); write the checkpoint into a folder of its own')

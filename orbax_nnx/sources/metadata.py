@@ -93,7 +93,7 @@ class ItemMetadata:
     """Variable records keyed by the string-keyed path (as on disk, without 'value')."""
     out = {}
     where = self.directory / METADATA_FILE
-    for data in untrusted.field(self.ours.get('variables', []), list, where, f'custom metadata {CUSTOM_KEY}.variables'):
+    for data in self.ours.get('variables') or []:  # a list: `ours` checked it
       try:
         record = VariableRecord.from_json(data)
       except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -263,8 +263,7 @@ def absolute(path: epath.PathLike) -> epath.Path:
   """`path` made absolute once, at the API boundary (Orbax and tensorstore refuse relative paths);
   object-store paths (`gs://...`) are returned as they are."""
   path = epath.Path(path)
-  text = os.fspath(path)
-  return path if '://' in text else epath.Path(os.path.abspath(text))
+  return epath.Path(os.path.abspath(os.fspath(path))) if untrusted.is_local(path) else path
 
 
 def resolve_item(path: epath.PathLike, *, step: int | None = None, item: str | None = None) -> epath.Path:

@@ -213,7 +213,7 @@ class _FileReader:
 
   def read_into(self, file: epath.Path, offset: int, out: np.ndarray) -> None:
     view = memoryview(out.reshape(-1).view(np.uint8))
-    name = os.fspath(file) if '://' not in str(file) else None
+    name = os.fspath(file) if untrusted.is_local(file) else None
     if name is None:  # object storage: one ranged read
       with file.open('rb') as f:
         f.seek(offset)

@@ -32,7 +32,8 @@ from orbax_nnx import errors
 MAX_JSON_BYTES = 256 * 2**20  # any metadata file larger than this is refused unread
 
 
-def _local(path: epath.Path) -> bool:
+def is_local(path: epath.PathLike) -> bool:
+  """Whether `path` is on a local filesystem (not an object store such as `gs://`)."""
   return '://' not in os.fspath(path)
 
 
@@ -69,7 +70,7 @@ def member(folder: epath.Path, name: Any, *, what: str) -> epath.Path:
 
 def check_regular(file: epath.Path) -> None:
   """Raises unless `file` is a regular file (symlinks followed), before anything opens it."""
-  if not _local(file):
+  if not is_local(file):
     return  # object stores hold objects only
   with os_errors(file):
     mode = os.stat(os.fspath(file)).st_mode
