@@ -337,13 +337,23 @@ def _stored_placement(meta: ItemMetadata, default_sharding: jax.sharding.Shardin
   return placed
 
 
+_RESTORABLE = (ocp.metadata.ArrayMetadata, ocp.metadata.ScalarMetadata, ocp.metadata.StringMetadata)
+
+
 def check_untargeted_fits(meta: ItemMetadata, default_sharding: jax.sharding.Sharding | None = None,
                           placed: dict | None = None) -> None:
-  """Raises ResourceError before an untargeted restore (ours or plain Orbax's) whose stored shapes cannot fit.
+  """Raises before an untargeted restore (ours or plain Orbax's) that cannot work: CorruptCheckpointError for a
+  leaf whose metadata holds no value, ResourceError when the stored shapes cannot fit.
 
   Every untargeted restore allocates by the shapes the metadata declares, which may be damaged or forged; an
   item need not carry our records for this check to run.
   """
+  for disk, info in meta.leaves.items():
+    if not isinstance(info.metadata, _RESTORABLE):  # e.g. `skip_deserialize` forged on an array leaf
+      raise errors.CorruptCheckpointError(
+          meta.directory, f'its stored leaf {"/".join(disk)!r} is marked as holding no value'
+          f' ({type(info.metadata).__name__}), so restoring everything cannot give it back; restore into a'
+          ' target that leaves it out')
   placed = _stored_placement(meta, default_sharding) if placed is None else placed
   budget.check_fits(meta.directory, [('/'.join(disk), info.shape, info.dtype, placed[disk])
                                      for disk, info in meta.leaves.items()],

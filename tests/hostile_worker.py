@@ -29,8 +29,9 @@ import orbax_nnx  # noqa: E402
 from orbax_nnx import errors  # noqa: E402
 
 EXAMPLES = int(os.environ.get('HOSTILE_EXAMPLES', '40'))
+# `make test` replays one fixed seed; setting HOSTILE_EXAMPLES explores fresh examples each run
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                    suppress_health_check=list(HealthCheck))
+                    derandomize='HOSTILE_EXAMPLES' not in os.environ, suppress_health_check=list(HealthCheck))
 WORK = pathlib.Path(tempfile.mkdtemp(prefix='hostile-'))
 
 # values a forger writes into any JSON field

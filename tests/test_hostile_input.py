@@ -200,6 +200,27 @@ def test_untargeted_restore_of_a_forged_plain_item_is_refused_not_aborted(tmp_pa
       restore()
 
 
+def _skip_deserialize(data):
+  for entry in data['tree_metadata'].values():
+    entry['value_metadata']['skip_deserialize'] = True
+
+
+@pytest.mark.parametrize('kind', ['nnx', 'plain'])
+def test_a_leaf_forged_to_hold_no_value_is_refused_by_an_untargeted_restore(tmp_path, kind):
+  """`skip_deserialize` forged on an array leaf (plain Orbax raises a bare ValueError here): typed, naming it."""
+  if kind == 'nnx':
+    item = _item(tmp_path / 'item')
+  else:
+    item = tmp_path / 'item'
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(item, {'w': np.ones((2, 3), np.float32)})
+  _edit_metadata(item, _skip_deserialize)
+  handler = orbax_nnx.NNXCheckpointHandler()
+  for restore in (lambda: orbax_nnx.restore(item), lambda: handler.restore(item)):
+    with pytest.raises(errors.CorruptCheckpointError, match=r"stored leaf 'w(/value)?' is marked as holding no"):
+      restore()
+
+
 def test_keys_that_orbax_would_store_under_one_name_are_refused(tmp_path):
   state = nnx.State({'a.b': nnx.Param(jnp.zeros(2)), 'a': {'b': nnx.Param(jnp.ones(2))}})
   with pytest.raises(errors.OrbaxNNXError, match=r"'a\.b' and 'a/b': Orbax stores both as 'a\.b\.value'"):

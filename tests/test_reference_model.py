@@ -28,8 +28,9 @@ from orbax_nnx import errors, view
 from helpers import host
 
 EXAMPLES = int(os.environ.get('REFERENCE_EXAMPLES', '25'))
+# `make test` replays one fixed seed; setting REFERENCE_EXAMPLES explores fresh examples each run
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                    suppress_health_check=list(HealthCheck))
+                    derandomize='REFERENCE_EXAMPLES' not in os.environ, suppress_health_check=list(HealthCheck))
 DTYPES = [np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.int32)]
 
 
