@@ -8,17 +8,18 @@ Two steps, both plans (metadata only) before any byte moves:
    model are seen per layer as `layers/N/...`);
 2. export `rules` map each model path to tensor names with views (`view.T`, `.reshape`, ...).
 The files are then written one after another, each tensor evaluated block by block (reads per
-region, bounded memory) into a temporary directory that is renamed into place at the end.
+region, bounded memory) into a temporary directory that is renamed into place at the end (on object stores,
+which cannot rename atomically: in place, the index last).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import concurrent.futures
 import json
 import math
 import re
-import shutil
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,7 +29,7 @@ import numpy as np
 from etils import epath
 
 from orbax_nnx import errors, nnx_tree
-from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
+from orbax_nnx.sources.metadata import commits_by_marker, read_item_metadata, resolve_item
 from orbax_nnx.planning.expressions import Cast, Expr, Take, cast
 from orbax_nnx.mapping.axes import Evidence, layer_axis
 from orbax_nnx.mapping.rules import apply_view, expand
@@ -200,39 +201,67 @@ def write_safetensors(dst: epath.Path, tensors: dict[str, Expr], source: SourceA
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices('orbax_nnx_safetensors_export_start')
   if jax.process_index() == 0:
-    tmp = dst.parent / f'.{dst.name}.orbax-nnx-tmp-{uuid.uuid4().hex[:8]}'
-    tmp.mkdir(parents=True)
-    try:
-      files = _files(tensors, max_shard_size)
-      names = (['model.safetensors'] if len(files) == 1 else
-               [f'model-{k + 1:05d}-of-{len(files):05d}.safetensors' for k in range(len(files))])
-      weight_map = {}
+    files = _files(tensors, max_shard_size)
+    names = (['model.safetensors'] if len(files) == 1 else
+             [f'model-{k + 1:05d}-of-{len(files):05d}.safetensors' for k in range(len(files))])
+    index_text = None
+    if len(files) > 1:
+      weight_map = {n: name for name, members in zip(names, files) for n in members}
+      index_text = json.dumps({'metadata': {'total_size': total},
+                          'weight_map': dict(sorted(weight_map.items(), key=lambda kv: _natural(kv[0])))}, indent=2)
+
+    def write_into(folder: epath.Path) -> None:
       with concurrent.futures.ThreadPoolExecutor(2) as pool:
         for file_name, members in zip(names, files):
-          with (tmp / file_name).open('wb') as f:
+          with (folder / file_name).open('wb') as f:  # on an object store: one object, there once complete
             f.write(_header(members, tensors))
             jobs = [(tensors[n], index) for n in members
                     for index in row_blocks(tensors[n].shape, np.dtype(tensors[n].dtype).itemsize, block_bytes)]
             _write_blocks(f, jobs, source, pool, ahead_bytes=ahead_bytes)
-          weight_map.update(dict.fromkeys(members, file_name))
-      if len(files) > 1:
-        (tmp / INDEX_FILE).write_text(json.dumps({'metadata': {'total_size': total},
-                                                  'weight_map': dict(sorted(weight_map.items(), key=lambda kv: _natural(kv[0])))},
-                                                 indent=2))
-      if dst.exists():  # a checkpoint (check_destination): moved aside, replaced, then deleted
-        old = dst.parent / f'.{dst.name}.orbax-nnx-old-{uuid.uuid4().hex[:8]}'
-        dst.rename(old)
-        tmp.rename(dst)
-        shutil.rmtree(old)
-      else:
-        tmp.rename(dst)
-    except BaseException:
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise
+      if index_text is not None:  # last: a reader finds every shard it names
+        (folder / INDEX_FILE).write_text(index_text)
+
+    if commits_by_marker(dst):
+      _write_in_place(dst, write_into)
+    else:
+      _write_and_rename(dst, write_into)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices('orbax_nnx_safetensors_export')
   return total
+
+
+def _write_and_rename(dst: epath.Path, write_into) -> None:
+  """Where rename is atomic: written into a temporary sibling, renamed into place (an existing checkpoint is
+  moved aside first and deleted last)."""
+  tmp = dst.parent / f'.{dst.name}.orbax-nnx-tmp-{uuid.uuid4().hex[:8]}'
+  tmp.mkdir(parents=True)
+  try:
+    write_into(tmp)
+    if dst.exists():  # a checkpoint (check_destination): moved aside, replaced, then deleted
+      old = dst.parent / f'.{dst.name}.orbax-nnx-old-{uuid.uuid4().hex[:8]}'
+      dst.rename(old)
+      tmp.rename(dst)
+      old.rmtree()
+    else:
+      tmp.rename(dst)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      tmp.rmtree()
+    raise
+
+
+def _write_in_place(dst: epath.Path, write_into) -> None:
+  """Where there is no atomic rename (object stores; Orbax commits there by marker): each file is one object,
+  there only once complete, and the index comes last, so a reader never takes an unfinished export for a whole
+  one (a folder of numbered shards without its index is refused as incomplete). An existing checkpoint is
+  deleted first, its index before its shards."""
+  if dst.exists():
+    if (dst / INDEX_FILE).exists():
+      (dst / INDEX_FILE).unlink()
+    dst.rmtree()
+  dst.mkdir(parents=True, exist_ok=True)
+  write_into(dst)
 
 
 def export_safetensors(src: epath.PathLike, dst: epath.PathLike, *, target: Any, rules: Sequence,

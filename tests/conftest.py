@@ -16,3 +16,19 @@ assert jax.device_count() == 8, 'tests need 8 simulated devices'
 @pytest.fixture
 def ckpt_dir(tmp_path):
   return tmp_path / 'ckpt'
+
+
+@pytest.fixture(scope='session')
+def gcs_server():
+  """One fake-gcs-server for the whole session (started on first use)."""
+  from object_store import FakeGCS
+
+  server = FakeGCS()
+  yield server
+  server.stop()
+
+
+@pytest.fixture
+def gcs(gcs_server):
+  """A fresh, empty `gs://` bucket on the session's GCS API server (its root, as a string)."""
+  return gcs_server.bucket()

@@ -169,9 +169,31 @@ def read_item_metadata(
     if safetensors_source.is_safetensors(directory):
       return safetensors_source.read_metadata(directory)
     _check_dir(directory)
+    check_committed(directory)
   flags = _item_file(directory)
   custom = flags.get('custom_metadata')
   return ItemMetadata(directory, _OrbaxLeaves(directory, handler, flags), custom if isinstance(custom, Mapping) else {})
+
+
+def commits_by_marker(path: epath.PathLike) -> bool:
+  """Whether Orbax commits checkpoints at `path` with a marker file (`commit_success.txt`, written last) rather
+  than an atomic rename: object stores without rename (`gs://`). Orbax's own choice, so readers and writers
+  agree with it."""
+  return (ocp.path.atomicity_defaults.get_default_temporary_path_class(epath.Path(path))
+          is ocp.path.atomicity.CommitFileTemporaryPath)
+
+
+def check_committed(item_dir: epath.Path) -> None:
+  """Raises NotACheckpointError for an item a writer has not finished: where Orbax commits by marker, the item
+  or its step directory must hold `commit_success.txt` (as Orbax's own `Checkpointer.restore` requires)."""
+  if not commits_by_marker(item_dir):
+    return  # committed by rename: an unfinished item sits under a temporary name
+  marker = ocp.path.atomicity.COMMIT_SUCCESS_FILE
+  if not any((d / marker).exists() for d in (item_dir, item_dir.parent)):
+    raise errors.NotACheckpointError(
+        item_dir, f'it is incomplete: neither it nor its step directory holds {marker}, the file Orbax writes last'
+        ' when a save on this store has finished. Its writer was interrupted or is still running (or it was copied'
+        ' without the marker: add the marker only if you know the copy is complete)')
 
 
 def _item_file(directory: epath.Path) -> Mapping[str, Any]:

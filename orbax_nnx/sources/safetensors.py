@@ -14,9 +14,11 @@ budget. Both are used in the tests as the reference for what the files hold.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
+import re
 import threading
 from typing import Any
 
@@ -71,7 +73,9 @@ def _files(path: epath.Path) -> tuple[list[epath.Path], dict[str, str] | None, d
     return [path], None, {}
   index_path = path / INDEX_FILE
   if not index_path.exists():
-    return sorted(path.glob(f'*{SUFFIX}')), None, {}
+    files = sorted(path.glob(f'*{SUFFIX}'))
+    _check_numbered_shards(path, files)
+    return files, None, {}
   index = untrusted.field(untrusted.read_json(index_path), dict, index_path, INDEX_FILE)
   weight_map = untrusted.field(index.get('weight_map'), dict, index_path, f'{INDEX_FILE} "weight_map"')
   metadata = untrusted.field(index.get('metadata') or {}, dict, index_path, f'{INDEX_FILE} "metadata"')
@@ -84,6 +88,28 @@ def _files(path: epath.Path) -> tuple[list[epath.Path], dict[str, str] | None, d
         path, f'{INDEX_FILE} names shard files that are not there: {absent} (holding {len(lost)} tensors, e.g.'
         f' {lost[:3]}); download the missing files')
   return [files[name] for name in sorted(files)], weight_map, metadata
+
+
+_NUMBERED = re.compile(r'(.*)-(\d+)-of-(\d+)' + re.escape(SUFFIX))
+
+
+def _check_numbered_shards(path: epath.Path, files: list[epath.Path]) -> None:
+  """Without an index, shards numbered `-K-of-N` must all be there: a missing one (a download or an export
+  that did not finish: the index is written last) is refused, not read as a smaller model."""
+  sets: dict[tuple[str, int, int], set[int]] = collections.defaultdict(set)  # (prefix, N, digits) -> K seen
+  for file in files:
+    match = _NUMBERED.fullmatch(file.name)
+    if match:
+      sets[match[1], int(match[3]), len(match[3])].add(int(match[2]))
+  for (prefix, n, digits), have in sorted(sets.items()):
+    present = sum(1 <= k <= n for k in have)  # N comes from a file name: never enumerated
+    if present < n:
+      first = [k for k in range(1, min(n, len(have) + 3) + 1) if k not in have][:3]
+      shown = [f'{prefix}-{k:0{digits}d}-of-{n:0{digits}d}{SUFFIX}' for k in first]
+      raise errors.CorruptCheckpointError(
+          path, f'it holds {present} of the {n} numbered shards of {prefix!r} and no {INDEX_FILE}'
+          f' (missing: {shown}{" ..." if n - present > 3 else ""}): an unfinished download or export; fetch'
+          ' the missing files and the index')
 
 
 def read_header(file: epath.Path) -> tuple[dict[str, Any], int, int]:
