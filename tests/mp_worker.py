@@ -1,4 +1,6 @@
-"""One process of the 2-process test (see test_multiprocess.py). Prints a JSON report."""
+"""One process of the 2-process test (see test_multiprocess.py). Prints a JSON report.
+
+ROOT may be a local folder or a `gs://` root (the GCS API server's address comes in the environment)."""
 
 import json
 import os
@@ -113,9 +115,10 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 hf_dir = epath.Path(root) / 'hf'
 if process_id == 0:
-  hf_dir.mkdir()
-  safetensors.numpy.save_file({f'model.layers.{i}.mlp.up_proj.weight': np.ascontiguousarray(w[i].T) for i in range(L)},
-                              hf_dir / 'model.safetensors', metadata={'format': 'pt'})
+  hf_dir.mkdir(parents=True, exist_ok=True)
+  (hf_dir / 'model.safetensors').write_bytes(safetensors.numpy.save(
+      {f'model.layers.{i}.mlp.up_proj.weight': np.ascontiguousarray(w[i].T) for i in range(L)},
+      metadata={'format': 'pt'}))
 multihost_utils.sync_global_devices('hf written')
 rules = [(r'model\.layers\.(\d+)\.mlp\.up_proj\.weight', {r'layers/\1/w': orbax_nnx.view.T})]
 hf_target = nnx.State({'layers': {'w': nnx.Param(jax.ShapeDtypeStruct((L, EMB, MLP), np.float32, sharding=rsh))}})
@@ -127,7 +130,7 @@ report['hf_restore'] = check(out['layers']['w'].get_value(), w)
 orbax_nnx.export_params(mngr_dir, epath.Path(root) / 'hf_out', format='safetensors', dtype=None,
                         target=nnx.State({'layers': {'w': nnx.Param(jax.ShapeDtypeStruct((L, EMB, MLP), np.float32))}}),
                         rules=[(r'layers/(\d+)/w', {r'model.layers.\1.mlp.up_proj.weight': orbax_nnx.view.T})])
-exported = safetensors.numpy.load_file(epath.Path(root) / 'hf_out' / 'model.safetensors')
+exported = safetensors.numpy.load((epath.Path(root) / 'hf_out' / 'model.safetensors').read_bytes())
 report['hf_export'] = all(np.array_equal(exported[f'model.layers.{i}.mlp.up_proj.weight'], w[i].T) for i in range(L))
 print(json.dumps(report), flush=True)
 jax.distributed.shutdown()

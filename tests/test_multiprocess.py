@@ -6,11 +6,14 @@ params only in bf16; load Hugging Face safetensors and export them back. Values 
 /proc/self/io) are about half the data: each process reads only its own shards.
 """
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 
@@ -24,19 +27,31 @@ def free_port() -> int:
 
 
 def run_together(commands: list[tuple[list[str], dict]], timeout: float = 240) -> list[str]:
-  """Starts every (argv, env) at once, waits for all (killing leftovers), returns their stdouts."""
-  procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for argv, env in commands]
-  try:
-    outputs = [p.communicate(timeout=timeout) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-  return [out for out, _ in outputs]
+  """Starts every (argv, env) at once, waits for all (killing leftovers), returns their stdouts.
+
+  Output goes to files, not pipes: a process blocked on a full pipe while another waits for it in a collective
+  would hang both."""
+  with contextlib.ExitStack() as stack:
+    files = [(stack.enter_context(tempfile.TemporaryFile('w+')), stack.enter_context(tempfile.TemporaryFile('w+')))
+             for _ in commands]
+    procs = [subprocess.Popen(argv, env=env, stdout=out, stderr=err, text=True)
+             for (argv, env), (out, err) in zip(commands, files)]
+    deadline = time.monotonic() + timeout
+    try:
+      for p in procs:
+        p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+          p.wait()
+    outputs = []
+    for p, (out, err) in zip(procs, files):
+      out.seek(0)
+      err.seek(0)
+      outputs.append(out.read())
+      assert p.returncode == 0, err.read()[-3000:]
+  return outputs
 
 
 def base_env() -> dict:
@@ -61,6 +76,17 @@ def test_two_processes(tmp_path):
     assert r['linen_read'] < 0.7 * r['linen_bytes'], r
     assert r['params_read'] < 0.7 * r['linen_bytes'], r
     assert r['convert_read'] < 0.7 * r['linen_bytes'], r
+
+
+@pytest.mark.slow
+def test_two_processes_on_an_object_store(gcs):
+  """The same worker with its root on gs://: Orbax commits there by marker, each process writes its shards."""
+  port = free_port()
+  outputs = run_together([([sys.executable, WORKER, str(i), str(port), f'{gcs}/run'], base_env())
+                          for i in range(2)])
+  for r in (json.loads(out.strip().splitlines()[-1]) for out in outputs):
+    assert r['nnx_restore'] and r['linen_restore'] and r['load_params'] and r['convert'] and r['export'], r
+    assert r['blocked_convert'] and r['hf_restore'] and r['hf_export'], r
 
 
 def _launch(args: list[str], n: int = 2) -> None:
