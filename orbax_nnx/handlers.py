@@ -294,8 +294,9 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
                                  ' (an abstract NNX model or state) and usually rules=...; see `orbax-nnx inspect`.')
       if not meta.ours:  # not an NNX item we wrote: exactly what Orbax returns
         _check_plain_untargeted(meta, args.default_sharding)
-        return self._std.restore(meta.directory, args=ocp.args.StandardRestore(
-            fallback_sharding=args.default_sharding))
+        with restoring.orbax_errors(meta.directory, others_as_restore_error=False):
+          return self._std.restore(meta.directory, args=ocp.args.StandardRestore(
+              fallback_sharding=args.default_sharding))
       return restoring.restore_untargeted(self._pytree, meta, args.default_sharding)
     graphdef = None
     if isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], nnx.GraphDef):

@@ -6,6 +6,7 @@ NNX flavour), shapes are checked and shardings chosen before Orbax reads a byte.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from flax import nnx
 from orbax_nnx import compat, errors, shardings
 from orbax_nnx.io import budget
 from orbax_nnx import nnx_tree
+from orbax_nnx.sources import untrusted
 from orbax_nnx.sources.metadata import ItemMetadata
 from orbax_nnx.nnx_tree import VALUE_KEY, DiskPath, Path, path_str
 
@@ -251,19 +253,31 @@ def looks_damaged(error: BaseException) -> bool:
   return False
 
 
-def orbax_restore(impl: ocp.PyTreeCheckpointHandler, meta: ItemMetadata, args) -> Any:
-  """Orbax's own restore; damaged array data becomes CorruptCheckpointError, anything else RestoreError."""
+@contextlib.contextmanager
+def orbax_errors(directory, *, others_as_restore_error: bool = True):
+  """Orbax's own reads: a permission error (local, or a store's 403) becomes NotACheckpointError, damaged array
+  data CorruptCheckpointError, anything else RestoreError (or, for a plain restore, Orbax's own exception)."""
   try:
-    return impl.restore(meta.directory, args=args)
+    yield
   except errors.OrbaxNNXError:
     raise
   except Exception as e:
+    if untrusted.is_permission_error(e):
+      raise errors.NotACheckpointError(directory, f'{untrusted.PERMISSION_ADVICE} ({str(e)[:300]})') from e
     if looks_damaged(e):
-      raise errors.CorruptCheckpointError(meta.directory, f'{type(e).__name__}: {str(e)[:500]}') from e
+      raise errors.CorruptCheckpointError(directory, f'{type(e).__name__}: {str(e)[:500]}') from e
+    if not others_as_restore_error:
+      raise
     raise errors.RestoreError(
-        f'Orbax could not restore {meta.directory}: {type(e).__name__}: {str(e)[:800]}. Its stored data'
+        f'Orbax could not restore {directory}: {type(e).__name__}: {str(e)[:800]}. Its stored data'
         ' reads fine as far as we can tell; check what was asked of it (target shapes, dtypes, shardings,'
         ' restore_args).') from e
+
+
+def orbax_restore(impl: ocp.PyTreeCheckpointHandler, meta: ItemMetadata, args) -> Any:
+  """Orbax's own restore, its errors typed by `orbax_errors`."""
+  with orbax_errors(meta.directory):
+    return impl.restore(meta.directory, args=args)
 
 
 def restore_planned(meta: ItemMetadata, target: Any, *, missing: MissingPolicy = 'error',

@@ -32,3 +32,11 @@ def gcs_server():
 def gcs(gcs_server):
   """A fresh, empty `gs://` bucket on the session's GCS API server (its root, as a string)."""
   return gcs_server.bucket()
+
+
+@pytest.fixture
+def gcs_proxy(gcs_server):
+  """The proxy every gs:// request goes through: add latency or faults; cleared after the test."""
+  yield gcs_server.proxy
+  gcs_server.proxy.clear()
+  gcs_server.proxy.delay = 0.0

@@ -204,3 +204,36 @@ def test_numbered_shards_without_their_index_are_refused(gcs):
   (hf / 'model-00001-of-00002.safetensors').write_bytes(safetensors.numpy.save({'a': np.ones(3, np.float32)}))
   with pytest.raises(errors.CorruptCheckpointError, match=r"1 of the 2 numbered shards.*model-00002-of-00002"):
     orbax_nnx.inspect(hf)
+
+
+# -- faults: a proxy in front of the server (object_store.Proxy) --------------------------------------
+
+DATA = r'%2Fd%2F'  # an OCDBT data file (tensorstore's ranged GETs)
+META = r'_METADATA\?alt=media'  # the item's metadata file (read through gcsfs)
+
+
+@pytest.mark.parametrize('pattern, kind', [(DATA, 'status:503'), (DATA, 'reset'), (META, 'status:503'),
+                                           (META, 'reset')])
+def test_transient_failures_are_retried(gcs, gcs_proxy, pattern, kind):
+  src = save_linen(epath.Path(gcs) / 'linen')
+  gcs_proxy.fail(pattern, kind, times=1)
+  check_unrolled(orbax_nnx.restore(src, unrolled_target()))
+  whole = orbax_nnx.restore(src)
+  np.testing.assert_array_equal(np.asarray(whole['params']['params']['layers']['w']), W)
+
+
+@pytest.mark.parametrize('pattern', [r'_METADATA', DATA])
+@pytest.mark.parametrize('targeted', [True, False])
+def test_permission_denied_is_a_typed_error_not_corruption(gcs, gcs_proxy, pattern, targeted):
+  src = save_linen(epath.Path(gcs) / 'linen')
+  gcs_proxy.fail(pattern, 'status:403', times=10_000)
+  with pytest.raises(errors.NotACheckpointError, match='permission denied.*credentials') as info:
+    orbax_nnx.restore(src, unrolled_target() if targeted else None)
+  assert src.name in str(info.value)
+
+
+def test_a_missing_object_is_a_typed_error_naming_the_checkpoint(gcs, gcs_proxy):
+  src = save_linen(epath.Path(gcs) / 'linen')
+  gcs_proxy.fail(DATA, 'status:404', times=10_000)
+  with pytest.raises(errors.CorruptCheckpointError, match=str(src)):
+    orbax_nnx.restore(src, unrolled_target())

@@ -106,13 +106,14 @@ class ItemMetadata:
 
 @contextlib.contextmanager
 def _readable(path: epath.Path):
-  """Turns a PermissionError met while looking at `path` into a NotACheckpointError."""
+  """Turns a permission error met while looking at `path` (local, or an object store's 403) into a
+  NotACheckpointError."""
   try:
     yield
-  except PermissionError as e:
-    raise errors.NotACheckpointError(
-        path, f'permission denied on {e.filename or path}; check its file modes or this process\'s storage'
-        ' credentials') from e
+  except (OSError, ValueError) as e:
+    if not untrusted.is_permission_error(e):
+      raise
+    raise errors.NotACheckpointError(getattr(e, 'filename', None) or path, untrusted.PERMISSION_ADVICE) from e
 
 
 def _check_dir(directory: epath.Path) -> None:
@@ -204,8 +205,8 @@ def _item_file(directory: epath.Path) -> Mapping[str, Any]:
 
 def _metadata_error(directory: epath.Path, e: BaseException) -> errors.OrbaxNNXError:
   reason = f'its metadata cannot be read ({type(e).__name__}: {str(e)[:500]})'
-  if 'ermission' in str(e) or isinstance(e, PermissionError):
-    return errors.NotACheckpointError(directory, reason + '; check its file modes or credentials')
+  if untrusted.is_permission_error(e):
+    return errors.NotACheckpointError(directory, f'{untrusted.PERMISSION_ADVICE} ({str(e)[:300]})')
   return errors.CorruptCheckpointError(directory, reason)
 
 

@@ -37,6 +37,19 @@ def is_local(path: epath.PathLike) -> bool:
   return '://' not in os.fspath(path)
 
 
+def is_permission_error(e: BaseException) -> bool:
+  """Whether `e` says access was denied: a local PermissionError, an object store's 403 (gcsfs raises
+  `OSError('Forbidden: ...')`), or tensorstore's PERMISSION_DENIED (through Orbax, a ValueError)."""
+  if isinstance(e, PermissionError):
+    return True
+  text = str(e)
+  return isinstance(e, (OSError, ValueError)) and (
+      text.startswith('Forbidden') or 'PERMISSION_DENIED' in text or 'Permission denied' in text)
+
+
+PERMISSION_ADVICE = 'permission denied; check its file modes or this process\'s storage credentials'
+
+
 @contextlib.contextmanager
 def os_errors(file: epath.PathLike) -> Iterator[None]:
   """Turns an OS error met on `file` into a typed error that names it."""
@@ -44,10 +57,9 @@ def os_errors(file: epath.PathLike) -> Iterator[None]:
     yield
   except errors.OrbaxNNXError:
     raise
-  except PermissionError as e:
-    raise errors.NotACheckpointError(file, 'permission denied; check its file modes or this process\'s storage'
-                                     ' credentials') from e
   except OSError as e:
+    if is_permission_error(e):
+      raise errors.NotACheckpointError(file, PERMISSION_ADVICE) from e
     reason = {errno.ENOENT: 'it is missing (a dangling symbolic link or an incomplete download?)',
               errno.ELOOP: 'it is a loop of symbolic links',
               errno.EISDIR: 'it is a directory, not a file'}.get(e.errno, f'it cannot be read ({e.strerror or e})')
