@@ -169,8 +169,9 @@ def read_item_metadata(
   with _readable(directory):
     if safetensors_source.is_safetensors(directory):
       return safetensors_source.read_metadata(directory)
+    if commits_by_marker(directory) and directory.is_dir():
+      check_committed(directory)  # first: an unfinished item may lack any file yet
     _check_dir(directory)
-    check_committed(directory)
   flags = _item_file(directory)
   custom = flags.get('custom_metadata')
   return ItemMetadata(directory, _OrbaxLeaves(directory, handler, flags), custom if isinstance(custom, Mapping) else {})
@@ -268,6 +269,7 @@ def manager_steps(root: epath.Path) -> dict[int, epath.Path]:
   (`00000005`) and prefixed (`ckpt_5`, `ckpt_00000005`); temporary (uncommitted) steps are skipped.
   """
   steps: dict[int, epath.Path] = {}
+  untrusted.fresh_listing(root)
   for child in root.iterdir():
     if not child.is_dir():
       continue
@@ -349,6 +351,8 @@ def _resolve_item(path: epath.Path, step: int | None, item: str | None) -> epath
   if len(items) == 1:
     return path / items[0]
   if not items:
+    if commits_by_marker(path):
+      check_committed(path)  # an unfinished write says so
     _check_dir(path)  # raises with what was found
   raise errors.LayoutError(f'{path} holds several items {items}; choose one with item=... (--item).')
 
