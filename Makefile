@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_safetensors.py
 	$(BIN)/python bench/bench_matrix.py
 	$(BIN)/python bench/bench_leaves.py
+	$(BIN)/python bench/bench_object_store.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
