@@ -208,7 +208,7 @@ def write_safetensors(dst: epath.Path, tensors: dict[str, Expr], source: SourceA
     if len(files) > 1:
       weight_map = {n: name for name, members in zip(names, files) for n in members}
       index_text = json.dumps({'metadata': {'total_size': total},
-                          'weight_map': dict(sorted(weight_map.items(), key=lambda kv: _natural(kv[0])))}, indent=2)
+                               'weight_map': dict(sorted(weight_map.items(), key=lambda kv: _natural(kv[0])))}, indent=2)
 
     def write_into(folder: epath.Path) -> None:
       with concurrent.futures.ThreadPoolExecutor(2) as pool:

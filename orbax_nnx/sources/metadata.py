@@ -169,8 +169,7 @@ def read_item_metadata(
   with _readable(directory):
     if safetensors_source.is_safetensors(directory):
       return safetensors_source.read_metadata(directory)
-    if commits_by_marker(directory) and directory.is_dir():
-      check_committed(directory)  # first: an unfinished item may lack any file yet
+    check_committed(directory)  # first: an unfinished item may lack any file yet
     _check_dir(directory)
   flags = _item_file(directory)
   custom = flags.get('custom_metadata')
@@ -188,8 +187,8 @@ def commits_by_marker(path: epath.PathLike) -> bool:
 def check_committed(item_dir: epath.Path) -> None:
   """Raises NotACheckpointError for an item a writer has not finished: where Orbax commits by marker, the item
   or its step directory must hold `commit_success.txt` (as Orbax's own `Checkpointer.restore` requires)."""
-  if not commits_by_marker(item_dir):
-    return  # committed by rename: an unfinished item sits under a temporary name
+  if not commits_by_marker(item_dir) or not item_dir.is_dir():
+    return  # committed by rename (an unfinished item sits under a temporary name), or nothing there to judge
   marker = ocp.path.atomicity.COMMIT_SUCCESS_FILE
   if not any((d / marker).exists() for d in (item_dir, item_dir.parent)):
     raise errors.NotACheckpointError(
@@ -351,8 +350,7 @@ def _resolve_item(path: epath.Path, step: int | None, item: str | None) -> epath
   if len(items) == 1:
     return path / items[0]
   if not items:
-    if commits_by_marker(path):
-      check_committed(path)  # an unfinished write says so
+    check_committed(path)  # an unfinished write says so
     _check_dir(path)  # raises with what was found
   raise errors.LayoutError(f'{path} holds several items {items}; choose one with item=... (--item).')
 
