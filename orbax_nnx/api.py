@@ -8,8 +8,10 @@ from etils import epath
 
 from orbax_nnx.handlers import NNXCheckpointHandler, NNXRestore
 from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
+from orbax_nnx.sources import listing
 
 
+@listing.looking_once
 def restore(path: epath.PathLike, target: Any = None, *, step: int | None = None, item: str | None = None,
             **options: Any) -> Any:
   """Restores `target` from an item dir, a step dir, or a manager root (latest step by default).

@@ -22,6 +22,7 @@ from orbax_nnx.io.source_arrays import SourceArrays
 from orbax_nnx.io.regions import evaluate, row_blocks
 from orbax_nnx.planning.targets import layout_target
 from orbax_nnx.mapping.views import check_rules
+from orbax_nnx.sources import listing
 
 DEFAULT_COMPARE_BUDGET = 512 * 2**20  # bytes value comparison holds (row blocks + decoded chunks)
 
@@ -86,6 +87,7 @@ def canonical_view(layout: Layout, only: Only = 'all', unroll: bool = True) -> P
   return build(layout, leaves, scan_axis=target.planner_axes() or None)
 
 
+@listing.looking_once
 def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0, only: Only = 'all',
             step_a: int | None = None, step_b: int | None = None, rules=(), scan_axis=None,
             layout_a: str | None = None, layout_b: str | None = None, groups=None,

@@ -39,6 +39,7 @@ from orbax_nnx.io.reader import layer_of
 from orbax_nnx.io.destination import check_destination
 from orbax_nnx.io.writer import (MAX_BATCH_BYTES, MIN_WRITE_BLOCK_BYTES, LazyArray, WriteSession, layer_chunk_args,
                                  lockstep_align, streaming_pytree_handler)
+from orbax_nnx.sources import listing
 
 DEFAULT_BUFFER_BYTES = 256 * 2**20  # convert / export_params: arrays in flight, without a memory_budget
 OCDBT_FILE_BYTES = 64 * 2**20  # OCDBT buffers a data file in memory until it is this big
@@ -384,6 +385,7 @@ def _record_path(path: tuple, disk: tuple[str, ...], flavour: str) -> tuple:
   return tuple(tail) if tuple(str(k) for k in tail) == tuple(stored) else tuple(stored)
 
 
+@listing.looking_once
 def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nnx', 'linen'] = 'auto',
             scan_layers: bool | None = None, scan_axis=None, param_scan_axis: int = 1,
             format: Literal['raw', 'pure'] = 'raw', rules: Sequence[tuple[str, str]] = (),

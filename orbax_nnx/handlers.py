@@ -23,6 +23,7 @@ from orbax_nnx.mapping import presets
 from orbax_nnx.mapping.groups import group_names
 from orbax_nnx.sources.metadata import CUSTOM_KEY, read_item_metadata
 from orbax_nnx.mapping.views import check_rules
+from orbax_nnx.sources import listing
 
 PyTree = Any
 
@@ -234,6 +235,7 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
 
   # -- restore ----------------------------------------------------------------
 
+  @listing.looking_once
   def restore(self, directory: epath.Path, item: Any = None, restore_args: Any = None, transforms: Any = None,
               transforms_default_to_original: bool = True, legacy_transform_fn: Any = None,
               args: ocp.args.CheckpointArgs | None = None) -> Any:
@@ -317,6 +319,7 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
 
   # -- the rest ---------------------------------------------------------------
 
+  @listing.looking_once
   def metadata(self, directory: epath.Path):
     return self._pytree.metadata(directory)
 

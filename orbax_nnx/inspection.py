@@ -8,6 +8,7 @@ from typing import Any
 
 from orbax_nnx.mapping.layout import MODEL, OPTIMIZER, Layout, detect
 from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
+from orbax_nnx.sources import listing
 
 _RNG_TYPES = ('RngKey', 'RngCount', 'RngState')
 _RNG_NAMES = {'rngs', 'rng'}
@@ -24,6 +25,7 @@ def _category(layout: Layout, canon: tuple, disk: tuple) -> str:
   return 'rng' if set(canon) & _RNG_NAMES else 'params'
 
 
+@listing.looking_once
 def inspect_checkpoint(path, *, step: int | None = None, item: str | None = None, depth: int | None = None,
                        filter: str | None = None, layout: str | None = None, groups=None) -> dict[str, Any]:
   """Layout, layer groups, per-leaf (or per-subtree at `depth`) shape/dtype/bytes, and totals.

@@ -24,6 +24,7 @@ from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 from orbax_nnx.planning.planner import plan
 from orbax_nnx.restoring import restore_planned
 from orbax_nnx.mapping.views import check_rules
+from orbax_nnx.sources import listing
 
 
 def _cast_abstract(state: nnx.State, dtype) -> nnx.State:
@@ -35,6 +36,7 @@ def _cast_abstract(state: nnx.State, dtype) -> nnx.State:
   return jax.tree.map(cast, state)
 
 
+@listing.looking_once
 def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter: Any = nnx.Param,
                 mesh: jax.sharding.Mesh | None = None, rules=(), scan_axis=None, param_scan_axis: int = 1,
                 step: int | None = None, item: str | None = None, missing: str = 'error',
@@ -98,6 +100,7 @@ def _filter(state: Any, filter: Any) -> nnx.State:
   return nnx.filter_state(state, filter) if hasattr(nnx, 'filter_state') else state.filter(filter)
 
 
+@listing.looking_once
 def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfloat16',
                   scan_layers: bool | None = None, format: Literal['nnx', 'linen', 'safetensors'] = 'nnx',
                   overwrite: bool = False, step: int | None = None, item: str | None = None,

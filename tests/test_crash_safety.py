@@ -23,7 +23,7 @@ from flax import nnx
 
 import orbax_nnx
 from orbax_nnx import errors
-from orbax_nnx.sources import untrusted
+from orbax_nnx.sources import listing
 from orbax_nnx.compare import compare
 
 from helpers import host, sds
@@ -80,7 +80,7 @@ def check(root: epath.Path, src: pathlib.Path, src_digest: dict, seen: set, tree
           raise AssertionError(f'step {step} of {steps} does not restore: {e!r}; files: {files}') from e
         assert np.all(np.asarray(state['model']['w'].get_value()) == step), step
         np.testing.assert_array_equal(np.asarray(state['model']['b'].get_value()), np.arange(1024) + step)
-  untrusted.fresh_listing(root)  # this process listed it before the child wrote more
+  listing.forget(root)  # this process listed it before the child wrote more
   for dst in sorted(root.iterdir()):
     if dst.name in seen or dst.name.startswith('.') or '.orbax-checkpoint-tmp' in dst.name:
       continue  # checked, or a temporary name (written by rename, locally)

@@ -20,7 +20,7 @@ import numpy as np
 
 from orbax_nnx import errors
 from orbax_nnx.io.buffers import aligned_empty
-from orbax_nnx.io.regions import evaluate, normalize, read_regions
+from orbax_nnx.io.regions import evaluate, normalize, read_regions, start
 from orbax_nnx.io.source_arrays import DEFAULT_CACHE_BYTES, ChunkLedger, SourceArrays, chunk_bounds
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
 from orbax_nnx.sources import chunk_stream
@@ -43,7 +43,7 @@ class Pending:
       self.futures[()] = pool.submit(evaluate, expr, normalize((), leaf.shape), source)
       return
     for key, (norm, devices) in _shards(leaf, sharding).items():
-      self.futures[key] = pool.submit(evaluate, expr, norm, source)
+      self.futures[key] = start(expr, norm, source) or pool.submit(evaluate, expr, norm, source)
       self.nbytes += int(np.prod([s.stop - s.start for s in norm], dtype=np.int64)) * leaf.dtype.itemsize
       self.by_index[key] = devices
 

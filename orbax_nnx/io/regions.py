@@ -3,6 +3,7 @@ how their values are assembled (takes, slices, reshapes, concatenations, stacks,
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -85,6 +86,34 @@ def evaluate(expr: Expr, index: tuple[slice, ...], source: SourceArrays) -> np.n
   if isinstance(expr, Stack):
     return _stack(expr, index, source)
   raise TypeError(f'unknown expression {expr!r}')
+
+
+def start(expr: Expr, index: tuple[slice, ...], source: SourceArrays) -> concurrent.futures.Future | None:
+  """Starts evaluating `expr` over `index` (normalized slices) without a thread, when it is one stored read
+  (cast or not) that decodes in the background: a future of the values. Many such reads go out at once, so an
+  object store coalesces them (a thread per read would issue them a few at a time). None when it must be
+  evaluated (`evaluate`) instead."""
+  read = expr.expr if isinstance(expr, Cast) else expr
+  if not isinstance(read, Read) or not source.reads_directly(read.source, index):
+    return None
+  dtype = expr.dtype if isinstance(expr, Cast) else None
+  out = aligned_empty(tuple(s.stop - s.start for s in index), dtype if dtype is not None else read.dtype)
+  pending = source.start_read_into(read.source, index, out, dtype=dtype)
+  future: concurrent.futures.Future = concurrent.futures.Future()
+
+  def finished(_) -> None:
+    try:
+      source.finish_read(pending)
+    except BaseException as e:  # pylint: disable=broad-except  (handed to whoever waits)
+      future.set_exception(e)
+    else:
+      future.set_result(out)
+
+  if pending is None:
+    future.set_result(out)
+  else:
+    pending[1].add_done_callback(finished)
+  return future
 
 
 def _stack(expr: Stack, index: tuple, source: SourceArrays) -> np.ndarray:

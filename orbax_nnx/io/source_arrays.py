@@ -228,6 +228,12 @@ class SourceArrays:
       out = out.reshape([n for i, n in enumerate(out.shape) if i not in squeeze])
     return _converted(transposed(out, perm) if perm is not None else out, dtype)
 
+  def reads_directly(self, path: DiskPath, index: tuple) -> bool:
+    """Whether `start_read_into` decodes the region `index` in the background (whole chunks, no int index):
+    no thread waits on it, so many such reads go out at once and the store coalesces them."""
+    store, _, _, whole, squeeze, _ = self._cells(path, index)
+    return whole and not squeeze and getattr(store, 'start_read_into', None) is not None
+
   def start_read_into(self, path: DiskPath, index: tuple, out: np.ndarray, dtype=None) -> Any:
     """Fills `out` (a view shaped like the region) with the region `index` of a stored array, in
     `dtype` if given. A region of whole chunks is decoded straight into `out` by tensorstore in the

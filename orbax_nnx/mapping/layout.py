@@ -24,6 +24,7 @@ from orbax_nnx.mapping.groups import DEFAULT_GROUPS, MODEL, OPTIMIZER, GroupName
 from orbax_nnx.sources.metadata import ItemMetadata, LeafInfo, read_item_metadata, resolve_item
 from orbax_nnx.nnx_tree import DiskPath
 from orbax_nnx.mapping.presets import Kind
+from orbax_nnx.sources import listing
 
 CanonPath = tuple[str, ...]
 
@@ -216,6 +217,7 @@ def _common_length(canonical, meta, prefix: CanonPath, framework: str, names: Gr
   return fits[0] if len(set(fits)) == 1 else 0
 
 
+@listing.looking_once
 def detect_layout(path, *, layout: str | None = None, groups=None, step: int | None = None,
                   item: str | None = None) -> Layout:
   """Reads the metadata of a checkpoint and detects its layout.

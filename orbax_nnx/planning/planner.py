@@ -25,6 +25,7 @@ from orbax_nnx.nnx_tree import DiskPath, Path, path_str
 from orbax_nnx.planning.expressions import Const, Expr, Read, Stack, Take, Transpose, cast, reads
 from orbax_nnx.mapping.rules import apply_view, rename
 from orbax_nnx.mapping.views import View, check_rules, compile_rules
+from orbax_nnx.sources import listing
 
 ScanAxis = Union[int, Mapping[str, int], None]
 Rule = tuple[str, Union[str, Mapping[str, View]]]  # rename, or target replacement -> view
@@ -456,6 +457,7 @@ def build(
   return Plan(layout, entries, {t.path: t for t in targets}, missing, unused, planner.inferred)
 
 
+@listing.looking_once
 def plan(source, target, *, rules: Sequence[Rule] = (), scan_axis: ScanAxis = None, param_scan_axis: int = 1,
          exclude=nnx_tree.DEFAULT_EXCLUDE, layout: str | None = None, groups=None) -> Plan:
   """`orbax_nnx.plan(path_or_layout, abstract_target)`: the plan, without reading arrays.

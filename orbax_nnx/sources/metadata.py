@@ -16,7 +16,7 @@ from etils import epath
 
 from orbax_nnx import errors
 from orbax_nnx.nnx_tree import VALUE_KEY, DiskPath, VariableRecord
-from orbax_nnx.sources import untrusted, zarr_headers
+from orbax_nnx.sources import listing, untrusted, zarr_headers
 
 CUSTOM_KEY = 'orbax_nnx'
 METADATA_FILE = '_METADATA'
@@ -167,6 +167,7 @@ def read_item_metadata(
 
   directory = absolute(directory)
   with _readable(directory):
+    listing.look(directory)
     if safetensors_source.is_safetensors(directory):
       return safetensors_source.read_metadata(directory)
     check_committed(directory)  # first: an unfinished item may lack any file yet
@@ -220,9 +221,16 @@ class _OrbaxLeaves(Mapping):
     self._leaves: dict[DiskPath, LeafInfo] | None = None
     self.has_empty = False
 
+  @functools.cached_property
+  def read_specs(self) -> zarr_headers.ReadSpecs:
+    """Orbax's tensorstore read specs for this item's arrays: one tensorstore context (so one copy of its
+    cached manifest and index nodes) for its headers and every array read of the operation."""
+    return zarr_headers.ReadSpecs(self._directory, bool(self._flags.get('use_ocdbt', True)),
+                                  bool(self._flags.get('use_zarr3', False)))
+
   def _load(self) -> dict[DiskPath, LeafInfo]:
     if self._leaves is None:
-      fast = zarr_headers.read(self._directory, self._flags, self._handler)
+      fast = zarr_headers.read(self._directory, self._flags, self._handler, lambda: self.read_specs)
       if fast is not None:
         flat, self.has_empty = fast
         impls = zarr_headers.key_impls(self._directory)
@@ -257,8 +265,18 @@ def _is_step_dir(path: epath.Path) -> bool:
   A folder that merely holds an item directory (a data folder, a run's parent) is not one."""
   if (path / '_CHECKPOINT_METADATA').exists():
     return True
-  return _step_of(path.name) is not None and any(
-      (child / METADATA_FILE).exists() for child in path.iterdir() if child.is_dir())
+  return _step_of(path.name) is not None and bool(_items_in(path))
+
+
+def _items_in(path: epath.Path) -> list[str]:
+  """The names of the item directories (holding `_METADATA`) in a folder, sorted."""
+  items = []
+  for child in path.iterdir():
+    if child.is_dir():
+      listing.look(child)
+      if (child / METADATA_FILE).exists():
+        items.append(child.name)
+  return sorted(items)
 
 
 def manager_steps(root: epath.Path) -> dict[int, epath.Path]:
@@ -268,11 +286,13 @@ def manager_steps(root: epath.Path) -> dict[int, epath.Path]:
   (`00000005`) and prefixed (`ckpt_5`, `ckpt_00000005`); temporary (uncommitted) steps are skipped.
   """
   steps: dict[int, epath.Path] = {}
-  untrusted.fresh_listing(root)
+  listing.forget(root)  # steps written since this process last listed it
   for child in root.iterdir():
     if not child.is_dir():
       continue
     step = _step_of(child.name)
+    if step is not None:
+      listing.look(child)
     if step is None or not ocp.path.step.is_path_finalized(child) or not _is_step_dir(child):
       continue
     if step in steps:
@@ -311,6 +331,7 @@ def resolve_item(path: epath.PathLike, *, step: int | None = None, item: str | N
 def _resolve_item(path: epath.Path, step: int | None, item: str | None) -> epath.Path:
   from orbax_nnx.sources import safetensors as safetensors_source  # local: it builds on this module
 
+  listing.look(path)
   if not path.exists():
     raise errors.NotACheckpointError(path, 'it does not exist')
   if safetensors_source.is_safetensors(path):
@@ -330,7 +351,7 @@ def _resolve_item(path: epath.Path, step: int | None, item: str | None) -> epath
   step_dir = _is_step_dir(path)
   steps = {} if step_dir else manager_steps(path)
   if not step_dir and not steps:
-    items = sorted(c.name for c in path.iterdir() if c.is_dir() and (c / METADATA_FILE).exists())
+    items = _items_in(path)
     if items:
       raise errors.NotACheckpointError(path, f'it is neither an item, a step directory nor a manager root, but holds'
                                        f' the item directories {items[:8]}: pass one of them')
@@ -342,7 +363,7 @@ def _resolve_item(path: epath.Path, step: int | None, item: str | None) -> epath
     path = steps[step]
   elif step is not None and _step_of(path.name) != step:
     raise errors.NotACheckpointError(path, f'step={step} given but this is not a manager root')
-  items = sorted(c.name for c in path.iterdir() if c.is_dir() and (c / METADATA_FILE).exists())
+  items = _items_in(path)
   if item is not None:
     if item not in items:
       raise errors.NotACheckpointError(path / item, f'no item {item!r} here (items: {items})')

@@ -147,9 +147,11 @@ class OrbaxOpener:
   """Opens the stored arrays of one Orbax item by their tree paths, with Orbax's own read spec."""
 
   def __init__(self, meta: ItemMetadata):
-    flags = json.loads((meta.directory / '_METADATA').read_text())
     self.directory = meta.directory
-    self.specs = ReadSpecs(meta.directory, bool(flags.get('use_ocdbt', True)), bool(flags.get('use_zarr3', False)))
+    self.specs = getattr(meta.leaves, 'read_specs', None)  # the item's own (`read_item_metadata`)
+    if self.specs is None:
+      flags = json.loads((meta.directory / '_METADATA').read_text())
+      self.specs = ReadSpecs(meta.directory, bool(flags.get('use_ocdbt', True)), bool(flags.get('use_zarr3', False)))
 
   def __call__(self, path: DiskPath) -> OrbaxArray:
     return self.finish(self.start(path))

@@ -37,18 +37,6 @@ def is_local(path: epath.PathLike) -> bool:
   return '://' not in os.fspath(path)
 
 
-def fresh_listing(folder: epath.Path) -> None:
-  """Drops an object-store client's cached listing of `folder` (gcsfs caches listings per process), so a
-  long-lived process sees the steps written since it last looked."""
-  if is_local(folder):
-    return
-  try:
-    from etils.epath import backend
-    backend.fsspec_backend.fs(os.fspath(folder)).invalidate_cache(os.fspath(folder))
-  except Exception:  # no fsspec filesystem here (another epath backend): nothing is cached by us
-    pass
-
-
 def is_permission_error(e: BaseException) -> bool:
   """Whether `e` says access was denied: a local PermissionError, an object store's 403 (gcsfs raises
   `OSError('Forbidden: ...')`), or tensorstore's PERMISSION_DENIED (through Orbax, a ValueError)."""

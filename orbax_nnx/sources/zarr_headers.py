@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -33,8 +33,10 @@ ARRAY_METADATA_DIR = 'array_metadatas'  # Orbax's per-process array metadata fil
 KEY_IMPLS = ('threefry2x32', 'rbg', 'unsafe_rbg')  # JAX's PRNG implementations, by the names Orbax records
 
 
-def read(directory: epath.Path, flags: Mapping[str, Any], handler: Any) -> tuple[dict[DiskPath, Any], bool] | None:
-  """`({path: Orbax value metadata}, has empty nodes)` from the headers, or None where Orbax must be asked."""
+def read(directory: epath.Path, flags: Mapping[str, Any], handler: Any,
+         specs: Callable[[], 'ReadSpecs'] | None = None) -> tuple[dict[DiskPath, Any], bool] | None:
+  """`({path: Orbax value metadata}, has empty nodes)` from the headers, or None where Orbax must be asked.
+  `specs` gives the item's read specs (`ReadSpecs`), shared with its array reads; by default, new ones."""
   entries = _entries(flags, handler)
   if entries is None:
     return None
@@ -45,7 +47,8 @@ def read(directory: epath.Path, flags: Mapping[str, Any], handler: Any) -> tuple
     return {}, has_empty
   use_ocdbt, use_zarr3 = bool(flags.get('use_ocdbt', True)), bool(flags.get('use_zarr3', False))
   names = {path: '.'.join(path) for path in leaves}
-  headers = _read_headers(directory, list(names.values()), use_ocdbt, use_zarr3)
+  headers = _read_headers(list(names.values()), use_zarr3,
+                          specs or (lambda: ReadSpecs(directory, use_ocdbt, use_zarr3)))
   if headers is None:
     return None
   shardings = _shardings(directory) if 'jax.Array' in leaves.values() else {}
@@ -136,14 +139,15 @@ class ReadSpecs:
     return ts.KvStore.open(dict(self._template['kvstore'], path=self.prefix), context=self.context).result()
 
 
-def _read_headers(directory: epath.Path, names: list[str], use_ocdbt: bool, use_zarr3: bool) -> dict | None:
+def _read_headers(names: list[str], use_zarr3: bool, specs: Callable[[], 'ReadSpecs']) -> dict | None:
   """Each array's zarr header JSON, read concurrently through one kvstore (None if one is missing)."""
   header = 'zarr.json' if use_zarr3 else '.zarray'
   try:
-    store = ReadSpecs(directory, use_ocdbt, use_zarr3).kvstore()
+    store = specs().kvstore()
     if store is None:
       return None
-    futures = {name: store.read(f'{name}/{header}') for name in names}
+    with ts.Batch() as batch:  # one batch: the store coalesces reads of the same data file
+      futures = {name: store.read(f'{name}/{header}', batch=batch) for name in names}
     out = {}
     for name, future in futures.items():
       result = future.result()
