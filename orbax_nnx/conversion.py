@@ -30,7 +30,7 @@ from orbax_nnx import errors, nnx_tree, version
 from orbax_nnx.io import budget
 from orbax_nnx.mapping.views import check_rules
 from orbax_nnx.mapping.layout import LINEN_STYLES, Layout, detect, linen_style as choose_linen_style
-from orbax_nnx.sources.metadata import CUSTOM_KEY, read_item_metadata, resolve_item
+from orbax_nnx.sources.metadata import CUSTOM_KEY, ItemMetadata, read_item_metadata, resolve_item
 from orbax_nnx.planning.expressions import Cast, LoraMerge, cast, reads
 from orbax_nnx.planning.planner import Plan, build
 from orbax_nnx.io.source_arrays import SourceArrays
@@ -168,16 +168,21 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
   return source, target, the_plan, options
 
 
-def source_structure(item_dir: epath.Path) -> dict[str, Any]:
-  """Container facts of an Orbax tree that leaves alone do not tell: sequence nodes and None leaves."""
-  raw = json.loads((item_dir / '_METADATA').read_text()).get('tree_metadata', {})
+def source_structure(meta: ItemMetadata) -> dict[str, Any]:
+  """Container facts of an Orbax tree that leaves alone do not tell: sequence nodes and None leaves
+  (from the item's `_METADATA`, as read once by `read_item_metadata`; entries of other shapes are skipped)."""
+  raw = meta.flags.get('tree_metadata')
   sequences, nones = set(), []
-  for entry in raw.values():
-    keys = [str(k['key']) for k in entry.get('key_metadata', [])]
-    for depth, k in enumerate(entry.get('key_metadata', [])):
+  for entry in raw.values() if isinstance(raw, Mapping) else ():
+    key_metadata = entry.get('key_metadata') if isinstance(entry, Mapping) else None
+    if not isinstance(key_metadata, list) or not all(isinstance(k, Mapping) for k in key_metadata):
+      continue
+    keys = [str(k.get('key')) for k in key_metadata]
+    for depth, k in enumerate(key_metadata):
       if k.get('key_type') == 1:
         sequences.add('/'.join(keys[:depth]))
-    if (entry.get('value_metadata') or {}).get('value_type') == 'None':
+    value = entry.get('value_metadata')
+    if isinstance(value, Mapping) and value.get('value_type') == 'None':
       nones.append('/'.join(keys))
   return {'sequences': sorted(sequences), 'nones': sorted(nones)}
 
@@ -451,7 +456,7 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
                              **dict(written.source_axes)},
         'paths': {'/'.join(c): '/'.join(d) for c, d in source.canonical.items()},
         'dtypes': {'/'.join(c): str(source.leaves[d].dtype) for c, d in source.canonical.items()},
-        'structure': source_structure(src_item),
+        'structure': source_structure(source.meta),
     }
   record = source.meta.ours.get('conversion') if source.meta.ours else None
   structure = (record.get('structure') if isinstance(record, Mapping) and record.get('from_framework') ==

@@ -237,3 +237,61 @@ def test_a_missing_object_is_a_typed_error_naming_the_checkpoint(gcs, gcs_proxy)
   gcs_proxy.fail(DATA, 'status:404', times=10_000)
   with pytest.raises(errors.CorruptCheckpointError, match=str(src)):
     orbax_nnx.restore(src, unrolled_target())
+
+
+# -- requests: one listing per checkpoint folder per operation (sources/listing.py) -------------------------------
+
+def _metadata_requests(proxy, fn) -> int:
+  """Requests `fn` sends that are not tensorstore's array reads (existence checks, listings, small files)."""
+  proxy.clear()
+  proxy.log = []
+  try:
+    fn()
+    return sum('tensorstore=' not in request for request in proxy.log)
+  finally:
+    proxy.log = None
+
+
+def _wide_state(layers: int) -> dict:
+  return {'step': np.int32(1), 'params': {'params': {f'layers_{i}': {'w': np.full((2, 3), i, np.float32)}
+                                                      for i in range(layers)}}}
+
+
+def test_metadata_requests_do_not_grow_with_leaves_and_stay_under_orbax(gcs, gcs_proxy):
+  bucket = epath.Path(gcs)
+  counts = {}
+  for layers in (2, 60):
+    src = bucket / f'wide_{layers}'
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(src, _wide_state(layers))
+    abstract = jax.tree.map(lambda x: sds(np.shape(x), x.dtype), _wide_state(layers))
+    target = nnx.State({f'layers_{i}': {'w': nnx.Param(sds((2, 3), jnp.float32))} for i in range(layers)})
+    counts[layers] = {
+        'targeted': _metadata_requests(gcs_proxy, lambda: orbax_nnx.restore(src, abstract)),
+        'untargeted': _metadata_requests(gcs_proxy, lambda: orbax_nnx.restore(src)),
+        'load_params': _metadata_requests(gcs_proxy, lambda: orbax_nnx.load_params(src, target)),
+        'inspect': _metadata_requests(gcs_proxy, lambda: orbax_nnx.inspect(src)),
+        'orbax': _metadata_requests(gcs_proxy, lambda: ocp.StandardCheckpointer().restore(src, abstract)),
+    }
+  orbax = min(counts[2].pop('orbax'), counts[60].pop('orbax'))  # Orbax's own varies by a request or so
+  assert counts[2] == counts[60], counts  # per operation, not per leaf
+  assert max(counts[60].values()) < orbax / 3, (counts, orbax)
+
+
+def test_an_operation_leaves_no_listing_behind(gcs):
+  """gcsfs keeps listings per process and does not see tensorstore's writes: what an operation listed is
+  dropped when it ends, so later Orbax calls in the same process never see a stale listing of ours."""
+  from etils.epath import backend
+
+  root = epath.Path(gcs) / 'run'
+  with ocp.CheckpointManager(root, handler_registry=orbax_nnx.nnx_registry) as mngr:
+    mngr.save(1, args=ocp.args.StandardSave(_wide_state(2)))
+  fs = backend.fsspec_backend.fs(os.fspath(root))
+  fs.invalidate_cache()
+  orbax_nnx.restore(root)
+  orbax_nnx.inspect(root, step=1)
+  assert not [key for key in fs.dircache if key.startswith(os.fspath(root)[len('gs://'):])], list(fs.dircache)
+  with ocp.CheckpointManager(root, handler_registry=orbax_nnx.nnx_registry) as mngr:
+    mngr.save(2, args=ocp.args.StandardSave(_wide_state(3)))
+  np.testing.assert_array_equal(np.asarray(orbax_nnx.restore(root)['params']['params']['layers_2']['w']),
+                                np.full((2, 3), 2, np.float32))

@@ -405,7 +405,9 @@ def streaming_pytree_handler(**options: Any) -> ocp.PyTreeCheckpointHandler:
 
 
 MIN_LAYER_CHUNK_BYTES = 1 << 20  # Orbax warns below this chunk size
-MAX_BATCH = 256  # arrays handed to Orbax in one serialize call
+MAX_BATCH = 4096  # arrays handed to Orbax in one serialize call (bytes bound it first: MAX_BATCH_BYTES). On an
+# object store each call is an ocdbt commit plus a rewrite of Orbax's array_metadatas: 256 measured 5.1-5.7 s
+# against 4.3 s for one call on a 722-leaf convert at 20 ms per request; locally the same either way
 WRITE_BLOCK_BYTES = 32 * 2**20  # chunks (and write blocks) of arrays written block by block: at most this,
 MIN_WRITE_BLOCK_BYTES = 1 << 20  # and at least this (Orbax warns below 1 MiB)
 LOCKSTEP_BLOCKS_AHEAD = 16  # blocks evaluated or being written at once in lockstep writes (half of them writing)

@@ -40,14 +40,21 @@ def _filesystem(path: str) -> Any:
     return None
 
 
-def forget(folder: epath.PathLike) -> None:
-  """Drops the client's cached listing of `folder` (and of its parents), so the next question goes to the store:
-  gcsfs caches listings per process, and a long-lived process must see steps written since it last looked."""
+def forget(folder: epath.PathLike, below: bool = False) -> None:
+  """Drops the client's cached listing of `folder` (and of its parents; with `below`, of every folder inside it
+  too), so the next question goes to the store: gcsfs caches listings per process, and a long-lived process must
+  see steps written since it last looked."""
   if _is_local(folder):
     return
   fs = _filesystem(os.fspath(folder))
-  if fs is not None and hasattr(fs, 'invalidate_cache'):
-    fs.invalidate_cache(os.fspath(folder))
+  if fs is None or not hasattr(fs, 'invalidate_cache'):
+    return
+  fs.invalidate_cache(os.fspath(folder))
+  cache = getattr(fs, 'dircache', None)
+  if below and cache is not None:
+    inside = fs._strip_protocol(os.fspath(folder)).rstrip('/') + '/'  # pylint: disable=protected-access
+    for key in [k for k in list(cache) if k.startswith(inside)]:
+      cache.pop(key, None)
 
 
 @contextlib.contextmanager
@@ -65,7 +72,7 @@ def one_look() -> Iterator[None]:
     listed = _LISTED.get() or set()
     _LISTED.reset(token)
     for folder in listed:
-      forget(folder)
+      forget(folder, below=True)
 
 
 def looking_once(fn: _F) -> _F:

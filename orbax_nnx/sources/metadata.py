@@ -56,6 +56,7 @@ class ItemMetadata:
   custom: Mapping[str, Any]
   empty_nodes: bool = False  # None / empty entries (e.g. optax MaskedNode) in the stored tree
   format: str = 'orbax'  # 'orbax' (an Orbax PyTree item), 'safetensors' (keyed by tensor name), 'live' (in memory)
+  flags: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # an Orbax item's `_METADATA` JSON, as stored
 
   @property
   def has_empty_nodes(self) -> bool:
@@ -174,7 +175,8 @@ def read_item_metadata(
     _check_dir(directory)
   flags = _item_file(directory)
   custom = flags.get('custom_metadata')
-  return ItemMetadata(directory, _OrbaxLeaves(directory, handler, flags), custom if isinstance(custom, Mapping) else {})
+  return ItemMetadata(directory, _OrbaxLeaves(directory, handler, flags), custom if isinstance(custom, Mapping) else {},
+                      flags=flags)
 
 
 def commits_by_marker(path: epath.PathLike) -> bool:

@@ -4,7 +4,6 @@ straight into aligned host buffers (large chunks of Orbax's own codecs as stream
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import threading
 from collections.abc import Callable
@@ -150,8 +149,8 @@ class OrbaxOpener:
     self.directory = meta.directory
     self.specs = getattr(meta.leaves, 'read_specs', None)  # the item's own (`read_item_metadata`)
     if self.specs is None:
-      flags = json.loads((meta.directory / '_METADATA').read_text())
-      self.specs = ReadSpecs(meta.directory, bool(flags.get('use_ocdbt', True)), bool(flags.get('use_zarr3', False)))
+      self.specs = ReadSpecs(meta.directory, bool(meta.flags.get('use_ocdbt', True)),
+                             bool(meta.flags.get('use_zarr3', False)))
 
   def __call__(self, path: DiskPath) -> OrbaxArray:
     return self.finish(self.start(path))
