@@ -373,14 +373,23 @@ def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: 
       nnx_tree.set_path(save_args, disk, layer_chunk_args(leaf, target.stacked.get(path)) or ocp.SaveArgs())
     tree = _shape_containers(tree, structure, target.framework)
     save_args = _shape_containers(save_args, structure, target.framework)
+    session.prime([leaf for leaf in jax.tree.leaves(tree) if isinstance(leaf, LazyArray)])
     handler = streaming_pytree_handler()
     with ocp.Checkpointer(handler) as ckptr:
       ckptr.save(dst, args=ocp.args.PyTreeSave(item=tree, save_args=save_args, custom_metadata=custom,
-                                               ocdbt_target_data_file_size=OCDBT_FILE_BYTES),
+                                               ocdbt_target_data_file_size=_ocdbt_file_bytes(the_plan)),
                  force=overwrite)
   finally:
     session.close()
   return source.bytes_read, session.bytes_written
+
+
+def _ocdbt_file_bytes(the_plan: Plan) -> int | None:
+  """OCDBT's target data file size for writing `the_plan`: `OCDBT_FILE_BYTES` where the output is larger (it
+  bounds what OCDBT buffers), else None (Orbax's default: the output is buffered whole either way, and a target
+  measured 9 commits instead of 4 for 1,000 small arrays, 1.9 s more at 100 ms a request)."""
+  total = sum(the_plan.leaves[p].dtype.itemsize * math.prod(the_plan.leaves[p].shape) for p in the_plan.entries)
+  return OCDBT_FILE_BYTES if total > OCDBT_FILE_BYTES else None
 
 
 def _record_path(path: tuple, disk: tuple[str, ...], flavour: str) -> tuple:

@@ -66,6 +66,14 @@ class Pending:
     return jax.make_array_from_single_device_arrays(self.leaf.shape, self.sharding, arrays)
 
 
+def reads_directly(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays) -> bool:
+  """Whether every shard of a target array is one stored read decoded straight into its buffer (`regions.start`):
+  no thread, and no chunk kept for other readers."""
+  read = expr.expr if isinstance(expr, Cast) else expr
+  return (isinstance(read, Read) and leaf.key_impl is None and
+          all(source.reads_directly(read.source, norm) for norm, _ in _shards(leaf, sharding).values()))
+
+
 def _shards(leaf: TargetLeaf, sharding) -> dict[tuple, tuple[tuple[slice, ...], list]]:
   """Distinct addressable shard regions of a target array: key -> (region, devices holding it)."""
   out: dict[tuple, tuple[tuple[slice, ...], list]] = {}

@@ -29,7 +29,7 @@ import tensorstore as ts
 from orbax_nnx import compat
 from orbax_nnx.planning.expressions import Expr, reads
 from orbax_nnx.planning.planner import TargetLeaf
-from orbax_nnx.io.reader import Pending, announce, announce_regions, layer_of
+from orbax_nnx.io.reader import Pending, announce, announce_regions, layer_of, reads_directly
 from orbax_nnx.io.source_arrays import ChunkLedger, SourceArrays
 from orbax_nnx.nnx_tree import DiskPath
 from orbax_nnx.io.regions import evaluate, normalize
@@ -62,6 +62,10 @@ class LazyArray:
     return self.size * self.leaf.dtype.itemsize
 
   def start(self) -> Pending:
+    """Its reads, in flight (started by `WriteSession.prime` if it was primed)."""
+    primed = self.session.primed.pop(id(self), None)
+    if primed is not None:
+      return primed
     return Pending(self.leaf.path, self.expr, self.leaf, self.sharding, self.session.source, self.session.pool)
 
   def announce(self) -> dict:
@@ -88,6 +92,22 @@ class WriteSession:
     self.progress = progress
     self.leaves_written = 0
     self.bytes_written = 0
+    self.primed: dict[int, Pending] = {}  # id(LazyArray) -> its reads, started before the save (`prime`)
+    self.primed_bytes = 0  # their bytes, held until the writer takes them (counted against `buffer_bytes`)
+
+  def prime(self, values: Sequence['LazyArray']) -> None:
+    """Starts the reads of the first small arrays in write order before Orbax's save begins, so they overlap its
+    setup (a few round trips on an object store) instead of following it. Only reads that decode straight into
+    their buffers (no chunk kept for other readers), within half of `buffer_bytes`; the writer counts these
+    bytes as in flight from its start, so the budget holds."""
+    room = self.buffer_bytes // 2
+    for value in sorted(values, key=write_order):
+      if _is_blocked(value) or value.nbytes > room or not reads_directly(
+          value.expr, value.leaf, value.sharding, self.source):
+        break
+      self.primed[id(value)] = value.start()
+      self.primed_bytes += value.nbytes
+      room -= value.nbytes
 
   def close(self) -> None:
     self.pool.shutdown(wait=True)
@@ -105,7 +125,7 @@ class LazyArrayHandler(compat.ArrayHandler):
     args = list(args or [compat.SaveArgs()] * len(values))
     base = super()
     # leaves reading the same stored arrays go together, so each stored chunk is decoded once
-    order = sorted(range(len(values)), key=lambda i: [r.source for r in reads(values[i].expr)][:1])
+    order = sorted(range(len(values)), key=lambda i: write_order(values[i]))
     options = compat.array_handler_options(self)
     together: dict[DiskPath, list[int]] = collections.defaultdict(list)  # layer targets written in lockstep
     aligns = {}
@@ -133,7 +153,12 @@ class LazyArrayHandler(compat.ArrayHandler):
       window: collections.deque = collections.deque()  # (index, pending read), in write order
       batch: list[tuple[int, jax.Array]] = []  # read, waiting to be written together
       writing: collections.deque = collections.deque()  # (bytes, batch, task): batches being written
-      inflight = batch_bytes = 0  # bytes held: reads in flight, the batch, and the batches being written
+      # bytes held: reads in flight (those primed before the save from the start), the batch, and the batches
+      # being written
+      inflight, batch_bytes = session.primed_bytes, 0
+      for i in blocked:  # written block by block after all: its early reads are not used
+        if session.primed.pop(id(values[i]), None) is not None:
+          inflight -= values[i].nbytes
       position = 0
 
       def done(j: int) -> None:
@@ -181,8 +206,9 @@ class LazyArrayHandler(compat.ArrayHandler):
               inflight + values[order[position]].nbytes <= session.buffer_bytes and
               ledger.room_for(needs[order[position]], ((j, read.done) for j, read in window)))):
             ledger.hold(order[position], needs[order[position]])
+            if id(values[order[position]]) not in session.primed:  # (primed: counted from the start)
+              inflight += values[order[position]].nbytes
             window.append((order[position], values[order[position]].start()))
-            inflight += values[order[position]].nbytes
             position += 1
           index, pending = window.popleft()
           assert index == i
@@ -201,6 +227,11 @@ class LazyArrayHandler(compat.ArrayHandler):
           task.cancel()
 
     return [compat.CommitFuture(write_all(), name='orbax_nnx_stream')]
+
+
+def write_order(value: LazyArray) -> list:
+  """The key arrays are read and written in: those reading the same stored array go together."""
+  return [r.source for r in reads(value.expr)][:1]
 
 
 def _is_blocked(value: LazyArray) -> bool:
