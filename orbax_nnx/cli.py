@@ -9,7 +9,7 @@
     orbax-nnx presets
 
 Source options: --layout PRESET forces the layout preset, --group NAME declares a layer group,
---memory-budget MIB bounds what convert / export-params / compare hold.
+--memory-budget SIZE (512MiB, 2GB; a bare number is MiB) bounds what convert / export-params / compare hold.
 
 Exit codes: 0 success, 1 a negative answer (e.g. plan with missing leaves), 2 usage or read errors.
 """
@@ -22,6 +22,8 @@ import math
 import os
 import re
 import sys
+
+from orbax_nnx import sizes
 
 _USAGE_ERROR = 2
 
@@ -94,12 +96,18 @@ def _add_mapping(p: argparse.ArgumentParser) -> None:
 
 
 def _add_budget(p: argparse.ArgumentParser) -> None:
-  p.add_argument('--memory-budget', type=int, default=None, metavar='MIB',
-                 help='bound the bytes held besides the writer\'s own: decoded chunks kept + arrays in flight')
+  p.add_argument('--memory-budget', default=None, metavar='SIZE',
+                 help='bound the bytes held besides the writer\'s own: decoded chunks kept + arrays in flight'
+                 ' (512MiB, 2GB, ...; a bare number is MiB)')
+
+
+def _size(value, flag: str) -> int | None:
+  """A size flag's bytes: units as in Python (`sizes.parse_bytes`), a bare number in MiB."""
+  return sizes.parse_bytes(value, flag, bare_unit='MiB')
 
 
 def _budget(args) -> dict:
-  return {} if args.memory_budget is None else {'memory_budget': args.memory_budget * 2**20}
+  return {} if args.memory_budget is None else {'memory_budget': _size(args.memory_budget, '--memory-budget')}
 
 
 def _mapping(args) -> dict:
@@ -206,7 +214,8 @@ def cmd_convert(args) -> int:
   report = convert(src_item, args.dst, to=args.to, scan_axis=scan_axis,
                    param_scan_axis=args.param_scan_axis, format=args.format, rules=rules, include=args.include,
                    overwrite=args.overwrite, progress=progress, **model, **_mapping(args),
-                   **({'buffer_bytes': args.buffer_mib * 2**20} if args.buffer_mib is not None else {}), **_budget(args))
+                   **({'buffer_bytes': _size(args.buffer_mib, '--buffer-mib')} if args.buffer_mib is not None else {}),
+                   **_budget(args))
   if not args.quiet:
     print(report.summary())
   return 0
@@ -222,7 +231,8 @@ def cmd_export_params(args) -> int:
     report = export_params(args.src, args.dst, dtype=None if args.dtype == 'keep' else args.dtype,
                            format='safetensors', overwrite=args.overwrite, step=args.step, item=args.item,
                            scan_axis=_scan_axis(args.scan_axis), target=preset.target, rules=preset.export_rules,
-                           max_shard_size=args.max_shard_mib * 2**20, **_mapping(args), **_budget(args))
+                           max_shard_size=_size(args.max_shard_size, '--max-shard-size'), **_mapping(args),
+                           **_budget(args))
     if not args.quiet:
       print(report.summary())
     return 0
@@ -309,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
   _add_layout_options(p)
   p.add_argument('--include', choices=['all', 'params'], default='all', help="'params': Params only")
   p.add_argument('--overwrite', action='store_true', help='replace an existing DST')
-  p.add_argument('--buffer-mib', type=int, default=None, help='MiB of arrays in flight only (default 256; the chunk cache may then grow to the largest array)')
+  p.add_argument('--buffer-mib', default=None, metavar='SIZE',
+                 help='arrays in flight only (default 256MiB; a bare number is MiB; the chunk cache may then grow to'
+                 ' the largest array)')
   _add_budget(p)
   p.add_argument('--quiet', action='store_true')
   _add_preset(p)
@@ -328,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help='keep layer groups as stored (default)')
   p.add_argument('--format', choices=['nnx', 'linen', 'safetensors'], default='nnx',
                  help='safetensors: Hugging Face files, with --preset and --config')
-  p.add_argument('--max-shard-mib', type=int, default=5 * 1024, help='safetensors file size (default 5 GiB)')
+  p.add_argument('--max-shard-size', '--max-shard-mib', dest='max_shard_size', default='5GiB', metavar='SIZE',
+                 help='safetensors file size (default 5GiB; 5GB, 500MiB, ...; a bare number is MiB)')
   _add_preset(p)
   p.add_argument('--filter', choices=['Param', 'LoRAParam'], default='Param', help='LoRAParam: adapters only')
   p.add_argument('--merge-lora', action='store_true', help='fold LoRA adapters into their kernels')

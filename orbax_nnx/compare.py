@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from orbax_nnx import errors
+from orbax_nnx import errors, sizes
 from orbax_nnx.io import budget
 from orbax_nnx.mapping.layout import MODEL, OPTIMIZER, Layout, detect
 from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
@@ -91,19 +91,17 @@ def canonical_view(layout: Layout, only: Only = 'all', unroll: bool = True) -> P
 def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0, only: Only = 'all',
             step_a: int | None = None, step_b: int | None = None, rules=(), scan_axis=None,
             layout_a: str | None = None, layout_b: str | None = None, groups=None,
-            memory_budget: int = DEFAULT_COMPARE_BUDGET) -> CompareReport:
+            memory_budget: int | str = DEFAULT_COMPARE_BUDGET) -> CompareReport:
   """Compares checkpoints `a` and `b` (any layouts). See `CompareReport.equal`.
 
   `rules` map A's stored paths onto B's model (e.g. `orbax_nnx.llama.hf_rules(cfg)` for Hugging Face
   safetensors as A, needed there): A is then planned into B's canonical view, its values cast to B's
   dtypes (so dtypes are not compared), and A's leaves no rule places are listed as only in A.
   `layout_a` / `layout_b` force a side's preset; `groups` declares layer-group names for both.
-  `memory_budget` bounds what value comparison holds: leaves are compared in row blocks, each side's
+  `memory_budget` (byte sizes: an int, or a string such as '512MiB' or '5GB') bounds what value comparison holds: leaves are compared in row blocks, each side's
   block a quarter of it, the rest for decoded chunks kept between blocks (at least one chunk).
   """
-  errors.check_int('memory_budget', memory_budget)
-  if memory_budget <= 0:
-    raise errors.OptionError(f'memory_budget={memory_budget} must be a positive number of bytes.')
+  memory_budget = sizes.parse_bytes(memory_budget, 'memory_budget', allow_none=False)
   errors.check_choice('only', only, ('params', 'optimizer', 'all'))
   errors.check_choice('values', values, (True, False))
   rules = check_rules(rules)

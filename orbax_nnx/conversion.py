@@ -26,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from orbax_nnx import errors, nnx_tree, version
+from orbax_nnx import errors, nnx_tree, sizes, version
 from orbax_nnx.io import budget
 from orbax_nnx.mapping.views import check_rules
 from orbax_nnx.mapping.layout import LINEN_STYLES, Layout, detect, linen_style as choose_linen_style
@@ -404,10 +404,10 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
             scan_layers: bool | None = None, scan_axis=None, param_scan_axis: int = 1,
             format: Literal['raw', 'pure'] = 'raw', rules: Sequence[tuple[str, str]] = (),
             include: Literal['all', 'params'] = 'all', overwrite: bool = False,
-            buffer_bytes: int | None = None, step: int | None = None, item: str | None = None,
+            buffer_bytes: int | str | None = None, step: int | None = None, item: str | None = None,
             progress: Callable | None = None, template: Any = None, dtype: Any = None,
             lora: str | None = None, target: Any = None, linen_style: str | None = None, layout: str | None = None,
-            groups=None, memory_budget: int | None = None) -> ConvertReport:
+            groups=None, memory_budget: int | str | None = None) -> ConvertReport:
   """Converts the checkpoint at `src` to another layout at `dst` (an Orbax item directory).
 
   `to='auto'` converts to the other framework (or back to the original one after a
@@ -424,7 +424,7 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   `target` (an NNX model, e.g. from `nnx.eval_shape`) writes that model's own tree instead, each leaf
   mapped from SRC by `rules`: how a Hugging Face safetensors checkpoint becomes an NNX Orbax one.
   `layout` forces SRC's preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
-  `memory_budget` bounds the bytes held: half for decoded source chunks kept for other regions (at least
+  `memory_budget` (byte sizes: an int, or a string such as '512MiB' or '5GB') bounds the bytes held: half for decoded source chunks kept for other regions (at least
   one chunk), half for converted arrays and blocks in flight; arrays over a quarter of that half are
   written block by block, never held whole. Without it, 256 MiB (`buffer_bytes`) are in flight, or room
   for every target one stored chunk feeds when that is more (a stacked array unrolled from chunks spanning
@@ -436,16 +436,13 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   check_conversion_options(to=to, scan_layers=scan_layers, param_scan_axis=param_scan_axis, flavour=format,
                            include=include, lora=lora)
   cache_bytes = None  # default: the larger of buffer_bytes and the largest stored array read (decoded once)
+  memory_budget = sizes.parse_bytes(memory_budget, 'memory_budget')
+  buffer_bytes = sizes.parse_bytes(buffer_bytes, 'buffer_bytes')
   if memory_budget is not None:
     if buffer_bytes is not None:
       raise errors.OptionError('memory_budget= and buffer_bytes= both bound the arrays in flight: pass one.')
-    errors.check_int('memory_budget', memory_budget)
-    if memory_budget <= 0:
-      raise errors.OptionError(f'memory_budget={memory_budget} must be a positive number of bytes.')
     cache_bytes = max(1, memory_budget // 2)
     buffer_bytes = max(1, memory_budget - cache_bytes)
-  if buffer_bytes is not None:
-    errors.check_int('buffer_bytes', buffer_bytes)
   src_item = resolve_item(src, step=step, item=item)
   dst = check_destination(dst, sources=(src, src_item), overwrite=overwrite)
   source, written, the_plan, options = plan_conversion(

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from orbax_nnx import compat, errors, nnx_tree, restoring, version
+from orbax_nnx import compat, errors, nnx_tree, restoring, sizes, version
 from orbax_nnx.mapping import presets
 from orbax_nnx.mapping.groups import group_names
 from orbax_nnx.sources.metadata import CUSTOM_KEY, read_item_metadata
@@ -85,7 +85,7 @@ class NNXRestore(ocp.args.CheckpointArgs):
       `PyTreeRestore`); only where the stored tree matches the target.
     layout: force a preset by name instead of detecting it (`orbax_nnx.mapping.presets`, e.g.
       'linen-flax'); `groups`: more layer-group names or regexes beside the built-in ones.
-    memory_budget: bytes a converted (planned) restore holds besides the restored arrays:
+    memory_budget: bytes (an int, or a string such as '512MiB' or '2GB') a converted (planned) restore holds besides the restored arrays:
       half for decoded chunks kept for other regions (at least one chunk), half for host
       buffers in flight. None: room for two of the largest stored arrays and 1 GiB in flight.
 
@@ -105,15 +105,12 @@ class NNXRestore(ocp.args.CheckpointArgs):
   strict: bool = True
   support_layout: bool = False
   restore_args: PyTree = None
-  memory_budget: int | None = None
+  memory_budget: int | str | None = None
   layout: str | None = None
   groups: Sequence[str] = ()
 
   def __post_init__(self):
-    if self.memory_budget is not None:
-      errors.check_int('memory_budget', self.memory_budget)
-      if self.memory_budget <= 0:
-        raise errors.OptionError(f'memory_budget={self.memory_budget} must be a positive number of bytes.')
+    self.memory_budget = sizes.parse_bytes(self.memory_budget, 'memory_budget')
     errors.check_choice('missing', self.missing, ('error', 'keep'))
     errors.check_choice('extra', self.extra, ('error', 'ignore'))
     errors.check_choice('strict', self.strict, (True, False))

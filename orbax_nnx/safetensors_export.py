@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from orbax_nnx import errors, nnx_tree
+from orbax_nnx import errors, nnx_tree, sizes
 from orbax_nnx.sources.metadata import commits_by_marker, read_item_metadata, resolve_item
 from orbax_nnx.planning.expressions import Cast, Expr, Take, cast
 from orbax_nnx.mapping.axes import Evidence, layer_axis
@@ -274,7 +274,8 @@ def export_safetensors(src: epath.PathLike, dst: epath.PathLike, *, target: Any,
   `src` is a checkpoint path or a live model (Module, Optimizer-free `nnx.State`): its Params export.
   """
   from flax import nnx
-  errors.check_int('max_shard_size', max_shard_size)
+  max_shard_size = sizes.parse_bytes(max_shard_size, 'max_shard_size', allow_none=False)
+  buffer_bytes = sizes.parse_bytes(buffer_bytes, 'buffer_bytes', allow_none=False)
   live = nnx_tree.is_graph_node(src) or isinstance(src, nnx.State)
   target = src if target is None and live else target
   if target is None or not rules:

@@ -18,7 +18,7 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from orbax_nnx import errors, nnx_tree, safetensors_export
+from orbax_nnx import errors, nnx_tree, safetensors_export, sizes
 from orbax_nnx.conversion import ConvertReport, convert
 from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 from orbax_nnx.planning.planner import plan
@@ -40,7 +40,7 @@ def _cast_abstract(state: nnx.State, dtype) -> nnx.State:
 def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter: Any = nnx.Param,
                 mesh: jax.sharding.Mesh | None = None, rules=(), scan_axis=None, param_scan_axis: int = 1,
                 step: int | None = None, item: str | None = None, missing: str = 'error',
-                extra: str = 'ignore', memory_budget: int | None = None, layout: str | None = None,
+                extra: str = 'ignore', memory_budget: int | str | None = None, layout: str | None = None,
                 groups=None) -> Any:
   """Loads only the `filter` leaves (default: Params) of any training or decode checkpoint.
 
@@ -51,7 +51,7 @@ def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter:
   MaxText layouts, decode checkpoints, and manager roots (latest step unless `step`).
   `missing='keep'` keeps the target's own (concrete) values for leaves the checkpoint lacks;
   `extra='error'` refuses checkpoint leaves the target has no place for (default: ignored,
-  since a training checkpoint holds more than the params). `memory_budget` bounds the bytes held
+  since a training checkpoint holds more than the params). `memory_budget` (byte sizes: an int, or a string such as '512MiB' or '5GB') bounds the bytes held
   besides the loaded arrays (decoded chunks and host buffers in flight; see `NNXRestore`);
   `layout` forces a preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
   Returns the loaded state (an `nnx.State` of the selected Variables), or the module.
@@ -79,8 +79,7 @@ def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter:
     if abstract_kept:
       raise errors.StructureMismatchError(abstract_kept, [], where=f"at {directory} (missing='keep' keeps only"
                                           ' concrete target values; these are abstract)')
-  if memory_budget is not None:
-    errors.check_int('memory_budget', memory_budget)
+  memory_budget = sizes.parse_bytes(memory_budget, 'memory_budget')
   loaded = restore_planned(meta, abstract, missing='error', extra=extra, rules=rules, scan_axis=scan_axis,
                            param_scan_axis=param_scan_axis, memory_budget=memory_budget, layout=layout,
                            groups=groups)
@@ -104,11 +103,11 @@ def _filter(state: Any, filter: Any) -> nnx.State:
 def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfloat16',
                   scan_layers: bool | None = None, format: Literal['nnx', 'linen', 'safetensors'] = 'nnx',
                   overwrite: bool = False, step: int | None = None, item: str | None = None,
-                  scan_axis=None, param_scan_axis: int = 1, buffer_bytes: int | None = None,
+                  scan_axis=None, param_scan_axis: int = 1, buffer_bytes: int | str | None = None,
                   progress=None, filter: Literal['Param', 'LoRAParam'] = 'Param',
                   merge_lora: bool = False, target: Any = None, rules=(),
-                  max_shard_size: int = safetensors_export.DEFAULT_SHARD_BYTES, layout: str | None = None,
-                  groups=None, memory_budget: int | None = None) -> ConvertReport:
+                  max_shard_size: int | str = safetensors_export.DEFAULT_SHARD_BYTES, layout: str | None = None,
+                  groups=None, memory_budget: int | str | None = None) -> ConvertReport:
   """Writes a param-only decode checkpoint of `src` at `dst` (streaming, atomic).
 
   NNX format (default): the model's Param leaves at the root (`.../kernel/value`), no
@@ -125,10 +124,13 @@ def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfl
   `.astype` wins over `dtype`. `src` may also be a live model (its Params are exported from
   memory; `target` defaults to it). `merge_lora=True` folds LoRA adapters into their kernels first.
   `layout` forces SRC's preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
-  `memory_budget` bounds the bytes held besides the writer's own (see `convert`; safetensors: decoded chunks
+  `memory_budget` (byte sizes: an int, or a string such as '512MiB' or '5GB') bounds the bytes held besides the writer's own (see `convert`; safetensors: decoded chunks
   kept and row blocks evaluated ahead).
   """
   errors.check_choice('format', format, ('nnx', 'linen', 'safetensors'))
+  memory_budget = sizes.parse_bytes(memory_budget, 'memory_budget')
+  buffer_bytes = sizes.parse_bytes(buffer_bytes, 'buffer_bytes')
+  max_shard_size = sizes.parse_bytes(max_shard_size, 'max_shard_size', allow_none=False)
   errors.check_choice('filter', filter, ('Param', 'LoRAParam'))
   errors.check_choice('merge_lora', merge_lora, (True, False))
   if format == 'safetensors':

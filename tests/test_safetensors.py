@@ -292,12 +292,20 @@ def test_cli_with_the_llama_preset(tmp_path, capsys):
                    '--quiet', '--memory-budget', '1']) == 0
   assert cli.main(['export-params', str(tmp_path / 'nnx'), str(tmp_path / 'out'), '--format', 'safetensors',
                    '--preset', 'llama', '--config', str(tmp_path / 'hf' / 'config.json'), '--quiet',
-                   '--memory-budget', '1']) == 0
+                   '--memory-budget', '1', '--max-shard-size', '0.01MB']) == 0
   assert cli.main(['compare', str(tmp_path / 'hf'), str(tmp_path / 'nnx'), '--values', '--preset', 'llama',
                    '--memory-budget', '1']) == 0
   import safetensors.numpy
-  got = safetensors.numpy.load_file(tmp_path / 'out' / 'model.safetensors')
+  shards = sorted((tmp_path / 'out').glob('model-*.safetensors'))  # 10 kB files: several
+  assert len(shards) > 1 and (tmp_path / 'out' / 'model.safetensors.index.json').exists()
+  got = {}
+  for shard in shards:
+    got.update(safetensors.numpy.load_file(shard))
   assert sorted(got) == sorted(tensors)
+  capsys.readouterr()
+  assert cli.main(['convert', str(tmp_path / 'hf'), str(tmp_path / 'nnx2'), '--preset', 'llama',
+                   '--memory-budget', '0']) == 2
+  assert "--memory-budget='0' must be positive" in capsys.readouterr().err
   np.testing.assert_array_equal(got['model.layers.2.self_attn.q_proj.weight'],
                                 tensors['model.layers.2.self_attn.q_proj.weight'])
   with pytest.raises(SystemExit, match='--config'):
