@@ -87,6 +87,15 @@ class PlanError(OrbaxNNXError, ValueError):
   """A conversion plan could not be built (e.g. ambiguous scan axis)."""
 
 
+class SlotError(PlanError):
+  """Rules that fill a stacked target slot by slot (`path[i]`) leave a slot empty, fill one twice, or name one
+  past the end of the target's first axis. `target` is the stacked path, `slot` the offending index."""
+
+  def __init__(self, target: str, slot: int, reason: str):
+    self.target, self.slot = target, slot
+    super().__init__(f'{target}[{slot}]: {reason}')
+
+
 class ShardingError(OrbaxNNXError, ValueError):
   """A target sharding cannot be used on the available devices."""
 

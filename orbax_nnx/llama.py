@@ -1,4 +1,5 @@
-"""An example NNX Llama (Llama 2/3, Mistral, Qwen2/3) and the rules that load Hugging Face weights into it.
+"""An example NNX Llama (Llama 2/3, Mistral, Qwen2/3, and the mixture-of-experts Qwen3-MoE and Mixtral) and the
+rules that load Hugging Face weights into it.
 
     cfg = orbax_nnx.llama.LlamaConfig.from_hf('path/to/hf_model/config.json')
     abstract = nnx.eval_shape(lambda: orbax_nnx.llama.Llama(cfg, rngs=nnx.Rngs(0)))
@@ -12,6 +13,10 @@ the views transpose and reshape; layers `model.layers.N` become `layers/N`, whic
 into unrolled layers (`nnx.List`) and, stacked on axis 0, into scanned ones (`nnx.vmap`). Pass
 `scan_axis=SCAN_AXIS` for scanned ones: when the layer count equals another dimension (32 layers
 and 32 heads), nothing in the shapes says which axis the layers are on, and that is an error.
+
+Mixture-of-experts layers hold one array per projection with the experts on axis 0 (`gate_proj` is
+`(experts, emb, moe_mlp)`); Hugging Face stores each expert apart, so their rules fill those arrays slot by slot:
+`model.layers.N.mlp.experts.E.gate_proj.weight` -> `layers/N/mlp/gate_proj[E]` (see `hf_rules`).
 """
 
 from __future__ import annotations
@@ -26,13 +31,18 @@ import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
+from orbax_nnx import errors
 from orbax_nnx.mapping.views import view
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Sizes and family switches: Mistral is plain Llama (sliding-window attention is not modelled: full causal
-  attention, the same below the window); Qwen2 sets `attn_bias`; Qwen3 `qk_norm`."""
+  attention, the same below the window); Qwen2 sets `attn_bias`; Qwen3 `qk_norm`. `num_experts > 0` makes every
+  layer's MLP a mixture of experts (a router and `num_experts` experts of width `moe_mlp`, `experts_per_token`
+  chosen per token, their weights renormalized when `norm_topk_prob`); `moe_names` is how Hugging Face names
+  them: `'qwen'` (`mlp.gate`, `mlp.experts.E.gate_proj`: Qwen3-MoE) or `'mixtral'` (`block_sparse_moe.gate`,
+  `block_sparse_moe.experts.E.w1`)."""
 
   vocab: int = 64
   emb: int = 32
@@ -49,13 +59,27 @@ class LlamaConfig:
   scan_layers: bool = False
   param_dtype: Any = jnp.float32
   rope_scaling: str | None = None  # HF `rope_scaling` as JSON: weights load, but this example's forward refuses it
+  num_experts: int = 0
+  experts_per_token: int = 0
+  moe_mlp: int = 0
+  norm_topk_prob: bool = True
+  moe_names: str = 'qwen'
 
   @classmethod
   def from_hf(cls, config: Mapping[str, Any] | epath.PathLike, **overrides: Any) -> 'LlamaConfig':
-    """From a Hugging Face `config.json` (a path or its dict); `overrides` win."""
+    """From a Hugging Face `config.json` (a path or its dict); `overrides` win.
+
+    Raises:
+      OptionError: a mixture-of-experts layout this example does not model (shared experts, dense layers
+        between sparse ones).
+    """
     if not isinstance(config, Mapping):
       config = json.loads(epath.Path(config).read_text())
     heads = config['num_attention_heads']
+    model_type = config.get('model_type')
+    experts = int(config.get('num_experts') or config.get('num_local_experts') or 0)
+    if experts:
+      _check_moe(config)
     values = dict(
         vocab=config['vocab_size'], emb=config['hidden_size'], mlp=config['intermediate_size'],
         num_layers=config['num_hidden_layers'], num_heads=heads,
@@ -64,9 +88,33 @@ class LlamaConfig:
         rms_eps=config.get('rms_norm_eps', 1e-6), rope_theta=config.get('rope_theta', 10000.0),
         tie_embeddings=bool(config.get('tie_word_embeddings', False)),
         attn_bias=bool(config.get('attention_bias', config.get('model_type') == 'qwen2')),
-        qk_norm=config.get('model_type') == 'qwen3',
+        qk_norm=model_type in ('qwen3', 'qwen3_moe'),
         rope_scaling=json.dumps(config['rope_scaling'], sort_keys=True) if config.get('rope_scaling') else None)
+    if experts:
+      values.update(
+          num_experts=experts, experts_per_token=int(config['num_experts_per_tok']),
+          moe_mlp=int(config.get('moe_intermediate_size') or config['intermediate_size']),
+          # Mixtral always renormalizes the chosen experts' weights; Qwen's MoE configs say so (HF default False)
+          norm_topk_prob=bool(config.get('norm_topk_prob', model_type == 'mixtral')),
+          moe_names='mixtral' if model_type == 'mixtral' else 'qwen')
     return cls(**{**values, **overrides})
+
+
+def _check_moe(config: Mapping[str, Any]) -> None:
+  """Refuses the mixture-of-experts variants the example model does not have, by the config key that says so."""
+  unmodelled = {
+      'shared_expert_intermediate_size': 'shared experts (Qwen2-MoE)',
+      'n_shared_experts': 'shared experts (DeepSeek)',
+      'first_k_dense_replace': 'dense layers before the sparse ones (DeepSeek)',
+      'mlp_only_layers': 'dense layers between sparse ones',
+  }
+  for key, what in unmodelled.items():
+    if config.get(key):
+      raise errors.OptionError(f'config.json sets {key}={config[key]!r}: {what}, which this example model does not'
+                               ' have. Copy orbax_nnx/llama.py and add them (the rules are data).')
+  if config.get('decoder_sparse_step', 1) != 1:
+    raise errors.OptionError(f'config.json sets decoder_sparse_step={config["decoder_sparse_step"]!r}: only every'
+                             ' n-th layer sparse, which this example model does not have (all layers are sparse).')
 
 
 SCAN_AXIS = {r'model/layers/.*': 0}  # `Llama(scan_layers=True)` stacks its layers on axis 0 (nnx.vmap)
@@ -133,13 +181,42 @@ class MLP(nnx.Module):
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class MoE(nnx.Module):
+  """A sparse MLP: a router picks `experts_per_token` of `num_experts` SwiGLU experts per token. The experts'
+  projections are stacked on axis 0 (`gate_proj`: `(experts, emb, moe_mlp)`), which is sharded on `fsdp`
+  (expert parallelism). Every expert is computed for every token and the unchosen ones weighted 0: an example
+  that is easy to check, not a fast kernel."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    e, d, f = cfg.num_experts, cfg.emb, cfg.moe_mlp
+    self.router = nnx.Linear(d, e, use_bias=False, param_dtype=cfg.param_dtype, kernel_init=_init((None, None)),
+                             rngs=rngs)
+    init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+    self.gate_proj = nnx.Param(init(rngs.params(), (e, d, f), cfg.param_dtype), out_sharding=('fsdp', None, 'tensor'))
+    self.up_proj = nnx.Param(init(rngs.params(), (e, d, f), cfg.param_dtype), out_sharding=('fsdp', None, 'tensor'))
+    self.down_proj = nnx.Param(init(rngs.params(), (e, f, d), cfg.param_dtype), out_sharding=('fsdp', 'tensor', None))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    probs = jax.nn.softmax(self.router(x).astype(jnp.float32), axis=-1)
+    top, chosen = jax.lax.top_k(probs, cfg.experts_per_token)
+    if cfg.norm_topk_prob:
+      top = top / jnp.sum(top, axis=-1, keepdims=True)
+    weights = jnp.sum(jax.nn.one_hot(chosen, cfg.num_experts, dtype=top.dtype) * top[..., None], axis=-2)
+    gate = jnp.einsum('BTD,EDF->BTEF', x, self.gate_proj[...])
+    hidden = jax.nn.silu(gate) * jnp.einsum('BTD,EDF->BTEF', x, self.up_proj[...])
+    out = jnp.einsum('BTEF,EFD->BTED', hidden, self.down_proj[...])
+    return jnp.einsum('BTED,BTE->BTD', out, weights.astype(out.dtype))
+
+
 class DecoderLayer(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     kw = dict(epsilon=cfg.rms_eps, param_dtype=cfg.param_dtype, rngs=rngs)
     self.attn_norm = nnx.RMSNorm(cfg.emb, **kw)
     self.attn = Attention(cfg, rngs=rngs)
     self.mlp_norm = nnx.RMSNorm(cfg.emb, **kw)
-    self.mlp = MLP(cfg, rngs=rngs)
+    self.mlp = MoE(cfg, rngs=rngs) if cfg.num_experts else MLP(cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     x = x + self.attn(self.attn_norm(x), positions)
@@ -203,8 +280,14 @@ def hf_rules(cfg: LlamaConfig) -> list:
       (layer + r'self_attn\.(k|v)_proj\.weight', {r'layers/\1/attn/\2_proj/kernel': view.reshape(k, h, d).transpose(2, 0, 1)}),
       # (emb, heads * head_dim) -> (heads, head_dim, emb)
       (layer + r'self_attn\.o_proj\.weight', {r'layers/\1/attn/o_proj/kernel': view.reshape(d, n, h).transpose(1, 2, 0)}),
-      (layer + r'mlp\.(gate|up|down)_proj\.weight', {r'layers/\1/mlp/\2_proj/kernel': view.T}),
   ]
+  if cfg.num_experts:  # each stored expert fills its slot of the stacked projection: (out, in) -> (in, out)
+    moe, names = _hf_moe_names(cfg)
+    rules.append((layer + moe + r'\.gate\.weight', {r'layers/\1/mlp/router/kernel': view.T}))
+    rules += [(layer + moe + rf'\.experts\.(\d+)\.{hf}\.weight', {rf'layers/\1/mlp/{ours}_proj[\2]': view.T})
+              for hf, ours in names]
+  else:
+    rules.append((layer + r'mlp\.(gate|up|down)_proj\.weight', {r'layers/\1/mlp/\2_proj/kernel': view.T}))
   if not cfg.tie_embeddings:
     rules.append((r'lm_head\.weight', {'lm_head/kernel': view.T}))
   if cfg.attn_bias:
@@ -226,8 +309,14 @@ def hf_export_rules(cfg: LlamaConfig) -> list:
       (layer + 'attn/q_proj/kernel', {hf + 'self_attn.q_proj.weight': view.transpose(1, 2, 0).reshape(n * h, d)}),
       (layer + r'attn/(k|v)_proj/kernel', {hf + r'self_attn.\2_proj.weight': view.transpose(1, 2, 0).reshape(k * h, d)}),
       (layer + 'attn/o_proj/kernel', {hf + 'self_attn.o_proj.weight': view.transpose(2, 0, 1).reshape(d, n * h)}),
-      (layer + r'mlp/(gate|up|down)_proj/kernel', {hf + r'mlp.\2_proj.weight': view.T}),
   ]
+  if cfg.num_experts:  # each expert of a stacked projection, `gate_proj[E]`, is its own tensor
+    moe, names = _hf_moe_names(cfg)
+    rules.append((layer + 'mlp/router/kernel', {hf + moe + '.gate.weight': view.T}))
+    rules += [(layer + rf'mlp/{ours}_proj\[(\d+)\]', {hf + moe + rf'.experts.\2.{hf_name}.weight': view.T})
+              for hf_name, ours in names]
+  else:
+    rules.append((layer + r'mlp/(gate|up|down)_proj/kernel', {hf + r'mlp.\2_proj.weight': view.T}))
   if not cfg.tie_embeddings:
     rules.append(('lm_head/kernel', {'lm_head.weight': view.T}))
   if cfg.attn_bias:
@@ -235,6 +324,15 @@ def hf_export_rules(cfg: LlamaConfig) -> list:
   if cfg.qk_norm:
     rules.append((layer + r'attn/(q|k)_norm/scale', hf + r'self_attn.\2_norm.weight'))
   return rules
+
+
+def _hf_moe_names(cfg: LlamaConfig) -> tuple[str, list[tuple[str, str]]]:
+  """Where Hugging Face keeps a layer's experts (a regex) and its names for their projections -> ours."""
+  if cfg.moe_names == 'mixtral':
+    return r'block_sparse_moe', [('w1', 'gate'), ('w3', 'up'), ('w2', 'down')]
+  if cfg.moe_names == 'qwen':
+    return r'mlp', [(f'{p}_proj', p) for p in ('gate', 'up', 'down')]
+  raise errors.OptionError(f"LlamaConfig.moe_names={cfg.moe_names!r}: use 'qwen' or 'mixtral'.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -69,6 +69,16 @@ def _per_layer(path: tuple, expr: Expr, leaf, scan_axis, counts: dict, names) ->
   return [(name, expr)]
 
 
+def _per_slot(name: str, expr: Expr, first_rule) -> list[tuple[str, Expr]]:
+  """A model leaf that no export rule names whole, but whose sub-arrays along axis 0 a rule names as
+  `name[i]` (e.g. the experts of a stacked projection, `layers/0/mlp/gate_proj[7]`): one piece per index, each a
+  Take on axis 0. Any other leaf: itself."""
+  if first_rule(name) is not None or not expr.shape:
+    return [(name, expr)]
+  pieces = [(f'{name}[{i}]', Take(expr, i, 0)) for i in range(expr.shape[0])]
+  return pieces if any(first_rule(piece) is not None for piece, _ in pieces) else [(name, expr)]
+
+
 def export_plan(meta, target: Any, rules: Sequence, *, dtype: Any = None,
                 scan_axis=None, param_scan_axis: int = 1, merge_lora: bool = False, layout: str | None = None,
                 groups=None) -> dict[str, Expr]:
@@ -93,12 +103,18 @@ def export_plan(meta, target: Any, rules: Sequence, *, dtype: Any = None,
   unmatched, used = [], set()
   cast_to = np.dtype(jax.numpy.dtype(dtype)) if dtype is not None else None
   counts: dict = {}
+
+  def first_rule(name: str):
+    return next(((i, m, repl) for i, (pattern, repl) in enumerate(compiled) if (m := pattern.fullmatch(name))), None)
+
   for path, expr in plan.entries.items():
-    for name, layer_expr in _per_layer(path, expr, plan.leaves[path], scan_axis, counts, source.group_names):
-      for i, (pattern, repl) in enumerate(compiled):
-        match = pattern.fullmatch(name)
-        if match is None:
+    for whole_name, whole_expr in _per_layer(path, expr, plan.leaves[path], scan_axis, counts, source.group_names):
+      for name, layer_expr in _per_slot(whole_name, whole_expr, first_rule):
+        hit = first_rule(name)
+        if hit is None:
+          unmatched.append(name)
           continue
+        i, match, repl = hit
         used.add(i)
         views = repl if isinstance(repl, Mapping) else {repl: View()}
         for out_name, v in views.items():
@@ -110,12 +126,10 @@ def export_plan(meta, target: Any, rules: Sequence, *, dtype: Any = None,
           if cast_to is not None and not own_dtype and np.issubdtype(e.dtype, np.floating) and e.dtype != cast_to:
             e = cast(e.expr if isinstance(e, Cast) else e, cast_to)
           out[tensor] = e
-        break
-      else:
-        unmatched.append(name)
   if unmatched:
     raise errors.PlanError(f'model leaves that no export rule names: {unmatched[:10]}{" ..." if len(unmatched) > 10 else ""}'
-                           '. Add a rule for them (rules fullmatch the model path, e.g. layers/0/mlp/up_proj/kernel).')
+                           '. Add a rule for them (rules fullmatch the model path, e.g. layers/0/mlp/up_proj/kernel, or one'
+                           ' sub-array of it along axis 0, e.g. layers/0/mlp/gate_proj[7]).')
   idle = [rules[i][0] for i in range(len(rules)) if i not in used]
   if idle:
     raise errors.PlanError(f'export rules that match no model leaf: {idle}; fix the pattern or drop the rule.')

@@ -63,6 +63,10 @@ def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter:
   directory = resolve_item(path, step=step, item=item)
   module = target if nnx_tree.is_graph_node(target) else None
   state = nnx.state(target, filter) if module is not None else _filter(target, filter)
+  if not jax.tree.leaves(state) and jax.tree.leaves(target):
+    raise errors.OptionError(f'filter={filter!r} selects no Variable of the target, so nothing would load.'
+                             ' load_params selects nnx Variables (pass the model or its nnx.State); restore a tree of'
+                             ' plain arrays with orbax_nnx.restore.')
   if mesh is not None:
     shardings = nnx.get_named_sharding(state, mesh)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)

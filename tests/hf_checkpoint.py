@@ -39,6 +39,14 @@ def hf_tensors(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
       out[p + 'self_attn.q_norm.weight'] = norm(h)
       out[p + 'self_attn.k_norm.weight'] = norm(h)
     out[p + 'post_attention_layernorm.weight'] = norm(d)
+    if cfg.num_experts:  # every expert its own (out, in) tensors, as save_pretrained writes Qwen3-MoE / Mixtral
+      moe, (gate, up, down) = _moe_names(cfg)
+      out[p + f'{moe}.gate.weight'] = w(cfg.num_experts, d)
+      for e in range(cfg.num_experts):
+        out[p + f'{moe}.experts.{e}.{gate}.weight'] = w(cfg.moe_mlp, d)
+        out[p + f'{moe}.experts.{e}.{up}.weight'] = w(cfg.moe_mlp, d)
+        out[p + f'{moe}.experts.{e}.{down}.weight'] = w(d, cfg.moe_mlp)
+      continue
     out[p + 'mlp.gate_proj.weight'] = w(f, d)
     out[p + 'mlp.up_proj.weight'] = w(f, d)
     out[p + 'mlp.down_proj.weight'] = w(d, f)
@@ -48,7 +56,26 @@ def hf_tensors(cfg: LlamaConfig, seed: int = 0) -> dict[str, np.ndarray]:
   return out
 
 
+def _moe_names(cfg: LlamaConfig) -> tuple[str, tuple[str, str, str]]:
+  """Where HF keeps a layer's experts, and its names for (gate, up, down)."""
+  return ('block_sparse_moe', ('w1', 'w3', 'w2')) if cfg.moe_names == 'mixtral' else (
+      'mlp', ('gate_proj', 'up_proj', 'down_proj'))
+
+
 def hf_config(cfg: LlamaConfig, model_type: str = 'llama') -> dict:
+  if cfg.num_experts:
+    moe = {'num_local_experts' if model_type == 'mixtral' else 'num_experts': cfg.num_experts,
+           'num_experts_per_tok': cfg.experts_per_token}
+    if model_type == 'mixtral':
+      moe['intermediate_size'] = cfg.moe_mlp
+    else:
+      moe.update(moe_intermediate_size=cfg.moe_mlp, norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1,
+                 mlp_only_layers=[])
+    return {**_dense_config(cfg, model_type), **moe}
+  return _dense_config(cfg, model_type)
+
+
+def _dense_config(cfg: LlamaConfig, model_type: str) -> dict:
   return {'architectures': ['LlamaForCausalLM'], 'model_type': model_type, 'vocab_size': cfg.vocab,
           'hidden_size': cfg.emb, 'intermediate_size': cfg.mlp, 'num_hidden_layers': cfg.num_layers,
           'num_attention_heads': cfg.num_heads, 'num_key_value_heads': cfg.num_kv_heads,
@@ -96,6 +123,13 @@ def reference_params(cfg: LlamaConfig, t: dict[str, np.ndarray]) -> dict[str, np
     if cfg.qk_norm:
       out[q + 'attn/q_norm/scale'] = t[p + 'self_attn.q_norm.weight']
       out[q + 'attn/k_norm/scale'] = t[p + 'self_attn.k_norm.weight']
+    if cfg.num_experts:
+      moe, hf_names = _moe_names(cfg)
+      out[q + 'mlp/router/kernel'] = t[p + f'{moe}.gate.weight'].T
+      for name, hf in zip(('gate', 'up', 'down'), hf_names):
+        out[q + f'mlp/{name}_proj'] = np.stack([t[p + f'{moe}.experts.{e}.{hf}.weight'].T
+                                                for e in range(cfg.num_experts)])
+      continue
     for name in ('gate', 'up', 'down'):
       out[q + f'mlp/{name}_proj/kernel'] = t[p + f'mlp.{name}_proj.weight'].T
   return out
@@ -139,8 +173,30 @@ def reference_logits(cfg: LlamaConfig, t: dict[str, np.ndarray], tokens: np.ndar
     attn = np.einsum('bnts,bsnh->btnh', probs, v).reshape(b, s, n * h)
     x = x + attn @ f[p + 'self_attn.o_proj.weight'].T
     y = rms(x, f[p + 'post_attention_layernorm.weight'])
+    if cfg.num_experts:
+      x = x + _moe_reference(cfg, f, p, y)
+      continue
     gate, up = y @ f[p + 'mlp.gate_proj.weight'].T, y @ f[p + 'mlp.up_proj.weight'].T
     x = x + (gate / (1 + np.exp(-gate)) * up) @ f[p + 'mlp.down_proj.weight'].T
   x = rms(x, f['model.norm.weight'])
   head = f['model.embed_tokens.weight'] if cfg.tie_embeddings else f['lm_head.weight']
   return x @ head.T
+
+
+def _moe_reference(cfg: LlamaConfig, f: dict[str, np.ndarray], p: str, y: np.ndarray) -> np.ndarray:
+  """HF's sparse MoE block, token by token: softmax router, top-k experts, optionally renormalized."""
+  moe, (gate_name, up_name, down_name) = _moe_names(cfg)
+  out = np.zeros_like(y)
+  for b in range(y.shape[0]):
+    for s in range(y.shape[1]):
+      token = y[b, s]
+      logits = f[p + f'{moe}.gate.weight'] @ token
+      probs = np.exp(logits - logits.max())
+      probs /= probs.sum()
+      chosen = np.argsort(-probs, kind='stable')[: cfg.experts_per_token]
+      weights = probs[chosen] / (probs[chosen].sum() if cfg.norm_topk_prob else 1.0)
+      for e, weight in zip(chosen, weights):
+        q = f'{p}{moe}.experts.{e}.'
+        gate, up = f[q + f'{gate_name}.weight'] @ token, f[q + f'{up_name}.weight'] @ token
+        out[b, s] += weight * (f[q + f'{down_name}.weight'] @ (gate / (1 + np.exp(-gate)) * up))
+  return out

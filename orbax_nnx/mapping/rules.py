@@ -1,8 +1,14 @@
 """Applying user rules: a stored leaf renamed to a target path, or split into target paths through views;
-views compiled into plan expressions."""
+views compiled into plan expressions.
+
+A target path may end in `[i]`: the stored leaf (after its view) fills sub-array `i` along axis 0 of that
+target, e.g. one expert of a stacked mixture-of-experts projection (`layers/0/mlp/gate_proj[7]`); `Slot` is
+such a target.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 
@@ -16,8 +22,32 @@ from orbax_nnx.mapping.views import View
 from orbax_nnx.planning.expressions import Concat, Expr, Reshape, Slice, Take, Transpose, cast
 
 
-def rename(layout: Layout, canon: CanonPath, rules, matched: set[int],
-           prefix: CanonPath, literal_model: bool = False) -> CanonPath | dict[CanonPath, View]:
+@dataclasses.dataclass(frozen=True, order=True)
+class Slot:
+  """A rule's target `path[index]`: sub-array `index` along axis 0 of the target at `path`."""
+
+  path: CanonPath
+  index: int
+
+
+_SLOT = re.compile(r'(.+)\[(\d+)\]')
+
+
+def split_slot(path: str) -> tuple[str, int | None]:
+  """`'a/b[3]'` -> `('a/b', 3)`; a path without a trailing `[i]` -> `(path, None)`. Brackets anywhere else, or
+  an index that is not a non-negative integer, are an OptionError (no target path has them)."""
+  match = _SLOT.fullmatch(path)
+  if match is not None and '[' not in match[1] and ']' not in match[1]:
+    return match[1], int(match[2])
+  if '[' in path or ']' in path:
+    raise errors.OptionError(f'rule target {path!r}: a target path may end in one [i] (i a non-negative integer,'
+                             ' a slot along axis 0 of the target, e.g. layers/0/mlp/gate_proj[7]); nothing else'
+                             ' takes brackets.')
+  return path, None
+
+
+def rename(layout: Layout, canon: CanonPath, rules, matched: set[int], prefix: CanonPath,
+           literal_model: bool = False) -> CanonPath | dict[CanonPath | Slot, View]:
   """The first matching rule's result: a renamed path, or {target path: view} for a view rule.
 
   A pattern fullmatches the stored path as `inspect` prints it, else the canonical path as `plan`
@@ -25,11 +55,15 @@ def rename(layout: Layout, canon: CanonPath, rules, matched: set[int],
   tree (`layers/0/mlp/kernel` in a model); one already starting at the target's canonical root (`model/...`,
   or `optimizer/...` in a train state) is taken as canonical, unless `literal_model` (the target model has a
   submodule called `model`, which such a path then names). A raw-flavour `value` wrapper a stored-path match
-  carries over is dropped.
+  carries over is dropped. A replacement ending in `[i]` gives a `Slot` (a rename with a slot is the
+  identity view into it).
   """
   wrapped = layout.kind != 'safetensors' and layout.canonical[canon][-1] == 'value' and canon[-1] != 'value'
 
-  def target(path: str) -> CanonPath:
+  def target(path: str) -> CanonPath | Slot:
+    path, index = split_slot(path)
+    if index is not None:
+      return Slot(target(path), index)
     parts = tuple(path.split('/'))
     parts = parts[:-1] if wrapped and parts[-1] == 'value' else parts
     if parts[:1] == (prefix or parts)[:1] and parts[0] in (MODEL, OPTIMIZER) and not literal_model:
@@ -42,7 +76,8 @@ def rename(layout: Layout, canon: CanonPath, rules, matched: set[int],
       matched.add(i)
       if isinstance(repl, Mapping):
         return {target(expand(match, r)): v.resolve(lambda t: expand(match, t)) for r, v in repl.items()}
-      return target(expand(match, repl))
+      renamed = target(expand(match, repl))
+      return {renamed: View()} if isinstance(renamed, Slot) else renamed
   return canon
 
 

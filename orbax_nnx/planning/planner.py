@@ -23,7 +23,7 @@ from orbax_nnx.mapping.groups import MODEL, OPTIMIZER, is_train_state, model_sta
 from orbax_nnx.mapping.layout import CanonPath, Layout
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
 from orbax_nnx.planning.expressions import Const, Expr, Read, Stack, Take, Transpose, cast, reads
-from orbax_nnx.mapping.rules import apply_view, rename
+from orbax_nnx.mapping.rules import Slot, apply_view, rename
 from orbax_nnx.mapping.views import View, check_rules, compile_rules
 from orbax_nnx.sources import listing
 
@@ -126,24 +126,34 @@ class _Planner:
     compiled = compile_rules(rules)
     matched: set[int] = set()
     self.views: dict[CanonPath, tuple[CanonPath, View]] = {}  # target -> (source, view)
+    self.slots: dict[CanonPath, dict[int, tuple[CanonPath, View]]] = {}  # stacked target -> index -> (source, view)
     self.renamed_of: dict[CanonPath, CanonPath] = {}
-    prefix = _target_prefix(targets)
+    prefix = self.prefix = _target_prefix(targets)
     literal_model = prefix == (MODEL,) and any(t.canon[1:2] == (MODEL,) for t in targets)
     by_rule: dict[CanonPath, CanonPath] = {}  # target path -> the stored leaf a rule sends there
     for canon in layout.canonical:
       renamed = rename(layout, canon, compiled, matched, prefix, literal_model)
       if isinstance(renamed, dict):  # a view rule: the source keeps its path, its views name targets
         for target, v in renamed.items():
-          _claim(by_rule, target, canon, layout)
-          self.views[target] = (canon, v)
+          if isinstance(target, Slot):
+            self._fill(target, canon, v)
+          else:
+            _claim(by_rule, target, canon, layout)
+            self.views[target] = (canon, v)
         renamed = canon
       elif renamed != canon:
         _claim(by_rule, renamed, canon, layout)
       self.renamed_of[canon] = renamed
+    for target, filled in self.slots.items():
+      if target in by_rule:
+        raise errors.PlanError(f'rules fill {self._named(target)} slot by slot ([i]) and also send'
+                               f' {layout.stored_name(by_rule[target])} to it whole; keep one of the two.')
+      by_rule[target] = filled[min(filled)][0]
     # a stored leaf whose own path a rule gives to another leaf is displaced: read by nothing, so unused
     self.displaced = [canon for canon, renamed in self.renamed_of.items()
                       if renamed == canon and by_rule.get(canon, canon) != canon]
-    view_sources = {source for source, _ in self.views.values()}
+    view_sources = {source for source, _ in self.views.values()} | {
+        source for filled in self.slots.values() for source, _ in filled.values()}
     for canon in set(self.displaced) & view_sources:
       raise errors.PlanError(f'a rule sends {layout.stored_name(by_rule[canon])} to {"/".join(canon)}, the path of a'
                              ' stored leaf that a view rule reads; rename one of them.')
@@ -162,13 +172,26 @@ class _Planner:
     self.param_scan_axis = param_scan_axis
     self.names = layout.group_names
     self.target_group_sizes = {g: len(i) for (g, _), i in self.names.unrolled_groups(t.canon for t in targets).items()}
-    self.source_group_indices = self.names.unrolled_groups(list(self.src) + list(self.views))
+    self.source_group_indices = self.names.unrolled_groups(list(self.src) + list(self.views) + list(self.slots))
     self.used: set[CanonPath] = set()
     self.by_rule_key = {layout.stored_name(c): c for c in layout.canonical}
     self.recorded_axes = dict(layout.meta.ours.get('scan_axes') or {})
     self.decided: dict[tuple, set[int]] = {}  # (group, side, param-like) -> axes decided without the group
     self.use_group_axes = False  # second pass: leaves left ambiguous follow their group
     self.inferred: list[str] = []  # what the second pass inferred, for `plan`
+
+  def _named(self, canon: CanonPath) -> str:
+    """A target path as the user names it (as `plan` prints it): without the canonical root."""
+    return '/'.join(canon[len(self.prefix):])
+
+  def _fill(self, slot: Slot, source: CanonPath, v: View) -> None:
+    """Records that a rule sends stored leaf `source` (through `v`) to `slot`; a slot filled twice is an error."""
+    filled = self.slots.setdefault(slot.path, {})
+    if slot.index in filled:
+      raise errors.SlotError(self._named(slot.path), slot.index, f'rules fill this slot twice, from'
+                             f' {self.layout.stored_name(filled[slot.index][0])} and {self.layout.stored_name(source)};'
+                             ' make the rules name one stored tensor per slot.')
+    filled[slot.index] = (source, v)
 
   # - axis choice (the decision itself: mapping/axes.py)
 
@@ -233,6 +256,13 @@ class _Planner:
         raise errors.ShapeMismatchError('/'.join(self.src[source]), expr.shape, leaf.shape,
                                         hint=f'(after {v}, for target {path_str(leaf.path)})')
       return self._cast(expr, leaf)
+    if canon in self.slots:  # filled slot by slot: stacked on axis 0 in index order, no inference
+      expr = self._slotted(canon, leaf.shape[0] if leaf.shape else 0)
+      if tuple(expr.shape) != tuple(leaf.shape):
+        first = self.slots[canon][0][0]
+        raise errors.ShapeMismatchError(f'{"/".join(self.src[first])} (slot 0 of {len(self.slots[canon])})',
+                                        expr.shape, leaf.shape, hint=f'(the slots stacked, for target {path_str(leaf.path)})')
+      return self._cast(expr, leaf)
     if canon in self.src:
       return self._cast(self._fit(self._read(canon), leaf), leaf)
     start = model_start(canon)
@@ -253,6 +283,28 @@ class _Planner:
     source, v = self.views[canon]
     return apply_view(v, self._read(source), f'{"/".join(self.src[source])} -> {"/".join(canon)}', self._stored)
 
+  def _slotted(self, canon: CanonPath, count: int | None = None) -> Stack:
+    """The target `canon` that rules fill slot by slot: its slots stacked on axis 0, in numeric order. Every slot
+    from 0 up must be filled once, and when `count` (the target's first axis) is known, exactly that many."""
+    filled, where = self.slots[canon], self._named(canon)
+    if count is not None and max(filled) >= count:
+      has = f'{count} slots on axis 0 (0..{count - 1})' if count else 'no slots (its axis 0 is empty, or it is a scalar)'
+      raise errors.SlotError(where, max(filled), f'the target has {has}; the rules send'
+                             f' {self.layout.stored_name(filled[max(filled)][0])} past the end.')
+    for i in range(count if count is not None else max(filled) + 1):
+      if i not in filled:
+        raise errors.SlotError(where, i, f'no stored tensor fills this slot (filled: {_ranges(sorted(filled))}).'
+                               ' Check the checkpoint for the missing tensor, or the rule that names the slots.')
+    parts = []
+    for i in range(len(filled)):
+      source, v = filled[i]
+      part = apply_view(v, self._read(source), f'{"/".join(self.src[source])} -> {where}[{i}]', self._stored)
+      if parts and part.shape != parts[0].shape:
+        raise errors.SlotError(where, i, f'{self.layout.stored_name(source)} is {part.shape} after {v}, but slot 0'
+                               f' is {parts[0].shape}; every slot of a target has the same shape.')
+      parts.append(part)
+    return Stack(tuple(parts), 0)
+
   def _stored(self, name: str) -> Read:
     """A stored array named as rules match it (for `view.concat`)."""
     canon = self.by_rule_key.get(name)
@@ -262,7 +314,10 @@ class _Planner:
     return self._read(self.renamed_of[canon])
 
   def _member_expr(self, canon: CanonPath) -> Expr:
-    """One layer of an unrolled source group: a renamed stored leaf, or a view rule's target."""
+    """One layer of an unrolled source group: a renamed stored leaf, a view rule's target, or one filled slot by
+    slot."""
+    if canon in self.slots:
+      return self._slotted(canon)
     return self._viewed(canon) if canon in self.views else self._read(canon)
 
   def _cast(self, expr: Expr, leaf: TargetLeaf) -> Expr:
@@ -355,7 +410,7 @@ class _Planner:
       for i in range(len(indices)):
         member = (canon[:k] + (f'{canon[k]}_{i}',) + canon[k + 1:] if style == 'unrolled_suffix'
                   else canon[: k + 1] + (str(i),) + canon[k + 1:])
-        if member not in self.src and member not in self.views:
+        if member not in self.src and member not in self.views and member not in self.slots:
           break
         members.append(member)
       if not members:
@@ -393,6 +448,17 @@ def _claim(by_rule: dict, target: CanonPath, canon: CanonPath, layout: Layout) -
     raise errors.PlanError(
         f'rules send two stored leaves to {"/".join(target)}: {layout.stored_name(other)} and'
         f' {layout.stored_name(canon)}; make the rules name one target per stored leaf.')
+
+
+def _ranges(indices: Sequence[int]) -> str:
+  """Sorted integers as runs: [0, 1, 2, 5, 7, 8] -> '0..2, 5, 7..8'."""
+  runs: list[list[int]] = []
+  for i in indices:
+    if runs and i == runs[-1][1] + 1:
+      runs[-1][1] = i
+    else:
+      runs.append([i, i])
+  return ', '.join(str(a) if a == b else f'{a}..{b}' for a, b in runs)
 
 
 def lookup_axis(scan_axis: ScanAxis, canon: CanonPath) -> int | None:
