@@ -5,7 +5,10 @@ raw file bytes (the physical limit here, page cache warm). Then export back to H
 `export_params(format='safetensors')` from the converted NNX checkpoint vs restoring it and
 `safetensors.numpy.save_file` of the whole dict. Each run in its own process (peak RSS = VmHWM).
 
-    .venv/bin/python bench/bench_safetensors.py [--params-mib 1024] [--reps 2]
+    .venv/bin/python bench/bench_safetensors.py [--params-mib 1024] [--reps 2] [--mesh 4x2]
+
+`--mesh 4x2` loads into the model sharded on a (fsdp, tensor) mesh of 8 simulated CPU devices (the eager way
+`device_put`s each whole tensor onto the target's sharding, as tunix does).
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ def _time(fn):
   return out, time.perf_counter() - t0, time.process_time() - c0
 
 
-def worker(mode: str, root: str, params_mib: str) -> dict:
+def worker(mode: str, root: str, params_mib: str, mesh_shape: str = '') -> dict:
+  if mesh_shape:
+    os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -51,7 +56,14 @@ def worker(mode: str, root: str, params_mib: str) -> dict:
 
   cfg = config(int(params_mib))
   hf, nnx_dir, out_dir = (os.path.join(root, n) for n in ('hf', 'nnx', 'out'))
-  abstract = nnx.eval_shape(lambda: Llama(dataclasses.replace(cfg, param_dtype=jnp.bfloat16), rngs=nnx.Rngs(0)))
+  make = lambda: Llama(dataclasses.replace(cfg, param_dtype=jnp.bfloat16), rngs=nnx.Rngs(0))  # noqa: E731
+  if mesh_shape:
+    from orbax_nnx.examples import make_mesh
+    abstract = nnx.merge(*nnx.get_abstract_model(make, make_mesh(tuple(int(n) for n in mesh_shape.split('x')))))
+  else:
+    abstract = nnx.eval_shape(make)
+  shardings = {p: v.get_value().sharding if mesh_shape else None
+               for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
   files = sorted(os.path.join(hf, f) for f in os.listdir(hf) if f.endswith('.safetensors'))
   loaded = sum(os.path.getsize(f) for f in files)
   if mode == 'raw':  # the bytes through one reused buffer: the storage limit
@@ -106,7 +118,7 @@ def worker(mode: str, root: str, params_mib: str) -> dict:
             else:
               key, value = ('mlp', parts[4], 'kernel'), t.T
             flat[('layers', i) + key] = np.ascontiguousarray(value)
-      state = nnx.from_flat_state({p: nnx.Param(jax.device_put(v)) for p, v in flat.items()})
+      state = nnx.from_flat_state({p: nnx.Param(jax.device_put(v, shardings[p])) for p, v in flat.items()})
       jax.block_until_ready(state)
       return state
   elif mode == 'export_ours':
@@ -182,28 +194,36 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument('--params-mib', type=int, default=1024)
   parser.add_argument('--reps', type=int, default=2)
+  parser.add_argument('--mesh', default='', help="e.g. 4x2: load into a sharded target (fsdp x tensor)")
+  parser.add_argument('--only', nargs='*', help='modes to run (raw and raw_arrays always run)')
   args = parser.parse_args()
   root = tempfile.mkdtemp(prefix='bench_st_')
   try:
     setup(root, args.params_mib)
     results = {}
-    for mode in ('raw', 'raw_arrays', 'ours', 'eager', 'export_ours', 'export_eager'):
-      runs = [common.run_worker(__file__, mode, root, args.params_mib) for _ in range(args.reps)]
+    modes = ('raw', 'raw_arrays', 'ours', 'eager', 'export_ours', 'export_eager')
+    for mode in [m for m in modes if not args.only or m in ('raw', 'raw_arrays') or m in args.only]:
+      runs = [common.run_worker(__file__, mode, root, args.params_mib, args.mesh) for _ in range(args.reps)]
       results[mode] = {'wall': statistics.median(r['wall'] for r in runs),
                        'cpu': statistics.median(r['cpu'] for r in runs),
                        'peak_mib': max(r['peak_mib'] for r in runs), 'base_mib': min(r['base_mib'] for r in runs),
                        'loaded_mib': runs[0]['loaded_mib']}
     loaded = results['raw']['loaded_mib']
-    print(f'# HF safetensors, {loaded:.0f} MiB bf16 ({config(args.params_mib).num_layers} layers), median of {args.reps}')
+    print(f'# HF safetensors, {loaded:.0f} MiB bf16 ({config(args.params_mib).num_layers} layers), median of'
+          f' {args.reps}, {"mesh " + args.mesh if args.mesh else "1 device"}')
     print(f'{"mode":14} {"wall s":>8} {"cpu s":>8} {"peak MiB":>9} {"growth MiB":>11}')
     for mode, r in results.items():
       print(f'{mode:14} {r["wall"]:8.2f} {r["cpu"]:8.2f} {r["peak_mib"]:9.0f} {r["peak_mib"] - r["base_mib"]:11.0f}')
+    if 'ours' not in results or 'eager' not in results:
+      return
     ours, eager, raw = results['ours'], results['eager'], results['raw']
     print(f'load: ours / raw read = {ours["wall"] / raw["wall"]:.2f}x wall (target <= 1.2),'
           f' / raw into arrays = {ours["wall"] / results["raw_arrays"]["wall"]:.2f}x;'
           f' ours / eager = {ours["wall"] / eager["wall"]:.2f}x wall')
     print(f'load: RSS growth / loaded bytes: ours {(ours["peak_mib"] - ours["base_mib"]) / loaded:.2f},'
           f' eager {(eager["peak_mib"] - eager["base_mib"]) / loaded:.2f}')
+    if 'export_ours' not in results or 'export_eager' not in results:
+      return
     ex, ee = results['export_ours'], results['export_eager']
     print(f'export: ours / eager (restore + save_file) = {ex["wall"] / ee["wall"]:.2f}x wall;'
           f' peak RSS {ex["peak_mib"]:.0f} vs {ee["peak_mib"]:.0f} MiB')

@@ -31,6 +31,7 @@ Index = tuple[slice, ...]
 
 SCATTER_INFLIGHT_BYTES = 256 * 2**20  # decoded chunks in flight while scattering layers (at least one);
 # chunks larger than this are sliced through the chunk cache instead, unless they decode as streams
+SLAB_BYTES = 8 * 2**20  # a target array read in slabs of whole stored rows, shared by its shards, this much at a time
 class Pending:
   """A target array whose shard reads are in flight."""
 
@@ -42,10 +43,18 @@ class Pending:
     if leaf.key_impl is not None:  # typed PRNG keys are small: read key data whole
       self.futures[()] = pool.submit(evaluate, expr, normalize((), leaf.shape), source)
       return
-    for key, (norm, devices) in _shards(leaf, sharding).items():
-      self.futures[key] = start(expr, norm, source) or pool.submit(evaluate, expr, norm, source)
+    shards = _shards(leaf, sharding)
+    for key, (norm, devices) in shards.items():
       self.nbytes += int(np.prod([s.stop - s.start for s in norm], dtype=np.int64)) * leaf.dtype.itemsize
       self.by_index[key] = devices
+    axis = slab_axis(expr, leaf, [norm for norm, _ in shards.values()], source)
+    if axis is not None:  # the shards share slabs of whole stored rows: one job reads each row once for all
+      self.futures[_SLABS] = pool.submit(read_by_slabs, expr, leaf, {k: n for k, (n, _) in shards.items()}, axis,
+                                         source)
+      self.nbytes += SLAB_BYTES
+      return
+    for key, (norm, _) in shards.items():
+      self.futures[key] = start(expr, norm, source) or pool.submit(evaluate, expr, norm, source)
 
   def done(self) -> bool:
     return all(future.done() for future in self.futures.values())
@@ -60,10 +69,75 @@ class Pending:
       keys = jax.random.wrap_key_data(self.futures[()].result(), impl=self.leaf.key_impl)
       return jax.device_put(keys, self.sharding)
     arrays = []
+    slabbed = self.futures[_SLABS].result() if _SLABS in self.futures else None
     for key, devices in self.by_index.items():
-      host = self.futures[key].result()
+      host = slabbed[key] if slabbed is not None else self.futures[key].result()
       arrays += [jax.device_put(host, d, may_alias=True) for d in devices]
     return jax.make_array_from_single_device_arrays(self.leaf.shape, self.sharding, arrays)
+
+
+_SLABS = 'slabs'  # the one future of a target array read by `read_by_slabs`
+
+
+def slab_axis(expr: Expr, leaf: TargetLeaf, regions: list[Index], source: SourceArrays) -> int | None:
+  """The target axis to read `expr` along in slabs shared by its shard `regions`, or None to read per shard.
+
+  Shards that cut a stored tensor's rows into column pieces read each row piece apart (one small read per row
+  per shard: tens of thousands of reads for one embedding on a 2x4 mesh). When the regions tile one box, full on
+  every axis but one, and a slab along that axis reads whole stored rows (a transposed or reshaped tensor
+  included), the box is read slab by slab instead: each stored row once, in one read per slab, its pieces copied
+  into every shard. Only for stores that read regions exactly (safetensors); chunked stores decode whole chunks.
+  """
+  if leaf.key_impl is not None or len(regions) < 2 or not leaf.shape:
+    return None
+  stored = reads(expr)
+  if not stored or not all(getattr(source.store(r.source), 'exact', False) for r in stored):
+    return None
+  if all(_whole_rows(expr, region, source) for region in regions):
+    return None  # each shard already reads whole rows, one read each
+  box = tuple(slice(min(r[k].start for r in regions), max(r[k].stop for r in regions)) for k in range(len(leaf.shape)))
+  volume = lambda index: int(np.prod([s.stop - s.start for s in index], dtype=np.int64))  # noqa: E731
+  if sum(volume(r) for r in regions) != volume(box):
+    return None  # the distinct shard regions do not tile one box (only some of a process's shards, say)
+  for axis in range(len(leaf.shape)):
+    if all((box[k].start, box[k].stop) == (0, n) for k, n in enumerate(leaf.shape) if k != axis):
+      slab = box[:axis] + (slice(box[axis].start, box[axis].start + 1),) + box[axis + 1:]
+      if _whole_rows(expr, slab, source):
+        return axis
+  return None
+
+
+def _whole_rows(expr: Expr, region: Index, source: SourceArrays) -> bool:
+  """Whether evaluating `expr` over `region` reads only whole stored rows (full on every axis but the first)."""
+  for path, index in read_regions(expr, region):
+    shape = source.store(path).shape
+    if not all(isinstance(s, slice) and (s.start, s.stop) == (0, n) for s, n in zip(index[1:], shape[1:])):
+      return False
+  return True
+
+
+def read_by_slabs(expr: Expr, leaf: TargetLeaf, regions: dict[tuple, Index], axis: int,
+                  source: SourceArrays) -> dict[tuple, np.ndarray]:
+  """Every shard region of a target array (key -> region), evaluated slab by slab along `axis` (`slab_axis`):
+  at most `SLAB_BYTES` of the target at a time, each slab copied into the shards it overlaps."""
+  outs = {key: aligned_empty(tuple(s.stop - s.start for s in region), leaf.dtype) for key, region in regions.items()}
+  box = tuple(slice(min(r[k].start for r in regions.values()), max(r[k].stop for r in regions.values()))
+              for k in range(len(leaf.shape)))
+  per_unit = leaf.dtype.itemsize * int(np.prod([s.stop - s.start for k, s in enumerate(box) if k != axis],
+                                               dtype=np.int64))
+  step = max(1, SLAB_BYTES // max(1, per_unit))
+  for lo in range(box[axis].start, box[axis].stop, step):
+    hi = min(lo + step, box[axis].stop)
+    data = evaluate(expr, box[:axis] + (slice(lo, hi),) + box[axis + 1:], source)
+    for key, region in regions.items():
+      a, b = max(region[axis].start, lo), min(region[axis].stop, hi)
+      if a >= b:
+        continue
+      src = tuple(slice(a - lo, b - lo) if k == axis else slice(r.start - x.start, r.stop - x.start)
+                  for k, (r, x) in enumerate(zip(region, box)))
+      dst = (slice(None),) * axis + (slice(a - region[axis].start, b - region[axis].start),)
+      np.copyto(outs[key][dst], data[src], casting='unsafe')
+  return outs
 
 
 def reads_directly(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays) -> bool:
