@@ -7,8 +7,9 @@ import json
 import ml_dtypes
 import numpy as np
 import safetensors.numpy
+from flax import nnx
 
-from orbax_nnx.llama import LlamaConfig
+from orbax_nnx.llama import Llama, LlamaConfig
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -199,4 +200,24 @@ def _moe_reference(cfg: LlamaConfig, f: dict[str, np.ndarray], p: str, y: np.nda
         q = f'{p}{moe}.experts.{e}.'
         gate, up = f[q + f'{gate_name}.weight'] @ token, f[q + f'{up_name}.weight'] @ token
         out[b, s] += weight * (f[q + f'{down_name}.weight'] @ (gate / (1 + np.exp(-gate)) * up))
+  return out
+
+
+def abstract(cfg, mesh=None):
+  if mesh is None:
+    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.get_abstract_model(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
+  return nnx.merge(graphdef, state)
+
+
+def params_by_path(model, cfg) -> dict[str, np.ndarray]:
+  """Target path -> host array, stacked layers split into `layers/N/...` as the reference writes them."""
+  out = {}
+  for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name, value = '/'.join(map(str, path)), np.asarray(v.get_value())
+    if cfg.scan_layers and path[0] == 'layers':
+      for i in range(cfg.num_layers):
+        out[f'layers/{i}/' + '/'.join(map(str, path[1:]))] = value[i]
+    else:
+      out[name] = value
   return out

@@ -15,10 +15,11 @@ import orbax_nnx
 from orbax_nnx import errors
 from orbax_nnx.examples import make_mesh
 from orbax_nnx.io.regions import read_regions
-from orbax_nnx.llama import SCAN_AXIS, Llama, LlamaConfig, hf_export_rules, hf_rules
+from orbax_nnx.llama import SCAN_AXIS, LlamaConfig, hf_export_rules, hf_rules
 from orbax_nnx.sources import safetensors as safetensors_source
 
-from hf_checkpoint import BF16, hf_config, hf_tensors, reference_logits, reference_params, write_hf
+from hf_checkpoint import (BF16, abstract, hf_config, hf_tensors, params_by_path, reference_logits,
+                           reference_params, write_hf)
 
 # 12 experts (the issue's case); moe_mlp == num_experts: nothing in the shapes tells the expert axis, and nothing
 # needs to (the rules name each slot)
@@ -31,25 +32,6 @@ FAMILIES = {
                                         scan_layers=True),
                         'mixtral'),
 }
-
-
-def abstract(cfg, mesh=None):
-  if mesh is None:
-    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.get_abstract_model(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
-  return nnx.merge(graphdef, state)
-
-
-def by_path(model, cfg) -> dict[str, np.ndarray]:
-  """Target path -> host array, stacked layers split into `layers/N/...` as the reference writes them."""
-  out = {}
-  for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    value, rest = np.asarray(v.get_value()), '/'.join(map(str, path[1:]))
-    if cfg.scan_layers and path[0] == 'layers':
-      out.update({f'layers/{i}/{rest}': value[i] for i in range(cfg.num_layers)})
-    else:
-      out['/'.join(map(str, path))] = value
-  return out
 
 
 def write(tmp_path, cfg, model_type, name='hf'):
@@ -68,7 +50,7 @@ def test_moe_checkpoint_into_nnx_model(tmp_path, family):
   assert LlamaConfig.from_hf(tmp_path / 'hf' / 'config.json', scan_layers=cfg.scan_layers) == cfg
   model = orbax_nnx.restore(tmp_path / 'hf', abstract(cfg), rules=hf_rules(cfg),
                             scan_axis=SCAN_AXIS if cfg.scan_layers else None)
-  got, want = by_path(model, cfg), reference_params(cfg, tensors)
+  got, want = params_by_path(model, cfg), reference_params(cfg, tensors)
   assert sorted(got) == sorted(want)
   for name, value in want.items():  # bf16 -> f32 is exact
     assert got[name].shape == value.shape, name

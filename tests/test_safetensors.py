@@ -16,7 +16,8 @@ from orbax_nnx.sources import safetensors as safetensors_source
 from orbax_nnx.llama import Llama, LlamaConfig, hf_rules
 from orbax_nnx.examples import make_mesh
 
-from hf_checkpoint import BF16, hf_config, hf_tensors, reference_logits, reference_params, write_hf
+from hf_checkpoint import (BF16, abstract, hf_config, hf_tensors, params_by_path, reference_logits,
+                           reference_params, write_hf)
 
 CFG = LlamaConfig(vocab=64, emb=32, mlp=48, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8)
 FAMILIES = {
@@ -25,26 +26,6 @@ FAMILIES = {
     'qwen2-bias-stacked': (dataclasses.replace(CFG, attn_bias=True, scan_layers=True), 'qwen2'),
     'qwen3-qknorm-tied': (dataclasses.replace(CFG, qk_norm=True, tie_embeddings=True), 'qwen3'),
 }
-
-
-def abstract(cfg, mesh=None):
-  if mesh is None:
-    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.get_abstract_model(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
-  return nnx.merge(graphdef, state)
-
-
-def params_by_path(model, cfg) -> dict[str, np.ndarray]:
-  """Target path -> host array, stacked layers split into `layers/N/...` as the reference writes them."""
-  out = {}
-  for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    name, value = '/'.join(map(str, path)), np.asarray(v.get_value())
-    if cfg.scan_layers and path[0] == 'layers':
-      for i in range(cfg.num_layers):
-        out[f'layers/{i}/' + '/'.join(map(str, path[1:]))] = value[i]
-    else:
-      out[name] = value
-  return out
 
 
 @pytest.mark.parametrize('family', list(FAMILIES))
