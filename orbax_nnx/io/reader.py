@@ -32,6 +32,8 @@ Index = tuple[slice, ...]
 SCATTER_INFLIGHT_BYTES = 256 * 2**20  # decoded chunks in flight while scattering layers (at least one);
 # chunks larger than this are sliced through the chunk cache instead, unless they decode as streams
 SLAB_BYTES = 8 * 2**20  # a target array read in slabs of whole stored rows, shared by its shards, this much at a time
+
+
 class Pending:
   """A target array whose shard reads are in flight."""
 
@@ -99,12 +101,21 @@ def slab_axis(expr: Expr, leaf: TargetLeaf, regions: list[Index], source: Source
   volume = lambda index: int(np.prod([s.stop - s.start for s in index], dtype=np.int64))  # noqa: E731
   if sum(volume(r) for r in regions) != volume(box):
     return None  # the distinct shard regions do not tile one box (only some of a process's shards, say)
+  whole = _read_volume(expr, box)
   for axis in range(len(leaf.shape)):
     if all((box[k].start, box[k].stop) == (0, n) for k, n in enumerate(leaf.shape) if k != axis):
       slab = box[:axis] + (slice(box[axis].start, box[axis].start + 1),) + box[axis + 1:]
-      if _whole_rows(expr, slab, source):
+      # whole rows, and slabs that together read the box's stored bytes once (a slab on an inner axis of a
+      # reshape reads the rows of every outer index: each slab would read them all again)
+      if _whole_rows(expr, slab, source) and _read_volume(expr, slab) * (box[axis].stop - box[axis].start) == whole:
         return axis
   return None
+
+
+def _read_volume(expr: Expr, region: Index) -> int:
+  """Stored elements evaluating `expr` over `region` reads."""
+  return sum(int(np.prod([s.stop - s.start for s in index if isinstance(s, slice)], dtype=np.int64))
+             for _, index in read_regions(expr, region))
 
 
 def _whole_rows(expr: Expr, region: Index, source: SourceArrays) -> bool:
