@@ -464,3 +464,10 @@ def test_shards_share_slabs_of_whole_rows_across_odd_boundaries(tmp_path, monkey
   assert out['w'].sharding == target['w'].sharding
   assert sum(read) == sum(t.nbytes for t in stored.values())
   assert len(read) == 4 + 2  # w: 24 rows in slabs of 7 (7, 7, 7, 3); q: two heads (12 rows) per slab
+  # slabs along an inner axis of a reshape would each read every head's rows: the heads' axis is taken instead
+  read.clear()
+  inner = {'q': jax.ShapeDtypeStruct((6, 4, 8), np.float32, sharding=jax.sharding.NamedSharding(mesh, P('b', None, 'a')))}
+  out = orbax_nnx.restore(tmp_path / 'model.safetensors', inner, rules=[
+      ('q', {'q': orbax_nnx.view.reshape(4, 6, 8).transpose(1, 0, 2)}), ('w', 'unused/w')], extra='ignore')
+  np.testing.assert_array_equal(np.asarray(out['q']), stored['q'].reshape(4, 6, 8).transpose(1, 0, 2))
+  assert sum(read) == stored['q'].nbytes
