@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_mapping(p)
   _add_budget(p)
   p.set_defaults(fn=cmd_export_params)
-  p = sub.add_parser('compare', help='compare two checkpoints across layouts (exit 0 equal, 1 not)')
+  p = sub.add_parser('compare', help='compare two checkpoints across layouts (exit 0 equal, 1 different, 2 error)')
   p.add_argument('a')
   p.add_argument('b')
   p.add_argument('--values', action='store_true', help='compare values too (streamed leaf by leaf)')
