@@ -98,8 +98,9 @@ def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0,
   safetensors as A, needed there): A is then planned into B's canonical view, its values cast to B's
   dtypes (so dtypes are not compared), and A's leaves no rule places are listed as only in A.
   `layout_a` / `layout_b` force a side's preset; `groups` declares layer-group names for both.
-  `memory_budget` (byte sizes: an int, or a string such as '512MiB' or '5GB') bounds what value comparison holds: leaves are compared in row blocks, each side's
-  block a quarter of it, the rest for decoded chunks kept between blocks (at least one chunk).
+  `memory_budget` (an int of bytes, or a string such as '512MiB' or '5GB') bounds what value comparison
+  holds: leaves are compared in row blocks, each side's block a quarter of it, the rest for decoded chunks
+  kept between blocks (at least one chunk).
   """
   memory_budget = sizes.parse_bytes(memory_budget, 'memory_budget', allow_none=False)
   errors.check_choice('only', only, ('params', 'optimizer', 'all'))

@@ -424,8 +424,8 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   `target` (an NNX model, e.g. from `nnx.eval_shape`) writes that model's own tree instead, each leaf
   mapped from SRC by `rules`: how a Hugging Face safetensors checkpoint becomes an NNX Orbax one.
   `layout` forces SRC's preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
-  `memory_budget` (byte sizes: an int, or a string such as '512MiB' or '5GB') bounds the bytes held: half for decoded source chunks kept for other regions (at least
-  one chunk), half for converted arrays and blocks in flight; arrays over a quarter of that half are
+  `memory_budget` (an int of bytes, or a string such as '512MiB' or '5GB') bounds the bytes held: half
+  for decoded source chunks kept for other regions (at least one chunk), half for converted arrays and blocks in flight; arrays over a quarter of that half are
   written block by block, never held whole. Without it, 256 MiB (`buffer_bytes`) are in flight, or room
   for every target one stored chunk feeds when that is more (a stacked array unrolled from chunks spanning
   its layers: the chunk is dropped and the next decoded while they are written), and the chunk cache may

@@ -85,8 +85,8 @@ class NNXRestore(ocp.args.CheckpointArgs):
       `PyTreeRestore`); only where the stored tree matches the target.
     layout: force a preset by name instead of detecting it (`orbax_nnx.mapping.presets`, e.g.
       'linen-flax'); `groups`: more layer-group names or regexes beside the built-in ones.
-    memory_budget: bytes (an int, or a string such as '512MiB' or '2GB') a converted (planned) restore holds besides the restored arrays:
-      half for decoded chunks kept for other regions (at least one chunk), half for host
+    memory_budget: bytes (an int, or a string such as '512MiB' or '2GB') a converted (planned)
+      restore holds besides the restored arrays: half for decoded chunks kept for other regions (at least one chunk), half for host
       buffers in flight. None: room for two of the largest stored arrays and 1 GiB in flight.
 
   When the stored layout differs from the target (Linen train state, MaxText,

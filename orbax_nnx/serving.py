@@ -51,8 +51,8 @@ def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter:
   MaxText layouts, decode checkpoints, and manager roots (latest step unless `step`).
   `missing='keep'` keeps the target's own (concrete) values for leaves the checkpoint lacks;
   `extra='error'` refuses checkpoint leaves the target has no place for (default: ignored,
-  since a training checkpoint holds more than the params). `memory_budget` (byte sizes: an int, or a string such as '512MiB' or '5GB') bounds the bytes held
-  besides the loaded arrays (decoded chunks and host buffers in flight; see `NNXRestore`);
+  since a training checkpoint holds more than the params). `memory_budget` (an int of bytes, or a
+  string such as '512MiB' or '5GB') bounds the bytes held besides the loaded arrays (decoded chunks and host buffers in flight; see `NNXRestore`);
   `layout` forces a preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
   Returns the loaded state (an `nnx.State` of the selected Variables), or the module.
   """
@@ -128,8 +128,8 @@ def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfl
   `.astype` wins over `dtype`. `src` may also be a live model (its Params are exported from
   memory; `target` defaults to it). `merge_lora=True` folds LoRA adapters into their kernels first.
   `layout` forces SRC's preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
-  `memory_budget` (byte sizes: an int, or a string such as '512MiB' or '5GB') bounds the bytes held besides the writer's own (see `convert`; safetensors: decoded chunks
-  kept and row blocks evaluated ahead).
+  `memory_budget` (an int of bytes, or a string such as '512MiB' or '5GB') bounds the bytes held besides
+  the writer's own (see `convert`; safetensors: decoded chunks kept and row blocks evaluated ahead).
   """
   errors.check_choice('format', format, ('nnx', 'linen', 'safetensors'))
   memory_budget = sizes.parse_bytes(memory_budget, 'memory_budget')

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numbers
 import re
+from fractions import Fraction
 from typing import Any
 
 from orbax_nnx import errors
@@ -51,15 +52,8 @@ def parse_bytes(value: Any, name: str, *, bare_unit: str = 'B', allow_none: bool
   if match is None or unit.lower() not in _UNITS:
     raise errors.OptionError(f'{name}={value!r} is not a size: write a number with one of the units B, KB, MB,'
                              ' GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 5GB or 512MiB.')
-  nbytes = int(float(match.group(1)) * _UNITS[unit.lower()])
+  nbytes = int(Fraction(match.group(1)) * _UNITS[unit.lower()])  # exact: float makes '2.01KB' 2009 bytes
   if nbytes <= 0:
     raise errors.OptionError(f'{name}={value!r} must be positive.')
   return nbytes
 
-
-def show(nbytes: int) -> str:
-  """A byte count for messages: '512 MiB', '1.5 GiB', '300 B'."""
-  for unit, size in (('TiB', 2**40), ('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
-    if nbytes >= size:
-      return f'{nbytes / size:.4g} {unit}'
-  return f'{nbytes} B'
