@@ -52,7 +52,8 @@ def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter:
   `missing='keep'` keeps the target's own (concrete) values for leaves the checkpoint lacks;
   `extra='error'` refuses checkpoint leaves the target has no place for (default: ignored,
   since a training checkpoint holds more than the params). `memory_budget` (an int of bytes, or a
-  string such as '512MiB' or '5GB') bounds the bytes held besides the loaded arrays (decoded chunks and host buffers in flight; see `NNXRestore`);
+  string such as '512MiB' or '5GB') bounds the bytes held besides the loaded arrays (decoded chunks and
+  host buffers in flight; see `NNXRestore`);
   `layout` forces a preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
   Returns the loaded state (an `nnx.State` of the selected Variables), or the module.
   """
