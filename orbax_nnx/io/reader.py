@@ -97,7 +97,7 @@ def slab_axis(expr: Expr, leaf: TargetLeaf, regions: list[Index], source: Source
     return None
   if all(_whole_rows(expr, region, source) for region in regions):
     return None  # each shard already reads whole rows, one read each
-  box = tuple(slice(min(r[k].start for r in regions), max(r[k].stop for r in regions)) for k in range(len(leaf.shape)))
+  box = _box(regions)
   volume = lambda index: int(np.prod([s.stop - s.start for s in index], dtype=np.int64))  # noqa: E731
   if sum(volume(r) for r in regions) != volume(box):
     return None  # the distinct shard regions do not tile one box (only some of a process's shards, say)
@@ -118,6 +118,11 @@ def _read_volume(expr: Expr, region: Index) -> int:
              for _, index in read_regions(expr, region))
 
 
+def _box(regions: list[Index]) -> Index:
+  """The smallest region holding every one of `regions`."""
+  return tuple(slice(min(r[k].start for r in regions), max(r[k].stop for r in regions)) for k in range(len(regions[0])))
+
+
 def _whole_rows(expr: Expr, region: Index, source: SourceArrays) -> bool:
   """Whether evaluating `expr` over `region` reads only whole stored rows (full on every axis but the first)."""
   for path, index in read_regions(expr, region):
@@ -132,8 +137,7 @@ def read_by_slabs(expr: Expr, leaf: TargetLeaf, regions: dict[tuple, Index], axi
   """Every shard region of a target array (key -> region), evaluated slab by slab along `axis` (`slab_axis`):
   at most `SLAB_BYTES` of the target at a time, each slab copied into the shards it overlaps."""
   outs = {key: aligned_empty(tuple(s.stop - s.start for s in region), leaf.dtype) for key, region in regions.items()}
-  box = tuple(slice(min(r[k].start for r in regions.values()), max(r[k].stop for r in regions.values()))
-              for k in range(len(leaf.shape)))
+  box = _box(list(regions.values()))
   per_unit = leaf.dtype.itemsize * int(np.prod([s.stop - s.start for k, s in enumerate(box) if k != axis],
                                                dtype=np.int64))
   step = max(1, SLAB_BYTES // max(1, per_unit))

@@ -22,7 +22,7 @@ from orbax_nnx.mapping.views import View
 from orbax_nnx.planning.expressions import Concat, Expr, Reshape, Slice, Take, Transpose, cast
 
 
-@dataclasses.dataclass(frozen=True, order=True)
+@dataclasses.dataclass(frozen=True)
 class Slot:
   """A rule's target `path[index]`: sub-array `index` along axis 0 of the target at `path`."""
 
