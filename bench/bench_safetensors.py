@@ -125,7 +125,7 @@ def worker(mode: str, root: str, params_mib: str, mesh_shape: str = '') -> dict:
     def run():
       shutil.rmtree(out_dir, ignore_errors=True)
       return orbax_nnx.export_params(nnx_dir, out_dir, format='safetensors', target=abstract,
-                                     rules=hf_export_rules(cfg), dtype='bfloat16', max_shard_size=600 * 2**20)
+                                     export_rules=hf_export_rules(cfg), dtype='bfloat16', max_shard_size=600 * 2**20)
   elif mode == 'export_eager':
     def run():
       import safetensors.numpy

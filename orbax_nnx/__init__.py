@@ -29,10 +29,13 @@ from orbax_nnx import v1 as _v1
 _v1.register()  # Orbax v1: NNX objects saved and loaded by orbax_nnx.v1.NNXHandler
 from orbax_nnx.version import __version__
 from orbax_nnx.mapping.views import View, view
+from orbax_nnx.options import LinenOutput, Mapping
 
 __all__ = [
     'LayerGroup',
     'Layout',
+    'LinenOutput',
+    'Mapping',
     'NNXCheckpointHandler',
     'Plan',
     'NNXRestore',

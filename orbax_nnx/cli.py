@@ -1,17 +1,22 @@
-"""`orbax-nnx` command line: thin wrappers over the library.
+"""`orbax-nnx` command line: thin wrappers over the library. Flags are the Python keywords in kebab-case.
 
-    orbax-nnx plan SRC [--to nnx|linen] [--scan-layers|--no-scan-layers] [--scan-axis REGEX=AXIS ...]
-    orbax-nnx convert SRC DST [same layout options] [--include params] [--overwrite] [--quiet]
-    orbax-nnx export-params SRC DST [--dtype bfloat16] [--scan-layers|--no-scan-layers] [--format nnx|linen]
-                            [--filter Param|LoRAParam] [--merge-lora]
+    orbax-nnx plan SRC [--to nnx|linen] [--scan-layers|--no-scan-layers] [--scan-axis [REGEX=]AXIS ...]
+    orbax-nnx convert SRC DST [same layout options] [--flavour raw|pure] [--include params] [--overwrite]
+    orbax-nnx export-params SRC DST [--dtype bfloat16] [--scan-layers|--no-scan-layers] [--format nnx|linen|safetensors]
+                            [--filter Param|LoRAParam] [--merge-lora] [--linen-style maxtext|flax]
     orbax-nnx compare A B [--values] [--atol X --rtol Y] [--only params|optimizer|all] [--json]
-    orbax-nnx inspect SRC [--json] [--depth N] [--filter REGEX]
+    orbax-nnx inspect SRC [--json] [--depth N] [--pattern REGEX]
     orbax-nnx presets
 
-Source options: --layout PRESET forces the layout preset, --group NAME declares a layer group,
+Mapping options (as `orbax_nnx.Mapping`): --rules REGEX=REPL[@VIEW] (repeatable; VIEW as plan prints it, e.g.
+@view.T), --layout PRESET forces the layout preset, --groups NAME declares a layer group, --scan-axis,
+--param-scan-axis. --model llama --config config.json brings a Hugging Face model's rules.
 --memory-budget SIZE (512MiB, 2GB; a bare number is MiB) bounds what convert / export-params / compare hold.
+Old spellings still accepted: --format raw|pure (convert, plan), --rename, --group, --preset, --buffer-mib,
+--filter (inspect), --max-shard-mib.
 
-Exit codes: 0 success, 1 a negative answer (e.g. plan with missing leaves), 2 usage or read errors.
+Exit codes: 0 success, 1 a negative answer (plan with missing leaves, compare finding differences), 2 usage or
+read errors.
 """
 
 from __future__ import annotations
@@ -53,12 +58,16 @@ def _scan_axis(values):
 
 
 def _rules(values):
+  """`--rules REGEX=REPL` or `REGEX=REPL@VIEW` (a view as `plan` prints it, e.g. `@view[0].T`)."""
+  from orbax_nnx.mapping.views import parse_view
+
   rules = []
   for value in values or ():
     pattern, sep, repl = value.partition('=')
     if not sep:
-      raise SystemExit(f'--rename expects REGEX=REPLACEMENT, got {value!r}')
-    rules.append((pattern, repl))
+      raise SystemExit(f'--rules expects REGEX=REPLACEMENT[@VIEW], got {value!r}')
+    target, at, view_text = repl.rpartition('@view')
+    rules.append((pattern, {target: parse_view('view' + view_text)} if at else repl))
   return rules
 
 
@@ -76,27 +85,40 @@ def _add_layout_options(p: argparse.ArgumentParser) -> None:
                     help='stack unrolled layer groups')
   scan.add_argument('--no-scan-layers', dest='scan_layers', action='store_false',
                     help='unroll stacked layer groups')
-  p.add_argument('--scan-axis', action='append', metavar='[REGEX=]AXIS',
-                 help='layer axis of stacked arrays (per canonical path regex)')
-  p.add_argument('--param-scan-axis', type=int, default=1, help='convention for Params (MaxText: 1)')
-  p.add_argument('--format', choices=['raw', 'pure'], default='raw', help='NNX flavour to write')
+  p.add_argument('--flavour', '--format', dest='flavour', choices=['raw', 'pure'], default='raw',
+                 help='NNX tree to write: raw (.../kernel/value) or pure (.../kernel)')
+  _add_linen_style(p)
+
+
+def _add_linen_style(p: argparse.ArgumentParser) -> None:
   p.add_argument('--linen-style', choices=['maxtext', 'flax'], default=None,
                  help='Linen tree to write: maxtext (params/params, params/batch_stats, nnx_aux) or flax (params,'
                  ' batch_stats); default: as the conversion that made SRC, else maxtext')
-  p.add_argument('--rename', action='append', metavar='REGEX=REPL', help='rename canonical paths first')
 
 
-def _add_mapping(p: argparse.ArgumentParser) -> None:
+def _layout_names() -> list[str]:
   from orbax_nnx.mapping.presets import BY_NAME
 
-  p.add_argument('--layout', choices=sorted(BY_NAME) + ['safetensors'], default=None,
-                 help='force the source layout preset instead of detecting it (see `orbax-nnx presets`)')
-  p.add_argument('--group', action='append', default=None, metavar='NAME_OR_REGEX',
-                 help='declare a layer-group name beside the built-in ones (layers, blocks, h, ...)')
+  return sorted(BY_NAME) + ['safetensors']
+
+
+def _add_mapping(p: argparse.ArgumentParser, *, rules: bool = True, layout: bool = True) -> None:
+  """The `orbax_nnx.Mapping` flags: --rules, --layout, --groups (and the layer axes where they apply)."""
+  if layout:
+    p.add_argument('--layout', choices=_layout_names(), default=None,
+                   help='force the source layout preset instead of detecting it (see `orbax-nnx presets`)')
+  p.add_argument('--groups', '--group', dest='groups', action='append', default=None, metavar='NAME_OR_REGEX',
+                 help='declare a layer-group name beside the built-in ones (layers, blocks, h, ...); repeatable')
+  if rules:
+    p.add_argument('--rules', '--rename', dest='rules', action='append', metavar='REGEX=REPL[@VIEW]',
+                   help='map stored paths onto target paths first, optionally through a view (e.g. @view.T)')
+    p.add_argument('--scan-axis', action='append', metavar='[REGEX=]AXIS',
+                   help='layer axis of stacked source arrays (per canonical path regex)')
+    p.add_argument('--param-scan-axis', type=int, default=1, help='layer axis of Linen/MaxText Params (MaxText: 1)')
 
 
 def _add_budget(p: argparse.ArgumentParser) -> None:
-  p.add_argument('--memory-budget', default=None, metavar='SIZE',
+  p.add_argument('--memory-budget', '--buffer-mib', dest='memory_budget', default=None, metavar='SIZE',
                  help='bound the bytes held besides the writer\'s own: decoded chunks kept + arrays in flight'
                  ' (512MiB, 2GB, ...; a bare number is MiB)')
 
@@ -110,18 +132,27 @@ def _budget(args) -> dict:
   return {} if args.memory_budget is None else {'memory_budget': _size(args.memory_budget, '--memory-budget')}
 
 
-def _mapping(args) -> dict:
-  return {'layout': getattr(args, 'layout', None), 'groups': tuple(getattr(args, 'group', None) or ())}
+def _mapping(args, preset=None):
+  """The `orbax_nnx.Mapping` the flags spell: a model preset's rules first, then --rules."""
+  from orbax_nnx.options import Mapping
+
+  rules = list(preset.rules if preset is not None else ()) + _rules(getattr(args, 'rules', None))
+  scan_axis = _scan_axis(getattr(args, 'scan_axis', None))
+  if scan_axis is None and preset is not None:
+    scan_axis = preset.scan_axis
+  return Mapping(rules=rules, layout=getattr(args, 'layout', None), groups=tuple(args.groups or ()),
+                 scan_axis=scan_axis, param_scan_axis=getattr(args, 'param_scan_axis', 1))
 
 
 PRESETS = ('llama',)  # Hugging Face Llama family (Llama 2/3, Mistral, Qwen2/3) <-> orbax_nnx.llama.Llama
 
 
 def _add_preset(p: argparse.ArgumentParser) -> None:
-  p.add_argument('--preset', choices=PRESETS, default=None,
-                 help='a model and its rules: llama = Hugging Face Llama/Mistral/Qwen2/Qwen3 <-> orbax_nnx.llama.Llama')
+  p.add_argument('--model', '--preset', dest='preset', choices=PRESETS, default=None,
+                 help='a Hugging Face model family and its rules: llama = Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Mixtral'
+                 ' <-> orbax_nnx.llama.Llama (not a layout preset: see --layout)')
   p.add_argument('--config', default=None, metavar='CONFIG_JSON',
-                 help='the Hugging Face config.json for --preset (default: SRC/config.json)')
+                 help='the Hugging Face config.json for --model (default: SRC/config.json)')
 
 
 def _preset(args, scan_layers: bool | None):
@@ -134,7 +165,7 @@ def _preset(args, scan_layers: bool | None):
 
   config = epath.Path(args.config) if args.config else epath.Path(args.src) / 'config.json'
   if not config.exists():
-    raise SystemExit(f'--preset {args.preset} needs the model config: {config} does not exist; pass --config PATH.')
+    raise SystemExit(f'--model {args.preset} needs the model config: {config} does not exist; pass --config PATH.')
   return llama.hf_preset(config, scan_layers=bool(scan_layers))
 
 
@@ -148,14 +179,12 @@ def cmd_plan(args) -> int:
   if preset is not None:
     from orbax_nnx.planning.planner import plan
 
-    the_plan = plan(src_item, preset.target, rules=preset.rules + _rules(args.rename),
-                    scan_axis=_scan_axis(args.scan_axis) or preset.scan_axis, **_mapping(args))
+    the_plan = plan(src_item, preset.target, mapping=_mapping(args, preset))
     print(the_plan)
     return 0 if not the_plan.missing else 1
   layout, target, the_plan, options = plan_conversion(
-      src_item, to=args.to, scan_layers=args.scan_layers, scan_axis=_scan_axis(args.scan_axis),
-      param_scan_axis=args.param_scan_axis, flavour=args.format, rules=_rules(args.rename),
-      include=getattr(args, 'include', 'all'), linen_style=args.linen_style, **_mapping(args))
+      src_item, to=args.to, scan_layers=args.scan_layers, flavour=args.flavour,
+      include=getattr(args, 'include', 'all'), mapping=_mapping(args), linen=_linen(args))
   print(layout.summary())
   print(f'# to {options["to"]}: target path  <-  expression   [shape dtype, bytes]   => stored at')
   for path, expr in the_plan.entries.items():
@@ -196,26 +225,26 @@ class _Progress:
             f'{self.total_bytes / 2**20:.0f} MiB', file=sys.stderr)
 
 
+def _linen(args):
+  from orbax_nnx.options import LinenOutput
+
+  return LinenOutput(linen_style=getattr(args, 'linen_style', None))
+
+
 def cmd_convert(args) -> int:
   from orbax_nnx.conversion import convert, plan_conversion
   from orbax_nnx.sources.metadata import resolve_item
 
   src_item = resolve_item(args.src, step=args.step, item=args.item)
   preset = _preset(args, args.scan_layers)
-  model = (dict(target=preset.target, scan_layers=None) if preset else
-           dict(scan_layers=args.scan_layers, linen_style=args.linen_style))
-  rules = (preset.rules if preset else []) + _rules(args.rename)
-  scan_axis = _scan_axis(args.scan_axis) or (preset.scan_axis if preset else None)
-  _, _, the_plan, _ = plan_conversion(src_item, to=args.to, scan_axis=scan_axis,
-                                      param_scan_axis=args.param_scan_axis, flavour=args.format, rules=rules,
-                                      include=args.include, **model, **_mapping(args))
+  model = dict(target=preset.target, scan_layers=None) if preset else dict(scan_layers=args.scan_layers)
+  mapping, linen = _mapping(args, preset), _linen(args)
+  _, _, the_plan, _ = plan_conversion(src_item, to=args.to, flavour=args.flavour, include=args.include,
+                                      mapping=mapping, linen=linen, **model)
   total = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in the_plan.leaves.values())
   progress = _Progress(len(the_plan.entries), total, args.quiet)
-  report = convert(src_item, args.dst, to=args.to, scan_axis=scan_axis,
-                   param_scan_axis=args.param_scan_axis, format=args.format, rules=rules, include=args.include,
-                   overwrite=args.overwrite, progress=progress, **model, **_mapping(args),
-                   **({'buffer_bytes': _size(args.buffer_mib, '--buffer-mib')} if args.buffer_mib is not None else {}),
-                   **_budget(args))
+  report = convert(src_item, args.dst, to=args.to, flavour=args.flavour, include=args.include, mapping=mapping,
+                   linen=linen, overwrite=args.overwrite, progress=progress, **model, **_budget(args))
   if not args.quiet:
     print(report.summary())
   return 0
@@ -225,24 +254,20 @@ def cmd_export_params(args) -> int:
   from orbax_nnx.serving import export_params
 
   preset = _preset(args, False)
+  dtype = None if args.dtype == 'keep' else args.dtype
   if args.format == 'safetensors':
     if preset is None:
-      raise SystemExit('--format safetensors needs --preset (the model and its export rules) and --config.')
-    report = export_params(args.src, args.dst, dtype=None if args.dtype == 'keep' else args.dtype,
-                           format='safetensors', overwrite=args.overwrite, step=args.step, item=args.item,
-                           scan_axis=_scan_axis(args.scan_axis), target=preset.target, rules=preset.export_rules,
-                           max_shard_size=_size(args.max_shard_size, '--max-shard-size'), **_mapping(args),
-                           **_budget(args))
-    if not args.quiet:
-      print(report.summary())
-    return 0
-  if preset is not None:
-    raise SystemExit("--preset applies to --format safetensors here (convert takes it for other formats).")
-  report = export_params(args.src, args.dst, dtype=None if args.dtype == 'keep' else args.dtype,
-                         scan_layers=args.scan_layers, format=args.format, overwrite=args.overwrite,
-                         step=args.step, item=args.item, scan_axis=_scan_axis(args.scan_axis),
-                         param_scan_axis=args.param_scan_axis, filter=args.filter, merge_lora=args.merge_lora,
-                         **_mapping(args), **_budget(args))
+      raise SystemExit('--format safetensors needs --model (the model and its export rules) and --config.')
+    report = export_params(args.src, args.dst, format='safetensors', dtype=dtype, target=preset.target,
+                           export_rules=preset.export_rules, mapping=_mapping(args), overwrite=args.overwrite,
+                           max_shard_size=_size(args.max_shard_size, '--max-shard-size'), step=args.step,
+                           item=args.item, **_budget(args))
+  else:
+    if preset is not None:
+      raise SystemExit('--model applies to --format safetensors here (convert takes it for other formats).')
+    report = export_params(args.src, args.dst, format=args.format, dtype=dtype, scan_layers=args.scan_layers,
+                           filter=args.filter, merge_lora=args.merge_lora, mapping=_mapping(args), linen=_linen(args),
+                           overwrite=args.overwrite, step=args.step, item=args.item, **_budget(args))
   if not args.quiet:
     print(report.summary())
   return 0
@@ -253,11 +278,11 @@ def cmd_compare(args) -> int:
 
   preset = None
   if args.preset is not None:
-    args.src = args.a  # the preset's config defaults to A's config.json
+    args.src = args.a  # the model's config defaults to A's config.json
     preset = _preset(args, False)
   report = compare(args.a, args.b, values=args.values, atol=args.atol, rtol=args.rtol, only=args.only,
-                   rules=preset.rules if preset else (), scan_axis=preset.scan_axis if preset else None,
-                   layout_a=args.layout_a, layout_b=args.layout_b, groups=tuple(args.group or ()), **_budget(args))
+                   mapping=_mapping(args, preset), layout_a=args.layout_a, layout_b=args.layout_b,
+                   step_a=args.step_a, step_b=args.step_b, item_a=args.item_a, item_b=args.item_b, **_budget(args))
   print(json.dumps(report.to_json()) if args.json else report.summary())
   return 0 if report.equal else 1
 
@@ -265,8 +290,8 @@ def cmd_compare(args) -> int:
 def cmd_inspect(args) -> int:
   from orbax_nnx.inspection import inspect_checkpoint
 
-  facts = inspect_checkpoint(args.src, step=args.step, item=args.item, depth=args.depth, filter=args.filter,
-                             **_mapping(args))
+  facts = inspect_checkpoint(args.src, step=args.step, item=args.item, depth=args.depth, pattern=args.pattern,
+                             layout=args.layout, groups=tuple(args.groups or ()))
   if args.json:
     print(json.dumps(facts, default=str))
     return 0
@@ -300,6 +325,9 @@ def cmd_presets(args) -> int:
   from orbax_nnx.mapping.presets import PRESETS as LAYOUTS
 
   print('\n\n'.join(str(p) for p in LAYOUTS))
+  print('\npreset safetensors: Hugging Face safetensors (model.safetensors, or shards plus'
+        ' model.safetensors.index.json); detected from the files, not from Orbax metadata\n'
+        '  <tensor name>  ->  model/<tensor name split on ".">   (map it onto a model with --rules or --model)')
   return 0
 
 
@@ -319,9 +347,6 @@ def build_parser() -> argparse.ArgumentParser:
   _add_layout_options(p)
   p.add_argument('--include', choices=['all', 'params'], default='all', help="'params': Params only")
   p.add_argument('--overwrite', action='store_true', help='replace an existing DST')
-  p.add_argument('--buffer-mib', default=None, metavar='SIZE',
-                 help='arrays in flight only (default 256MiB; a bare number is MiB; the chunk cache may then grow to'
-                 ' the largest array)')
   _add_budget(p)
   p.add_argument('--quiet', action='store_true')
   _add_preset(p)
@@ -339,14 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
   scan.add_argument('--keep-scan', dest='scan_layers', action='store_const', const=None,
                     help='keep layer groups as stored (default)')
   p.add_argument('--format', choices=['nnx', 'linen', 'safetensors'], default='nnx',
-                 help='safetensors: Hugging Face files, with --preset and --config')
+                 help='output format; safetensors: Hugging Face files, with --model and --config')
+  _add_linen_style(p)
   p.add_argument('--max-shard-size', '--max-shard-mib', dest='max_shard_size', default='5GiB', metavar='SIZE',
                  help='safetensors file size (default 5GiB; 5GB, 500MiB, ...; a bare number is MiB)')
   _add_preset(p)
   p.add_argument('--filter', choices=['Param', 'LoRAParam'], default='Param', help='LoRAParam: adapters only')
   p.add_argument('--merge-lora', action='store_true', help='fold LoRA adapters into their kernels')
-  p.add_argument('--scan-axis', action='append', metavar='[REGEX=]AXIS')
-  p.add_argument('--param-scan-axis', type=int, default=1)
   p.add_argument('--overwrite', action='store_true')
   p.add_argument('--quiet', action='store_true')
   _add_mapping(p)
@@ -361,21 +385,23 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--only', choices=['params', 'optimizer', 'all'], default='all')
   p.add_argument('--json', action='store_true')
   _add_preset(p)
-  from orbax_nnx.mapping.presets import BY_NAME
   for side in ('a', 'b'):
-    p.add_argument(f'--layout-{side}', choices=sorted(BY_NAME) + ['safetensors'], default=None,
+    p.add_argument(f'--layout-{side}', choices=_layout_names(), default=None,
                    help=f'force the layout preset of {side.upper()}')
-  p.add_argument('--group', action='append', default=None, metavar='NAME_OR_REGEX', help='declare a layer-group name')
+    p.add_argument(f'--step-{side}', type=int, default=None, help=f'step of {side.upper()}, a manager root')
+    p.add_argument(f'--item-{side}', default=None, help=f'item of {side.upper()}, a step dir with several')
+  _add_mapping(p, layout=False)
   _add_budget(p)
   p.set_defaults(fn=cmd_compare)
   p = sub.add_parser('inspect', help='what a checkpoint holds (metadata only)')
   _add_source(p)
   p.add_argument('--json', action='store_true')
   p.add_argument('--depth', type=int, default=None, help='aggregate leaves to this path depth')
-  p.add_argument('--filter', default=None, metavar='REGEX', help='only paths matching REGEX')
-  _add_mapping(p)
+  p.add_argument('--pattern', '--filter', dest='pattern', default=None, metavar='REGEX',
+                 help='only stored paths REGEX searches')
+  _add_mapping(p, rules=False)
   p.set_defaults(fn=cmd_inspect)
-  p = sub.add_parser('presets', help='list the built-in layout presets and their rules')
+  p = sub.add_parser('presets', help='list the layout presets (--layout) and their rules')
   p.set_defaults(fn=cmd_presets)
   return parser
 

@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from orbax_nnx import errors, sizes
+from orbax_nnx import errors, options, sizes
 from orbax_nnx.io import budget
 from orbax_nnx.mapping.layout import MODEL, OPTIMIZER, Layout, detect
 from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
@@ -21,7 +21,6 @@ from orbax_nnx.planning.planner import Plan, build
 from orbax_nnx.io.source_arrays import SourceArrays
 from orbax_nnx.io.regions import evaluate, row_blocks
 from orbax_nnx.planning.targets import layout_target
-from orbax_nnx.mapping.views import check_rules
 from orbax_nnx.sources import listing
 
 DEFAULT_COMPARE_BUDGET = 512 * 2**20  # bytes value comparison holds (row blocks + decoded chunks)
@@ -87,35 +86,64 @@ def canonical_view(layout: Layout, only: Only = 'all', unroll: bool = True) -> P
   return build(layout, leaves, scan_axis=target.planner_axes() or None)
 
 
+@options.takes_options('mapping')
 @listing.looking_once
 def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0, only: Only = 'all',
-            step_a: int | None = None, step_b: int | None = None, rules=(), scan_axis=None,
-            layout_a: str | None = None, layout_b: str | None = None, groups=None,
-            memory_budget: int | str = DEFAULT_COMPARE_BUDGET) -> CompareReport:
-  """Compares checkpoints `a` and `b` (any layouts). See `CompareReport.equal`.
+            mapping: options.Mapping | None = None, layout_a: str | None = None, layout_b: str | None = None,
+            memory_budget: int | str = DEFAULT_COMPARE_BUDGET, step_a: int | None = None, step_b: int | None = None,
+            item_a: str | None = None, item_b: str | None = None) -> CompareReport:
+  """Compares checkpoints `a` and `b`, in any layouts: are they the same model (and optimizer)?
 
-  `rules` map A's stored paths onto B's model (e.g. `orbax_nnx.llama.hf_rules(cfg)` for Hugging Face
-  safetensors as A, needed there): A is then planned into B's canonical view, its values cast to B's
-  dtypes (so dtypes are not compared), and A's leaves no rule places are listed as only in A.
-  `layout_a` / `layout_b` force a side's preset; `groups` declares layer-group names for both.
-  `memory_budget` (an int of bytes, or a string such as '512MiB' or '5GB') bounds what value comparison
-  holds: leaves are compared in row blocks, each side's block a quarter of it, the rest for decoded chunks
-  kept between blocks (at least one chunk).
+  Both sides are mapped to one canonical view (NNX paths, layer groups unrolled where they are stored
+  differently), so a Linen checkpoint and its NNX conversion compare equal. Structure comes from metadata.
+
+      report = orbax_nnx.compare('linen_ckpt', 'nnx_ckpt', values=True)
+      assert report.equal, report.summary()
+
+  Args:
+    a: an item dir, step dir, manager root or safetensors folder.
+    b: the same, for the other side.
+    values: compare values too, streamed leaf by leaf in row blocks (rng keys by their key data).
+    atol: absolute tolerance of unequal values.
+    rtol: relative tolerance of unequal values (to B's).
+    only: 'params', 'optimizer' or 'all'.
+    mapping: `orbax_nnx.Mapping`, its fields also taken as keywords. `rules` map A's stored paths onto B's
+      model (needed for Hugging Face safetensors as A, e.g. `orbax_nnx.llama.hf_rules(cfg)`): A is then planned
+      into B's view and cast to B's dtypes, and A's leaves no rule places are listed as only in A. `scan_axis`
+      and `param_scan_axis` apply to A then; `groups` to both sides; `layout` to both unless `layout_a` /
+      `layout_b` say otherwise.
+    layout_a: force A's layout preset.
+    layout_b: force B's layout preset.
+    memory_budget: what value comparison holds (an int, or '512MiB'; default 512 MiB): each side's row block
+      a quarter of it, the rest for decoded chunks kept between blocks.
+    step_a: the step of A, when it is a manager root.
+    step_b: the step of B, when it is a manager root.
+    item_a: the item of A, inside a step dir with several items.
+    item_b: the item of B, inside a step dir with several items.
+
+  Returns:
+    A `CompareReport`: `.equal`, `.summary()`, `.to_json()`, and the differences found.
+
+  Raises:
+    NotACheckpointError: nothing readable at `a` or `b`.
+    LayoutError, PlanError: a side's layout cannot be mapped.
+    OptionError: an option outside its accepted values (e.g. safetensors as A without rules).
   """
   memory_budget = sizes.parse_bytes(memory_budget, 'memory_budget', allow_none=False)
   errors.check_choice('only', only, ('params', 'optimizer', 'all'))
   errors.check_choice('values', values, (True, False))
-  rules = check_rules(rules)
-  dir_a, dir_b = resolve_item(a, step=step_a), resolve_item(b, step=step_b)
-  layout_a = detect(read_item_metadata(dir_a), layout=layout_a, groups=groups)
-  layout_b = detect(read_item_metadata(dir_b), layout=layout_b, groups=groups)
+  rules, scan_axis, groups = mapping.rules, mapping.scan_axis, mapping.groups
+  dir_a, dir_b = resolve_item(a, step=step_a, item=item_a), resolve_item(b, step=step_b, item=item_b)
+  layout_a = detect(read_item_metadata(dir_a), layout=layout_a or mapping.layout, groups=groups)
+  layout_b = detect(read_item_metadata(dir_b), layout=layout_b or mapping.layout, groups=groups)
   mapped = bool(rules) or layout_a.kind == 'safetensors'
   if mapped:
     view_b = canonical_view(layout_b, only, unroll=False)  # A is mapped onto B's groups as B stores them
     if not rules:
       raise errors.OptionError(f'{dir_a} is a safetensors checkpoint: pass rules= mapping its tensor names onto'
                                f" B's model paths (e.g. orbax_nnx.llama.hf_rules(cfg); CLI --preset).")
-    view_a = build(layout_a, list(view_b.leaves.values()), rules=rules, scan_axis=scan_axis)
+    view_a = build(layout_a, list(view_b.leaves.values()), rules=rules, scan_axis=scan_axis,
+                   param_scan_axis=mapping.param_scan_axis)
     paths_a = {'/'.join(p): p for p in view_a.entries}
     only_a = list(view_a.unused)
   else:

@@ -4,7 +4,7 @@
 
 Plans from metadata, then streams: each target array is read lazily (per region, each
 stored chunk decoded once) and written by Orbax as soon as it is produced, so memory is
-bounded by `buffer_bytes` (and the largest stored chunk), not by the checkpoint. DST is
+bounded by `memory_budget` (and the largest stored chunk), not by the checkpoint. DST is
 written by Orbax's atomic commit (tmp dir + rename). Our custom metadata in DST records
 the source layout, the layer axes and the library version, so converting back needs no
 flags and reproduces the source bit-exactly.
@@ -26,10 +26,9 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from orbax_nnx import errors, nnx_tree, sizes, version
+from orbax_nnx import errors, nnx_tree, options, sizes, version
 from orbax_nnx.io import budget
-from orbax_nnx.mapping.views import check_rules
-from orbax_nnx.mapping.layout import LINEN_STYLES, Layout, detect, linen_style as choose_linen_style
+from orbax_nnx.mapping.layout import Layout, detect, linen_style as choose_linen_style
 from orbax_nnx.sources.metadata import CUSTOM_KEY, ItemMetadata, read_item_metadata, resolve_item
 from orbax_nnx.planning.expressions import Cast, LoraMerge, cast, reads
 from orbax_nnx.planning.planner import Plan, build
@@ -90,42 +89,37 @@ def _reverse_defaults(layout: Layout) -> dict[str, Any]:
   return out
 
 
-def check_conversion_options(*, to, scan_layers, param_scan_axis, flavour, include, lora) -> None:
+def check_conversion_options(*, to, scan_layers, flavour, include, lora) -> None:
   """Raises OptionError for any conversion option outside its accepted values."""
   errors.check_choice('to', to, ('auto', 'nnx', 'linen'))
   errors.check_choice('scan_layers', scan_layers, (None, True, False))
-  errors.check_int('param_scan_axis', param_scan_axis)
-  errors.check_choice('format', flavour, ('raw', 'pure'))
+  errors.check_choice('flavour', flavour, ('raw', 'pure'))
   errors.check_choice('include', include, ('all', 'params'))
   errors.check_choice('lora', lora, (None, 'only', 'merge'))
 
 
 def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool | None = None,
-                    scan_axis=None, param_scan_axis: int = 1, flavour: str = 'raw',
-                    rules: Sequence[tuple[str, str]] = (), include: str = 'all',
-                    dtype: Any = None, lora: str | None = None,
-                    target: Any = None, linen_style: str | None = None, layout: str | None = None,
-                    groups=None, template: Any = None) -> tuple[Layout, LayoutTarget, Plan, dict]:
+                    flavour: str = 'raw', include: str = 'all', dtype: Any = None, lora: str | None = None,
+                    target: Any = None, mapping: options.Mapping = options.Mapping(),
+                    linen: options.LinenOutput = options.LinenOutput()) -> tuple[Layout, LayoutTarget, Plan, dict]:
   """Layout, target and plan of a conversion (metadata only).
 
   `target` (an NNX model or abstract state) replaces the layout-derived target: the result is
-  that model's checkpoint, mapped from the source by `rules` (e.g. Hugging Face weights). The Linen style
-  is decided by `mapping.layout.linen_style` (`linen_style` > `template`'s structure > the source's record);
-  a Linen tree that differs from `template` is a StructureMismatchError.
+  that model's checkpoint, mapped from the source by `mapping.rules` (e.g. Hugging Face weights). The Linen
+  style is decided by `orbax_nnx.mapping.layout.linen_style` (`linen.linen_style` > `linen.template`'s structure > the
+  source's record); a Linen tree that differs from `linen.template` is a StructureMismatchError.
   """
-  check_conversion_options(to=to, scan_layers=scan_layers, param_scan_axis=param_scan_axis, flavour=flavour,
-                           include=include, lora=lora)
-  if linen_style is not None:
-    errors.check_choice('linen_style', linen_style, LINEN_STYLES)
-  rules = check_rules(rules)
-  source = detect(read_item_metadata(src_item), layout=layout, groups=groups)
+  check_conversion_options(to=to, scan_layers=scan_layers, flavour=flavour, include=include, lora=lora)
+  rules, scan_axis, param_scan_axis = mapping.rules, mapping.scan_axis, mapping.param_scan_axis
+  template = linen.template
+  source = detect(read_item_metadata(src_item), layout=mapping.layout, groups=mapping.groups)
   if target is None and source.kind == 'safetensors':
     raise errors.OptionError(f'{src_item} is a safetensors checkpoint: it converts into a model. Pass target= (an'
                              ' abstract NNX model) and rules= (e.g. orbax_nnx.llama.hf_rules(cfg)).')
   if target is not None:
-    if to == 'linen' or scan_layers is not None:
-      raise errors.OptionError('target= writes the target model\'s own NNX tree: to= and scan_layers= do not apply'
-                               ' (build the model scanned or unrolled instead).')
+    if to == 'linen' or scan_layers is not None or linen.given:
+      raise errors.OptionError('target= writes the target model\'s own NNX tree: to=, scan_layers= and the Linen'
+                               ' options do not apply (build the model scanned or unrolled instead).')
     model = model_target(source, target, flavour=flavour, include=include, dtype=dtype)
     the_plan = build(source, model.leaves, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
     if the_plan.missing:
@@ -141,7 +135,7 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
   record = source.meta.ours.get('conversion') if source.meta.ours else None
   original = record if isinstance(record, Mapping) and record.get('from_framework') == to else None
   template_paths = structure_from_template(template)['leaves'] if template is not None else []
-  style = choose_linen_style(linen_style, template_paths, source)
+  style = choose_linen_style(linen.linen_style, template_paths, source)
   target = layout_target(source, to=to, scan_layers=scan_layers, scan_axis=scan_axis,
                          param_scan_axis=param_scan_axis, flavour=flavour, include=include,
                          original=original if include == 'all' else None, dtype=dtype,
@@ -399,60 +393,83 @@ def _record_path(path: tuple, disk: tuple[str, ...], flavour: str) -> tuple:
   return tuple(tail) if tuple(str(k) for k in tail) == tuple(stored) else tuple(stored)
 
 
+@options.takes_options('mapping', 'linen', renamed={'format': 'flavour', 'buffer_bytes': 'memory_budget'})
 @listing.looking_once
 def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nnx', 'linen'] = 'auto',
-            scan_layers: bool | None = None, scan_axis=None, param_scan_axis: int = 1,
-            format: Literal['raw', 'pure'] = 'raw', rules: Sequence[tuple[str, str]] = (),
-            include: Literal['all', 'params'] = 'all', overwrite: bool = False,
-            buffer_bytes: int | str | None = None, step: int | None = None, item: str | None = None,
-            progress: Callable | None = None, template: Any = None, dtype: Any = None,
-            lora: str | None = None, target: Any = None, linen_style: str | None = None, layout: str | None = None,
-            groups=None, memory_budget: int | str | None = None) -> ConvertReport:
-  """Converts the checkpoint at `src` to another layout at `dst` (an Orbax item directory).
+            scan_layers: bool | None = None, flavour: Literal['raw', 'pure'] = 'raw',
+            include: Literal['all', 'params'] = 'all', dtype: Any = None, target: Any = None,
+            mapping: options.Mapping | None = None, linen: options.LinenOutput | None = None,
+            memory_budget: int | str | None = None, overwrite: bool = False, step: int | None = None,
+            item: str | None = None, progress: Callable | None = None) -> ConvertReport:
+  """Converts the checkpoint at `src` to another layout at `dst` (an Orbax item directory, written atomically).
 
-  `to='auto'` converts to the other framework (or back to the original one after a
-  conversion). `scan_layers=False` unrolls stacked layer groups, `True` stacks unrolled
-  ones, `None` keeps them. `include='params'` writes a param-only (decode) checkpoint and
-  `dtype` casts floating leaves (see `orbax_nnx.export_params`). `template` (e.g. the Linen TrainState) gives the container
-  structure to write (sequences, EmptyState entries). Optimizer moments follow their params; the step is cast
-  (int32 Linen <-> uint32 NNX). DST restores with `orbax_nnx.restore(dst, target)`, with
-  `ocp.StandardCheckpointer().restore(dst, abstract_tree)`, or through a manager as an item.
-  `linen_style='flax'` writes Linen as flax's own `TrainState` holds it (`params/<model>`, `batch_stats/<model>`,
-  no NNX rng state), `'maxtext'` as MaxText does (`params/params/<model>`, `params/batch_stats/<model>`, NNX-only
-  state under `nnx_aux`); None decides from `template` (its `params/params` level), then from the record of
-  the conversion that made SRC, else MaxText's. A Linen tree that differs from `template` is an error.
-  `target` (an NNX model, e.g. from `nnx.eval_shape`) writes that model's own tree instead, each leaf
-  mapped from SRC by `rules`: how a Hugging Face safetensors checkpoint becomes an NNX Orbax one.
-  `layout` forces SRC's preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
-  `memory_budget` (an int of bytes, or a string such as '512MiB' or '5GB') bounds the bytes held: half
-  for decoded source chunks kept for other regions (at least one chunk), half for converted arrays and blocks in flight; arrays over a quarter of that half are
-  written block by block, never held whole. Without it, 256 MiB (`buffer_bytes`) are in flight, or room
-  for every target one stored chunk feeds when that is more (a stacked array unrolled from chunks spanning
-  its layers: the chunk is dropped and the next decoded while they are written), and the chunk cache may
-  grow to the largest stored array read, so that such chunks are decoded once; a budget smaller than that
-  array caps it, and such chunks may then be decoded more than once.
+  Optimizer moments follow their params; the step is cast (int32 Linen <-> uint32 NNX). DST restores with
+  `orbax_nnx.restore(dst, target)`, with `ocp.StandardCheckpointer().restore(dst, abstract_tree)`, or through a
+  manager as an item. Its metadata records the conversion, so `convert(dst, back)` reverses it bit-exactly.
+
+      orbax_nnx.convert('ckpt/100/default', 'nnx_ckpt', to='nnx', scan_layers=False)
+
+  Args:
+    src: an item dir, step dir or CheckpointManager root (latest step unless `step`).
+    dst: the output item directory; it must not exist unless `overwrite`.
+    to: 'nnx', 'linen', or 'auto': the other framework, or back to the one a previous conversion came from.
+    scan_layers: False unrolls stacked layer groups, True stacks unrolled ones, None keeps them.
+    flavour: the NNX tree to write: 'raw' (`.../kernel/value`, as `nnx.state`) or 'pure' (`.../kernel`, as
+      `nnx.to_pure_dict`). (`format=` is its old name.)
+    include: 'params' writes a param-only (decode) checkpoint; see `orbax_nnx.export_params`.
+    dtype: casts floating leaves (None keeps them).
+    target: the NNX model (e.g. from `nnx.eval_shape`) the data lands in: DST is then that model's own tree,
+      each leaf mapped from SRC by `mapping.rules` (how Hugging Face safetensors become an NNX Orbax
+      checkpoint). None derives the target from SRC's layout.
+    mapping: how SRC's leaves map onto the target (`orbax_nnx.Mapping`: rules, layout, groups, scan_axis,
+      param_scan_axis); its fields may also be passed as keywords.
+    linen: which Linen tree to write (`orbax_nnx.LinenOutput`: linen_style 'maxtext' | 'flax', template); its
+      fields may also be passed as keywords.
+    memory_budget: the bytes held (an int, or '512MiB', '5GB'): half for decoded source chunks kept for other
+      regions (at least one chunk), half for converted arrays in flight; arrays over a quarter of that half
+      are written block by block. None: 256 MiB in flight (more when one stored chunk feeds many targets) and
+      a chunk cache up to the largest stored array read, so that each chunk is decoded once.
+      (`buffer_bytes=` is its old name.)
+    overwrite: replace an existing checkpoint at DST (never anything else).
+    step: the step of a manager root.
+    item: the item inside a step dir with several items.
+    progress: called with each array as it is written (it has `.nbytes`).
+
+  Returns:
+    A `ConvertReport` (leaves, bytes read and written, seconds, peak RSS).
+
+  Raises:
+    NotACheckpointError: SRC holds no checkpoint.
+    DestinationError: DST is SRC, inside it, or exists and is not a checkpoint to overwrite.
+    LayoutError, PlanError, StructureMismatchError: SRC's layout cannot be mapped as asked.
+    OptionError: an option outside its accepted values, or options that exclude each other.
   """
+  return run_conversion(src, dst, to=to, scan_layers=scan_layers, flavour=flavour, include=include, dtype=dtype,
+                  target=target, mapping=mapping, linen=linen, memory_budget=memory_budget, overwrite=overwrite,
+                  step=step, item=item, progress=progress)
+
+
+def run_conversion(src: epath.PathLike, dst: epath.PathLike, *, to: str, scan_layers: bool | None, flavour: str,
+             include: str, dtype: Any, target: Any, mapping: options.Mapping, linen: options.LinenOutput,
+             memory_budget: int | str | None, overwrite: bool, step: int | None, item: str | None,
+             progress: Callable | None, lora: str | None = None) -> ConvertReport:
+  """`convert`, with `lora` ('only' | 'merge', for `export_params`)."""
   t0 = time.perf_counter()
-  check_conversion_options(to=to, scan_layers=scan_layers, param_scan_axis=param_scan_axis, flavour=format,
-                           include=include, lora=lora)
-  cache_bytes = None  # default: the larger of buffer_bytes and the largest stored array read (decoded once)
+  check_conversion_options(to=to, scan_layers=scan_layers, flavour=flavour, include=include, lora=lora)
   memory_budget = sizes.parse_bytes(memory_budget, 'memory_budget')
-  buffer_bytes = sizes.parse_bytes(buffer_bytes, 'buffer_bytes')
+  cache_bytes = buffer_bytes = None  # defaults: see `write_plan`
   if memory_budget is not None:
-    if buffer_bytes is not None:
-      raise errors.OptionError('memory_budget= and buffer_bytes= both bound the arrays in flight: pass one.')
     cache_bytes = max(1, memory_budget // 2)
     buffer_bytes = max(1, memory_budget - cache_bytes)
   src_item = resolve_item(src, step=step, item=item)
   dst = check_destination(dst, sources=(src, src_item), overwrite=overwrite)
   source, written, the_plan, options = plan_conversion(
-      src_item, to=to, scan_layers=scan_layers, scan_axis=scan_axis, param_scan_axis=param_scan_axis,
-      flavour=format, rules=rules, include=include, dtype=dtype, lora=lora, target=target, linen_style=linen_style,
-      layout=layout, groups=groups, template=template)
-  records = [written.records.get(p) or {'path': list(_record_path(p, written.disk[p], format)),
+      src_item, to=to, scan_layers=scan_layers, flavour=flavour, include=include, dtype=dtype, lora=lora,
+      target=target, mapping=mapping, linen=linen)
+  records = [written.records.get(p) or {'path': list(_record_path(p, written.disk[p], flavour)),
                                         'type': written.types[p], 'metadata': {}}
              for p in the_plan.entries] if options['to'] == 'nnx' else []
-  custom = {CUSTOM_KEY: {'version': version.__version__, 'flavour': format, 'variables': records,
+  custom = {CUSTOM_KEY: {'version': version.__version__, 'flavour': flavour, 'variables': records,
                          'scan_axes': dict(written.scan_axes)}}
   if target is None:  # a layout conversion records how to convert back
     custom[CUSTOM_KEY]['conversion'] = {
@@ -467,8 +484,8 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
   record = source.meta.ours.get('conversion') if source.meta.ours else None
   structure = (record.get('structure') if isinstance(record, Mapping) and record.get('from_framework') ==
                options['to'] else None)
-  if template is not None:
-    structure = structure_from_template(template)
+  if linen.template is not None:
+    structure = structure_from_template(linen.template)
   bytes_read, bytes_written = write_plan(dst, source, written, the_plan, custom, overwrite=overwrite,
                                          buffer_bytes=buffer_bytes, progress=progress, structure=structure,
                                          cache_bytes=cache_bytes)

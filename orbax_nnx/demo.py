@@ -233,7 +233,7 @@ def hf_and_v1(root: str) -> None:
         f' kept, handler {json.loads((v1_dir / "_CHECKPOINT_METADATA").read_text())["item_handlers"]["model"]}')
   hf_dir = epath.Path(root) / 'hf_llama'
   report = orbax_nnx.export_params(v1_dir / 'model', hf_dir, format='safetensors', target=abstract,
-                                   rules=llama.hf_export_rules(cfg), dtype=None, max_shard_size=512 * 1024)
+                                   export_rules=llama.hf_export_rules(cfg), dtype=None, max_shard_size=512 * 1024)
   print(f'[hf] exported to Hugging Face safetensors ({report.bytes_written} B):'
         f' {sorted(p.name for p in hf_dir.iterdir())}')
   scanned = dataclasses.replace(cfg, scan_layers=True)

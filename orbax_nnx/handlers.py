@@ -18,11 +18,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from orbax_nnx import compat, errors, nnx_tree, restoring, sizes, version
-from orbax_nnx.mapping import presets
-from orbax_nnx.mapping.groups import group_names
+from orbax_nnx import compat, errors, nnx_tree, options, restoring, sizes, version
 from orbax_nnx.sources.metadata import CUSTOM_KEY, read_item_metadata
-from orbax_nnx.mapping.views import check_rules
 from orbax_nnx.sources import listing
 
 PyTree = Any
@@ -115,13 +112,17 @@ class NNXRestore(ocp.args.CheckpointArgs):
     errors.check_choice('extra', self.extra, ('error', 'ignore'))
     errors.check_choice('strict', self.strict, (True, False))
     errors.check_choice('support_layout', self.support_layout, (True, False))
-    errors.check_int('param_scan_axis', self.param_scan_axis)
     if self.default_sharding is not None and not isinstance(self.default_sharding, jax.sharding.Sharding):
       raise errors.OptionError(f'default_sharding must be a jax.sharding.Sharding, not {self.default_sharding!r}.')
-    self.rules = check_rules(self.rules)
-    if self.layout is not None:
-      presets.get(self.layout)
-    self.groups = tuple(group_names(self.groups).declared)
+    mapping = options.Mapping(rules=self.rules, layout=self.layout, groups=self.groups, scan_axis=self.scan_axis,
+                              param_scan_axis=self.param_scan_axis)  # validated where `Mapping` is
+    self.rules, self.groups, self.scan_axis = mapping.rules, mapping.groups, mapping.scan_axis
+
+  @property
+  def mapping(self) -> options.Mapping:
+    """The mapping fields as one `orbax_nnx.Mapping`."""
+    return options.Mapping(rules=self.rules, layout=self.layout, groups=self.groups, scan_axis=self.scan_axis,
+                           param_scan_axis=self.param_scan_axis)
 
 
 class _TypestrDescriptor:

@@ -6,6 +6,8 @@ import re
 from collections import defaultdict
 from typing import Any
 
+from orbax_nnx import errors
+from orbax_nnx.options import takes_options
 from orbax_nnx.mapping.layout import MODEL, OPTIMIZER, Layout, detect
 from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 from orbax_nnx.sources import listing
@@ -25,22 +27,45 @@ def _category(layout: Layout, canon: tuple, disk: tuple) -> str:
   return 'rng' if set(canon) & _RNG_NAMES else 'params'
 
 
+@takes_options(renamed={'filter': 'pattern'})
 @listing.looking_once
-def inspect_checkpoint(path, *, step: int | None = None, item: str | None = None, depth: int | None = None,
-                       filter: str | None = None, layout: str | None = None, groups=None) -> dict[str, Any]:
-  """Layout, layer groups, per-leaf (or per-subtree at `depth`) shape/dtype/bytes, and totals.
+def inspect_checkpoint(path, *, depth: int | None = None, pattern: str | None = None, layout: str | None = None,
+                       groups=None, step: int | None = None, item: str | None = None) -> dict[str, Any]:
+  """What a checkpoint holds, from metadata alone: layout, layer groups, leaves and totals.
 
-  Totals are split into params / optimizer / rng / other. `filter` keeps paths matching the
-  regex. `layout` forces a preset, `groups` declares layer-group names. Reads metadata only.
+      facts = orbax_nnx.inspect('ckpt', depth=2)
+      print(facts['layout'], facts['totals'])
+
+  Args:
+    path: an item dir, step dir, manager root (latest step unless `step`) or safetensors folder.
+    depth: aggregate leaves into subtrees of this many path parts (None: every leaf).
+    pattern: keep only stored paths this regex searches (`filter=` is its old name).
+    layout: force a layout preset instead of detecting it.
+    groups: layer-group names or regexes beside the built-in ones.
+    step: the step of a manager root.
+    item: the item inside a step dir with several items.
+
+  Returns:
+    A JSON-ready dict: `path`, `layout`, `preset`, `flavour`, `step`, `roots`, `aux`, `groups`, `leaves`
+    (path, shape, dtype, bytes, category per leaf, or path, leaves, bytes per subtree), `totals` by category
+    (params / optimizer / rng / other), `total_bytes`, and `orbax_nnx` (our metadata, if any).
+
+  Raises:
+    NotACheckpointError: nothing readable at `path`.
+    LayoutError: no single preset fits (pass `layout`).
+    OptionError: `pattern` is not a regex, or an unknown preset.
   """
   directory = resolve_item(path, step=step, item=item)
   found = detect(read_item_metadata(directory), layout=layout, groups=groups)
   by_disk = {disk: canon for canon, disk in found.canonical.items()}
-  pattern = re.compile(filter) if filter else None
+  try:
+    search = re.compile(pattern).search if pattern else None
+  except re.error as e:
+    raise errors.OptionError(f'pattern={pattern!r} is not a regular expression ({e}).') from None
   rows, totals = [], defaultdict(int)
   for disk, info in sorted(found.leaves.items()):
     name = '/'.join(disk)
-    if pattern and not pattern.search(name):
+    if search and not search(name):
       continue
     category = _category(found, by_disk[disk], disk)
     totals[category] += info.nbytes

@@ -41,6 +41,7 @@ from orbax_nnx.sources.safetensors import DTYPE_NAMES, INDEX_FILE
 from orbax_nnx.mapping.views import View, check_rules, compile_rules
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # what `save_pretrained` writes by default
+DEFAULT_EXPORT_BUDGET = 512 * 2**20  # bytes held: half decoded chunks, half row blocks evaluated ahead
 BLOCK_BYTES = 64 * 2**20  # one tensor is evaluated and written this much at a time
 
 
@@ -79,21 +80,26 @@ def _per_slot(name: str, expr: Expr, first_rule) -> list[tuple[str, Expr]]:
   return pieces if any(first_rule(piece) is not None for piece, _ in pieces) else [(name, expr)]
 
 
-def export_plan(meta, target: Any, rules: Sequence, *, dtype: Any = None,
-                scan_axis=None, param_scan_axis: int = 1, merge_lora: bool = False, layout: str | None = None,
-                groups=None) -> dict[str, Expr]:
+def export_plan(meta, target: Any, rules: Sequence, *, dtype: Any = None, mapping: Any = None,
+                merge_lora: bool = False) -> dict[str, Expr]:
   """Tensor name -> expression over the stored leaves `meta` describes (metadata only).
 
-  `merge_lora` folds each `nnx.LoRALinear` adapter into its kernel (`W + A @ B`, in float32) first.
+  The source is planned into `target` through `mapping` (an `orbax_nnx.Mapping`), then `rules` name each
+  model leaf's tensor. `merge_lora` folds each `nnx.LoRALinear` adapter into its kernel (`W + A @ B`, in
+  float32) first.
   """
   from orbax_nnx.conversion import apply_lora  # local: conversion imports the writer this module shares
   from orbax_nnx.mapping.layout import detect
 
+  from orbax_nnx import options
+
   rules = check_rules(rules)
-  source = detect(meta, layout=layout, groups=groups)
+  mapping = mapping if mapping is not None else options.Mapping()
+  scan_axis = mapping.scan_axis
+  source = detect(meta, layout=mapping.layout, groups=mapping.groups)
   src_item = meta.directory
   leaves = target_leaves(target)
-  plan = build(source, leaves, scan_axis=scan_axis, param_scan_axis=param_scan_axis)
+  plan = build(source, leaves, rules=mapping.rules, scan_axis=scan_axis, param_scan_axis=mapping.param_scan_axis)
   if plan.missing:
     raise errors.StructureMismatchError(plan.missing, [], where=f'at {src_item} (exporting into the target model)')
   if merge_lora:
@@ -279,22 +285,22 @@ def _write_in_place(dst: epath.Path, write_into) -> None:
 
 
 def export_safetensors(src: epath.PathLike, dst: epath.PathLike, *, target: Any, rules: Sequence,
-                       dtype: Any = 'bfloat16', max_shard_size: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
-                       step: int | None = None, item: str | None = None, scan_axis=None,
-                       param_scan_axis: int = 1, buffer_bytes: int = 512 * 2**20,
-                       merge_lora: bool = False, layout: str | None = None, groups=None) -> tuple[int, int, int]:
+                       mapping: Any = None, dtype: Any = 'bfloat16', max_shard_size: int = DEFAULT_SHARD_BYTES,
+                       overwrite: bool = False, step: int | None = None, item: str | None = None,
+                       memory_budget: int = DEFAULT_EXPORT_BUDGET, merge_lora: bool = False) -> tuple[int, int, int]:
   """`export_params(..., format='safetensors')`: returns (tensors, bytes read, bytes written).
 
   `src` is a checkpoint path or a live model (Module, Optimizer-free `nnx.State`): its Params export.
+  `rules` name the tensors (model path -> tensor name); `mapping` plans `src` into `target`.
   """
   from flax import nnx
   max_shard_size = sizes.parse_bytes(max_shard_size, 'max_shard_size', allow_none=False)
-  buffer_bytes = sizes.parse_bytes(buffer_bytes, 'buffer_bytes', allow_none=False)
+  buffer_bytes = sizes.parse_bytes(memory_budget, 'memory_budget', allow_none=False)
   live = nnx_tree.is_graph_node(src) or isinstance(src, nnx.State)
   target = src if target is None and live else target
   if target is None or not rules:
-    raise errors.OptionError("format='safetensors' needs target= (the model, abstract) and rules= (model path"
-                             ' -> tensor name, e.g. orbax_nnx.llama.hf_export_rules(cfg)).')
+    raise errors.OptionError("format='safetensors' needs target= (the model, abstract) and export_rules= (model"
+                             ' path -> tensor name, e.g. orbax_nnx.llama.hf_export_rules(cfg)).')
   dst = epath.Path(dst)
   sources = ()
   if live:  # a live model: its Params, read from memory
@@ -305,8 +311,7 @@ def export_safetensors(src: epath.PathLike, dst: epath.PathLike, *, target: Any,
     sources = (src, src_item)
     meta = read_item_metadata(src_item)
   state = nnx.state(target, nnx.Param) if nnx_tree.is_graph_node(target) else target
-  tensors = export_plan(meta, state, rules, dtype=dtype, scan_axis=scan_axis, param_scan_axis=param_scan_axis,
-                        merge_lora=merge_lora, layout=layout, groups=groups)
+  tensors = export_plan(meta, state, rules, dtype=dtype, mapping=mapping, merge_lora=merge_lora)
   source = SourceArrays(meta, cache_bytes=max(1, buffer_bytes // 2))  # half decoded chunks, half blocks ahead
   written = write_safetensors(dst, tensors, source, max_shard_size=max_shard_size, overwrite=overwrite,
                               ahead_bytes=max(1, buffer_bytes - buffer_bytes // 2), sources=sources)

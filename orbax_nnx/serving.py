@@ -8,8 +8,11 @@ streaming like `convert`.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -18,12 +21,11 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from orbax_nnx import errors, nnx_tree, safetensors_export, sizes
-from orbax_nnx.conversion import ConvertReport, convert
+from orbax_nnx import errors, nnx_tree, options, safetensors_export, sizes
+from orbax_nnx.conversion import ConvertReport, run_conversion
 from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 from orbax_nnx.planning.planner import plan
 from orbax_nnx.restoring import restore_planned
-from orbax_nnx.mapping.views import check_rules
 from orbax_nnx.sources import listing
 
 
@@ -36,31 +38,51 @@ def _cast_abstract(state: nnx.State, dtype) -> nnx.State:
   return jax.tree.map(cast, state)
 
 
+@options.takes_options('mapping')
 @listing.looking_once
 def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter: Any = nnx.Param,
-                mesh: jax.sharding.Mesh | None = None, rules=(), scan_axis=None, param_scan_axis: int = 1,
-                step: int | None = None, item: str | None = None, missing: str = 'error',
-                extra: str = 'ignore', memory_budget: int | str | None = None, layout: str | None = None,
-                groups=None) -> Any:
-  """Loads only the `filter` leaves (default: Params) of any training or decode checkpoint.
+                mesh: jax.sharding.Mesh | None = None, mapping: options.Mapping | None = None,
+                missing: str = 'error', extra: str = 'ignore', memory_budget: int | str | None = None,
+                step: int | None = None, item: str | None = None) -> Any:
+  """Loads only the `filter` Variables (default: Params) of any training or decode checkpoint.
 
-  `target`: an abstract NNX state/model (`nnx.get_abstract_model`, `nnx.eval_shape`) or a live
-  module (updated in place and returned). `dtype` casts floating leaves while reading (e.g.
-  `jnp.bfloat16`); `mesh` shards leaves by their `out_sharding` names when the target has
-  no shardings. Works on Linen and NNX train states (either flavour, scanned or unrolled),
-  MaxText layouts, decode checkpoints, and manager roots (latest step unless `step`).
-  `missing='keep'` keeps the target's own (concrete) values for leaves the checkpoint lacks;
-  `extra='error'` refuses checkpoint leaves the target has no place for (default: ignored,
-  since a training checkpoint holds more than the params). `memory_budget` (an int of bytes, or a
-  string such as '512MiB' or '5GB') bounds the bytes held besides the loaded arrays (decoded chunks and
-  host buffers in flight; see `NNXRestore`);
-  `layout` forces a preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
-  Returns the loaded state (an `nnx.State` of the selected Variables), or the module.
+  Reads just their bytes (never the optimizer moments), casts while reading, places each shard on the
+  target's sharding, and stacks or unrolls layers to match the target. Works on Linen and NNX train states
+  (either flavour, scanned or unrolled), MaxText layouts, decode checkpoints, Hugging Face safetensors
+  (with `rules`) and manager roots.
+
+      model = nnx.eval_shape(lambda: Model(cfg, rngs=nnx.Rngs(0)))
+      state = orbax_nnx.load_params('ckpt', model, dtype=jnp.bfloat16, mesh=mesh)
+
+  Args:
+    path: an item dir, step dir, manager root (latest step unless `step`) or safetensors folder.
+    target: the NNX model the data lands in: an abstract model or state (`nnx.eval_shape`,
+      `nnx.get_abstract_model`), or a live module (updated in place and returned).
+    dtype: casts floating leaves while reading (e.g. `jnp.bfloat16`); None keeps the target's dtypes.
+    filter: a Flax filter (`nnx.Param`, `nnx.LoRAParam`, `(nnx.Param, nnx.BatchStat)`, ...) selecting the
+      target's Variables to load.
+    mesh: shards leaves by their `out_sharding` names when the target carries no shardings.
+    mapping: how the checkpoint's leaves map onto the target (`orbax_nnx.Mapping`: rules, layout, groups,
+      scan_axis, param_scan_axis); its fields may also be passed as keywords.
+    missing: 'error', or 'keep': leaves the checkpoint lacks keep the target's own (concrete) values.
+    extra: 'ignore' (a training checkpoint holds more than the params), or 'error'.
+    memory_budget: bytes held besides the loaded arrays (an int, or '512MiB', '5GB'): decoded chunks and host
+      buffers in flight (see `NNXRestore`).
+    step: the step of a manager root.
+    item: the item inside a step dir with several items.
+
+  Returns:
+    The loaded `nnx.State` of the selected Variables, or the module when `target` is one.
+
+  Raises:
+    NotACheckpointError: nothing readable at `path`.
+    StructureMismatchError: target leaves the checkpoint lacks (with `missing='error'`), or checkpoint leaves
+      the target lacks (with `extra='error'`).
+    ShapeMismatchError, LayoutError, PlanError: the checkpoint cannot be mapped onto the target.
+    OptionError: an option outside its accepted values, or a filter that selects nothing.
   """
-  errors.check_int('param_scan_axis', param_scan_axis)
   errors.check_choice('missing', missing, ('error', 'keep'))
   errors.check_choice('extra', extra, ('error', 'ignore'))
-  rules = check_rules(rules)
   directory = resolve_item(path, step=step, item=item)
   module = target if nnx_tree.is_graph_node(target) else None
   state = nnx.state(target, filter) if module is not None else _filter(target, filter)
@@ -75,8 +97,7 @@ def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter:
   meta = read_item_metadata(directory)
   kept = []
   if missing == 'keep':  # leaves the checkpoint lacks keep the target's values, uncast
-    absent = set(plan(directory, abstract, rules=rules, scan_axis=scan_axis, param_scan_axis=param_scan_axis,
-                      layout=layout, groups=groups).missing)
+    absent = set(plan(directory, abstract, mapping=mapping).missing)
     kept = [(p, v) for p, v in nnx.to_flat_state(state) if nnx_tree.path_str(p) in absent]
     abstract_leaves = [(p, v) for p, v in nnx.to_flat_state(abstract) if nnx_tree.path_str(p) not in absent]
     abstract = nnx.from_flat_state(abstract_leaves)
@@ -85,9 +106,8 @@ def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter:
       raise errors.StructureMismatchError(abstract_kept, [], where=f"at {directory} (missing='keep' keeps only"
                                           ' concrete target values; these are abstract)')
   memory_budget = sizes.parse_bytes(memory_budget, 'memory_budget')
-  loaded = restore_planned(meta, abstract, missing='error', extra=extra, rules=rules, scan_axis=scan_axis,
-                           param_scan_axis=param_scan_axis, memory_budget=memory_budget, layout=layout,
-                           groups=groups)
+  loaded = restore_planned(meta, abstract, missing='error', extra=extra, memory_budget=memory_budget,
+                           **mapping.as_kwargs())
   if module is not None:
     nnx.update(module, loaded)
     return module
@@ -104,69 +124,102 @@ def _filter(state: Any, filter: Any) -> nnx.State:
   return nnx.filter_state(state, filter) if hasattr(nnx, 'filter_state') else state.filter(filter)
 
 
+_FILTERS = {'Param': nnx.Param, 'LoRAParam': nnx.LoRAParam}
+
+
+def _export_filter(filter: Any) -> str:
+  """'Param' or 'LoRAParam': what `export_params` accepts as `filter` (the Variable type, or its name)."""
+  for name, var_type in _FILTERS.items():
+    if filter is var_type or filter == name:
+      return name
+  raise errors.OptionError(f'filter={filter!r}: export_params exports nnx.Param (default) or nnx.LoRAParam'
+                           " (also accepted by name: 'Param', 'LoRAParam').")
+
+
+@options.takes_options('mapping', 'linen', renamed={'buffer_bytes': 'memory_budget'})
 @listing.looking_once
-def export_params(src: epath.PathLike, dst: epath.PathLike, *, dtype: Any = 'bfloat16',
-                  scan_layers: bool | None = None, format: Literal['nnx', 'linen', 'safetensors'] = 'nnx',
-                  overwrite: bool = False, step: int | None = None, item: str | None = None,
-                  scan_axis=None, param_scan_axis: int = 1, buffer_bytes: int | str | None = None,
-                  progress=None, filter: Literal['Param', 'LoRAParam'] = 'Param',
-                  merge_lora: bool = False, target: Any = None, rules=(),
-                  max_shard_size: int | str = safetensors_export.DEFAULT_SHARD_BYTES, layout: str | None = None,
-                  groups=None, memory_budget: int | str | None = None) -> ConvertReport:
-  """Writes a param-only decode checkpoint of `src` at `dst` (streaming, atomic).
+def export_params(src: epath.PathLike, dst: epath.PathLike, *, format: Literal['nnx', 'linen', 'safetensors'] = 'nnx',
+                  dtype: Any = 'bfloat16', scan_layers: bool | None = None, filter: Any = nnx.Param,
+                  merge_lora: bool = False, target: Any = None, export_rules: Sequence | None = None,
+                  mapping: options.Mapping | None = None, linen: options.LinenOutput | None = None,
+                  max_shard_size: int | str = safetensors_export.DEFAULT_SHARD_BYTES,
+                  memory_budget: int | str | None = None, overwrite: bool = False, step: int | None = None,
+                  item: str | None = None, progress: Callable | None = None) -> ConvertReport:
+  """Writes a param-only (decode) checkpoint of `src` at `dst`, streaming and atomic.
 
-  NNX format (default): the model's Param leaves at the root (`.../kernel/value`), no
-  step, no optimizer. Linen format: `step` = 0 and `params/params/...`. Floating leaves
-  are cast to `dtype` (None keeps them); `scan_layers=False` unrolls for decoding.
-  `filter='LoRAParam'` exports only the LoRA adapters; `merge_lora=True` folds each
-  `nnx.LoRALinear` adapter into its kernel (`W + A @ B`, computed in float32) and drops it.
+      orbax_nnx.export_params('ckpt/1000', 'decode', scan_layers=False)           # NNX, bf16, unrolled
+      orbax_nnx.export_params('ckpt/1000', 'hf', format='safetensors', target=abstract_model,
+                              export_rules=orbax_nnx.llama.hf_export_rules(cfg))
 
-  `format='safetensors'` writes Hugging Face-style files (`model.safetensors`, or
-  `model-0000K-of-0000N.safetensors` of at most `max_shard_size` bytes plus
-  `model.safetensors.index.json`): `src` is planned into `target` (the abstract model;
-  stacked layers are exported per layer), then `rules` name each tensor, with views,
-  from the model path (e.g. `orbax_nnx.llama.hf_export_rules(cfg)`). A view's own
-  `.astype` wins over `dtype`. `src` may also be a live model (its Params are exported from
-  memory; `target` defaults to it). `merge_lora=True` folds LoRA adapters into their kernels first.
-  `layout` forces SRC's preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
-  `memory_budget` (an int of bytes, or a string such as '512MiB' or '5GB') bounds the bytes held besides
-  the writer's own (see `convert`; safetensors: decoded chunks kept and row blocks evaluated ahead).
+  Args:
+    src: an item dir, step dir or manager root (latest step unless `step`); for `format='safetensors'` also a
+      live model (its Params are exported from memory).
+    dst: the output directory; it must not exist unless `overwrite`.
+    format: the output format. 'nnx': the model's Params at the root (`.../kernel/value`), no step, no
+      optimizer. 'linen': `step` = 0 and the Linen params tree (see `linen`). 'safetensors': Hugging Face files
+      (`model.safetensors`, or `model-0000K-of-0000N.safetensors` of at most `max_shard_size` bytes plus
+      `model.safetensors.index.json`).
+    dtype: casts floating leaves (default bfloat16; None keeps them). A view's own `.astype` wins.
+    scan_layers: False unrolls stacked layer groups (for decoding), True stacks them, None keeps them.
+      Not with 'safetensors' (the target model decides).
+    filter: `nnx.Param` (default), or `nnx.LoRAParam` to export only the LoRA adapters.
+    merge_lora: fold each `nnx.LoRALinear` adapter into its kernel (`W + A @ B`, computed in float32) and drop it.
+    target: with 'safetensors', the NNX model (abstract) that `src` is planned into before its leaves are named
+      (stacked layers are exported per layer); defaults to `src` when that is a live model.
+    export_rules: with 'safetensors', `(model path regex, tensor name)` rules, with views, naming each tensor
+      (e.g. `orbax_nnx.llama.hf_export_rules(cfg)`).
+    mapping: how SRC's leaves map onto the exported model (`orbax_nnx.Mapping`); its fields may also be passed
+      as keywords.
+    linen: with 'linen', which Linen tree to write (`orbax_nnx.LinenOutput`: linen_style, template); its fields
+      may also be passed as keywords.
+    max_shard_size: with 'safetensors', the largest file (an int of bytes, or '5GB', '500MiB'; default 5 GiB).
+    memory_budget: the bytes held besides the writer's own (an int, or '512MiB'; see `convert`; 'safetensors':
+      half decoded chunks, half row blocks evaluated ahead, default 512 MiB).
+    overwrite: replace an existing checkpoint at DST (never anything else).
+    step: the step of a manager root.
+    item: the item inside a step dir with several items.
+    progress: called with each array as it is written (not with 'safetensors').
+
+  Returns:
+    A `ConvertReport`.
+
+  Raises:
+    DestinationError: DST is SRC, inside it, or exists and is not a checkpoint to overwrite.
+    StructureMismatchError, PlanError: SRC cannot be planned into the output, or a leaf no export rule names.
+    OptionError, UnsupportedArgumentError: options outside their accepted values, or not for this format.
   """
   errors.check_choice('format', format, ('nnx', 'linen', 'safetensors'))
   memory_budget = sizes.parse_bytes(memory_budget, 'memory_budget')
-  buffer_bytes = sizes.parse_bytes(buffer_bytes, 'buffer_bytes')
   max_shard_size = sizes.parse_bytes(max_shard_size, 'max_shard_size', allow_none=False)
-  errors.check_choice('filter', filter, ('Param', 'LoRAParam'))
+  filter = _export_filter(filter)
   errors.check_choice('merge_lora', merge_lora, (True, False))
   if format == 'safetensors':
     given = [name for name, on in (('scan_layers', scan_layers is not None), ('filter', filter != 'Param'),
-                                   ('progress', progress is not None)) if on]
+                                   ('progress', progress is not None), ('linen', linen.given)) if on]
     if given:
       raise errors.UnsupportedArgumentError(f"{', '.join(given)}: not supported with format='safetensors' (the target"
                                             ' model decides the layout; export rules name the tensors).')
+    if export_rules is None and mapping.rules:  # before export_rules=, rules= named the tensors here
+      warnings.warn("export_params(format='safetensors', rules=...): the tensor-naming rules are now export_rules=;"
+                    ' rules= will mean how SRC maps onto the model, as everywhere else.', DeprecationWarning,
+                    stacklevel=3)
+      export_rules, mapping = mapping.rules, dataclasses.replace(mapping, rules=())
     t0 = time.perf_counter()
-    if memory_budget is not None and buffer_bytes is not None:
-      raise errors.OptionError('memory_budget= and buffer_bytes= both bound the bytes in flight: pass one.')
-    given = memory_budget if memory_budget is not None else buffer_bytes
-    options = {} if given is None else {'buffer_bytes': given}
+    budget = {} if memory_budget is None else {'memory_budget': memory_budget}
     count, read, written = safetensors_export.export_safetensors(
-        src, dst, target=target, rules=rules, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-        step=step, item=item, scan_axis=scan_axis, param_scan_axis=param_scan_axis, merge_lora=merge_lora,
-        layout=layout, groups=groups, **options)
+        src, dst, target=target, rules=export_rules or (), mapping=mapping, dtype=dtype,
+        max_shard_size=max_shard_size, overwrite=overwrite, step=step, item=item, merge_lora=merge_lora, **budget)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     kind = 'checkpoint' if isinstance(src, (str, epath.Path)) or hasattr(src, '__fspath__') else 'live model'
     return ConvertReport(str(src) if kind == 'checkpoint' else kind, str(dst), kind, 'safetensors', count, read, written,
                          time.perf_counter() - t0, rss)
-  if target is not None or rules:
-    raise errors.UnsupportedArgumentError("target= and rules= apply to format='safetensors' only.")
-  options = {} if buffer_bytes is None else {'buffer_bytes': buffer_bytes}
-  if memory_budget is not None:
-    options['memory_budget'] = memory_budget
+  if target is not None or export_rules is not None:
+    raise errors.UnsupportedArgumentError("target= and export_rules= apply to format='safetensors' only.")
+  if format == 'nnx' and linen.given:
+    raise errors.UnsupportedArgumentError("linen_style= and template= apply to format='linen' only.")
   if filter == 'LoRAParam' and merge_lora:
     raise errors.OptionError('filter=LoRAParam and merge_lora=True exclude each other: export the adapters, or merge them.')
   lora = 'only' if filter == 'LoRAParam' else 'merge' if merge_lora else None
-  if lora is not None:
-    options['lora'] = lora
-  return convert(src, dst, to=format, scan_layers=scan_layers, include='params', dtype=dtype,
-                 overwrite=overwrite, step=step, item=item, scan_axis=scan_axis,
-                 param_scan_axis=param_scan_axis, progress=progress, layout=layout, groups=groups, **options)
+  return run_conversion(src, dst, to=format, scan_layers=scan_layers, flavour='raw', include='params', dtype=dtype,
+                  target=None, mapping=mapping, linen=linen, memory_budget=memory_budget, overwrite=overwrite,
+                  step=step, item=item, progress=progress, lora=lora)

@@ -34,7 +34,7 @@ for i in range(start, start + 1000):
     print(f'exported {i}', flush=True)
   else:
     orbax_nnx.export_params(src, os.path.join(root, f'st_{i}'), format='safetensors', target=export_target,
-                            rules=export_rules, dtype=None, max_shard_size=256 * 512 * 4)
+                            export_rules=export_rules, dtype=None, max_shard_size=256 * 512 * 4)
     print(f'exported safetensors {i}', flush=True)
   # locally, todelete_subdir: max_to_keep retires old steps by an atomic rename; a plain rmtree killed halfway
   # leaves a half-deleted step that all_steps() still lists (seen: its _CHECKPOINT_METADATA gone first). An object

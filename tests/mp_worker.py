@@ -129,7 +129,7 @@ report['hf_restore'] = check(out['layers']['w'].get_value(), w)
 # and back: one process writes each file, every process returns after it is in place
 orbax_nnx.export_params(mngr_dir, epath.Path(root) / 'hf_out', format='safetensors', dtype=None,
                         target=nnx.State({'layers': {'w': nnx.Param(jax.ShapeDtypeStruct((L, EMB, MLP), np.float32))}}),
-                        rules=[(r'layers/(\d+)/w', {r'model.layers.\1.mlp.up_proj.weight': orbax_nnx.view.T})])
+                        export_rules=[(r'layers/(\d+)/w', {r'model.layers.\1.mlp.up_proj.weight': orbax_nnx.view.T})])
 exported = safetensors.numpy.load((epath.Path(root) / 'hf_out' / 'model.safetensors').read_bytes())
 report['hf_export'] = all(np.array_equal(exported[f'model.layers.{i}.mlp.up_proj.weight'], w[i].T) for i in range(L))
 print(json.dumps(report), flush=True)

@@ -47,7 +47,7 @@ WRITERS = {
     'export-nnx': lambda src, dst, **kw: orbax_nnx.export_params(src, dst, **kw),
     'export-linen': lambda src, dst, **kw: orbax_nnx.export_params(src, dst, format='linen', **kw),
     'export-safetensors': lambda src, dst, **kw: orbax_nnx.export_params(
-        src, dst, format='safetensors', target=_model(), rules=RULES, **kw),
+        src, dst, format='safetensors', target=_model(), export_rules=RULES, **kw),
 }
 
 
@@ -139,7 +139,7 @@ def test_bucket_roots_are_protected_and_gs_paths_normalised():
 def test_live_model_export_checks_dst_too(sandbox):
   before = _sentinels(sandbox)
   with pytest.raises(errors.DestinationError):
-    orbax_nnx.export_params(_model(), sandbox / 'data', format='safetensors', rules=RULES, overwrite=True)
+    orbax_nnx.export_params(_model(), sandbox / 'data', format='safetensors', export_rules=RULES, overwrite=True)
   assert _sentinels(sandbox) == before
-  orbax_nnx.export_params(_model(), sandbox / 'st', format='safetensors', rules=RULES, dtype=jnp.float32)
+  orbax_nnx.export_params(_model(), sandbox / 'st', format='safetensors', export_rules=RULES, dtype=jnp.float32)
   assert os.path.exists(sandbox / 'st' / 'model.safetensors')

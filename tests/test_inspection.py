@@ -29,7 +29,7 @@ def test_facts_for_an_nnx_train_state(tmp_path):
   assert kernel['shape'] == [4, 8] and kernel['dtype'] == 'float32' and kernel['bytes'] == 128
   grouped = inspect_checkpoint(tmp_path, depth=1)
   assert {r['path']: r['leaves'] for r in grouped['leaves']} == {'model': 4, 'optimizer': 1}
-  only = inspect_checkpoint(tmp_path, filter='kernel')
+  only = inspect_checkpoint(tmp_path, pattern='kernel')
   assert [r['path'] for r in only['leaves']] == ['model/lin/kernel/value']
 
 

@@ -110,7 +110,7 @@ def test_export_back_to_hf_bit_identical(tmp_path, family):
   orbax_nnx.convert(tmp_path / 'hf', tmp_path / 'nnx', target=abstract(cfg), rules=hf_rules(cfg),
                     scan_axis=SCAN_AXIS, dtype='bfloat16')
   report = orbax_nnx.export_params(tmp_path / 'nnx', tmp_path / 'out', format='safetensors', target=abstract(cfg),
-                                   rules=hf_export_rules(cfg), dtype='bfloat16', max_shard_size='40KB',
+                                   export_rules=hf_export_rules(cfg), dtype='bfloat16', max_shard_size='40KB',
                                    scan_axis=SCAN_AXIS)
   index = json.loads((tmp_path / 'out' / 'model.safetensors.index.json').read_text())
   assert sorted(index['weight_map']) == sorted(tensors)
@@ -128,7 +128,7 @@ def test_export_an_unrolled_live_model_and_an_orbax_decode_checkpoint(tmp_path):
   cfg = MOE
   tensors = write(tmp_path, cfg, 'qwen3_moe')
   model = orbax_nnx.restore(tmp_path / 'hf', abstract(cfg), rules=hf_rules(cfg))
-  orbax_nnx.export_params(model, tmp_path / 'out', format='safetensors', rules=hf_export_rules(cfg), dtype=None)
+  orbax_nnx.export_params(model, tmp_path / 'out', format='safetensors', export_rules=hf_export_rules(cfg), dtype=None)
   back = safetensors.numpy.load_file(tmp_path / 'out' / 'model.safetensors')
   assert sorted(back) == sorted(tensors)
   for name, value in tensors.items():  # exported in the model's float32: exact
@@ -220,14 +220,14 @@ def test_slots_of_unequal_shapes_and_bad_brackets_are_refused(tmp_path):
 def test_export_rules_name_each_slot_and_every_slot_needs_one(tmp_path):
   state = nnx.State({'moe': {'w': nnx.Param(jnp.arange(24, dtype=jnp.float32).reshape(3, 2, 4))}})
   orbax_nnx.export_params(state, tmp_path / 'out', format='safetensors', dtype=None,
-                          rules=[(r'moe/w\[(\d+)\]', {r'experts.\1.weight': orbax_nnx.view.T})])
+                          export_rules=[(r'moe/w\[(\d+)\]', {r'experts.\1.weight': orbax_nnx.view.T})])
   back = safetensors.numpy.load_file(tmp_path / 'out' / 'model.safetensors')
   assert sorted(back) == ['experts.0.weight', 'experts.1.weight', 'experts.2.weight']
   for e in range(3):
     np.testing.assert_array_equal(back[f'experts.{e}.weight'], np.arange(24, dtype=np.float32).reshape(3, 2, 4)[e].T)
   with pytest.raises(errors.PlanError, match=r"no export rule names: \['moe/w\[2\]'\]"):
     orbax_nnx.export_params(state, tmp_path / 'out2', format='safetensors', dtype=None,
-                            rules=[(r'moe/w\[(0|1)\]', r'experts.\1.weight')])
+                            export_rules=[(r'moe/w\[(0|1)\]', r'experts.\1.weight')])
   assert not (tmp_path / 'out2').exists()
 
 

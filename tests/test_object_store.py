@@ -120,7 +120,7 @@ def test_export_params_to_orbax_and_to_safetensors(gcs):
   rules = [(r'layers/(\d+)/w', {r'model.layers.\1.weight': orbax_nnx.view.T}), ('head/kernel', 'lm_head.weight')]
   target = nnx.State({'layers': {i: {'w': nnx.Param(sds((D, F)))} for i in range(L)},
                       'head': {'kernel': nnx.Param(sds((D, 5)))}})
-  orbax_nnx.export_params(src, hf, format='safetensors', target=target, rules=rules, dtype=None,
+  orbax_nnx.export_params(src, hf, format='safetensors', target=target, export_rules=rules, dtype=None,
                           max_shard_size=W[:, 0].nbytes)  # several shards and an index
   names = sorted(p.name for p in hf.iterdir())
   assert 'model.safetensors.index.json' in names and len(names) > 2, names
@@ -135,7 +135,7 @@ def test_export_params_to_orbax_and_to_safetensors(gcs):
                                                         (r'lm_head\.weight', 'head/kernel')])
   check_unrolled(back)
   # overwrite replaces the export in place (no rename on this store)
-  orbax_nnx.export_params(src, hf, format='safetensors', target=target, rules=rules, dtype=None, overwrite=True)
+  orbax_nnx.export_params(src, hf, format='safetensors', target=target, export_rules=rules, dtype=None, overwrite=True)
   assert sorted(p.name for p in hf.iterdir()) == ['model.safetensors']
 
 

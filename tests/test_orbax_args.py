@@ -175,7 +175,7 @@ def test_manager_step_naming_options(tmp_path, options):
   np.testing.assert_array_equal(host(third['b']), np.full(3, 4.0))
   loaded = orbax_nnx.load_params(tmp_path, target, step=3, dtype=jnp.bfloat16)
   assert loaded['emb'].get_value().dtype == jnp.bfloat16
-  report = orbax_nnx.convert(tmp_path, tmp_path.parent / f'{tmp_path.name}-out', step=12, format='pure')
+  report = orbax_nnx.convert(tmp_path, tmp_path.parent / f'{tmp_path.name}-out', step=12, flavour='pure')
   assert report.leaves == 2
   with pytest.raises(errors.NotACheckpointError, match='no step 5'):
     orbax_nnx.restore(tmp_path, target, step=5)
@@ -190,11 +190,11 @@ def test_manager_step_naming_options(tmp_path, options):
     lambda p, t: orbax_nnx.restore(p, t, extra='ingore'),
     lambda p, t: orbax_nnx.restore(p, t, step='3'),
     lambda p, t: orbax_nnx.convert(p, p.parent / 'out', to='NNX'),
-    lambda p, t: orbax_nnx.convert(p, p.parent / 'out', format='Pure'),
+    lambda p, t: orbax_nnx.convert(p, p.parent / 'out', flavour='Pure'),
     lambda p, t: orbax_nnx.convert(p, p.parent / 'out', include='param'),
     lambda p, t: orbax_nnx.export_params(p, p.parent / 'out', format='torch'),
     lambda p, t: orbax_nnx.load_params(p, t, param_scan_axis='1'),
-], ids=['flavour', 'extra', 'missing', 'restore-extra', 'step', 'to', 'format', 'include', 'export-format',
+], ids=['flavour', 'extra', 'missing', 'restore-extra', 'step', 'to', 'convert-flavour', 'include', 'export-format',
         'param_scan_axis'])
 def test_unknown_option_values_are_refused(tmp_path, call):
   path = save(tmp_path / 'c', small_state())

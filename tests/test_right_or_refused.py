@@ -56,7 +56,7 @@ def test_rule_templates_expand_once_per_match(tmp_path):
 
 def test_export_rule_templates_expand_once_per_match(tmp_path):
   model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
-  orbax_nnx.export_params(model, tmp_path / 'st', format='safetensors', rules=[('(.*)', r'model.\1')], dtype=None)
+  orbax_nnx.export_params(model, tmp_path / 'st', format='safetensors', export_rules=[('(.*)', r'model.\1')], dtype=None)
   from safetensors.numpy import load_file
   assert sorted(load_file(str(tmp_path / 'st' / 'model.safetensors'))) == ['model.bias', 'model.kernel']
 
@@ -182,7 +182,7 @@ class _OneLayer(nnx.Module):
 def test_a_single_submodule_named_like_a_group_exports_whole(tmp_path):
   from safetensors.numpy import load_file
   model = _OneLayer(nnx.Rngs(0))
-  orbax_nnx.export_params(model, tmp_path / 'st', format='safetensors', rules=[('(.*)', r'\1')], dtype=None)
+  orbax_nnx.export_params(model, tmp_path / 'st', format='safetensors', export_rules=[('(.*)', r'\1')], dtype=None)
   tensors = load_file(str(tmp_path / 'st' / 'model.safetensors'))
   assert sorted(tensors) == ['layer/bias', 'layer/kernel']
   np.testing.assert_array_equal(tensors['layer/kernel'], np.asarray(model.layer.kernel.get_value()))
@@ -195,7 +195,7 @@ def test_a_stacked_group_exports_per_layer_on_its_named_axis(tmp_path):
   kernel.set_metadata(out_sharding=(None, 'layers', None))
   state = nnx.State({'layers': {'kernel': kernel}})
   orbax_nnx.export_params(state, tmp_path / 'st', format='safetensors', dtype=None,
-                          rules=[(r'layers/(\d+)/kernel', r'l.\1.w')])
+                          export_rules=[(r'layers/(\d+)/kernel', r'l.\1.w')])
   tensors = load_file(str(tmp_path / 'st' / 'model.safetensors'))
   assert sorted(tensors) == ['l.0.w', 'l.1.w']
   np.testing.assert_array_equal(tensors['l.1.w'], stacked[:, 1])

@@ -217,7 +217,7 @@ def test_export_back_to_hf_safetensors(tmp_path, family):
   payload = sum(t.nbytes for t in tensors.values() if t.dtype == BF16) + sum(
       t.nbytes // 2 for t in tensors.values() if t.dtype != BF16)
   report = orbax_nnx.export_params(tmp_path / 'nnx', tmp_path / 'out', format='safetensors', target=abstract(cfg),
-                                   rules=orbax_nnx.llama.hf_export_rules(cfg), dtype='bfloat16', max_shard_size=20_000)
+                                   export_rules=orbax_nnx.llama.hf_export_rules(cfg), dtype='bfloat16', max_shard_size=20_000)
   assert report.bytes_written == payload
   index = json.loads((tmp_path / 'out' / 'model.safetensors.index.json').read_text())
   assert index['metadata']['total_size'] == payload and sorted(index['weight_map']) == sorted(tensors)
@@ -244,19 +244,19 @@ def test_export_errors_write_nothing(tmp_path):
   rules = orbax_nnx.llama.hf_export_rules(cfg)
   with pytest.raises(errors.PlanError, match='no export rule names.*lm_head/kernel'):
     orbax_nnx.export_params(tmp_path / 'nnx', tmp_path / 'out', format='safetensors', target=abstract(cfg),
-                            rules=[r for r in rules if r[0] != 'lm_head/kernel'])
+                            export_rules=[r for r in rules if r[0] != 'lm_head/kernel'])
   with pytest.raises(errors.PlanError, match='match no model leaf'):
     orbax_nnx.export_params(tmp_path / 'nnx', tmp_path / 'out', format='safetensors', target=abstract(cfg),
-                            rules=rules + [('nothing/here', 'x')])
+                            export_rules=rules + [('nothing/here', 'x')])
   with pytest.raises(errors.PlanError, match='two model leaves export'):
     orbax_nnx.export_params(tmp_path / 'nnx', tmp_path / 'out', format='safetensors', target=abstract(cfg),
-                            rules=[(r'.*', 'same')])
+                            export_rules=[(r'.*', 'same')])
   with pytest.raises(errors.OptionError, match='needs target='):
     orbax_nnx.export_params(tmp_path / 'nnx', tmp_path / 'out', format='safetensors')
   stacked = dataclasses.replace(cfg, scan_layers=True)  # a wrong layer axis shows as unequal layer counts
   with pytest.raises(errors.PlanError, match='not all on axis 1|cannot reshape|scan_axis says axis 1'):
     orbax_nnx.export_params(Llama(stacked, rngs=nnx.Rngs(0)), tmp_path / 'out', format='safetensors',
-                            rules=orbax_nnx.llama.hf_export_rules(stacked), scan_axis=1)
+                            export_rules=orbax_nnx.llama.hf_export_rules(stacked), scan_axis=1)
   with pytest.raises(errors.UnsupportedArgumentError, match='filter'):
     orbax_nnx.export_params(tmp_path / 'nnx', tmp_path / 'out', format='safetensors', filter='LoRAParam')
   assert not (tmp_path / 'out').exists()
@@ -270,14 +270,14 @@ def test_cli_with_the_llama_preset(tmp_path, capsys):
   write_hf(tmp_path / 'hf', tensors, hf_config(CFG))
   assert cli.main(['inspect', str(tmp_path / 'hf')]) == 0
   assert 'model.layers.1.self_attn.o_proj.weight' in capsys.readouterr().out
-  assert cli.main(['plan', str(tmp_path / 'hf'), '--preset', 'llama', '--scan-layers']) == 0
+  assert cli.main(['plan', str(tmp_path / 'hf'), '--model', 'llama', '--scan-layers']) == 0
   assert 'layers/mlp/up_proj/kernel  <-  stack([cast(transpose(model.layers.0.mlp.up_proj.weight' in capsys.readouterr().out
-  assert cli.main(['convert', str(tmp_path / 'hf'), str(tmp_path / 'nnx'), '--preset', 'llama', '--scan-layers',
+  assert cli.main(['convert', str(tmp_path / 'hf'), str(tmp_path / 'nnx'), '--model', 'llama', '--scan-layers',
                    '--quiet', '--memory-budget', '1']) == 0
   assert cli.main(['export-params', str(tmp_path / 'nnx'), str(tmp_path / 'out'), '--format', 'safetensors',
-                   '--preset', 'llama', '--config', str(tmp_path / 'hf' / 'config.json'), '--quiet',
+                   '--model', 'llama', '--config', str(tmp_path / 'hf' / 'config.json'), '--quiet',
                    '--memory-budget', '1', '--max-shard-size', '0.01MB']) == 0
-  assert cli.main(['compare', str(tmp_path / 'hf'), str(tmp_path / 'nnx'), '--values', '--preset', 'llama',
+  assert cli.main(['compare', str(tmp_path / 'hf'), str(tmp_path / 'nnx'), '--values', '--model', 'llama',
                    '--memory-budget', '1']) == 0
   import safetensors.numpy
   shards = sorted((tmp_path / 'out').glob('model-*.safetensors'))  # 10 kB files: several
@@ -287,7 +287,7 @@ def test_cli_with_the_llama_preset(tmp_path, capsys):
     got.update(safetensors.numpy.load_file(shard))
   assert sorted(got) == sorted(tensors)
   capsys.readouterr()
-  assert cli.main(['convert', str(tmp_path / 'hf'), str(tmp_path / 'nnx2'), '--preset', 'llama',
+  assert cli.main(['convert', str(tmp_path / 'hf'), str(tmp_path / 'nnx2'), '--model', 'llama',
                    '--memory-budget', '0']) == 2
   assert "--memory-budget='0' must be positive" in capsys.readouterr().err
   np.testing.assert_array_equal(got['model.layers.2.self_attn.q_proj.weight'],
@@ -354,7 +354,7 @@ def test_export_a_live_model(tmp_path):
   cfg = dataclasses.replace(CFG, scan_layers=True, attn_bias=True)
   model = Llama(cfg, rngs=nnx.Rngs(3))
   report = orbax_nnx.export_params(model, tmp_path / 'out', format='safetensors',
-                                   rules=orbax_nnx.llama.hf_export_rules(cfg), dtype=None)
+                                   export_rules=orbax_nnx.llama.hf_export_rules(cfg), dtype=None)
   assert report.source_kind == 'live model'
   got = safetensors.numpy.load_file(tmp_path / 'out' / 'model.safetensors')
   np.testing.assert_array_equal(got['model.layers.1.mlp.down_proj.weight'],
@@ -395,8 +395,8 @@ def test_export_layer_counts_must_agree(tmp_path):
   state = nnx.State({'layers': {'a': nnx.Param(jnp.zeros((3, 4))), 'b': nnx.Param(jnp.zeros((3, 5)))}})
   rules = [(r'layers/(\d+)/(a|b)', r'\2.\1')]
   with pytest.raises(errors.PlanError, match='layers/b: 5 layers on axis 1, but layers/a has 4|scan_axis says axis 1'):
-    orbax_nnx.export_params(state, tmp_path / 'out', format='safetensors', rules=rules, scan_axis=1)
-  orbax_nnx.export_params(state, tmp_path / 'out', format='safetensors', rules=rules, dtype=None)
+    orbax_nnx.export_params(state, tmp_path / 'out', format='safetensors', export_rules=rules, scan_axis=1)
+  orbax_nnx.export_params(state, tmp_path / 'out', format='safetensors', export_rules=rules, dtype=None)
   import safetensors.numpy
   assert sorted(safetensors.numpy.load_file(tmp_path / 'out' / 'model.safetensors')) == [
       'a.0', 'a.1', 'a.2', 'b.0', 'b.1', 'b.2']
@@ -429,13 +429,13 @@ def test_export_merges_lora_adapters(tmp_path):
   model = Tuned(nnx.Rngs(0))
   model.proj.lora.lora_b.set_value(jnp.full((2, 6), 0.5))  # LoRA starts at B = 0: make it count
   rules = [('proj/kernel', {'proj.weight': orbax_nnx.view.T})]
-  orbax_nnx.export_params(model, tmp_path / 'out', format='safetensors', rules=rules, dtype=None, merge_lora=True)
+  orbax_nnx.export_params(model, tmp_path / 'out', format='safetensors', export_rules=rules, dtype=None, merge_lora=True)
   got = safetensors.numpy.load_file(tmp_path / 'out' / 'model.safetensors')
   assert sorted(got) == ['proj.weight']
   want = np.asarray(model.proj.kernel.get_value()) + np.asarray(model.proj.lora.lora_a.get_value()) @ np.full((2, 6), 0.5)
   np.testing.assert_allclose(got['proj.weight'], want.T, rtol=1e-6)
   with pytest.raises(errors.PlanError, match='no export rule names.*lora'):
-    orbax_nnx.export_params(model, tmp_path / 'out2', format='safetensors', rules=rules, dtype=None)
+    orbax_nnx.export_params(model, tmp_path / 'out2', format='safetensors', export_rules=rules, dtype=None)
 
 
 def test_shards_share_slabs_of_whole_rows_across_odd_boundaries(tmp_path, monkeypatch):

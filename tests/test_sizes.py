@@ -47,7 +47,8 @@ def test_every_option_takes_strings(tmp_path):
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(src, tree)
   orbax_nnx.convert(src, tmp_path / 'a', memory_budget='64MiB')
-  orbax_nnx.convert(src, tmp_path / 'b', buffer_bytes='1MB')
+  with pytest.warns(DeprecationWarning, match=r'convert\(buffer_bytes=...\) is renamed memory_budget='):
+    orbax_nnx.convert(src, tmp_path / 'b', buffer_bytes='1MB')
   orbax_nnx.export_params(src, tmp_path / 'c', memory_budget='32MiB')
   assert orbax_nnx.compare(tmp_path / 'a', tmp_path / 'b', values=True, memory_budget='8MiB').equal
   restored = orbax_nnx.restore(src, {'params': {'params': {'w': np.zeros((3, 4), np.float32)}}})

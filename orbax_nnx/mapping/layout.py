@@ -222,17 +222,22 @@ def detect_layout(path, *, layout: str | None = None, groups=None, step: int | N
                   item: str | None = None) -> Layout:
   """Reads the metadata of a checkpoint and detects its layout.
 
+      layout = orbax_nnx.detect_layout('ckpt/100/default'); print(layout.summary())
+
   Args:
     path: an item directory, a step directory, a manager root (latest step) or a safetensors source.
-    layout: forces a preset by name (`orbax_nnx.mapping.presets.BY_NAME`).
+    layout: forces a preset by name (`orbax-nnx presets` lists them).
     groups: declares more layer-group names (names or regexes).
-    step: a manager root's step. item: a step directory's item.
+    step: the step of a manager root.
+    item: the item inside a step dir with several items.
 
   Returns:
-    The Layout.
+    The `Layout`: kind, flavour, roots, layer groups, and each stored leaf's canonical path.
 
   Raises:
-    NotACheckpointError, LayoutError, OptionError.
+    NotACheckpointError: nothing readable at `path`.
+    LayoutError: no single preset fits, or a forced one drops stored leaves.
+    OptionError: an unknown preset name.
   """
   return detect(read_item_metadata(resolve_item(path, step=step, item=item)), layout=layout, groups=groups)
 

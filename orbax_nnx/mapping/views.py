@@ -10,6 +10,7 @@ A view is data (the operations it applies); the planner compiles it into lazy ex
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 from collections.abc import Mapping
@@ -144,3 +145,42 @@ def check_rules(rules: Any) -> tuple:
                                ' with views built from orbax_nnx.view (e.g. view[0].T).')
     out.append((rule[0], dict(rhs) if isinstance(rhs, Mapping) else rhs))
   return tuple(out)
+
+
+_METHODS = ('transpose', 'swapaxes', 'astype', 'reshape', 'concat')
+
+
+def parse_view(text: str) -> View:
+  """The view `text` spells as `str(View)` prints it (`view[0].T`, `view.astype(bfloat16)`), parsed, never run.
+
+  Raises:
+    OptionError: anything but `view` with indexing, `.T` and the View methods on literal arguments.
+  """
+  def literal(node):
+    if isinstance(node, ast.Name):  # a dtype written bare: astype(bfloat16)
+      return node.id
+    if isinstance(node, ast.Slice):
+      if node.step is not None:
+        raise ValueError('a slice step')
+      return slice(*(None if n is None else ast.literal_eval(n) for n in (node.lower, node.upper)))
+    if isinstance(node, ast.Tuple):
+      return tuple(literal(n) for n in node.elts)
+    return ast.literal_eval(node)
+
+  def build(node) -> View:
+    if isinstance(node, ast.Name) and node.id == 'view':
+      return view
+    if isinstance(node, ast.Attribute) and node.attr == 'T':
+      return build(node.value).T
+    if isinstance(node, ast.Subscript):
+      return build(node.value)[literal(node.slice)]
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _METHODS:
+      method = getattr(build(node.func.value), node.func.attr)
+      return method(*(literal(a) for a in node.args), **{k.arg: literal(k.value) for k in node.keywords})
+    raise ValueError(ast.dump(node)[:60])
+
+  try:
+    return build(ast.parse(text.strip(), mode='eval').body)
+  except (SyntaxError, ValueError, TypeError) as e:
+    raise errors.OptionError(f'{text!r} is not a view: write it as plan prints views, e.g. view.T, view[0].T,'
+                             f' view.reshape(8, 64, -1), view.astype(bfloat16) ({e}).') from None

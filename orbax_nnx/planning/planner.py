@@ -17,14 +17,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from orbax_nnx import compat, errors, nnx_tree
+from orbax_nnx import compat, errors, nnx_tree, options
 from orbax_nnx.mapping.axes import AmbiguousAxisError, Evidence, layer_axis
 from orbax_nnx.mapping.groups import MODEL, OPTIMIZER, is_train_state, model_start
 from orbax_nnx.mapping.layout import CanonPath, Layout
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
 from orbax_nnx.planning.expressions import Const, Expr, Read, Stack, Take, Transpose, cast, reads
 from orbax_nnx.mapping.rules import Slot, apply_view, rename
-from orbax_nnx.mapping.views import View, check_rules, compile_rules
+from orbax_nnx.mapping.views import View, compile_rules
 from orbax_nnx.sources import listing
 
 ScanAxis = Union[int, Mapping[str, int], None]
@@ -524,17 +524,37 @@ def build(
 
 
 @listing.looking_once
-def plan(source, target, *, rules: Sequence[Rule] = (), scan_axis: ScanAxis = None, param_scan_axis: int = 1,
-         exclude=nnx_tree.DEFAULT_EXCLUDE, layout: str | None = None, groups=None) -> Plan:
-  """`orbax_nnx.plan(path_or_layout, abstract_target)`: the plan, without reading arrays.
+@options.takes_options('mapping')
+def plan(source, target, *, mapping: options.Mapping | None = None, exclude=nnx_tree.DEFAULT_EXCLUDE,
+         step: int | None = None, item: str | None = None) -> Plan:
+  """The plan that maps `source` onto `target`, from metadata alone (no array bytes are read).
 
-  `layout=NAME` forces a preset, `groups=` declares layer-group names (see `detect_layout`).
+      print(orbax_nnx.plan('ckpt/100/default', nnx.state(abstract_model)))
+
+  Args:
+    source: an item dir, step dir or manager root (latest step unless `step`), a safetensors folder, or a
+      `Layout` from `detect_layout`.
+    target: the NNX model the data lands in: an abstract or live model, or its `nnx.State`.
+    mapping: how the source's leaves map onto the target (`orbax_nnx.Mapping`: rules, layout, groups,
+      scan_axis, param_scan_axis); its fields may also be passed as keywords.
+    exclude: Variable types of the target left out (default: Cache, Intermediate).
+    step: the step of a manager root.
+    item: the item inside a step dir with several items.
+
+  Returns:
+    A `Plan`: per target leaf the expression over stored leaves (printing it shows each, and what was
+    inferred), plus the target leaves no stored leaf fills (`missing`) and stored leaves left unused.
+
+  Raises:
+    NotACheckpointError: nothing readable at `source`.
+    LayoutError, PlanError: the source's layout is ambiguous, or a rule or layer axis cannot be applied.
   """
   from orbax_nnx.mapping.layout import detect_layout  # local: avoid a cycle in type-only users
   from orbax_nnx.sources.metadata import resolve_item
 
-  errors.check_int('param_scan_axis', param_scan_axis)
-  rules = check_rules(rules)
-  found = source if isinstance(source, Layout) else detect_layout(resolve_item(source), layout=layout, groups=groups)
-  return build(found, target_leaves(target, exclude), rules=rules, scan_axis=scan_axis,
-               param_scan_axis=param_scan_axis)
+  if isinstance(source, Layout):
+    found = source
+  else:
+    found = detect_layout(resolve_item(source, step=step, item=item), layout=mapping.layout, groups=mapping.groups)
+  return build(found, target_leaves(target, exclude), rules=mapping.rules, scan_axis=mapping.scan_axis,
+               param_scan_axis=mapping.param_scan_axis)
