@@ -24,9 +24,9 @@ from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 from orbax_nnx.inspection import inspect_checkpoint as inspect
 from orbax_nnx.compare import compare
 from orbax_nnx import llama
-from orbax_nnx import v1 as _v1
+from orbax_nnx import testing, v1
 
-_v1.register()  # Orbax v1: NNX objects saved and loaded by orbax_nnx.v1.NNXHandler
+v1.register()  # Orbax v1: NNX objects saved and loaded by orbax_nnx.v1.NNXHandler
 from orbax_nnx.version import __version__
 from orbax_nnx.mapping.views import View, view
 from orbax_nnx.options import LinenOutput, Mapping
@@ -44,6 +44,8 @@ __all__ = [
     'compare',
     'inspect',
     'llama',
+    'testing',
+    'v1',
     'convert',
     'export_params',
     'load_params',

@@ -406,11 +406,21 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _native_stdout_to_stderr() -> None:
+  """Native libraries (gloo's connection lines) print on fd 1: point fd 1 at stderr, and keep the real stdout
+  for Python's `print`, so stdout carries only the command's own output."""
+  sys.stdout.flush()
+  real_stdout = os.dup(1)
+  os.dup2(2, 1)
+  sys.stdout = os.fdopen(real_stdout, 'w', buffering=1)
+
+
 def _maybe_distributed() -> None:
   """Joins a jax.distributed job when JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID are set."""
   address, count, index = (os.environ.get(k) for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES',
                                                       'JAX_PROCESS_ID'))
   if address and count and index:
+    _native_stdout_to_stderr()
     import jax
     jax.distributed.initialize(coordinator_address=address, num_processes=int(count), process_id=int(index))
 

@@ -90,7 +90,7 @@ def canonical_view(layout: Layout, only: Only = 'all', unroll: bool = True) -> P
 @listing.looking_once
 def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0, only: Only = 'all',
             mapping: options.Mapping | None = None, layout_a: str | None = None, layout_b: str | None = None,
-            memory_budget: int | str = DEFAULT_COMPARE_BUDGET, step_a: int | None = None, step_b: int | None = None,
+            memory_budget: int | str | None = None, step_a: int | None = None, step_b: int | None = None,
             item_a: str | None = None, item_b: str | None = None) -> CompareReport:
   """Compares checkpoints `a` and `b`, in any layouts: are they the same model (and optimizer)?
 
@@ -115,7 +115,7 @@ def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0,
     layout_a: force A's layout preset.
     layout_b: force B's layout preset.
     memory_budget: what value comparison holds (an int, or '512MiB'; default 512 MiB): each side's row block
-      a quarter of it, the rest for decoded chunks kept between blocks.
+      a quarter of it, the rest for decoded chunks kept between blocks. None: 512 MiB.
     step_a: the step of A, when it is a manager root.
     step_b: the step of B, when it is a manager root.
     item_a: the item of A, inside a step dir with several items.
@@ -129,7 +129,8 @@ def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0,
     LayoutError, PlanError: a side's layout cannot be mapped.
     OptionError: an option outside its accepted values (e.g. safetensors as A without rules).
   """
-  memory_budget = sizes.parse_bytes(memory_budget, 'memory_budget', allow_none=False)
+  memory_budget = sizes.parse_bytes(memory_budget, 'memory_budget')
+  memory_budget = DEFAULT_COMPARE_BUDGET if memory_budget is None else memory_budget
   errors.check_choice('only', only, ('params', 'optimizer', 'all'))
   errors.check_choice('values', values, (True, False))
   rules, scan_axis, groups = mapping.rules, mapping.scan_axis, mapping.groups

@@ -80,8 +80,8 @@ class NNXRestore(ocp.args.CheckpointArgs):
       `StandardRestore(support_layout=True)`.
     restore_args: Orbax `RestoreArgs` per leaf, a tree shaped like `target` (as for
       `PyTreeRestore`); only where the stored tree matches the target.
-    layout: force a preset by name instead of detecting it (`orbax_nnx.mapping.presets`, e.g.
-      'linen-flax'); `groups`: more layer-group names or regexes beside the built-in ones.
+    layout: force a preset by name instead of detecting it (`orbax-nnx presets`, e.g. 'linen-flax').
+    groups: more layer-group names or regexes beside the built-in ones.
     memory_budget: bytes (an int, or a string such as '512MiB' or '2GB') a converted (planned)
       restore holds besides the restored arrays: half for decoded chunks kept for other regions (at least one chunk), half for host
       buffers in flight. None: room for two of the largest stored arrays and 1 GiB in flight.
@@ -158,12 +158,19 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
   `PyTreeSave`/`PyTreeRestore`, so one handler serves an item whatever args the
   caller uses. A tree with no NNX object in it (and a checkpoint we did not write as
   NNX) goes to Orbax's own Standard/PyTree handler untouched.
+
+  Args:
+    **options: passed to `ocp.StandardCheckpointHandler` (e.g. `use_ocdbt=False`).
   """
 
   typestr = _TypestrDescriptor()
 
   def __init__(self, **options: Any):
-    """`options` are passed to `ocp.StandardCheckpointHandler` (e.g. use_ocdbt)."""
+    """A handler for one item of one CheckpointManager (Orbax keeps one per item).
+
+    Args:
+      **options: passed to `ocp.StandardCheckpointHandler` (e.g. `use_ocdbt=False`).
+    """
     self._options = options
     self._standard: ocp.StandardCheckpointHandler | None = None
     self._saved_kinds: dict[str, str] = {}  # item name -> 'nnx' | 'standard' | 'pytree'
@@ -474,6 +481,14 @@ def add_to_registry(registry, item: str | None = None, handler: NNXCheckpointHan
       registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
       orbax_nnx.add_to_registry(registry)          # or for one item: item='model'
       registry.add('metrics', ocp.args.JsonSave)   # your own entries
+
+  Args:
+    registry: an Orbax `CheckpointHandlerRegistry` (e.g. `DefaultCheckpointHandlerRegistry`).
+    item: the item name to route, or None for every item.
+    handler: the handler to route to (default: a new `NNXCheckpointHandler`).
+
+  Raises:
+    ValueError: from Orbax, when the registry already routes one of these args for `item`.
   """
   handler = handler or NNXCheckpointHandler()
   for args_type in (NNXSave, NNXRestore, ocp.args.StandardSave, ocp.args.StandardRestore,

@@ -42,7 +42,30 @@ class LlamaConfig:
   layer's MLP a mixture of experts (a router and `num_experts` experts of width `moe_mlp`, `experts_per_token`
   chosen per token, their weights renormalized when `norm_topk_prob`); `moe_names` is how Hugging Face names
   them: `'qwen'` (`mlp.gate`, `mlp.experts.E.gate_proj`: Qwen3-MoE) or `'mixtral'` (`block_sparse_moe.gate`,
-  `block_sparse_moe.experts.E.w1`)."""
+  `block_sparse_moe.experts.E.w1`).
+
+  Attributes:
+    vocab: vocabulary size.
+    emb: embedding (model) width.
+    mlp: dense MLP width.
+    num_layers: decoder layers.
+    num_heads: query heads.
+    num_kv_heads: key/value heads (grouped-query attention when fewer).
+    head_dim: width of one head.
+    rms_eps: RMSNorm epsilon.
+    rope_theta: rotary embedding base.
+    tie_embeddings: the head reuses the embedding (no `lm_head`).
+    attn_bias: q/k/v projections have biases (Qwen2).
+    qk_norm: RMSNorm on queries and keys per head (Qwen3).
+    scan_layers: layers stacked on axis 0 (`nnx.vmap`) instead of `layers/N`.
+    param_dtype: dtype of the parameters.
+    rope_scaling: Hugging Face `rope_scaling` as JSON (weights load; this example's forward refuses it).
+    num_experts: experts per MoE layer (0: dense MLPs).
+    experts_per_token: experts chosen per token.
+    moe_mlp: width of one expert.
+    norm_topk_prob: renormalize the chosen experts' weights.
+    moe_names: how Hugging Face names the experts: 'qwen' or 'mixtral'.
+  """
 
   vocab: int = 64
   emb: int = 32
@@ -224,7 +247,12 @@ class DecoderLayer(nnx.Module):
 
 
 class Llama(nnx.Module):
-  """Embedding, decoder layers (`layers/N` unrolled, or `layers` stacked on axis 0), norm, head."""
+  """Embedding, decoder layers (`layers/N` unrolled, or `layers` stacked on axis 0), norm, head.
+
+  Args:
+    cfg: the sizes and family switches.
+    rngs: initialization keys.
+  """
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     # kernels carry mesh axis names ('fsdp', 'tensor'); they shard eagerly only under a mesh
@@ -267,6 +295,15 @@ def hf_rules(cfg: LlamaConfig) -> list:
   """Rules from Hugging Face tensor names (`model.layers.N.self_attn.q_proj.weight`) to `Llama` paths.
 
   Only the rules for tensors `cfg` says exist are included: a rule that matches nothing is an error.
+
+  Args:
+    cfg: the model's config (`LlamaConfig.from_hf`).
+
+  Returns:
+    `(pattern, replacement or {replacement: view})` rules for `rules=` (`orbax_nnx.Mapping`).
+
+  Raises:
+    OptionError: never for a valid config; the rules are plain data, checked where they are used.
   """
   n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.emb
   layer = r'model\.layers\.(\d+)\.'
@@ -298,7 +335,17 @@ def hf_rules(cfg: LlamaConfig) -> list:
 
 
 def hf_export_rules(cfg: LlamaConfig) -> list:
-  """The inverse of `hf_rules`: `Llama` paths (stacked layers seen as `layers/N`) to Hugging Face tensors."""
+  """The inverse of `hf_rules`: `Llama` paths (stacked layers seen as `layers/N`) to Hugging Face tensors.
+
+  Args:
+    cfg: the model's config.
+
+  Returns:
+    Rules for `export_params(format='safetensors', export_rules=...)`.
+
+  Raises:
+    OptionError: never for a valid config; the rules are plain data, checked where they are used.
+  """
   n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.emb
   layer, hf = r'layers/(\d+)/', r'model.layers.\1.'
   rules = [
@@ -337,7 +384,15 @@ def _hf_moe_names(cfg: LlamaConfig) -> tuple[str, list[tuple[str, str]]]:
 
 @dataclasses.dataclass(frozen=True)
 class HFPreset:
-  """What the CLI's `--preset llama` uses: the abstract model and the rules both ways."""
+  """What the CLI's `--model llama` uses: the abstract model and the rules both ways.
+
+  Attributes:
+    config: the model's `LlamaConfig`.
+    target: an abstract `Llama` (`nnx.eval_shape`).
+    rules: Hugging Face names -> model paths (loading).
+    export_rules: model paths -> Hugging Face names (exporting).
+    scan_axis: where scanned layers are stacked.
+  """
 
   config: LlamaConfig
   target: Any  # an abstract `Llama` (nnx.eval_shape)
@@ -347,7 +402,18 @@ class HFPreset:
 
 
 def hf_preset(config: Mapping[str, Any] | epath.PathLike, **overrides: Any) -> HFPreset:
-  """The Llama-family preset for a Hugging Face `config.json` (a path or its dict)."""
+  """The Llama-family preset for a Hugging Face `config.json` (a path or its dict).
+
+  Args:
+    config: a `config.json` path or its dict.
+    **overrides: `LlamaConfig` fields that win over the file (e.g. `scan_layers=True`).
+
+  Returns:
+    The `HFPreset`.
+
+  Raises:
+    OptionError: a model layout this example does not model (see `LlamaConfig.from_hf`).
+  """
   cfg = LlamaConfig.from_hf(config, **overrides)
   target = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   return HFPreset(cfg, target, hf_rules(cfg), hf_export_rules(cfg), dict(SCAN_AXIS))

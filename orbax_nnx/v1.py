@@ -40,7 +40,12 @@ TYPESTR = 'orbax_nnx.v1.NNXHandler'  # what v1 records for items this handler sa
 
 
 class NNXHandler:
-  """Saves and loads NNX objects (Modules, Optimizers, States) for Orbax v1; built without arguments."""
+  """Saves and loads NNX objects (Modules, Optimizers, States) for Orbax v1; built without arguments.
+
+  Registered by `import orbax_nnx`, so `ocp.save_checkpointables(path, {'model': model})` keeps Variable types,
+  and `ocp.load_checkpointables(path, {'model': abstract})` (or an `orbax_nnx.NNXRestore` as the abstract
+  checkpointable) maps any supported layout onto the target.
+  """
 
   def __init__(self):
     self._v0 = NNXCheckpointHandler()
@@ -87,7 +92,19 @@ def context(**options: Any):
 
   The global registry binds the name `state` to PyTreeHandler; here every global handler is kept,
   in order, without that name binding, so the most recently registered handler that can take an
-  object wins: ours for NNX objects, PyTreeHandler for plain pytrees. `options` go to `ocp.Context`.
+  object wins: ours for NNX objects, PyTreeHandler for plain pytrees.
+
+      with orbax_nnx.v1.context():
+        ocp.save(path, nnx.state(model))
+
+  Args:
+    **options: passed to `ocp.Context` (e.g. `context=` a parent context to copy the other options from).
+
+  Returns:
+    The `ocp.Context`, to enter with `with`, or to pass as `training.Checkpointer(..., context=...)`.
+
+  Raises:
+    TypeError: from Orbax, for an option `ocp.Context` does not take.
   """
   from orbax.checkpoint.experimental import v1 as ocp_v1
 
@@ -100,12 +117,18 @@ def context(**options: Any):
     registry.add(handler_type, checkpointable_name=name,
                  secondary_typestrs=global_registry.get_secondary_typestrs(handler_type))
     added.add((handler_type, name))
-  return ocp_v1.Context(checkpointables_options=ocp_v1.options.CheckpointablesOptions(registry=registry), **options)
+  context = ocp_v1.Context(**options)
+  context.checkpointables.registry = registry  # Orbax's dot-notation configuration (no deprecation warning)
+  return context
 
 
 class V1ItemCheckpointHandler(NNXCheckpointHandler):
   """Our v0 handler under the typestr v1 records: a v0 CheckpointManager restores v1-saved NNX items
-  with no args."""
+  with no args.
+
+  Args:
+    **options: as `NNXCheckpointHandler`'s.
+  """
 
   @classmethod
   def typestr(cls) -> str:
@@ -121,7 +144,11 @@ ocp.args.register_with_handler(V1ItemCheckpointHandler, for_restore=True)(
 
 def register() -> None:
   """Registers `NNXHandler` with Orbax v1 (done on `import orbax_nnx`): v0 NNX items load through it,
-  and v1-saved NNX items through a v0 CheckpointManager."""
+  and v1-saved NNX items through a v0 CheckpointManager.
+
+  Raises:
+    ValueError: from Orbax, if another handler is registered under our typestr.
+  """
   from orbax.checkpoint.experimental.v1 import handlers
 
   assert f'{NNXHandler.__module__}.{NNXHandler.__qualname__}' == TYPESTR

@@ -131,7 +131,7 @@ def test_random_layouts_restore_and_convert_bit_exact(tmp_path_factory, model, f
     np.testing.assert_array_equal(host(got), host(value), err_msg=str(path))
 
   # convert to the other framework and straight back: bit-exact, equal at every step
-  mid = orbax_nnx.convert(src, root / 'mid', scan_layers=convert_scan, format=flavour if framework == 'linen' else 'raw')
+  mid = orbax_nnx.convert(src, root / 'mid', scan_layers=convert_scan, flavour=flavour if framework == 'linen' else 'raw')
   back = orbax_nnx.convert(root / 'mid', root / 'back')
   assert (mid.framework, back.framework) == (('nnx', 'linen') if framework == 'linen' else ('linen', 'nnx'))
   for a, b in ((src, root / 'mid'), (src, root / 'back')):

@@ -95,7 +95,8 @@ def _launch(args: list[str], n: int = 2) -> None:
   envs = [{**base_env(), 'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu',
            'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAX_NUM_PROCESSES': str(n), 'JAX_PROCESS_ID': str(i)}
           for i in range(n)]
-  run_together([([sys.executable, '-m', 'orbax_nnx', *args, '--quiet'], env) for env in envs])
+  outputs = run_together([([sys.executable, '-m', 'orbax_nnx', *args, '--quiet'], env) for env in envs])
+  assert outputs == [''] * n, outputs  # --quiet: nothing on stdout, native (gloo) lines included
 
 
 @pytest.mark.slow

@@ -31,7 +31,14 @@ CanonPath = tuple[str, ...]
 
 @dataclasses.dataclass(frozen=True)
 class LayerGroup:
-  """A group of layers: stacked in one array per leaf, or unrolled as `name_N` / `name/N`."""
+  """A group of layers: stacked in one array per leaf, or unrolled as `name_N` / `name/N`.
+
+  Attributes:
+    path: the group's canonical path (unrolled: the common name, e.g. `('model', 'layers')`).
+    style: 'stacked', 'unrolled_suffix' (`layers_0`, `layers_1`) or 'unrolled_index' (`layers/0`).
+    length: the number of layers (0 while a stacked group's shapes leave it open).
+    indices: the layer numbers of an unrolled group.
+  """
 
   path: CanonPath  # canonical path of the group (for unrolled: the common name, e.g. ('model', 'layers'))
   style: Literal['stacked', 'unrolled_suffix', 'unrolled_index']
@@ -48,7 +55,22 @@ class LayerGroup:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """What a checkpoint item holds, from metadata alone."""
+  """What a checkpoint item holds, from metadata alone (`orbax_nnx.detect_layout`).
+
+  Attributes:
+    kind: 'nnx', 'linen', 'maxtext', 'params' (a bare model tree) or 'safetensors'.
+    flavour: 'raw' (every leaf under `value`), 'pure', or 'mixed'.
+    params_root: where the model's params are stored (e.g. `('params', 'params')`), if anywhere.
+    opt_root: where the optimizer state is stored, if anywhere.
+    step_path: where the step is stored, if anywhere.
+    aux_roots: model-mirroring state besides the params (`nnx_aux/model`, `batch_stats`).
+    groups: the layer groups found (`LayerGroup`).
+    canonical: canonical path (`model/...`, `optimizer/...`) -> stored path, for every stored leaf.
+    leaves: stored path -> shape, dtype and storage facts.
+    meta: the item's metadata as read once.
+    preset: the layout preset whose rules gave the canonical paths.
+    group_names: the layer-group names in force (built-in and declared).
+  """
 
   kind: Kind
   flavour: Literal['raw', 'pure', 'mixed']

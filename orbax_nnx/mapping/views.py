@@ -23,9 +23,15 @@ from orbax_nnx import errors
 
 @dataclasses.dataclass(frozen=True)
 class View:
-  """Operations on one stored array, applied in order: ('take', i), ('slice', axis, start, stop),
-  ('reshape', shape), ('transpose', perm), ('swapaxes', a, b), ('astype', dtype), and
-  ('concat', other stored names, axis), which fuses other stored arrays onto it."""
+  """A view of one stored array, for the right side of rules: build it from `orbax_nnx.view`.
+
+      orbax_nnx.view[0].T, orbax_nnx.view.reshape(16, 64, -1), orbax_nnx.view.astype('bfloat16')
+
+  Attributes:
+    ops: the operations, applied in order: ('take', i), ('slice', axis, start, stop), ('reshape', shape),
+      ('transpose', perm), ('swapaxes', a, b), ('astype', dtype), and ('concat', other stored names, axis),
+      which fuses other stored arrays onto it.
+  """
 
   ops: tuple[tuple[Any, ...], ...] = ()
 

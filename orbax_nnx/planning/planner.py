@@ -85,7 +85,16 @@ def target_leaves(target: Any, exclude=nnx_tree.DEFAULT_EXCLUDE) -> list[TargetL
 
 @dataclasses.dataclass
 class Plan:
-  """Target path -> expression, plus what could not be matched."""
+  """Target path -> expression over stored leaves, plus what could not be matched (`orbax_nnx.plan`).
+
+  Attributes:
+    source: the `Layout` planned from.
+    entries: target path -> the expression that computes it (reads, views, stacks, casts).
+    leaves: target path -> the target leaf (shape, dtype, sharding).
+    missing: target paths no stored leaf fills.
+    unused: stored paths no target leaf reads.
+    inferred: the layer axes that only the group's other leaves decided (`plan` prints `# INFERRED`).
+  """
 
   source: Layout
   entries: dict[Path, Expr]

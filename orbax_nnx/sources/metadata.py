@@ -163,7 +163,19 @@ def _reader() -> ocp.PyTreeCheckpointHandler:
 def read_item_metadata(
     directory: epath.PathLike, handler: ocp.PyTreeCheckpointHandler | None = None
 ) -> ItemMetadata:
-  """Reads an Orbax PyTree item's metadata (or safetensors headers); raises NotACheckpointError on bad input."""
+  """Reads an Orbax PyTree item's metadata, or a safetensors source's headers (no array bytes).
+
+  Args:
+    directory: the item directory (or safetensors file or folder).
+    handler: the Orbax PyTree handler to read with (default: a new one).
+
+  Returns:
+    The `ItemMetadata`: each stored leaf's path, shape, dtype and storage, and our custom metadata.
+
+  Raises:
+    NotACheckpointError: not an Orbax item (or not readable: permission denied).
+    CorruptCheckpointError: metadata that is damaged or hostile.
+  """
   from orbax_nnx.sources import safetensors as safetensors_source  # local: it builds on this module
 
   directory = absolute(directory)
@@ -320,6 +332,18 @@ def resolve_item(path: epath.PathLike, *, step: int | None = None, item: str | N
   A manager root defaults to its latest step; a step directory with one item needs no `item`.
   Step directories may be named in any way `CheckpointManagerOptions` allows (`step_prefix`,
   `step_format_fixed_length`).
+
+  Args:
+    path: an item dir, step dir, manager root, or safetensors file or folder (local or `gs://`).
+    step: the step of a manager root (default: its latest).
+    item: the item of a step dir with several items.
+
+  Returns:
+    The item directory, absolute.
+
+  Raises:
+    NotACheckpointError: no checkpoint there, no such step, or several items and no `item`.
+    OptionError: `step` or `item` that is not a step number or item name, or that an item dir does not match.
   """
   if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
     raise errors.OptionError(f'step={step!r} is not a step number; use a non-negative int.')
