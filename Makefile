@@ -16,6 +16,7 @@ demo: $(STAMP)
 	$(BIN)/python -m orbax_nnx.demo
 
 test: $(STAMP)
+	$(BIN)/ruff check orbax_nnx tests bench
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)

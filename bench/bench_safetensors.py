@@ -159,9 +159,9 @@ def worker(mode: str, root: str, params_mib: str, mesh_shape: str = '') -> dict:
 def setup(root: str, params_mib: int) -> None:
   import numpy as np
   from flax import nnx
+  from hf_checkpoint import hf_config, write_hf
 
   import orbax_nnx
-  from hf_checkpoint import hf_config, write_hf
   from orbax_nnx.llama import Llama, hf_rules
 
   cfg = config(params_mib)

@@ -7,12 +7,10 @@
 Importing this package registers `NNXCheckpointHandler` with Orbax.
 """
 
-from orbax_nnx import errors
+from orbax_nnx import errors, llama, testing, v1
 from orbax_nnx.api import restore
+from orbax_nnx.compare import compare
 from orbax_nnx.conversion import convert
-from orbax_nnx.serving import export_params, load_params
-from orbax_nnx.mapping.layout import Layout, LayerGroup, detect_layout
-from orbax_nnx.planning.planner import Plan, plan
 from orbax_nnx.handlers import (
     NNXCheckpointHandler,
     NNXRestore,
@@ -20,16 +18,16 @@ from orbax_nnx.handlers import (
     add_to_registry,
     nnx_registry,
 )
-from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 from orbax_nnx.inspection import inspect_checkpoint as inspect
-from orbax_nnx.compare import compare
-from orbax_nnx import llama
-from orbax_nnx import testing, v1
-
-v1.register()  # Orbax v1: NNX objects saved and loaded by orbax_nnx.v1.NNXHandler
-from orbax_nnx.version import __version__
+from orbax_nnx.mapping.layout import LayerGroup, Layout, detect_layout
 from orbax_nnx.mapping.views import View, view
 from orbax_nnx.options import LinenOutput, Mapping
+from orbax_nnx.planning.planner import Plan, plan
+from orbax_nnx.serving import export_params, load_params
+from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
+from orbax_nnx.version import __version__
+
+v1.register()  # Orbax v1: NNX objects saved and loaded by orbax_nnx.v1.NNXHandler
 
 __all__ = [
     'LayerGroup',

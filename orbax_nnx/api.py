@@ -9,8 +9,8 @@ from etils import epath
 
 from orbax_nnx import nnx_tree, options
 from orbax_nnx.handlers import NNXCheckpointHandler, NNXRestore
-from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 from orbax_nnx.sources import listing
+from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 
 
 @options.takes_options('mapping')

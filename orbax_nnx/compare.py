@@ -15,13 +15,13 @@ import numpy as np
 
 from orbax_nnx import errors, options, sizes
 from orbax_nnx.io import budget
-from orbax_nnx.mapping.layout import MODEL, OPTIMIZER, Layout, detect
-from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
-from orbax_nnx.planning.planner import Plan, build
-from orbax_nnx.io.source_arrays import SourceArrays
 from orbax_nnx.io.regions import evaluate, row_blocks
+from orbax_nnx.io.source_arrays import SourceArrays
+from orbax_nnx.mapping.layout import MODEL, OPTIMIZER, Layout, detect
+from orbax_nnx.planning.planner import Plan, build
 from orbax_nnx.planning.targets import layout_target
 from orbax_nnx.sources import listing
+from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 
 DEFAULT_COMPARE_BUDGET = 512 * 2**20  # bytes value comparison holds (row blocks + decoded chunks)
 

@@ -19,8 +19,12 @@ from orbax.checkpoint._src.handlers import handler_type_registry as _handler_typ
 from orbax.checkpoint._src.metadata import array_metadata_store as array_metadata_store_lib
 from orbax.checkpoint._src.metadata import sharding as _sharding_metadata
 from orbax.checkpoint._src.metadata import value as _value_metadata
-from orbax.checkpoint._src.serialization import jax_array_handlers, ocdbt_utils, tensorstore_utils
-from orbax.checkpoint._src.serialization import type_handler_registry
+from orbax.checkpoint._src.serialization import (
+  jax_array_handlers,
+  ocdbt_utils,
+  tensorstore_utils,
+  type_handler_registry,
+)
 from orbax.checkpoint._src.serialization import types as serialization_types
 
 run_sync = asyncio_utils.run_sync

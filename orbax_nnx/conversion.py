@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import math
 import resource
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Callable, Literal
 
 import jax
@@ -28,17 +27,25 @@ from etils import epath
 
 from orbax_nnx import errors, nnx_tree, options, sizes, version
 from orbax_nnx.io import budget
-from orbax_nnx.mapping.layout import Layout, detect, linen_style as choose_linen_style
-from orbax_nnx.sources.metadata import CUSTOM_KEY, ItemMetadata, read_item_metadata, resolve_item
+from orbax_nnx.io.destination import check_destination
+from orbax_nnx.io.reader import layer_of
+from orbax_nnx.io.source_arrays import SourceArrays
+from orbax_nnx.io.writer import (
+  MAX_BATCH_BYTES,
+  MIN_WRITE_BLOCK_BYTES,
+  LazyArray,
+  WriteSession,
+  layer_chunk_args,
+  lockstep_align,
+  streaming_pytree_handler,
+)
+from orbax_nnx.mapping.layout import Layout, detect
+from orbax_nnx.mapping.layout import linen_style as choose_linen_style
 from orbax_nnx.planning.expressions import Cast, LoraMerge, cast, reads
 from orbax_nnx.planning.planner import Plan, build
-from orbax_nnx.io.source_arrays import SourceArrays
 from orbax_nnx.planning.targets import LayoutTarget, layout_target, model_target
-from orbax_nnx.io.reader import layer_of
-from orbax_nnx.io.destination import check_destination
-from orbax_nnx.io.writer import (MAX_BATCH_BYTES, MIN_WRITE_BLOCK_BYTES, LazyArray, WriteSession, layer_chunk_args,
-                                 lockstep_align, streaming_pytree_handler)
 from orbax_nnx.sources import listing
+from orbax_nnx.sources.metadata import CUSTOM_KEY, ItemMetadata, read_item_metadata, resolve_item
 
 DEFAULT_BUFFER_BYTES = 256 * 2**20  # convert / export_params: arrays in flight, without a memory_budget
 OCDBT_FILE_BYTES = 64 * 2**20  # OCDBT buffers a data file in memory until it is this big

@@ -19,8 +19,8 @@ from etils import epath
 from flax import nnx
 
 from orbax_nnx import compat, errors, nnx_tree, options, restoring, sizes, version
-from orbax_nnx.sources.metadata import CUSTOM_KEY, read_item_metadata
 from orbax_nnx.sources import listing
+from orbax_nnx.sources.metadata import CUSTOM_KEY, read_item_metadata
 
 PyTree = Any
 

@@ -7,10 +7,10 @@ from collections import defaultdict
 from typing import Any
 
 from orbax_nnx import errors
-from orbax_nnx.options import takes_options
 from orbax_nnx.mapping.layout import MODEL, OPTIMIZER, Layout, detect
-from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
+from orbax_nnx.options import takes_options
 from orbax_nnx.sources import listing
+from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 
 _RNG_TYPES = ('RngKey', 'RngCount', 'RngState')
 _RNG_NAMES = {'rngs', 'rng'}

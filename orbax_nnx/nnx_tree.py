@@ -15,8 +15,8 @@ import sys
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
-import jax
 import flax
+import jax
 from flax import nnx
 
 from orbax_nnx import compat

@@ -15,7 +15,8 @@ import dataclasses
 import functools
 import re
 import warnings
-from collections.abc import Mapping as AbcMapping, Sequence
+from collections.abc import Mapping as AbcMapping
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from orbax_nnx import errors

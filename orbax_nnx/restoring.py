@@ -16,12 +16,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from orbax_nnx import compat, errors, shardings
+from orbax_nnx import compat, errors, nnx_tree, shardings
 from orbax_nnx.io import budget
-from orbax_nnx import nnx_tree
+from orbax_nnx.nnx_tree import VALUE_KEY, DiskPath, Path, path_str
 from orbax_nnx.sources import untrusted
 from orbax_nnx.sources.metadata import ItemMetadata
-from orbax_nnx.nnx_tree import VALUE_KEY, DiskPath, Path, path_str
 
 MissingPolicy = Literal['error', 'keep']
 ExtraPolicy = Literal['error', 'ignore']
@@ -290,10 +289,10 @@ def restore_planned(meta: ItemMetadata, target: Any, *, missing: MissingPolicy =
   `memory_budget` bounds what is held besides the restored arrays (see `NNXRestore`); `layout` forces a
   preset and `groups` declares layer-group names (see `orbax_nnx.detect_layout`).
   """
-  from orbax_nnx.mapping.layout import detect  # local: these modules import this one's users
-  from orbax_nnx.planning.planner import build, target_leaves
   from orbax_nnx.io.reader import execute
   from orbax_nnx.io.source_arrays import SourceArrays
+  from orbax_nnx.mapping.layout import detect  # local: these modules import this one's users
+  from orbax_nnx.planning.planner import build, target_leaves
 
   found = detect(meta, layout=layout, groups=groups)
   orbax.refuse_in_plan(found.kind)

@@ -15,8 +15,8 @@ which cannot rename atomically: in place, the index last).
 from __future__ import annotations
 
 import collections
-import contextlib
 import concurrent.futures
+import contextlib
 import json
 import math
 import re
@@ -29,16 +29,16 @@ import numpy as np
 from etils import epath
 
 from orbax_nnx import errors, nnx_tree, sizes
-from orbax_nnx.sources.metadata import commits_by_marker, read_item_metadata, resolve_item
-from orbax_nnx.planning.expressions import Cast, Expr, Take, cast
+from orbax_nnx.io.destination import check_destination
+from orbax_nnx.io.regions import evaluate, row_blocks
+from orbax_nnx.io.source_arrays import SourceArrays
 from orbax_nnx.mapping.axes import Evidence, layer_axis
 from orbax_nnx.mapping.rules import apply_view, expand
-from orbax_nnx.planning.planner import build, lookup_axis, target_leaves
-from orbax_nnx.io.destination import check_destination
-from orbax_nnx.io.source_arrays import SourceArrays
-from orbax_nnx.io.regions import evaluate, row_blocks
-from orbax_nnx.sources.safetensors import DTYPE_NAMES, INDEX_FILE
 from orbax_nnx.mapping.views import View, check_rules, compile_rules
+from orbax_nnx.planning.expressions import Cast, Expr, Take, cast
+from orbax_nnx.planning.planner import build, lookup_axis, target_leaves
+from orbax_nnx.sources.metadata import commits_by_marker, read_item_metadata, resolve_item
+from orbax_nnx.sources.safetensors import DTYPE_NAMES, INDEX_FILE
 
 DEFAULT_SHARD_BYTES = 5 * 2**30  # what `save_pretrained` writes by default
 DEFAULT_EXPORT_BUDGET = 512 * 2**20  # bytes held: half decoded chunks, half row blocks evaluated ahead
@@ -88,10 +88,9 @@ def export_plan(meta, target: Any, rules: Sequence, *, dtype: Any = None, mappin
   model leaf's tensor. `merge_lora` folds each `nnx.LoRALinear` adapter into its kernel (`W + A @ B`, in
   float32) first.
   """
+  from orbax_nnx import options
   from orbax_nnx.conversion import apply_lora  # local: conversion imports the writer this module shares
   from orbax_nnx.mapping.layout import detect
-
-  from orbax_nnx import options
 
   rules = check_rules(rules)
   mapping = mapping if mapping is not None else options.Mapping()

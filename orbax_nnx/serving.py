@@ -23,10 +23,10 @@ from flax import nnx
 
 from orbax_nnx import errors, nnx_tree, options, safetensors_export, sizes
 from orbax_nnx.conversion import ConvertReport, run_conversion
-from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 from orbax_nnx.planning.planner import plan
 from orbax_nnx.restoring import restore_planned
 from orbax_nnx.sources import listing
+from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 
 
 def _cast_abstract(state: nnx.State, dtype) -> nnx.State:

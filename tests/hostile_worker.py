@@ -22,7 +22,8 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 import tensorstore as ts  # noqa: E402
 from flax import nnx  # noqa: E402
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st
 from safetensors.numpy import save_file  # noqa: E402
 
 import orbax_nnx  # noqa: E402

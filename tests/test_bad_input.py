@@ -14,13 +14,12 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 from flax import nnx
+from helpers import assert_same_state
 
 import orbax_nnx
 from orbax_nnx import errors
 from orbax_nnx.compare import compare
 from orbax_nnx.inspection import inspect_checkpoint
-
-from helpers import assert_same_state
 
 
 def save(path, tree):

@@ -8,15 +8,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
 from flax import nnx
+from helpers import host
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import orbax_nnx
-from orbax_nnx import errors, examples as ex
+from orbax_nnx import errors
+from orbax_nnx import examples as ex
 from orbax_nnx.compare import compare
 from orbax_nnx.testing import add_entropy
-
-from helpers import host
 
 CFG = ex.Config(num_layers=4)
 

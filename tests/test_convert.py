@@ -8,18 +8,18 @@ import textwrap
 
 import flax.linen as nn
 import jax
+import linen_client as lc
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 from flax import nnx
+from helpers import host
 
 import orbax_nnx
-from orbax_nnx import errors, examples as ex
+from orbax_nnx import errors
+from orbax_nnx import examples as ex
 from orbax_nnx.conversion import convert
-
-import linen_client as lc
-from helpers import host
 
 CFG = ex.Config(num_layers=4)
 

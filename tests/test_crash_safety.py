@@ -20,13 +20,12 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 from flax import nnx
+from helpers import host, sds
 
 import orbax_nnx
 from orbax_nnx import errors
-from orbax_nnx.sources import listing
 from orbax_nnx.compare import compare
-
-from helpers import host, sds
+from orbax_nnx.sources import listing
 
 KILLS = 50
 WORKER = os.path.join(os.path.dirname(__file__), 'crash_worker.py')

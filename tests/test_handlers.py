@@ -14,11 +14,11 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from helpers import assert_same_state, flat, host
 
 import orbax_nnx
-from orbax_nnx import errors, examples as ex
-
-from helpers import assert_same_state, flat, host
+from orbax_nnx import errors
+from orbax_nnx import examples as ex
 
 CFG = ex.Config(num_layers=3)
 

@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from hypothesis import HealthCheck, given, settings, strategies as st
+from helpers import host
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import orbax_nnx
 from orbax_nnx.compare import compare
-
-from helpers import host
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.int8, jnp.uint32]
 NAMES = st.sampled_from(['kernel', 'bias', 'scale', 'embedding', 'w', 'norm', 'attn', 'mlp'])

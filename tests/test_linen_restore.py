@@ -2,17 +2,16 @@
 
 import jax
 import jax.numpy as jnp
+import linen_client as lc
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from helpers import host
 
 import orbax_nnx
 from orbax_nnx import examples as ex
-
-import linen_client as lc
-from helpers import host
 
 CFG = ex.Config(num_layers=4)
 

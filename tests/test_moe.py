@@ -10,6 +10,16 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from flax import nnx
+from hf_checkpoint import (
+  BF16,
+  abstract,
+  hf_config,
+  hf_tensors,
+  params_by_path,
+  reference_logits,
+  reference_params,
+  write_hf,
+)
 
 import orbax_nnx
 from orbax_nnx import errors
@@ -17,9 +27,6 @@ from orbax_nnx.examples import make_mesh
 from orbax_nnx.io.regions import read_regions
 from orbax_nnx.llama import SCAN_AXIS, LlamaConfig, hf_export_rules, hf_rules
 from orbax_nnx.sources import safetensors as safetensors_source
-
-from hf_checkpoint import (BF16, abstract, hf_config, hf_tensors, params_by_path, reference_logits,
-                           reference_params, write_hf)
 
 # 12 experts (the case); moe_mlp == num_experts: nothing in the shapes tells the expert axis, and nothing
 # needs to (the rules name each slot)

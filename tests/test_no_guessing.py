@@ -7,12 +7,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from helpers import host
 
 import orbax_nnx
 from orbax_nnx import errors
 from orbax_nnx.mapping.groups import DEFAULT_GROUPS
-
-from helpers import host
 
 SINGLE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 

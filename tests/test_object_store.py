@@ -19,11 +19,10 @@ import pytest
 import safetensors.numpy
 from etils import epath
 from flax import nnx
+from helpers import assert_same_state, host, sds
 
 import orbax_nnx
 from orbax_nnx import errors
-
-from helpers import assert_same_state, host, sds
 
 L, D, F = 3, 4, 6
 RNG = np.random.default_rng(0)

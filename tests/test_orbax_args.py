@@ -8,11 +8,10 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from helpers import assert_same_state, data_only, host
 
 import orbax_nnx
 from orbax_nnx import errors
-
-from helpers import assert_same_state, data_only, host
 
 SINGLE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 

@@ -6,13 +6,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from hypothesis import HealthCheck, given, settings, strategies as st
+from helpers import assert_same_state, host, save_nnx, save_plain, sds
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import orbax_nnx
 from orbax_nnx import errors
 from orbax_nnx.planning.expressions import Cast, Read, Stack, Take, Transpose
-
-from helpers import assert_same_state, host, save_nnx, save_plain, sds
 
 
 def arange(shape, dtype=jnp.float32, offset=0):
@@ -232,9 +232,9 @@ def test_layers_scattered_from_chunks_that_span_them_read_each_chunk_once(tmp_pa
   """Chunks keep the layer axis whole (as sharded saves do): each is decoded once and scattered, also when
   the budget is smaller than one chunk (then one chunk is in flight at a time), and band by band when
   chunks decode as streams."""
-  from orbax_nnx.planning.planner import build, target_leaves
   from orbax_nnx.io.reader import _scatter_groups, execute
   from orbax_nnx.io.source_arrays import SourceArrays
+  from orbax_nnx.planning.planner import build, target_leaves
   from orbax_nnx.sources import chunk_stream
 
   monkeypatch.setattr(chunk_stream, 'MIN_STREAM_BYTES', 0 if streamed else 2**40)
@@ -297,6 +297,7 @@ def test_reads_in_flight_wait_rather_than_decode_a_chunk_twice(tmp_path, monkeyp
   array's reads wait for the last shard of the one before (held back here) rather than evict a chunk
   that shard still needs."""
   import time
+
   from orbax_nnx.io import reader
   from orbax_nnx.planning.planner import build, target_leaves
 

@@ -17,11 +17,10 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from hf_checkpoint import hf_config, hf_tensors, write_hf
 
 import orbax_nnx
 from orbax_nnx import cli, llama
-
-from hf_checkpoint import hf_config, hf_tensors, write_hf
 
 README = pathlib.Path(__file__).resolve().parent.parent / 'README.md'
 

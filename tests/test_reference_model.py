@@ -20,12 +20,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from hypothesis import HealthCheck, given, settings, strategies as st
+from helpers import host
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import orbax_nnx
 from orbax_nnx import errors, view
-
-from helpers import host
 
 EXAMPLES = int(os.environ.get('REFERENCE_EXAMPLES', '25'))
 # `make test` replays one fixed seed; setting REFERENCE_EXAMPLES explores fresh examples each run

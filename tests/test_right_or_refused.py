@@ -9,12 +9,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from helpers import host, save_nnx, save_plain, sds
 
 import orbax_nnx
 from orbax_nnx import errors, view
 from orbax_nnx.planning.expressions import Read, Transpose
-
-from helpers import host, save_nnx, save_plain, sds
 
 
 def numbers(shape, dtype=np.float32, offset=0):
@@ -269,7 +268,9 @@ def test_relative_paths_work_everywhere(tmp_path, monkeypatch):
   assert orbax_nnx.inspect('ckpt')['path'] == str(tmp_path / 'ckpt')
   orbax_nnx.convert('ckpt', 'out', to='linen')
   assert orbax_nnx.compare('ckpt', 'out', values=True).equal
-  import subprocess, sys, os
+  import os
+  import subprocess
+  import sys
   out = subprocess.run([sys.executable, '-m', 'orbax_nnx', 'convert', 'out', 'back'], capture_output=True, text=True,
                        timeout=300, cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS='cpu'))
   assert out.returncode == 0, out.stderr

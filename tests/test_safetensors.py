@@ -9,15 +9,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_checkpoint import (
+  BF16,
+  abstract,
+  hf_config,
+  hf_tensors,
+  params_by_path,
+  reference_logits,
+  reference_params,
+  write_hf,
+)
 
 import orbax_nnx
 from orbax_nnx import errors
-from orbax_nnx.sources import safetensors as safetensors_source
-from orbax_nnx.llama import Llama, LlamaConfig, hf_rules
 from orbax_nnx.examples import make_mesh
-
-from hf_checkpoint import (BF16, abstract, hf_config, hf_tensors, params_by_path, reference_logits,
-                           reference_params, write_hf)
+from orbax_nnx.llama import Llama, LlamaConfig, hf_rules
+from orbax_nnx.sources import safetensors as safetensors_source
 
 CFG = LlamaConfig(vocab=64, emb=32, mlp=48, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8)
 FAMILIES = {
@@ -299,6 +306,7 @@ def test_cli_with_the_llama_preset(tmp_path, capsys):
 def test_column_cut_regions_read_only_their_bytes(tmp_path):
   """A shard that cuts columns of an (out, in) weight reads its own columns row by row, nothing else."""
   import safetensors.numpy
+
   from orbax_nnx.io.source_arrays import SourceArrays
 
   weight = np.arange(64 * 4096, dtype=np.float32).reshape(64, 4096).astype(BF16)

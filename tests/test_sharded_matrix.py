@@ -15,11 +15,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from helpers import host
 
 import orbax_nnx
 from orbax_nnx.conversion import convert
-
-from helpers import host
 
 P = jax.sharding.PartitionSpec
 L, D, F, V = 4, 16, 32, 64

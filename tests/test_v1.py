@@ -12,13 +12,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from helpers import assert_same_state, data_only
 from orbax.checkpoint.experimental import v1
 
 import orbax_nnx
 from orbax_nnx.examples import make_mesh
 from orbax_nnx.llama import Llama, LlamaConfig
-
-from helpers import assert_same_state, data_only
 
 CFG = LlamaConfig(vocab=64, emb=32, mlp=64, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8, scan_layers=True)
 

@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
 from flax import nnx
+from helpers import host
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import orbax_nnx
 from orbax_nnx import errors, view
-
-from helpers import host
 
 V, D, F, LAYERS = 32, 8, 16, 2
 

@@ -23,9 +23,9 @@ from orbax_nnx.io.buffers import aligned_empty
 from orbax_nnx.io.regions import evaluate, normalize, read_regions, start
 from orbax_nnx.io.source_arrays import DEFAULT_CACHE_BYTES, ChunkLedger, SourceArrays, chunk_bounds
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
-from orbax_nnx.sources import chunk_stream
 from orbax_nnx.planning.expressions import Cast, Expr, Read, Take, reads
 from orbax_nnx.planning.planner import Plan, TargetLeaf
+from orbax_nnx.sources import chunk_stream
 
 Index = tuple[slice, ...]
 

@@ -9,8 +9,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from orbax_nnx.io.buffers import aligned_empty, transposed
-from orbax_nnx.planning.expressions import (Cast, Concat, Const, Expr, LoraMerge, Read, Reshape, Slice, Stack, Take,
-                                            Transpose)
+from orbax_nnx.planning.expressions import (
+  Cast,
+  Concat,
+  Const,
+  Expr,
+  LoraMerge,
+  Read,
+  Reshape,
+  Slice,
+  Stack,
+  Take,
+  Transpose,
+)
 
 if TYPE_CHECKING:
   from orbax_nnx.io.source_arrays import SourceArrays

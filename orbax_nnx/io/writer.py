@@ -27,12 +27,12 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from orbax_nnx import compat
-from orbax_nnx.planning.expressions import Expr, reads
-from orbax_nnx.planning.planner import TargetLeaf
 from orbax_nnx.io.reader import Pending, announce, announce_regions, layer_of, reads_directly
+from orbax_nnx.io.regions import evaluate, normalize
 from orbax_nnx.io.source_arrays import ChunkLedger, SourceArrays
 from orbax_nnx.nnx_tree import DiskPath
-from orbax_nnx.io.regions import evaluate, normalize
+from orbax_nnx.planning.expressions import Expr, reads
+from orbax_nnx.planning.planner import TargetLeaf
 
 
 class LazyArray:

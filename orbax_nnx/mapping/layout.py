@@ -21,10 +21,10 @@ from typing import Literal
 from orbax_nnx import errors
 from orbax_nnx.mapping import presets
 from orbax_nnx.mapping.groups import DEFAULT_GROUPS, MODEL, OPTIMIZER, GroupNames, group_names
-from orbax_nnx.sources.metadata import ItemMetadata, LeafInfo, read_item_metadata, resolve_item
-from orbax_nnx.nnx_tree import DiskPath
 from orbax_nnx.mapping.presets import Kind
+from orbax_nnx.nnx_tree import DiskPath
 from orbax_nnx.sources import listing
+from orbax_nnx.sources.metadata import ItemMetadata, LeafInfo, read_item_metadata, resolve_item
 
 CanonPath = tuple[str, ...]
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from orbax_nnx import errors
-from orbax_nnx.mapping.groups import MODEL, OPTIMIZER, is_train_state
+from orbax_nnx.mapping.groups import is_train_state
 
 Kind = Literal['nnx', 'linen', 'maxtext', 'params', 'safetensors']
 Role = Literal['params', 'aux', 'opt', 'step']

@@ -21,10 +21,10 @@ from orbax_nnx import compat, errors, nnx_tree, options
 from orbax_nnx.mapping.axes import AmbiguousAxisError, Evidence, layer_axis
 from orbax_nnx.mapping.groups import MODEL, OPTIMIZER, is_train_state, model_start
 from orbax_nnx.mapping.layout import CanonPath, Layout
-from orbax_nnx.nnx_tree import DiskPath, Path, path_str
-from orbax_nnx.planning.expressions import Const, Expr, Read, Stack, Take, Transpose, cast, reads
 from orbax_nnx.mapping.rules import Slot, apply_view, rename
 from orbax_nnx.mapping.views import View, compile_rules
+from orbax_nnx.nnx_tree import DiskPath, Path, path_str
+from orbax_nnx.planning.expressions import Const, Expr, Read, Stack, Take, Transpose, cast, reads
 from orbax_nnx.sources import listing
 
 ScanAxis = Union[int, Mapping[str, int], None]

@@ -53,7 +53,7 @@ class LayoutTarget:
 def _is_param_like(layout: Layout, canon: CanonPath, disk: DiskPath) -> bool:
   record = layout.meta.record_of(disk)
   if record is not None:
-    return not record.type_name.rsplit('.', 1)[-1] in _NON_PARAM_TYPES
+    return record.type_name.rsplit('.', 1)[-1] not in _NON_PARAM_TYPES
   if any(disk[: len(root)] == root for root in layout.aux_roots):
     return False
   return not (set(canon) & _RNG_NAMES)

@@ -11,9 +11,9 @@ from etils import epath
 from flax import nnx
 
 from orbax_nnx import errors, nnx_tree
-from orbax_nnx.sources.metadata import CUSTOM_KEY, ItemMetadata, LeafInfo
-from orbax_nnx.nnx_tree import DiskPath
 from orbax_nnx.io.buffers import aligned_empty, transposed
+from orbax_nnx.nnx_tree import DiskPath
+from orbax_nnx.sources.metadata import CUSTOM_KEY, ItemMetadata, LeafInfo
 
 LIVE = epath.Path('<live model>')  # the "directory" errors name
 

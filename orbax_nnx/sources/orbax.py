@@ -12,8 +12,8 @@ import numpy as np
 import tensorstore as ts
 
 from orbax_nnx.io.buffers import aligned_empty
-from orbax_nnx.sources import chunk_stream
 from orbax_nnx.nnx_tree import DiskPath
+from orbax_nnx.sources import chunk_stream
 from orbax_nnx.sources.metadata import ItemMetadata
 from orbax_nnx.sources.zarr_headers import ReadSpecs
 

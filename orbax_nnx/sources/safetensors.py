@@ -27,10 +27,10 @@ import numpy as np
 from etils import epath
 
 from orbax_nnx import errors
+from orbax_nnx.io.buffers import aligned_empty, transposed
+from orbax_nnx.nnx_tree import DiskPath
 from orbax_nnx.sources import untrusted
 from orbax_nnx.sources.metadata import ItemMetadata, LeafInfo
-from orbax_nnx.nnx_tree import DiskPath
-from orbax_nnx.io.buffers import aligned_empty, transposed
 
 INDEX_FILE = 'model.safetensors.index.json'
 SUFFIX = '.safetensors'

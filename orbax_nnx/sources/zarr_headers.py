@@ -23,8 +23,8 @@ import tensorstore as ts
 from etils import epath
 
 from orbax_nnx import compat, errors
-from orbax_nnx.sources import untrusted
 from orbax_nnx.nnx_tree import DiskPath
+from orbax_nnx.sources import untrusted
 
 ARRAY_TYPES = ('jax.Array', 'np.ndarray', 'scalar')
 EMPTY_TYPES = ('None', 'Dict', 'List', 'Tuple', 'NamedTuple')
