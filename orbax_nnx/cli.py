@@ -91,9 +91,13 @@ def _add_layout_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_linen_style(p: argparse.ArgumentParser) -> None:
+  """The `orbax_nnx.LinenOutput` flags."""
   p.add_argument('--linen-style', choices=['maxtext', 'flax'], default=None,
                  help='Linen tree to write: maxtext (params/params, params/batch_stats, nnx_aux) or flax (params,'
                  ' batch_stats); default: as the conversion that made SRC, else maxtext')
+  p.add_argument('--template', default=None, metavar='CHECKPOINT',
+                 help='a checkpoint whose tree the Linen output must have (e.g. your TrainState saved at step 0:'
+                 ' its optax EmptyState entries and sequences are written too)')
 
 
 def _layout_names() -> list[str]:
@@ -228,7 +232,7 @@ class _Progress:
 def _linen(args):
   from orbax_nnx.options import LinenOutput
 
-  return LinenOutput(linen_style=getattr(args, 'linen_style', None))
+  return LinenOutput(linen_style=getattr(args, 'linen_style', None), template=getattr(args, 'template', None))
 
 
 def cmd_convert(args) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import os
 import resource
 import sys
 import time
@@ -141,7 +142,8 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
       scan_layers = reverse.get('scan_layers')
   record = source.meta.ours.get('conversion') if source.meta.ours else None
   original = record if isinstance(record, Mapping) and record.get('from_framework') == to else None
-  template_paths = structure_from_template(template)['leaves'] if template is not None else []
+  structure = template_structure(template) if template is not None else None
+  template_paths = structure['leaves'] if structure is not None else []
   style = choose_linen_style(linen.linen_style, template_paths, source)
   target = layout_target(source, to=to, scan_layers=scan_layers, scan_axis=scan_axis,
                          param_scan_axis=param_scan_axis, flavour=flavour, include=include,
@@ -165,7 +167,7 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
     the_plan = apply_lora(the_plan, target, lora)
   # record what actually changed, so converting back reverses exactly that
   changed = scan_layers is not None and any((g.style == 'stacked') != scan_layers for g in source.groups)
-  options = {'to': to, 'scan_layers': scan_layers if changed else None}
+  options = {'to': to, 'scan_layers': scan_layers if changed else None, 'template_structure': structure}
   return source, target, the_plan, options
 
 
@@ -186,6 +188,19 @@ def source_structure(meta: ItemMetadata) -> dict[str, Any]:
     if isinstance(value, Mapping) and value.get('value_type') == 'None':
       nones.append('/'.join(keys))
   return {'sequences': sorted(sequences), 'nones': sorted(nones)}
+
+
+def template_structure(template: Any) -> dict[str, Any]:
+  """Container facts of `LinenOutput.template`: a pytree (`structure_from_template`), or the path of a checkpoint
+  whose stored tree has the wanted structure (from its metadata alone: sequences, None leaves, leaf paths).
+
+  Raises:
+    NotACheckpointError: a template path with no checkpoint.
+  """
+  if isinstance(template, (str, os.PathLike)):
+    meta = read_item_metadata(resolve_item(template))
+    return {**source_structure(meta), 'leaves': sorted('/'.join(p) for p in meta.leaves)}
+  return structure_from_template(template)
 
 
 def structure_from_template(template: Any) -> dict[str, Any]:
@@ -491,8 +506,8 @@ def run_conversion(src: epath.PathLike, dst: epath.PathLike, *, to: str, scan_la
   record = source.meta.ours.get('conversion') if source.meta.ours else None
   structure = (record.get('structure') if isinstance(record, Mapping) and record.get('from_framework') ==
                options['to'] else None)
-  if linen.template is not None:
-    structure = structure_from_template(linen.template)
+  if options.get('template_structure') is not None:
+    structure = options['template_structure']
   bytes_read, bytes_written = write_plan(dst, source, written, the_plan, custom, overwrite=overwrite,
                                          buffer_bytes=buffer_bytes, progress=progress, structure=structure,
                                          cache_bytes=cache_bytes)

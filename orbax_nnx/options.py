@@ -94,7 +94,8 @@ class LinenOutput:
       from `template`, then from the record of the conversion that made the source, else 'maxtext'.
     template: the container structure of the foreign output, e.g. the Linen `TrainState` the result must
       restore into with plain Orbax (its sequences and optax `EmptyState` entries are written as it has
-      them). A converted tree that differs from it is a `StructureMismatchError`.
+      them), or the path of a checkpoint of that structure (e.g. the TrainState saved at step 0; read from
+      its metadata alone). A converted tree that differs from it is a `StructureMismatchError`.
 
   Raises:
     OptionError: an unknown `linen_style`.

@@ -284,10 +284,14 @@ def test_flax_train_state_to_nnx_and_back_in_the_flax_style(tmp_path):
   np.testing.assert_allclose(np.asarray(model(x)), np.asarray(linen_logits), atol=1e-6)
 
   orbax_nnx.convert(tmp_path / 'nnx', tmp_path / 'back', to='linen', linen_style='flax', template=state)
-  restored = ocp.StandardCheckpointer().restore(tmp_path / 'back', state)
-  for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(state)):
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
-    assert np.asarray(got).dtype == np.asarray(want).dtype, jax.tree_util.keystr(path)
+  from orbax_nnx import cli  # the CLI's --template names a checkpoint of the structure (here the original)
+  assert cli.main(['convert', str(tmp_path / 'nnx'), str(tmp_path / 'back_cli'), '--to', 'linen', '--linen-style',
+                   'flax', '--template', str(tmp_path / 'linen'), '--quiet']) == 0
+  for out in ('back', 'back_cli'):
+    restored = ocp.StandardCheckpointer().restore(tmp_path / out, state)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(state)):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+      assert np.asarray(got).dtype == np.asarray(want).dtype, jax.tree_util.keystr(path)
 
 
 def test_large_arrays_are_written_block_by_block(tmp_path):
