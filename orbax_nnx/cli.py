@@ -336,7 +336,9 @@ def cmd_presets(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='orbax-nnx', description='Flax NNX tools for Orbax checkpoints.')
+  parser = argparse.ArgumentParser(prog='orbax-nnx', description='Flax NNX tools for Orbax checkpoints. Exit codes: 0'
+                                   ' success, 1 a negative answer (plan with missing leaves, compare finding'
+                                   ' differences), 2 usage or read errors.')
   sub = parser.add_subparsers(dest='command', required=True)
   p = sub.add_parser('plan', help='print the conversion plan (reads metadata only)')
   _add_source(p)
@@ -380,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
   _add_mapping(p)
   _add_budget(p)
   p.set_defaults(fn=cmd_export_params)
-  p = sub.add_parser('compare', help='compare two checkpoints across layouts (exit 0 equal, 1 different, 2 error)')
+  p = sub.add_parser('compare', help='compare two checkpoints across layouts (exit 0 equal, 1 different, 2 error)',
+                     description='Compare two checkpoints across layouts. Exit codes: 0 equal, 1 different, 2 usage'
+                     ' or read error.')
   p.add_argument('a')
   p.add_argument('b')
   p.add_argument('--values', action='store_true', help='compare values too (streamed leaf by leaf)')

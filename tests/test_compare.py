@@ -108,6 +108,7 @@ def test_cli_exit_codes_and_inspect(pair):
     tree['model']['head']['bias']['value'] = np.asarray(tree['model']['head']['bias']['value']) + 1
   assert _cli('compare', root / 'nnx', _tamper(root, 'cli_changed', nudge), '--values').returncode == 1
   assert _cli('compare', root / 'nnx', root / 'nope').returncode == 2
+  assert '0 equal, 1 different, 2 usage or read error' in ' '.join(_cli('compare', '--help').stdout.split())
   out = _cli('inspect', root / 'linen', '--json')
   assert out.returncode == 0, out.stderr
   facts = json.loads(out.stdout)
