@@ -1,0 +1,166 @@
+"""The cases of issue #26, each run in its own process with default settings on both sides, same source, same run.
+
+A MaxText-like Linen train state (params/params, Adam mu/nu under opt_state, int32 step; 9 params per layer:
+attention q/k/v/o, mlp wi_0/wi_1/wo, two norms), saved with plain Orbax, scanned (layers on axis 1) or unscanned
+(`layers_N`), converted to NNX three ways:
+
+- ours: `orbax_nnx.convert(src, dst[, scan_layers=False])`, no other flag;
+- in-memory: what MaxText's converter does (restore everything, rewrite with numpy, save);
+- plain: Orbax restore + save of the same tree, unchanged (the cost of moving the bytes at all).
+
+Wall time is the whole process (imports included), peak RSS its VmHWM.
+
+    .venv/bin/python bench/bench_cases.py [--sizes small,big] [--only unscanned,scanned,unrolled] [--reps 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402
+
+# name: (layers, emb, mlp)
+SIZES = {'small': (40, 192, 512), 'big': (16, 1024, 4096)}  # ~0.2 GiB and ~3 GiB with Adam
+NAMES = ('q', 'k', 'v', 'o', 'wi_0', 'wi_1', 'wo', 'pre_norm', 'post_norm')
+
+
+def _shape(name: str, emb: int, mlp: int) -> tuple[int, ...]:
+  return {'wi_0': (emb, mlp), 'wi_1': (emb, mlp), 'wo': (mlp, emb)}.get(
+      name, (emb,) if name.endswith('norm') else (emb, emb))
+
+
+def _layer_params(rng, layers: int, emb: int, mlp: int, scanned: bool, scale: float) -> dict:
+  import numpy as np
+  out = {'embed': {'embedding': rng.standard_normal((256, emb), np.float32) * scale}}
+  if scanned:  # MaxText: params stacked on axis 1
+    out['layers'] = {n: {'kernel': np.moveaxis(rng.standard_normal((layers,) + _shape(n, emb, mlp), np.float32)
+                                               * scale, 0, 1)} for n in NAMES}
+  else:
+    for i in range(layers):
+      out[f'layers_{i}'] = {n: {'kernel': rng.standard_normal(_shape(n, emb, mlp), np.float32) * scale}
+                            for n in NAMES}
+  return out
+
+
+def source_tree(size: str, scanned: bool) -> dict:
+  import numpy as np
+  layers, emb, mlp = SIZES[size]
+  rng = np.random.default_rng(0)
+  return {'step': np.int32(10), 'params': {'params': _layer_params(rng, layers, emb, mlp, scanned, 1.0)},
+          'opt_state': [None, [{'count': np.int32(10),
+                                'mu': {'params': _layer_params(rng, layers, emb, mlp, scanned, 0.1)},
+                                'nu': {'params': _layer_params(rng, layers, emb, mlp, scanned, 0.01)}}, None, None]]}
+
+
+def in_memory(src: str, dst: str, unroll: bool) -> None:
+  """The MaxText way: the whole checkpoint in host memory, a numpy rewrite, one save."""
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from etils import epath
+
+  tree = ocp.PyTreeCheckpointHandler().restore(epath.Path(src))
+
+  def nnx(params):
+    out = {k: v for k, v in params.items() if k != 'layers'}
+    if 'layers' in params:
+      stacked = {n: np.moveaxis(np.asarray(leaf['kernel']), 1, 0) for n, leaf in params['layers'].items()}
+      if unroll:
+        for i in range(next(iter(stacked.values())).shape[0]):
+          out[f'layers_{i}'] = {n: {'kernel': np.ascontiguousarray(x[i])} for n, x in stacked.items()}
+      else:
+        out['layers'] = {n: {'kernel': np.ascontiguousarray(x)} for n, x in stacked.items()}
+    return ocp_value(out)
+
+  def ocp_value(node):
+    if isinstance(node, dict):
+      return {k: ocp_value(v) for k, v in node.items()}
+    return {'value': node}
+
+  adam = tree['opt_state'][1][0]
+  new = {'model': nnx(tree['params']['params']),
+         'optimizer': {'step': {'value': np.uint32(tree['step'])},
+                       'opt_state': {'0': {'count': {'value': np.asarray(adam['count'])},
+                                           'mu': nnx(adam['mu']['params']), 'nu': nnx(adam['nu']['params'])}}}}
+  del tree, adam
+  common.save_plain(dst, new)
+
+
+def plain(src: str, dst: str) -> None:
+  import orbax.checkpoint as ocp
+  from etils import epath
+  common.save_plain(dst, ocp.PyTreeCheckpointHandler().restore(epath.Path(src)))
+
+
+def worker(tool: str, src: str, dst: str, unroll: str) -> None:
+  if tool == 'ours':
+    import orbax_nnx
+    orbax_nnx.convert(src, dst, to='nnx', **({'scan_layers': False} if unroll == '1' else {}))
+  elif tool == 'in-memory':
+    in_memory(src, dst, unroll == '1')
+  else:
+    plain(src, dst)
+  print(json.dumps({'rss_mib': common.vmhwm_mib()}))
+
+
+def run(tool: str, src: str, dst: str, unroll: bool) -> dict:
+  shutil.rmtree(dst, ignore_errors=True)
+  subprocess.run(['sync'], check=False)
+  t0 = time.perf_counter()
+  out = subprocess.run([sys.executable, __file__, '--worker', tool, src, dst, '1' if unroll else '0'],
+                       capture_output=True, text=True, check=False)
+  wall = time.perf_counter() - t0
+  if out.returncode:
+    raise RuntimeError(out.stderr[-4000:])
+  return {'wall': wall, **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def _bytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--sizes', default='small,big')
+  parser.add_argument('--only', default='unscanned,scanned,unrolled')
+  parser.add_argument('--reps', type=int, default=1)
+  args = parser.parse_args()
+  cases = {'unscanned': (False, False), 'scanned': (True, False), 'unrolled': (True, True)}
+  print(f'{"case":<26} {"ours s":>7} {"in-mem s":>9} {"plain s":>8} {"/in-mem":>8} {"/plain":>7}'
+        f' {"RSS MiB ours/in-mem/plain":>27} {"RSS/ckpt":>9}')
+  for size in args.sizes.split(','):
+    root = tempfile.mkdtemp(prefix='bench_cases_')
+    try:
+      sources = {}
+      for scanned in sorted({cases[c][0] for c in args.only.split(',')}):
+        sources[scanned] = os.path.join(root, f'src_{scanned}')
+        common.save_plain(sources[scanned], source_tree(size, scanned))
+      for case in args.only.split(','):
+        scanned, unroll = cases[case]
+        src = sources[scanned]
+        figures = {tool: [run(tool, src, os.path.join(root, tool), unroll) for _ in range(args.reps)]
+                   for tool in ('ours', 'in-memory', 'plain')}
+        med = {t: statistics.median(r['wall'] for r in rs) for t, rs in figures.items()}
+        rss = {t: max(r['rss_mib'] for r in rs) for t, rs in figures.items()}
+        ckpt_mib = _bytes(src) / 2**20
+        print(f'{size + " " + case:<26} {med["ours"]:>7.2f} {med["in-memory"]:>9.2f} {med["plain"]:>8.2f}'
+              f' {med["ours"] / med["in-memory"]:>8.2f} {med["ours"] / med["plain"]:>7.2f}'
+              f' {rss["ours"]:>9.0f}/{rss["in-memory"]:.0f}/{rss["plain"]:.0f}'
+              f' {rss["ours"] / ckpt_mib:>9.2f}   (checkpoint {ckpt_mib:.0f} MiB)', flush=True)
+    finally:
+      shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == '__main__':
+  if len(sys.argv) > 1 and sys.argv[1] == '--worker':
+    worker(*sys.argv[2:6])
+  else:
+    main()
