@@ -197,7 +197,20 @@ def cmd_plan(args) -> int:
   for m in the_plan.missing:
     print(f'MISSING {m}')
   print(f'# {len(the_plan.entries)} leaves, {the_plan.bytes_read() / 2**20:.1f} MiB to read')
+  print(_memory_line(args, the_plan.bytes_read()))
   return 0 if not the_plan.missing else 1
+
+
+def _memory_line(args, read_bytes: int) -> str:
+  """What convert would hold with the same flags: the budget given, or the default sized from what it reads."""
+  given = _budget(args).get('memory_budget')
+  if given is not None:
+    return f'# memory: --memory-budget {given / 2**20:.0f} MiB (half decoded chunks, half arrays in flight)'
+  from orbax_nnx.io import budget
+
+  return (f'# memory: default: {budget.default_in_flight(read_bytes) / 2**20:.0f} MiB of arrays in flight (1/'
+          f'{budget.IN_FLIGHT_SHARE} of what is read, 32-256 MiB), chunks kept until their last reader; more where'
+          ' one stored chunk feeds many targets. --memory-budget SIZE bounds both.')
 
 
 class _Progress:
@@ -346,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--include', choices=['all', 'params'], default='all', help="'params': Params only")
   _add_preset(p)
   _add_mapping(p)
+  _add_budget(p)
   p.set_defaults(fn=cmd_plan)
   p = sub.add_parser('convert', help='convert a checkpoint to another layout (streaming, atomic)')
   _add_source(p)

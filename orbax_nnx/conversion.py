@@ -48,13 +48,27 @@ from orbax_nnx.planning.targets import LayoutTarget, layout_target, model_target
 from orbax_nnx.sources import listing
 from orbax_nnx.sources.metadata import CUSTOM_KEY, ItemMetadata, read_item_metadata, resolve_item
 
-DEFAULT_BUFFER_BYTES = 256 * 2**20  # convert / export_params: arrays in flight, without a memory_budget
 OCDBT_FILE_BYTES = 64 * 2**20  # OCDBT buffers a data file in memory until it is this big
 
 
 @dataclasses.dataclass
 class ConvertReport:
-  """What a conversion did."""
+  """What a conversion did.
+
+  Attributes:
+    src: the source item.
+    dst: the output.
+    source_kind: the source's layout kind.
+    framework: what was written ('nnx', 'linen', 'safetensors').
+    leaves: arrays written.
+    bytes_read: stored bytes read.
+    bytes_written: bytes written.
+    seconds: wall time.
+    peak_rss_bytes: this process's peak resident memory so far.
+    in_flight_bytes: the bound on converted arrays in flight (`memory_budget`'s half, or the default sized
+      from what was read: `orbax_nnx.io.budget.default_in_flight`); 0 where not reported.
+    cache_bytes: the bound on decoded source chunks kept for other regions; 0 where not reported.
+  """
 
   src: str
   dst: str
@@ -65,11 +79,15 @@ class ConvertReport:
   bytes_written: int
   seconds: float
   peak_rss_bytes: int
+  in_flight_bytes: int = 0
+  cache_bytes: int = 0
 
   def summary(self) -> str:
+    held = (f', held {self.in_flight_bytes / 2**20:.0f} MiB in flight + {self.cache_bytes / 2**20:.0f} MiB of'
+            ' decoded chunks at most' if self.in_flight_bytes else '')
     return (f'converted {self.src} ({self.source_kind}) -> {self.dst} ({self.framework}): {self.leaves} leaves,'
             f' read {self.bytes_read / 2**20:.1f} MiB, wrote {self.bytes_written / 2**20:.1f} MiB,'
-            f' {self.seconds:.1f} s, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB')
+            f' {self.seconds:.1f} s, peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB{held}')
 
 
 def _default_sharding(leaf) -> jax.sharding.Sharding:
@@ -336,25 +354,30 @@ def _lockstep_sources(the_plan: Plan, source: SourceArrays) -> frozenset:
 
 
 def _default_buffer_bytes(the_plan: Plan, source: SourceArrays, lockstep: frozenset) -> int:
-  """256 MiB, or room for every target one stored chunk feeds (a stacked array unrolled from chunks that
-  span its layers, not written in lockstep): they are copied out of it at once, so the chunk is dropped
-  and the next one decoded while they are written (measured: 2.8 GiB stacked->unrolled from 512 MiB
-  chunks 16.5 s -> 11.2 s). At most a quarter of the memory this process can get."""
+  """`budget.default_in_flight` of what the plan reads, or room for every target one stored chunk feeds (a
+  stacked array unrolled from chunks that span its layers, not written in lockstep): they are copied out of
+  it at once, so the chunk is dropped and the next one decoded while they are written (measured: 2.8 GiB
+  stacked->unrolled from 512 MiB chunks 16.5 s -> 11.2 s). At most a quarter of the memory this process can
+  get."""
+  sized = budget.default_in_flight(the_plan.bytes_read())
   readers = collections.Counter(r.source for e in the_plan.entries.values() for r in reads(e))
   shared = 0
   for path, count in readers.items():
+    if count < 2 or path in lockstep:  # only chunks that several targets read can need the room
+      continue
     store = source.store(path)
-    if count > 1 and path not in lockstep and not getattr(store, 'exact', False) and store.shape:
+    if not getattr(store, 'exact', False) and store.shape:
       shared = max(shared, store.dtype.itemsize * math.prod(source.unit(path)))
   if not shared:
-    return DEFAULT_BUFFER_BYTES
-  return max(DEFAULT_BUFFER_BYTES, min(shared + 2 * MAX_BATCH_BYTES, budget.available_bytes() // 4))
+    return sized
+  return max(sized, min(shared + 2 * MAX_BATCH_BYTES, budget.available_bytes() // 4))
 
 
 def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: Plan, custom: dict, *,
                overwrite: bool, buffer_bytes: int | None, progress: Callable | None = None,
-               structure: Mapping[str, Any] | None = None, cache_bytes: int | None = None) -> tuple[int, int]:
-  """Streams the plan into an Orbax item at `dst` (atomic). Returns (bytes read, bytes written).
+               structure: Mapping[str, Any] | None = None, cache_bytes: int | None = None) -> tuple[int, int, int, int]:
+  """Streams the plan into an Orbax item at `dst` (atomic). Returns (bytes read, bytes written, bytes in flight
+  allowed, chunk cache allowed).
 
   `buffer_bytes` bounds converted arrays in flight to the writer (default: `_default_buffer_bytes`),
   `cache_bytes` decoded source chunks kept for other regions (default: the larger of `buffer_bytes` and
@@ -397,7 +420,7 @@ def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: 
                  force=overwrite)
   finally:
     session.close()
-  return source.bytes_read, session.bytes_written
+  return source.bytes_read, session.bytes_written, buffer_bytes, cache_bytes
 
 
 def _ocdbt_file_bytes(the_plan: Plan) -> int | None:
@@ -449,8 +472,9 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
       fields may also be passed as keywords.
     memory_budget: the bytes held (an int, or '512MiB', '5GB'): half for decoded source chunks kept for other
       regions (at least one chunk), half for converted arrays in flight; arrays over a quarter of that half
-      are written block by block. None: 256 MiB in flight (more when one stored chunk feeds many targets) and
-      a chunk cache up to the largest stored array read, so that each chunk is decoded once.
+      are written block by block. None: arrays in flight sized from what is read (`io.budget.default_in_flight`:
+      1/96 of it, 32-256 MiB; more when one stored chunk feeds many targets) and a chunk cache up to the
+      largest stored array read, so that each chunk is decoded once; the report says what was chosen.
       (`buffer_bytes=` is its old name.)
     overwrite: replace an existing checkpoint at DST (never anything else).
     step: the step of a manager root.
@@ -508,9 +532,9 @@ def run_conversion(src: epath.PathLike, dst: epath.PathLike, *, to: str, scan_la
                options['to'] else None)
   if options.get('template_structure') is not None:
     structure = options['template_structure']
-  bytes_read, bytes_written = write_plan(dst, source, written, the_plan, custom, overwrite=overwrite,
+  bytes_read, bytes_written, in_flight, cache = write_plan(dst, source, written, the_plan, custom, overwrite=overwrite,
                                          buffer_bytes=buffer_bytes, progress=progress, structure=structure,
                                          cache_bytes=cache_bytes)
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
   return ConvertReport(str(src_item), str(dst), source.kind, options['to'], len(the_plan.entries), bytes_read,
-                       bytes_written, time.perf_counter() - t0, rss)
+                       bytes_written, time.perf_counter() - t0, rss, in_flight, cache)

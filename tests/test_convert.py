@@ -20,6 +20,7 @@ import orbax_nnx
 from orbax_nnx import errors
 from orbax_nnx import examples as ex
 from orbax_nnx.conversion import convert
+from orbax_nnx.io import budget
 
 CFG = ex.Config(num_layers=4)
 
@@ -363,7 +364,7 @@ def test_default_room_for_every_target_of_a_shared_chunk(tmp_path, monkeypatch):
   exact and every stored byte is read once."""
   from orbax_nnx import conversion
 
-  monkeypatch.setattr(conversion, 'DEFAULT_BUFFER_BYTES', 2**20)
+  monkeypatch.setattr(budget, 'default_in_flight', lambda read_bytes: 2**20)
   seen = []
   original = conversion._default_buffer_bytes
   monkeypatch.setattr(conversion, '_default_buffer_bytes', lambda *a: seen.append(original(*a)) or seen[-1])
@@ -393,7 +394,7 @@ def test_layers_of_chunks_that_span_them_are_written_in_lockstep(tmp_path, monke
   from orbax_nnx import conversion
   from orbax_nnx.sources import chunk_stream
 
-  monkeypatch.setattr(conversion, 'DEFAULT_BUFFER_BYTES', 2**20)
+  monkeypatch.setattr(budget, 'default_in_flight', lambda read_bytes: 2**20)
   monkeypatch.setattr(chunk_stream, 'MIN_STREAM_BYTES', 0 if stored == 'one-chunk-streamed' else 2**40)
   monkeypatch.setattr(chunk_stream, 'UNIT_BYTES', 4 * 2**20)
   rng = np.random.default_rng(0)
@@ -453,3 +454,26 @@ def test_first_reads_start_before_the_save_within_half_the_buffer(tmp_path, monk
   back = orbax_nnx.restore(tmp_path / 'dst')
   for i in range(40):
     np.testing.assert_array_equal(host(back['model'][f'layers_{i}']['w']), np.full((16, 16), i, np.float32))
+
+
+def test_the_default_in_flight_is_sized_from_what_is_read_and_reported(tmp_path, monkeypatch, capsys):
+  """Without a memory_budget, arrays in flight are 1/96 of what is read, within 32-256 MiB, and at most an eighth
+  of the memory available; the report and `plan` say what was chosen."""
+  monkeypatch.setattr(budget, 'available_bytes', lambda: 64 * 2**30)
+  assert budget.default_in_flight(190 * 2**20) == 32 * 2**20
+  assert budget.default_in_flight(3 * 2**30) == 32 * 2**20
+  assert budget.default_in_flight(12 * 2**30) == 128 * 2**20
+  assert budget.default_in_flight(100 * 2**30) == 256 * 2**20
+  monkeypatch.setattr(budget, 'available_bytes', lambda: 80 * 2**20)
+  assert budget.default_in_flight(3 * 2**30) == 10 * 2**20
+  monkeypatch.undo()
+  tree = {'params': {'params': {f'layers_{i}': {'w': np.full((64, 64), i, np.float32)} for i in range(3)}}}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / 'src', tree)
+  report = convert(tmp_path / 'src', tmp_path / 'dst')
+  assert report.in_flight_bytes == budget.default_in_flight(3 * 64 * 64 * 4) and report.cache_bytes > 0
+  assert 'MiB in flight' in report.summary()
+  assert convert(tmp_path / 'src', tmp_path / 'dst2', memory_budget='8MiB').in_flight_bytes == 4 * 2**20
+  from orbax_nnx import cli
+  assert cli.main(['plan', str(tmp_path / 'src')]) == 0
+  assert '# memory: default: 32 MiB of arrays in flight' in capsys.readouterr().out

@@ -54,6 +54,26 @@ def available_bytes() -> int:
   return avail
 
 
+MIN_DEFAULT_IN_FLIGHT = 32 * 2**20
+MAX_DEFAULT_IN_FLIGHT = 256 * 2**20
+IN_FLIGHT_SHARE = 96  # a conversion without a budget keeps 1/96 of what it reads in flight (within the bounds)
+
+
+def default_in_flight(read_bytes: int) -> int:
+  """The bytes a conversion without a `memory_budget` keeps in flight to the writer: 1/96 of what it reads, within
+  32-256 MiB, and at most an eighth of the memory this process can get.
+
+  This, not the chunk cache, sets the peak: arrays under a quarter of it go through Orbax's own writer in
+  batches, which holds them two or three times over while it encodes them; larger ones are written block by
+  block. Measured on a 2.8 GiB MaxText-like train state (16 MiB arrays): 256 MiB in flight peaked at 1.0-1.1 GiB
+  (0.37x the checkpoint), 64 MiB at 0.83 GiB (its 16 MiB arrays still batched), 32 MiB at 0.57 GiB (0.20x), at
+  the same speed. Small checkpoints get the floor, which their many small leaves fill anyway (0.19 GiB,
+  1,085 leaves: 32 MiB as fast as 256 MiB).
+  """
+  sized = min(max(read_bytes // IN_FLIGHT_SHARE, MIN_DEFAULT_IN_FLIGHT), MAX_DEFAULT_IN_FLIGHT)
+  return max(1, min(sized, available_bytes() // 8))
+
+
 def local_bytes(shape: tuple[int, ...], dtype: Any, sharding: Any = None) -> int:
   """Bytes this process holds for an array of `shape` placed with `sharding`."""
   itemsize = 8 if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) else np.dtype(dtype).itemsize
