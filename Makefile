@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_matrix.py
 	$(BIN)/python bench/bench_leaves.py
 	$(BIN)/python bench/bench_object_store.py
+	$(BIN)/python bench/bench_cases.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
