@@ -86,7 +86,9 @@ def worker(mode: str, root: str, params_mib: str, mesh_shape: str = '') -> dict:
       return arrays
   elif mode == 'ours':
     def run():
-      state = orbax_nnx.load_params(hf, nnx.state(abstract, nnx.Param), dtype=jnp.bfloat16, rules=hf_rules(cfg))
+      budget = {'memory_budget': os.environ['OURS_MEMORY_BUDGET']} if os.environ.get('OURS_MEMORY_BUDGET') else {}
+      state = orbax_nnx.load_params(hf, nnx.state(abstract, nnx.Param), dtype=jnp.bfloat16, rules=hf_rules(cfg),
+                                    **budget)
       jax.block_until_ready(state)
       return state
   elif mode == 'eager':
@@ -196,7 +198,10 @@ def main() -> None:
   parser.add_argument('--reps', type=int, default=2)
   parser.add_argument('--mesh', default='', help="e.g. 4x2: load into a sharded target (fsdp x tensor)")
   parser.add_argument('--only', nargs='*', help='modes to run (raw and raw_arrays always run)')
+  parser.add_argument('--memory-budget', default=None, help="ours: load_params(memory_budget=...), e.g. 128MiB")
   args = parser.parse_args()
+  if args.memory_budget:  # the workers read it (each mode runs in its own process)
+    os.environ['OURS_MEMORY_BUDGET'] = args.memory_budget
   root = tempfile.mkdtemp(prefix='bench_st_')
   try:
     setup(root, args.params_mib)
