@@ -307,7 +307,11 @@ def restore_planned(meta: ItemMetadata, target: Any, *, missing: MissingPolicy =
     sharding_for[path] = (shardings.target_sharding(value, path_str(path)) or default_sharding
                           or shardings.default_sharding())
     check_sharding(path_str(path), value.shape, sharding_for[path])
-  if memory_budget is None:
+  if memory_budget is None and found.kind == 'safetensors':
+    # exact reads keep no chunks: host buffers in flight sized from what is read, as conversions size theirs
+    # (337 MiB bf16 into a Llama: 0.51 -> 0.42 s and RSS growth 1.39 -> 1.13x the loaded bytes, vs 1 GiB)
+    values = execute(the_plan, sharding_for, inflight_bytes=budget.default_in_flight(the_plan.bytes_read()))
+  elif memory_budget is None:
     values = execute(the_plan, sharding_for)
   else:  # half for decoded chunks kept for other regions, half for host buffers in flight
     values = execute(the_plan, sharding_for, source=SourceArrays(meta, cache_bytes=memory_budget // 2),
