@@ -208,8 +208,9 @@ def _memory_line(args, read_bytes: int) -> str:
     return f'# memory: --memory-budget {given / 2**20:.0f} MiB (half decoded chunks, half arrays in flight)'
   from orbax_nnx.io import budget
 
+  bounds = f'{budget.MIN_DEFAULT_IN_FLIGHT >> 20}-{budget.MAX_DEFAULT_IN_FLIGHT >> 20} MiB'
   return (f'# memory: default: {budget.default_in_flight(read_bytes) / 2**20:.0f} MiB of arrays in flight (1/'
-          f'{budget.IN_FLIGHT_SHARE} of what is read, 32-256 MiB), chunks kept until their last reader; more where'
+          f'{budget.IN_FLIGHT_SHARE} of what is read, {bounds}), chunks kept until their last reader; more where'
           ' one stored chunk feeds many targets. --memory-budget SIZE bounds both.')
 
 

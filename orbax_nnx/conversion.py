@@ -185,8 +185,8 @@ def plan_conversion(src_item: epath.Path, *, to: str = 'auto', scan_layers: bool
     the_plan = apply_lora(the_plan, target, lora)
   # record what actually changed, so converting back reverses exactly that
   changed = scan_layers is not None and any((g.style == 'stacked') != scan_layers for g in source.groups)
-  options = {'to': to, 'scan_layers': scan_layers if changed else None, 'template_structure': structure}
-  return source, target, the_plan, options
+  chosen = {'to': to, 'scan_layers': scan_layers if changed else None, 'template_structure': structure}
+  return source, target, the_plan, chosen
 
 
 def source_structure(meta: ItemMetadata) -> dict[str, Any]:
@@ -491,14 +491,14 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
     OptionError: an option outside its accepted values, or options that exclude each other.
   """
   return run_conversion(src, dst, to=to, scan_layers=scan_layers, flavour=flavour, include=include, dtype=dtype,
-                  target=target, mapping=mapping, linen=linen, memory_budget=memory_budget, overwrite=overwrite,
-                  step=step, item=item, progress=progress)
+                        target=target, mapping=mapping, linen=linen, memory_budget=memory_budget,
+                        overwrite=overwrite, step=step, item=item, progress=progress)
 
 
 def run_conversion(src: epath.PathLike, dst: epath.PathLike, *, to: str, scan_layers: bool | None, flavour: str,
-             include: str, dtype: Any, target: Any, mapping: options.Mapping, linen: options.LinenOutput,
-             memory_budget: int | str | None, overwrite: bool, step: int | None, item: str | None,
-             progress: Callable | None, lora: str | None = None) -> ConvertReport:
+                   include: str, dtype: Any, target: Any, mapping: options.Mapping, linen: options.LinenOutput,
+                   memory_budget: int | str | None, overwrite: bool, step: int | None, item: str | None,
+                   progress: Callable | None, lora: str | None = None) -> ConvertReport:
   """`convert`, with `lora` ('only' | 'merge', for `export_params`)."""
   t0 = time.perf_counter()
   check_conversion_options(to=to, scan_layers=scan_layers, flavour=flavour, include=include, lora=lora)
@@ -509,18 +509,18 @@ def run_conversion(src: epath.PathLike, dst: epath.PathLike, *, to: str, scan_la
     buffer_bytes = max(1, memory_budget - cache_bytes)
   src_item = resolve_item(src, step=step, item=item)
   dst = check_destination(dst, sources=(src, src_item), overwrite=overwrite)
-  source, written, the_plan, options = plan_conversion(
+  source, written, the_plan, chosen = plan_conversion(
       src_item, to=to, scan_layers=scan_layers, flavour=flavour, include=include, dtype=dtype, lora=lora,
       target=target, mapping=mapping, linen=linen)
   records = [written.records.get(p) or {'path': list(_record_path(p, written.disk[p], flavour)),
                                         'type': written.types[p], 'metadata': {}}
-             for p in the_plan.entries] if options['to'] == 'nnx' else []
+             for p in the_plan.entries] if chosen['to'] == 'nnx' else []
   custom = {CUSTOM_KEY: {'version': version.__version__, 'flavour': flavour, 'variables': records,
                          'scan_axes': dict(written.scan_axes)}}
   if target is None:  # a layout conversion records how to convert back
     custom[CUSTOM_KEY]['conversion'] = {
         'from_kind': source.kind, 'from_preset': source.preset, 'from_framework': source.framework,
-        'scan_layers': options['scan_layers'],
+        'scan_layers': chosen['scan_layers'],
         'source_scan_axes': {**dict(source.meta.ours.get('scan_axes', {}) if source.meta.ours else {}),
                              **dict(written.source_axes)},
         'paths': {'/'.join(c): '/'.join(d) for c, d in source.canonical.items()},
@@ -529,12 +529,12 @@ def run_conversion(src: epath.PathLike, dst: epath.PathLike, *, to: str, scan_la
     }
   record = source.meta.ours.get('conversion') if source.meta.ours else None
   structure = (record.get('structure') if isinstance(record, Mapping) and record.get('from_framework') ==
-               options['to'] else None)
-  if options.get('template_structure') is not None:
-    structure = options['template_structure']
+               chosen['to'] else None)
+  if chosen.get('template_structure') is not None:
+    structure = chosen['template_structure']
   bytes_read, bytes_written, in_flight, cache = write_plan(dst, source, written, the_plan, custom, overwrite=overwrite,
                                          buffer_bytes=buffer_bytes, progress=progress, structure=structure,
                                          cache_bytes=cache_bytes)
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
-  return ConvertReport(str(src_item), str(dst), source.kind, options['to'], len(the_plan.entries), bytes_read,
+  return ConvertReport(str(src_item), str(dst), source.kind, chosen['to'], len(the_plan.entries), bytes_read,
                        bytes_written, time.perf_counter() - t0, rss, in_flight, cache)

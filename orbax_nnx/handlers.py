@@ -118,12 +118,6 @@ class NNXRestore(ocp.args.CheckpointArgs):
                               param_scan_axis=self.param_scan_axis)  # validated where `Mapping` is
     self.rules, self.groups, self.scan_axis = mapping.rules, mapping.groups, mapping.scan_axis
 
-  @property
-  def mapping(self) -> options.Mapping:
-    """The mapping fields as one `orbax_nnx.Mapping`."""
-    return options.Mapping(rules=self.rules, layout=self.layout, groups=self.groups, scan_axis=self.scan_axis,
-                           param_scan_axis=self.param_scan_axis)
-
 
 class _TypestrDescriptor:
   """`typestr()` on the class: our stable name; on an instance: the name for what it last wrote.

@@ -221,5 +221,5 @@ def export_params(src: epath.PathLike, dst: epath.PathLike, *, format: Literal['
     raise errors.OptionError('filter=LoRAParam and merge_lora=True exclude each other: export the adapters, or merge them.')
   lora = 'only' if filter == 'LoRAParam' else 'merge' if merge_lora else None
   return run_conversion(src, dst, to=format, scan_layers=scan_layers, flavour='raw', include='params', dtype=dtype,
-                  target=None, mapping=mapping, linen=linen, memory_budget=memory_budget, overwrite=overwrite,
-                  step=step, item=item, progress=progress, lora=lora)
+                        target=None, mapping=mapping, linen=linen, memory_budget=memory_budget,
+                        overwrite=overwrite, step=step, item=item, progress=progress, lora=lora)
