@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import os
 import resource
@@ -27,7 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from orbax_nnx import errors, nnx_tree, options, sizes, version
-from orbax_nnx.io import budget
+from orbax_nnx.io import budget, heap
 from orbax_nnx.io.destination import check_destination
 from orbax_nnx.io.reader import layer_of
 from orbax_nnx.io.source_arrays import SourceArrays
@@ -92,7 +93,7 @@ class ConvertReport:
 
 def _default_sharding(leaf) -> jax.sharding.Sharding:
   if jax.process_count() == 1:
-    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return _single_device_sharding(jax.local_devices()[0])
   # every process writes its share: split the first axis the device count divides
   mesh = jax.sharding.Mesh(jax.devices(), ('x',))
   n = jax.device_count()
@@ -102,6 +103,12 @@ def _default_sharding(leaf) -> jax.sharding.Sharding:
       spec[axis] = 'x'
       break
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+
+@functools.lru_cache(maxsize=8)
+def _single_device_sharding(device) -> jax.sharding.Sharding:
+  """One sharding object for every leaf of a single-process write (jax caches per sharding object)."""
+  return jax.sharding.SingleDeviceSharding(device)
 
 
 def _reverse_defaults(layout: Layout) -> dict[str, Any]:
@@ -440,6 +447,7 @@ def _record_path(path: tuple, disk: tuple[str, ...], flavour: str) -> tuple:
 
 @options.takes_options('mapping', 'linen', renamed={'format': 'flavour', 'buffer_bytes': 'memory_budget'})
 @listing.looking_once
+@heap.freezing_older_objects
 def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nnx', 'linen'] = 'auto',
             scan_layers: bool | None = None, flavour: Literal['raw', 'pure'] = 'raw',
             include: Literal['all', 'params'] = 'all', dtype: Any = None, target: Any = None,

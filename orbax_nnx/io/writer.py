@@ -40,6 +40,8 @@ class LazyArray:
 
   def __init__(self, expr: Expr, leaf: TargetLeaf, sharding: jax.sharding.Sharding, session: 'WriteSession'):
     self.expr, self.leaf, self.sharding, self.session = expr, leaf, sharding, session
+    self.size = math.prod(leaf.shape)  # (asked for many times per array while the writer's window moves)
+    self.nbytes = self.size * leaf.dtype.itemsize
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -52,14 +54,6 @@ class LazyArray:
   @property
   def ndim(self) -> int:
     return len(self.leaf.shape)
-
-  @property
-  def size(self) -> int:
-    return int(np.prod(self.leaf.shape, dtype=np.int64))
-
-  @property
-  def nbytes(self) -> int:
-    return self.size * self.leaf.dtype.itemsize
 
   def start(self) -> Pending:
     """Its reads, in flight (started by `WriteSession.prime` if it was primed)."""

@@ -33,7 +33,10 @@ class LeafInfo:
 
   @property
   def nbytes(self) -> int:
-    itemsize = 8 if jax.dtypes.issubdtype(self.dtype, jax.dtypes.prng_key) else np.dtype(self.dtype).itemsize
+    if isinstance(self.dtype, np.dtype):  # (the common case, without jax's slower dtype checks)
+      itemsize = self.dtype.itemsize
+    else:
+      itemsize = 8 if jax.dtypes.issubdtype(self.dtype, jax.dtypes.prng_key) else np.dtype(self.dtype).itemsize
     return int(np.prod(self.shape, dtype=np.int64)) * itemsize
 
   def saved_sharding(self) -> jax.sharding.Sharding | None:
