@@ -12,7 +12,7 @@ import collections
 import concurrent.futures
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -67,15 +67,31 @@ class Pending:
       await asyncio.wrap_future(future)
 
   def result(self) -> jax.Array:
-    if self.leaf.key_impl is not None:
-      keys = jax.random.wrap_key_data(self.futures[()].result(), impl=self.leaf.key_impl)
-      return jax.device_put(keys, self.sharding)
-    arrays = []
+    return results([self])[0]
+
+  def pieces(self) -> list[tuple[np.ndarray, jax.Device]]:
+    """(host shard, device) for every addressable device, once the reads are done."""
     slabbed = self.futures[_SLABS].result() if _SLABS in self.futures else None
-    for key, devices in self.by_index.items():
-      host = slabbed[key] if slabbed is not None else self.futures[key].result()
-      arrays += [jax.device_put(host, d, may_alias=True) for d in devices]
-    return jax.make_array_from_single_device_arrays(self.leaf.shape, self.sharding, arrays)
+    return [(slabbed[key] if slabbed is not None else self.futures[key].result(), device)
+            for key, devices in self.by_index.items() for device in devices]
+
+
+def results(jobs: Sequence[Pending]) -> list[jax.Array]:
+  """The arrays of finished reads, their shards placed by one batched `device_put` (one call per shard cost
+  0.13-0.18 s for 1,085 small arrays, one call for all 0.05 s)."""
+  pieces = [None if job.leaf.key_impl is not None else job.pieces() for job in jobs]
+  flat = [piece for each in pieces if each is not None for piece in each]
+  placed = iter(jax.device_put([host for host, _ in flat], [device for _, device in flat], may_alias=True)
+                if flat else ())
+  out = []
+  for job, each in zip(jobs, pieces):
+    if each is None:  # typed PRNG keys: their key data, wrapped
+      keys = jax.random.wrap_key_data(job.futures[()].result(), impl=job.leaf.key_impl)
+      out.append(jax.device_put(keys, job.sharding))
+    else:
+      out.append(jax.make_array_from_single_device_arrays(job.leaf.shape, job.sharding,
+                                                          [next(placed) for _ in each]))
+  return out
 
 
 _SLABS = 'slabs'  # the one future of a target array read by `read_by_slabs`

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from orbax_nnx import compat
-from orbax_nnx.io.reader import Pending, announce, announce_regions, layer_of, reads_directly
+from orbax_nnx.io.reader import Pending, announce, announce_regions, layer_of, reads_directly, results
 from orbax_nnx.io.regions import evaluate, normalize
 from orbax_nnx.io.source_arrays import ChunkLedger, SourceArrays
 from orbax_nnx.nnx_tree import DiskPath
@@ -145,7 +145,7 @@ class LazyArrayHandler(compat.ArrayHandler):
           needs[i] = values[i].announce()
       ledger = ChunkLedger(session.source.cache_bytes)
       window: collections.deque = collections.deque()  # (index, pending read), in write order
-      batch: list[tuple[int, jax.Array]] = []  # read, waiting to be written together
+      batch: list[tuple[int, Pending]] = []  # read, waiting to be written together
       writing: collections.deque = collections.deque()  # (bytes, batch, task): batches being written
       # bytes held: reads in flight (those primed before the save from the start), the batch, and the batches
       # being written
@@ -161,9 +161,11 @@ class LazyArrayHandler(compat.ArrayHandler):
         if session.progress is not None:
           session.progress(values[j])
 
-      async def write(items: list[tuple[int, jax.Array]]) -> None:
+      async def write(items: list[tuple[int, Pending]]) -> None:
         # one serialize call per batch: Orbax writes its arrays concurrently (per-array latency paid once)
-        futures = await base.serialize([a for _, a in items], [infos[j] for j, _ in items], [args[j] for j, _ in items])
+        arrays = results([read for _, read in items])
+        futures = await base.serialize(arrays, [infos[j] for j, _ in items], [args[j] for j, _ in items])
+        del arrays
         await asyncio.to_thread(lambda: [f.result() for f in futures])
 
       async def flush(left_running: int = WRITES_IN_FLIGHT):
@@ -207,7 +209,7 @@ class LazyArrayHandler(compat.ArrayHandler):
           index, pending = window.popleft()
           assert index == i
           await pending.wait()  # the batches being written go on meanwhile
-          batch.append((i, pending.result()))
+          batch.append((i, pending))
           ledger.release(i)
           batch_bytes += values[i].nbytes
           del pending
