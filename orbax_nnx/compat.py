@@ -16,8 +16,11 @@ from orbax.checkpoint._src.arrays import sharding as _arrays_sharding
 from orbax.checkpoint._src.futures import future as future_lib
 from orbax.checkpoint._src.handlers import composite_checkpoint_handler as _composite
 from orbax.checkpoint._src.handlers import handler_type_registry as _handler_types
+from orbax.checkpoint._src.handlers import standard_checkpoint_handler as _standard
 from orbax.checkpoint._src.metadata import array_metadata_store as array_metadata_store_lib
+from orbax.checkpoint._src.metadata import empty_values as _empty_values
 from orbax.checkpoint._src.metadata import sharding as _sharding_metadata
+from orbax.checkpoint._src.metadata import tree as _tree_metadata
 from orbax.checkpoint._src.metadata import value as _value_metadata
 from orbax.checkpoint._src.serialization import (
   jax_array_handlers,
@@ -49,6 +52,13 @@ ZarrMetadata = _value_metadata.ZarrMetadata
 # v0 CheckpointManager no-args restores find an item's handler class by the typestr it recorded
 register_handler_type = _handler_types.register_handler_type
 get_handler_type = _handler_types.get_handler_type
+# an item's `metadata()` as Orbax builds it (`InternalTreeMetadata.as_custom_metadata`), from leaves read elsewhere
+InternalTreeMetadata = _tree_metadata.InternalTreeMetadata
+build_default_tree_metadata = _tree_metadata.build_default_tree_metadata
+is_empty_typestr = _empty_values.is_empty_typestr
+empty_value_from_typestr = _empty_values.get_empty_value_from_typestr
+# the restore args of a StandardCheckpointHandler restore: (target or None, metadata thunk, fallback sharding)
+standard_restore_args = _standard._construct_restore_args  # pylint: disable=protected-access
 
 
 def global_type_handler_registry() -> Any:

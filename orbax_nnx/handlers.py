@@ -265,8 +265,7 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
       if nnx_tree.contains_nnx(args.item) or (meta is not None and meta.ours):
         return as_nnx(NNXRestore(target=args.item, default_sharding=args.fallback_sharding, strict=args.strict,
                                  support_layout=args.support_layout))
-      _check_plain_untargeted(meta, args.fallback_sharding)
-      return self._std.restore(directory, args=args)
+      return self._standard_restore(directory, meta, args)
     if isinstance(args, ocp.args.PyTreeRestore):
       nnx_item = nnx_tree.contains_nnx(args.item) or (meta is not None and bool(meta.ours))
       if not nnx_item:
@@ -296,9 +295,8 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
         raise errors.OptionError(f'{meta.directory} is a {meta.format} checkpoint: restoring it needs a target'
                                  ' (an abstract NNX model or state) and usually rules=...; see `orbax-nnx inspect`.')
       if not meta.ours:  # not an NNX item we wrote: exactly what Orbax returns
-        _check_plain_untargeted(meta, args.default_sharding)
         with restoring.orbax_errors(meta.directory, others_as_restore_error=False):
-          return self._std.restore(meta.directory, args=ocp.args.StandardRestore(
+          return self._standard_restore(meta.directory, meta, ocp.args.StandardRestore(
               fallback_sharding=args.default_sharding))
       return restoring.restore_untargeted(self._pytree, meta, args.default_sharding)
     graphdef = None
@@ -317,6 +315,17 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
         memory_budget=args.memory_budget, layout=args.layout, groups=args.groups,
     )
     return nnx.merge(graphdef, restored) if graphdef is not None else restored
+
+  def _standard_restore(self, directory: epath.Path, meta, args: ocp.args.StandardRestore) -> Any:
+    """StandardCheckpointHandler's restore of a plain item (`meta`: its metadata when untargeted). Untargeted,
+    the restore args come from the leaves already read, by Orbax's own function: Orbax's `metadata()` opens
+    every array (measured 2.5 s of a 10,001-leaf untargeted restore)."""
+    known = _check_plain_untargeted(meta, args.fallback_sharding)
+    if args.item is not None or not known or not args.strict or 'pytree_metadata_options' in self._options:
+      return self._std.restore(directory, args=args)
+    restore_args = compat.standard_restore_args(None, meta.leaves.tree_metadata, args.fallback_sharding,
+                                                args.support_layout)
+    return self._pytree.restore(directory, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
   # -- the rest ---------------------------------------------------------------
 
@@ -380,16 +389,17 @@ def _drop_false_warnings(record) -> bool:
 logging.getLogger('absl').addFilter(_drop_false_warnings)
 
 
-def _check_plain_untargeted(meta, default_sharding: jax.sharding.Sharding | None = None) -> None:
+def _check_plain_untargeted(meta, default_sharding: jax.sharding.Sharding | None = None) -> bool:
   """An untargeted plain restore (`meta`: its item's metadata; None when targeted) allocates by stored shapes:
-  they must fit, or a forged `.zarray` would abort the process."""
+  they must fit, or a forged `.zarray` would abort the process. Returns whether its leaves were read."""
   if meta is None:
-    return
+    return False
   try:
     len(meta.leaves)  # read now: what we cannot read (Orbax's older formats) is left to Orbax
   except errors.NotACheckpointError:
-    return
+    return False
   restoring.check_untargeted_fits(meta, default_sharding)
+  return hasattr(meta.leaves, 'tree_metadata')
 
 
 def _legacy_save_args(item: Any, save_args: Any, args: Any) -> ocp.args.CheckpointArgs:

@@ -88,3 +88,24 @@ def test_a_missing_header_is_left_to_orbax(tmp_path):
   flags = _save(path, False, False, {'x': np.arange(3), 'y': np.ones(2)})
   (path / 'y' / '.zarray').unlink()
   assert zarr_headers.read(path, flags, None) is None
+
+
+@pytest.mark.parametrize('ocdbt,zarr3', [(True, False), (False, True)])
+def test_tree_metadata_is_orbaxs_and_the_untargeted_restore_too(tmp_path, ocdbt, zarr3):
+  """The item's whole `metadata()` built from the headers (lists, None, empty dicts, scalars, sharded arrays)
+  equals Orbax's, and so the untargeted restore built on it returns what StandardCheckpointHandler does."""
+  import orbax_nnx
+  path = tmp_path / 'item'
+  tree = _tree()
+  _save(path, ocdbt, zarr3, tree)
+  meta = metadata_lib.read_item_metadata(path)
+  ours, want = meta.leaves.tree_metadata(), ocp.PyTreeCheckpointHandler().metadata(path)
+  assert meta.leaves._asked_orbax is None  # (built from the headers, not asked of Orbax)
+  assert ours.tree == want.tree and ours.custom_metadata == want.custom_metadata
+  assert jax.tree.structure(ours.tree) == jax.tree.structure(want.tree)
+  got, ref = orbax_nnx.restore(path), ocp.StandardCheckpointHandler().restore(path)
+  assert jax.tree.structure(got) == jax.tree.structure(ref)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    assert type(a) is type(b) and np.asarray(a).dtype == np.asarray(b).dtype
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert getattr(a, 'sharding', None) == getattr(b, 'sharding', None)

@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from orbax_nnx import errors
+from orbax_nnx import compat, errors
 from orbax_nnx.nnx_tree import VALUE_KEY, DiskPath, VariableRecord
 from orbax_nnx.sources import listing, untrusted, zarr_headers
 
@@ -236,6 +236,7 @@ class _OrbaxLeaves(Mapping):
                flags: Mapping[str, Any]):
     self._directory, self._handler, self._flags = directory, handler, flags
     self._leaves: dict[DiskPath, LeafInfo] | None = None
+    self._asked_orbax: Any = None  # Orbax's `metadata()`, where the headers did not cover the item
     self.has_empty = False
 
   @functools.cached_property
@@ -259,12 +260,34 @@ class _OrbaxLeaves(Mapping):
         raise
       except Exception as e:
         raise _metadata_error(self._directory, e) from e
+      self._asked_orbax = tree_meta
       tree = getattr(tree_meta, 'tree', tree_meta)
       flat = _flatten_tree(tree)
       self.has_empty = len(jax.tree.leaves(tree, is_leaf=lambda x: x is None)) != len(flat)
       impls = zarr_headers.key_impls(self._directory)
       self._leaves = {path: _leaf_info(m, impls) for path, m in flat.items()}
     return self._leaves
+
+  def tree_metadata(self) -> Any:
+    """The item's metadata as Orbax's `metadata()` returns it (a `TreeMetadata` of Orbax value metadata,
+    shaped as stored), built from the leaves read here: Orbax's own opens every array (measured 2.5 s of a
+    10,001-leaf untargeted restore). Leaves holding typed PRNG keys are left to Orbax's own."""
+    leaves = self._load()
+    if self._asked_orbax is not None:
+      return self._asked_orbax
+    if any(info.key_impl is not None for info in leaves.values()):
+      return (self._handler or _reader()).metadata(self._directory)
+    internal = compat.InternalTreeMetadata.from_json(dict(self._flags))
+    reference = internal.as_nested_tree()
+    by_name = {'.'.join(path): info.metadata for path, info in leaves.items()}
+    flat = {}
+    for keypath, value in ocp.tree.to_flat_dict(reference).items():
+      if value.skip_deserialize:  # (the headers cover only empty nodes among these)
+        flat[keypath] = compat.empty_value_from_typestr(value.value_type, internal.pytree_metadata_options)
+      else:
+        flat[keypath] = by_name['.'.join(map(str, keypath))]
+    return compat.build_default_tree_metadata(ocp.tree.from_flat_dict(flat, target=reference),
+                                              custom_metadata=internal.custom_metadata, use_zarr3=internal.use_zarr3)
 
   def __getitem__(self, key):
     return self._load()[key]
