@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import numpy as np
 
 _ALIGN = 64  # jax.device_put aliases host buffers aligned like this instead of copying them
+# Buffers of this size or more are mapped from the OS and unmapped when dropped. From malloc, the freed ones
+# stayed resident: glibc raises its mmap threshold (up to 32 MiB) after each large free, and later buffers
+# then come from per-thread arenas that keep freed memory. Measured on a 336 MiB bf16 safetensors load (8
+# reader threads): peak RSS growth 1.13x -> 1.05-1.07x the loaded bytes at the same speed; on a 2x4 mesh 1.20x
+# -> 1.05x, 0.35-0.47 s -> 0.61 s (its 8 MiB row slabs are now faulted in afresh; at 16 MiB: 1.15x, 0.36 s).
+MAPPED_BYTES = 1 << 20
 
 
 def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
-  """An uninitialized C-order array whose data is 64-byte aligned (zero-copy device_put on CPU)."""
+  """An uninitialized C-order array whose data is 64-byte aligned (zero-copy device_put on CPU); from 1 MiB
+  (`MAPPED_BYTES`) its own mapping, page-aligned and zero-filled, returned to the OS when dropped."""
   dtype = np.dtype(dtype)
-  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  nbytes = math.prod(shape) * dtype.itemsize
+  if nbytes >= MAPPED_BYTES:
+    return np.frombuffer(mmap.mmap(-1, nbytes), np.uint8).view(dtype).reshape(shape)
   raw = np.empty(nbytes + _ALIGN, np.uint8)
   offset = -raw.ctypes.data % _ALIGN
   return raw[offset:offset + nbytes].view(dtype).reshape(shape)
