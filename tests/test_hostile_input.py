@@ -247,4 +247,5 @@ def test_mutated_metadata_never_escapes_as_a_raw_exception():
                         '-W', 'ignore::pytest.PytestUnraisableExceptionWarning', str(worker)],
                        capture_output=True, text=True, timeout=600, cwd=worker.parent,
                        env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+  report = out.stdout[out.stdout.find('____'):] if '____' in out.stdout else out.stdout  # (from the failure)
+  assert out.returncode == 0, report[:6000] + out.stderr[-2000:]
