@@ -7,9 +7,11 @@ Run alone: `python -m pytest -q tests/hostile_worker.py` (HOSTILE_EXAMPLES sets 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pathlib
+import pkgutil
 import shutil
 import struct
 import tempfile
@@ -28,6 +30,13 @@ from safetensors.numpy import save_file  # noqa: E402
 
 import orbax_nnx  # noqa: E402
 from orbax_nnx import errors  # noqa: E402
+
+# Hypothesis draws some values from the constants of the local modules loaded so far, so a module first imported
+# inside an operation (orbax_nnx imports some lazily) changed that pool between a failing example and its replay,
+# and the failure came out as a FlakyFailure without its cause. Every orbax_nnx module is loaded first.
+for _module in pkgutil.walk_packages(orbax_nnx.__path__, 'orbax_nnx.'):
+  if not _module.name.endswith('__main__'):
+    importlib.import_module(_module.name)
 
 EXAMPLES = int(os.environ.get('HOSTILE_EXAMPLES', '40'))
 # `make test` replays one fixed seed; setting HOSTILE_EXAMPLES explores fresh examples each run
