@@ -277,17 +277,21 @@ class _OrbaxLeaves(Mapping):
       return self._asked_orbax
     if any(info.key_impl is not None for info in leaves.values()):
       return (self._handler or _reader()).metadata(self._directory)
-    internal = compat.InternalTreeMetadata.from_json(dict(self._flags))
-    reference = internal.as_nested_tree()
     by_name = {'.'.join(path): info.metadata for path, info in leaves.items()}
-    flat = {}
-    for keypath, value in ocp.tree.to_flat_dict(reference).items():
-      if value.skip_deserialize:  # (the headers cover only empty nodes among these)
-        flat[keypath] = compat.empty_value_from_typestr(value.value_type, internal.pytree_metadata_options)
-      else:
-        flat[keypath] = by_name['.'.join(map(str, keypath))]
-    return compat.build_default_tree_metadata(ocp.tree.from_flat_dict(flat, target=reference),
-                                              custom_metadata=internal.custom_metadata, use_zarr3=internal.use_zarr3)
+    try:  # (`_METADATA` is untrusted: what Orbax's own parse would choke on is reported as damage)
+      internal = compat.InternalTreeMetadata.from_json(dict(self._flags))
+      reference = internal.as_nested_tree()
+      flat = {}
+      for keypath, value in ocp.tree.to_flat_dict(reference).items():
+        if value.skip_deserialize:  # (the headers cover only empty nodes among these)
+          flat[keypath] = compat.empty_value_from_typestr(value.value_type, internal.pytree_metadata_options)
+        else:
+          flat[keypath] = by_name['.'.join(map(str, keypath))]
+      return compat.build_default_tree_metadata(ocp.tree.from_flat_dict(flat, target=reference),
+                                                custom_metadata=internal.custom_metadata,
+                                                use_zarr3=internal.use_zarr3)
+    except Exception as e:  # pylint: disable=broad-except
+      raise _metadata_error(self._directory, e) from e
 
   def __getitem__(self, key):
     return self._load()[key]
