@@ -55,7 +55,6 @@ get_handler_type = _handler_types.get_handler_type
 # an item's `metadata()` as Orbax builds it (`InternalTreeMetadata.as_custom_metadata`), from leaves read elsewhere
 InternalTreeMetadata = _tree_metadata.InternalTreeMetadata
 build_default_tree_metadata = _tree_metadata.build_default_tree_metadata
-is_empty_typestr = _empty_values.is_empty_typestr
 empty_value_from_typestr = _empty_values.get_empty_value_from_typestr
 # the restore args of a StandardCheckpointHandler restore: (target or None, metadata thunk, fallback sharding)
 standard_restore_args = _standard._construct_restore_args  # pylint: disable=protected-access

@@ -275,10 +275,10 @@ class _OrbaxLeaves(Mapping):
     leaves = self._load()
     if self._asked_orbax is not None:
       return self._asked_orbax
-    if any(info.key_impl is not None for info in leaves.values()):
-      return (self._handler or _reader()).metadata(self._directory)
     by_name = {'.'.join(path): info.metadata for path, info in leaves.items()}
     try:  # (`_METADATA` is untrusted: what Orbax's own parse would choke on is reported as damage)
+      if any(info.key_impl is not None for info in leaves.values()):
+        return (self._handler or _reader()).metadata(self._directory)
       internal = compat.InternalTreeMetadata.from_json(dict(self._flags))
       reference = internal.as_nested_tree()
       flat = {}
@@ -290,6 +290,8 @@ class _OrbaxLeaves(Mapping):
       return compat.build_default_tree_metadata(ocp.tree.from_flat_dict(flat, target=reference),
                                                 custom_metadata=internal.custom_metadata,
                                                 use_zarr3=internal.use_zarr3)
+    except errors.OrbaxNNXError:
+      raise
     except Exception as e:  # pylint: disable=broad-except
       raise _metadata_error(self._directory, e) from e
 
