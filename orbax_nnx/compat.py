@@ -6,6 +6,7 @@ upgrade removes or changes it. No other module imports an underscore name of ano
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any
 
@@ -16,6 +17,7 @@ from orbax.checkpoint._src.arrays import sharding as _arrays_sharding
 from orbax.checkpoint._src.futures import future as future_lib
 from orbax.checkpoint._src.handlers import composite_checkpoint_handler as _composite
 from orbax.checkpoint._src.handlers import handler_type_registry as _handler_types
+from orbax.checkpoint._src.handlers import pytree_checkpoint_handler as _pytree
 from orbax.checkpoint._src.handlers import standard_checkpoint_handler as _standard
 from orbax.checkpoint._src.metadata import array_metadata_store as array_metadata_store_lib
 from orbax.checkpoint._src.metadata import empty_values as _empty_values
@@ -58,6 +60,37 @@ build_default_tree_metadata = _tree_metadata.build_default_tree_metadata
 empty_value_from_typestr = _empty_values.get_empty_value_from_typestr
 # the restore args of a StandardCheckpointHandler restore: (target or None, metadata thunk, fallback sharding)
 standard_restore_args = _standard._construct_restore_args  # pylint: disable=protected-access
+
+
+def _keywords(cls: type) -> dict[str, inspect.Parameter]:
+  return {name: p for name, p in inspect.signature(cls.__init__).parameters.items()
+          if name != 'self' and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+
+def check_handler_options(options: dict[str, Any]) -> None:
+  """Raises TypeError naming each option neither `StandardCheckpointHandler` nor `PyTreeCheckpointHandler` takes."""
+  unknown = sorted(set(options) - set(_keywords(_standard.StandardCheckpointHandler))
+                   - set(_keywords(_pytree.PyTreeCheckpointHandler)))
+  if unknown:
+    raise TypeError(f'NNXCheckpointHandler got unexpected keyword argument(s) {", ".join(unknown)}: it takes the'
+                    ' options of ocp.StandardCheckpointHandler and ocp.PyTreeCheckpointHandler.')
+
+
+def standard_handler(options: dict[str, Any]) -> Any:
+  """A `StandardCheckpointHandler` honouring the options of either handler. Those only `PyTreeCheckpointHandler`
+  takes (`use_zarr3`, `type_handler_registry`, ...) go to the PyTree handler it saves and restores through (its
+  `_impl`), built with the Standard handler's defaults for the rest, as it builds its own."""
+  standard = _keywords(_standard.StandardCheckpointHandler)
+  handler = _standard.StandardCheckpointHandler(**{k: v for k, v in options.items() if k in standard})
+  if set(options) - set(standard):
+    defaults = {k: p.default for k, p in standard.items() if p.default is not p.empty}
+    handler._impl = _pytree.PyTreeCheckpointHandler(**{**defaults, **options})  # pylint: disable=protected-access
+  return handler
+
+
+def aggregate_filename(handler: Any) -> str:
+  """The msgpack file a PyTreeCheckpointHandler keeps its tree in when an item has no `_METADATA` (older format)."""
+  return handler._aggregate_filename  # pylint: disable=protected-access
 
 
 def global_type_handler_registry() -> Any:

@@ -67,6 +67,11 @@ class CorruptCheckpointError(OrbaxNNXError, ValueError):
                      ' damaged; restore an earlier step or re-create it.')
 
 
+class MissingDataError(CorruptCheckpointError, FileNotFoundError):
+  """A `CorruptCheckpointError` raised when a file or object the item's metadata names is not there (a deleted
+  `.zarray`, a lost OCDBT data file): also a `FileNotFoundError`, as Orbax's own restore raises it."""
+
+
 class ShapeMismatchError(OrbaxNNXError, ValueError):
   """A stored array has another shape than the one requested."""
 

@@ -21,7 +21,7 @@ from flax import nnx
 from orbax_nnx import compat, errors, nnx_tree, options, restoring, sizes, version
 from orbax_nnx.io import heap
 from orbax_nnx.sources import listing
-from orbax_nnx.sources.metadata import CUSTOM_KEY, read_item_metadata
+from orbax_nnx.sources.metadata import CUSTOM_KEY, is_legacy_item, read_item_metadata
 
 PyTree = Any
 
@@ -155,7 +155,9 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
   NNX) goes to Orbax's own Standard/PyTree handler untouched.
 
   Args:
-    **options: passed to `ocp.StandardCheckpointHandler` (e.g. `use_ocdbt=False`).
+    **options: the keyword options of `ocp.StandardCheckpointHandler` or `ocp.PyTreeCheckpointHandler`
+      (e.g. `use_ocdbt=False`, `use_zarr3=True`, `type_handler_registry=...`), so the handler drops in for
+      either.
   """
 
   typestr = _TypestrDescriptor()
@@ -164,8 +166,12 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
     """A handler for one item of one CheckpointManager (Orbax keeps one per item).
 
     Args:
-      **options: passed to `ocp.StandardCheckpointHandler` (e.g. `use_ocdbt=False`).
+      **options: the keyword options of `ocp.StandardCheckpointHandler` or `ocp.PyTreeCheckpointHandler`.
+
+    Raises:
+      TypeError: an option neither of them takes (named), as Orbax's own handlers raise it.
     """
+    compat.check_handler_options(options)
     self._options = options
     self._standard: ocp.StandardCheckpointHandler | None = None
     self._saved_kinds: dict[str, str] = {}  # item name -> 'nnx' | 'standard' | 'pytree'
@@ -183,7 +189,7 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
   @property
   def _std(self) -> ocp.StandardCheckpointHandler:
     if self._standard is None:  # created lazily: a closed handler can be reused
-      self._standard = ocp.StandardCheckpointHandler(**self._options)
+      self._standard = compat.standard_handler(self._options)
     return self._standard
 
   @property
@@ -197,6 +203,7 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
     """Saves `args`; Orbax's older call form `async_save(directory, item, save_args)` is honoured as
     `args=PyTreeSave(item, save_args)`, as Orbax's own PyTree handler does."""
     args = _legacy_save_args(item, save_args, args)
+    directory = epath.Path(directory)  # (Orbax's handlers need an epath.Path; a pathlib one fails deep inside)
     if isinstance(args, NNXSave):
       return await self._async_save_nnx(directory, args)
     if isinstance(args, ocp.args.StandardSave):
@@ -254,8 +261,11 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
       args = NNXRestore()
     if isinstance(args, NNXRestore):
       return self._restore_nnx(directory, args)
-    # an untargeted restore reads the item's metadata once: whether it is ours, and whether it fits
+    # an untargeted restore reads the item's metadata once: whether it is ours, and whether it fits; an item in
+    # Orbax's older format (no _METADATA) is plain, restored by Orbax as it is
     untargeted = isinstance(args, (ocp.args.StandardRestore, ocp.args.PyTreeRestore)) and args.item is None
+    if untargeted and is_legacy_item(directory, self._pytree):
+      untargeted = False
     meta = read_item_metadata(directory, self._pytree) if untargeted else None
 
     def as_nnx(nnx_args: NNXRestore) -> Any:
@@ -334,7 +344,7 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
     return self._pytree.metadata(directory)
 
   def finalize(self, directory: epath.Path) -> None:
-    self._pytree.finalize(directory)
+    self._pytree.finalize(epath.Path(directory))
 
   def close(self) -> None:
     if self._standard is not None:

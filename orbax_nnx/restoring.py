@@ -264,7 +264,7 @@ def orbax_errors(directory, *, others_as_restore_error: bool = True):
     if untrusted.is_permission_error(e):
       raise errors.NotACheckpointError(directory, f'{untrusted.PERMISSION_ADVICE} ({str(e)[:300]})') from e
     if looks_damaged(e):
-      raise errors.CorruptCheckpointError(directory, f'{type(e).__name__}: {str(e)[:500]}') from e
+      raise untrusted.damaged(directory, f'{type(e).__name__}: {str(e)[:500]}', e) from e
     if not others_as_restore_error:
       raise
     raise errors.RestoreError(

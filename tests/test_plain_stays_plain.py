@@ -2,6 +2,7 @@
 exactly as Orbax's stock handlers do it (types, dtypes, values, on-disk handler typestr), checked
 differentially against plain Orbax on random trees."""
 
+import copy
 import json
 import os
 import subprocess
@@ -13,10 +14,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
+from etils import epath
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import orbax_nnx
+from orbax_nnx import compat
 
 NUMPY_DTYPES = [np.int64, np.float64, np.int8, np.uint32, np.float16, np.bool_, ml_dtypes.bfloat16, np.int32]
 JAX_DTYPES = [jnp.float32, jnp.int32, jnp.bfloat16, jnp.uint8]
@@ -210,3 +214,57 @@ def test_nnx_items_record_our_typestr_plain_items_the_stock_one(tmp_path):
                       'plain': ocp.StandardCheckpointHandler.typestr(),
                       'tree': ocp.PyTreeCheckpointHandler.typestr()}
   assert orbax_nnx.NNXCheckpointHandler.typestr() == 'orbax_nnx.NNXCheckpointHandler'
+
+
+def test_pytree_handler_options_are_honoured_and_unknown_ones_named(tmp_path):
+  """The handler drops in for `ocp.PyTreeCheckpointHandler` too: its own options (zarr3, a local TypeHandler
+  registry, compression) reach the PyTree handler every save and restore goes through."""
+  registry = copy.deepcopy(compat.global_type_handler_registry())
+  tree = {'a': np.arange(6, dtype=np.int32).reshape(2, 3), 'b': {'c': jnp.ones(4, jnp.bfloat16)}}
+  for name, cls in (('ours', orbax_nnx.NNXCheckpointHandler), ('orbax', ocp.PyTreeCheckpointHandler)):
+    handler = cls(use_ocdbt=False, use_zarr3=True, use_compression=False, type_handler_registry=registry)
+    handler.save(epath.Path(tmp_path / name), args=ocp.args.PyTreeSave(tree))
+    handler.finalize(epath.Path(tmp_path / name))
+    assert (tmp_path / name / 'a' / 'zarr.json').exists()  # zarr3, not zarr2's .zarray
+    codecs = json.loads((tmp_path / name / 'a' / 'zarr.json').read_text())['codecs']
+    assert not any(c['name'] in ('zstd', 'gzip', 'blosc') for c in codecs), codecs
+  ours = orbax_nnx.NNXCheckpointHandler(use_zarr3=True).restore(tmp_path / 'ours')
+  stock = ocp.PyTreeCheckpointHandler(use_zarr3=True).restore(tmp_path / 'orbax')
+  assert jax.tree.map(lambda x: (type(x), x.dtype, np.asarray(x).tolist()), ours) == jax.tree.map(
+      lambda x: (type(x), x.dtype, np.asarray(x).tolist()), stock)
+  with pytest.raises(TypeError, match='use_zar3'):
+    orbax_nnx.NNXCheckpointHandler(use_zar3=True)
+
+
+def test_older_orbax_items_without_metadata_restore_as_orbax_restores_them(tmp_path):
+  """An item in Orbax's older format (no `_METADATA`, the tree in the aggregate msgpack file) is plain: restored
+  by Orbax's own handler, untouched."""
+  from flax import serialization
+  tree = {'a': 1, 'b': 2.5, 'c': {'d': np.arange(3)}}
+  (tmp_path / 'checkpoint').write_bytes(serialization.msgpack_serialize(tree))
+  restore_args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=type(x)), tree)
+  stock = ocp.PyTreeCheckpointHandler().restore(tmp_path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  ours = orbax_nnx.NNXCheckpointHandler().restore(tmp_path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  assert jax.tree.map(lambda x: (type(x), np.asarray(x).tolist()), ours) == jax.tree.map(
+      lambda x: (type(x), np.asarray(x).tolist()), stock)
+  assert ours['a'] == 1 and np.asarray(ours['c']['d']).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize('use_ocdbt', [False, True])
+def test_a_lost_file_is_corrupt_and_file_not_found(tmp_path, use_ocdbt):
+  """A stored file that is gone: `CorruptCheckpointError` naming the item, and also a `FileNotFoundError`, as
+  Orbax's own restore raises for a lost `.zarray`, so code written against Orbax keeps catching it."""
+  tree = {'a': np.arange(8.0), 'b': np.ones(3, np.int32)}
+  handler = orbax_nnx.NNXCheckpointHandler(use_ocdbt=use_ocdbt)
+  handler.save(tmp_path / 'item', args=ocp.args.PyTreeSave(tree))
+  handler.finalize(tmp_path / 'item')
+  lost = sorted((tmp_path / 'item' / 'd').glob('*')) if use_ocdbt else [tmp_path / 'item' / 'a' / '.zarray']
+  assert lost
+  for file in lost:
+    file.unlink()
+  if not use_ocdbt:
+    with pytest.raises(FileNotFoundError):
+      ocp.PyTreeCheckpointHandler(use_ocdbt=False).restore(tmp_path / 'item')
+  with pytest.raises(orbax_nnx.errors.CorruptCheckpointError, match='item') as raised:
+    orbax_nnx.NNXCheckpointHandler(use_ocdbt=use_ocdbt).restore(tmp_path / 'item')
+  assert isinstance(raised.value, FileNotFoundError)

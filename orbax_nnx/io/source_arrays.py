@@ -16,6 +16,7 @@ from orbax_nnx import errors
 from orbax_nnx.io.buffers import aligned_empty, transposed
 from orbax_nnx.io.regions import normalize
 from orbax_nnx.nnx_tree import DiskPath
+from orbax_nnx.sources import untrusted
 from orbax_nnx.sources.chunk_stream import chunk_bounds, min_stream_bytes
 from orbax_nnx.sources.metadata import ItemMetadata
 from orbax_nnx.sources.orbax import OrbaxOpener
@@ -81,7 +82,7 @@ class SourceArrays:
     except errors.OrbaxNNXError:
       raise
     except Exception as e:
-      raise errors.CorruptCheckpointError(self.meta.directory, f'{"/".join(path)} cannot be opened: {e}') from e
+      raise untrusted.damaged(self.meta.directory, f'{"/".join(path)} cannot be opened: {e}', e) from e
     if hasattr(store, 'min_stream_bytes'):
       store.min_stream_bytes = self.min_stream_bytes
     with self._lock:
@@ -96,7 +97,7 @@ class SourceArrays:
     except errors.OrbaxNNXError:
       raise
     except Exception as e:
-      raise errors.CorruptCheckpointError(self.meta.directory, f'{"/".join(path)}: {e}') from e
+      raise untrusted.damaged(self.meta.directory, f'{"/".join(path)}: {e}', e) from e
 
   def _ts_read(self, path: DiskPath, index: tuple, perm: tuple[int, ...] | None = None, dtype=None) -> np.ndarray:
     store = self.store(path)
@@ -246,7 +247,7 @@ class SourceArrays:
     try:
       future = start(region, out, dtype)
     except Exception as e:
-      raise errors.CorruptCheckpointError(self.meta.directory, f'{"/".join(path)}: {e}') from e
+      raise untrusted.damaged(self.meta.directory, f'{"/".join(path)}: {e}', e) from e
     with self._lock:
       self.bytes_read += out.size * np.dtype(store.dtype).itemsize
     return path, future
@@ -259,7 +260,7 @@ class SourceArrays:
     try:
       future.result()
     except Exception as e:
-      raise errors.CorruptCheckpointError(self.meta.directory, f'{"/".join(path)}: {e}') from e
+      raise untrusted.damaged(self.meta.directory, f'{"/".join(path)}: {e}', e) from e
 
   def _chunk(self, path: DiskPath, cell: tuple, bounds: tuple) -> np.ndarray:
     key = (path, cell)

@@ -132,6 +132,15 @@ def _check_dir(directory: epath.Path) -> None:
     )
 
 
+def is_legacy_item(directory: epath.PathLike, handler: ocp.PyTreeCheckpointHandler) -> bool:
+  """Whether `directory` is an item in Orbax's older format, which its PyTree handler still restores: no
+  `_METADATA`, the tree (and its small leaves) in the handler's aggregate msgpack file."""
+  directory = epath.Path(directory)
+  with _readable(directory):
+    return (directory.is_dir() and not (directory / METADATA_FILE).exists()
+            and (directory / compat.aggregate_filename(handler)).is_file())
+
+
 def _flatten_tree(tree: Any, prefix: DiskPath = ()) -> dict[DiskPath, Any]:
   out: dict[DiskPath, Any] = {}
   if isinstance(tree, Mapping):
@@ -225,7 +234,7 @@ def _metadata_error(directory: epath.Path, e: BaseException) -> errors.OrbaxNNXE
   reason = f'its metadata cannot be read ({type(e).__name__}: {str(e)[:500]})'
   if untrusted.is_permission_error(e):
     return errors.NotACheckpointError(directory, f'{untrusted.PERMISSION_ADVICE} ({str(e)[:300]})')
-  return errors.CorruptCheckpointError(directory, reason)
+  return untrusted.damaged(directory, reason, e)
 
 
 class _OrbaxLeaves(Mapping):

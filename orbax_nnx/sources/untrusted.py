@@ -47,6 +47,25 @@ def is_permission_error(e: BaseException) -> bool:
       text.startswith('Forbidden') or 'PERMISSION_DENIED' in text or 'Permission denied' in text)
 
 
+def is_missing_data(e: BaseException) -> bool:
+  """Whether `e` (or one of its causes) says a stored file or object is not there: a FileNotFoundError, or
+  tensorstore's NOT_FOUND (through Orbax, a ValueError)."""
+  for _ in range(8):
+    if e is None:
+      return False
+    if isinstance(e, FileNotFoundError) or 'NOT_FOUND' in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def damaged(directory: epath.PathLike, reason: str, cause: BaseException) -> errors.CorruptCheckpointError:
+  """The error for an item whose stored data `cause` could not be read: a `MissingDataError` (also a
+  FileNotFoundError, as Orbax raises) when something stored is not there, else a `CorruptCheckpointError`."""
+  kind = errors.MissingDataError if is_missing_data(cause) else errors.CorruptCheckpointError
+  return kind(directory, reason)
+
+
 PERMISSION_ADVICE = 'permission denied; check its file modes or this process\'s storage credentials'
 
 
@@ -63,7 +82,7 @@ def os_errors(file: epath.PathLike) -> Iterator[None]:
     reason = {errno.ENOENT: 'it is missing (a dangling symbolic link or an incomplete download?)',
               errno.ELOOP: 'it is a loop of symbolic links',
               errno.EISDIR: 'it is a directory, not a file'}.get(e.errno, f'it cannot be read ({e.strerror or e})')
-    raise errors.CorruptCheckpointError(file, reason) from e
+    raise damaged(file, reason, e) from e
 
 
 def member(folder: epath.Path, name: Any, *, what: str) -> epath.Path:
