@@ -86,6 +86,11 @@ class NNXRestore(ocp.args.CheckpointArgs):
     memory_budget: bytes (an int, or a string such as '512MiB' or '2GB') a converted (planned)
       restore holds besides the restored arrays: half for decoded chunks kept for other regions (at least one chunk), half for host
       buffers in flight. None: room for two of the largest stored arrays and 1 GiB in flight.
+    item: Orbax's `PyTreeRestore` field, for its older call `ocp.Checkpointer(handler).restore(path, item=...,
+      restore_args=..., transforms=...)` (which builds these args): the restore is then exactly that
+      `PyTreeRestore` (with `restore_args`, `transforms`, and `extra='ignore'` as `partial_restore`); no other
+      field may be set with it. Otherwise use `target`.
+    transforms: with `item`, as `PyTreeRestore(transforms=)`.
 
   When the stored layout differs from the target (Linen train state, MaxText,
   other NNX flavour, stacked vs unrolled layers), the restore goes through a plan
@@ -106,6 +111,8 @@ class NNXRestore(ocp.args.CheckpointArgs):
   memory_budget: int | str | None = None
   layout: str | None = None
   groups: Sequence[str] = ()
+  item: PyTree = None
+  transforms: Any = None
 
   def __post_init__(self):
     self.memory_budget = sizes.parse_bytes(self.memory_budget, 'memory_budget')
@@ -118,6 +125,32 @@ class NNXRestore(ocp.args.CheckpointArgs):
     mapping = options.Mapping(rules=self.rules, layout=self.layout, groups=self.groups, scan_axis=self.scan_axis,
                               param_scan_axis=self.param_scan_axis)  # validated where `Mapping` is
     self.rules, self.groups, self.scan_axis = mapping.rules, mapping.groups, mapping.scan_axis
+    if self.item is not None or self.transforms is not None:
+      given = [f.name for f in dataclasses.fields(self) if f.name not in _PYTREE_RESTORE_FIELDS
+               and not _is_default(getattr(self, f.name), f.default)]
+      if given:
+        raise errors.OptionError(
+            f'NNXRestore(item=..., transforms=...) is Orbax\'s PyTreeRestore, restored as it is; it takes no'
+            f' {", ".join(given)}: pass target= instead of item= for those.')
+
+  def as_pytree_restore(self) -> ocp.args.PyTreeRestore | None:
+    """The `PyTreeRestore` these args are when given Orbax's `item`/`transforms` (None otherwise)."""
+    if self.item is None and self.transforms is None:
+      return None
+    return ocp.args.PyTreeRestore(item=self.item, restore_args=self.restore_args, transforms=self.transforms,
+                                  partial_restore=self.extra == 'ignore')
+
+
+_PYTREE_RESTORE_FIELDS = ('item', 'transforms', 'restore_args', 'extra')  # what NNXRestore shares with PyTreeRestore
+
+
+def _is_default(value: Any, default: Any) -> bool:
+  """Whether a field still has its default (None, a string, a number, a tuple); never compares arrays."""
+  if value is default:
+    return True
+  if not isinstance(default, (str, int, float, tuple)) or not isinstance(value, (str, int, float, tuple, list)):
+    return False
+  return tuple(value) == default if isinstance(value, list) else value == default
 
 
 class _TypestrDescriptor:
@@ -204,6 +237,10 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
     `args=PyTreeSave(item, save_args)`, as Orbax's own PyTree handler does."""
     args = _legacy_save_args(item, save_args, args)
     directory = epath.Path(directory)  # (Orbax's handlers need an epath.Path; a pathlib one fails deep inside)
+    if isinstance(args, NNXSave) and not nnx_tree.contains_nnx(args.item):
+      # no NNX object in it (as `ocp.Checkpointer(handler).save(path, tree)` builds NNXSave): plain, as Orbax
+      args = ocp.args.PyTreeSave(item=args.item, save_args=args.save_args, custom_metadata=args.custom_metadata,
+                                 ocdbt_target_data_file_size=args.ocdbt_target_data_file_size)
     if isinstance(args, NNXSave):
       return await self._async_save_nnx(directory, args)
     if isinstance(args, ocp.args.StandardSave):
@@ -260,6 +297,8 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
     if args is None:
       args = NNXRestore()
     if isinstance(args, NNXRestore):
+      args = args.as_pytree_restore() or args
+    if isinstance(args, NNXRestore):
       return self._restore_nnx(directory, args)
     # an untargeted restore reads the item's metadata once: whether it is ours, and whether it fits; an item in
     # Orbax's older format (no _METADATA) is plain, restored by Orbax as it is
@@ -281,8 +320,10 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
       if not nnx_item:
         _check_plain_untargeted(meta)
         return self._pytree.restore(directory, args=args)
+      # Orbax's empty `transforms` restores what the item names and drops the rest: `extra='ignore'`
+      partial = args.partial_restore or (args.transforms == {} and args.item is not None)
       for name in ('transforms', 'legacy_transform_fn'):
-        if getattr(args, name) is not None:
+        if getattr(args, name) is not None and not (name == 'transforms' and args.transforms == {} and partial):
           raise errors.UnsupportedArgumentError(
               f'PyTreeRestore({name}=...) is not supported for NNX items: pass rules=[(pattern, replacement)]'
               ' to orbax_nnx.NNXRestore or orbax_nnx.restore, which also stack and unroll layers.')
@@ -290,7 +331,7 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
         raise errors.UnsupportedArgumentError(
             'PyTreeRestore(restore_args=...) needs item= for an NNX checkpoint: give the target whose'
             ' leaves the restore_args describe.')
-      return as_nnx(NNXRestore(target=args.item, extra='ignore' if args.partial_restore else 'error',
+      return as_nnx(NNXRestore(target=args.item, extra='ignore' if partial else 'error',
                                restore_args=args.restore_args))
     raise TypeError(f'NNXCheckpointHandler cannot restore with {type(args).__name__}.')
 

@@ -1,6 +1,8 @@
 """Every Orbax argument honoured on NNX items (or refused by name), optax containers, Orbax step
 naming, option validation, and an error taxonomy that tells the truth."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,7 +64,35 @@ def test_pytree_restore_transforms_are_refused_by_name(tmp_path):
   path = save(tmp_path / 'c', small_state())
   target = nnx.State({'emb': nnx.Param(sds((4, 3))), 'b': nnx.Param(sds((3,)))})
   with pytest.raises(errors.UnsupportedArgumentError, match=r'transforms=.*rules='):
-    restore(path, ocp.args.PyTreeRestore(target, transforms={}))
+    restore(path, ocp.args.PyTreeRestore(target, transforms={r'(.*)': ocp.Transform(original_key='emb')}))
+
+
+def test_orbax_older_checkpointer_calls_restore_as_pytree_restore(tmp_path):
+  """`ocp.Checkpointer(handler)`'s older calls build `NNXSave(tree)` / `NNXRestore(item=..., restore_args=...,
+  transforms=...)` (MaxText's `load_params_from_path`): a plain tree is saved and restored exactly as Orbax's
+  PyTree handler does it, and an empty `transforms` restores only what the item names, from NNX items too."""
+  tree = {'params': {'w': np.arange(6.0).reshape(2, 3)}, 'opt': {'mu': np.ones(3, np.float32)}, 'step': 3}
+  for name, handler in (('ours', orbax_nnx.NNXCheckpointHandler()), ('orbax', ocp.PyTreeCheckpointHandler())):
+    with ocp.Checkpointer(handler) as ckptr:
+      ckptr.save(tmp_path / name, tree)
+  meta = json.loads((tmp_path / 'ours' / '_CHECKPOINT_METADATA').read_text())
+  assert meta['item_handlers'] == ocp.PyTreeCheckpointHandler.typestr()
+  item = {'params': {'w': sds((2, 3), jnp.float64)}}
+  restore_args = {'params': ocp.checkpoint_utils.construct_restore_args(item['params'])}
+  outs = {}
+  for name, handler in (('ours', orbax_nnx.NNXCheckpointHandler()), ('orbax', ocp.PyTreeCheckpointHandler())):
+    with ocp.Checkpointer(handler) as ckptr:
+      outs[name] = (ckptr.restore(tmp_path / name), ckptr.restore(tmp_path / name, item=item, transforms={},
+                                                                   restore_args=restore_args))
+  summary = lambda tree: jax.tree.map(lambda x: (type(x).__name__, np.asarray(x).dtype.name, np.asarray(x).tolist()), tree)  # noqa: E731
+  assert summary(outs['ours']) == summary(outs['orbax'])
+  assert set(outs['ours'][1]) == {'params'}
+  path = save(tmp_path / 'nnx', small_state())
+  with ocp.Checkpointer(orbax_nnx.NNXCheckpointHandler()) as ckptr:
+    out = ckptr.restore(path, item=nnx.State({'emb': nnx.Param(sds((4, 3)))}), transforms={})
+  np.testing.assert_array_equal(host(out['emb']), np.arange(12.0).reshape(4, 3))
+  with pytest.raises(errors.OptionError, match='rules'):
+    orbax_nnx.NNXRestore(item=item, rules=[('a', 'b')])
 
 
 def test_partial_restore_and_placeholders(tmp_path):

@@ -22,7 +22,7 @@ SIGNATURES = {
     'NNXCheckpointHandler': '**options',
     'NNXRestore': "target=None, missing='error', extra='error', default_sharding=None, exclude=(Cache, Intermediate),"
                   ' rules=(), scan_axis=None, param_scan_axis=1, strict=True, support_layout=False, restore_args=None,'
-                  ' memory_budget=None, layout=None, groups=()',
+                  ' memory_budget=None, layout=None, groups=(), item=None, transforms=None',
     'NNXSave': "item=None, custom_metadata=None, flavour='raw', exclude=(Cache, Intermediate), save_args=None,"
                ' ocdbt_target_data_file_size=None',
     'Plan': 'source, entries, leaves, missing, unused, inferred=<factory>',
