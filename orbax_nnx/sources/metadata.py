@@ -137,6 +137,7 @@ def is_legacy_item(directory: epath.PathLike, handler: ocp.PyTreeCheckpointHandl
   `_METADATA`, the tree (and its small leaves) in the handler's aggregate msgpack file."""
   directory = epath.Path(directory)
   with _readable(directory):
+    listing.look(directory)
     return (directory.is_dir() and not (directory / METADATA_FILE).exists()
             and (directory / compat.aggregate_filename(handler)).is_file())
 
