@@ -268,3 +268,30 @@ def test_a_lost_file_is_corrupt_and_file_not_found(tmp_path, use_ocdbt):
   with pytest.raises(orbax_nnx.errors.CorruptCheckpointError, match='item') as raised:
     orbax_nnx.NNXCheckpointHandler(use_ocdbt=use_ocdbt).restore(tmp_path / 'item')
   assert isinstance(raised.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize('lost', ['_sharding', 'array_metadatas', '_CHECKPOINT_METADATA', 'manifest.ocdbt', 'd'])
+def test_items_missing_a_file_restore_or_fail_as_orbax_does(tmp_path, lost):
+  """Orbax's own compatibility cases: an item that lost a file Orbax can do without restores as Orbax's handler
+  restores it (the same types); one that lost its data fails where Orbax fails, with a typed error that is
+  still the exception family Orbax raises."""
+  import shutil
+  tree = {'a': jnp.arange(8, dtype=jnp.int32), 'b': {'c': np.ones(3, np.float32)}}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / 'item', tree)
+  gone = tmp_path / 'item' / lost
+  shutil.rmtree(gone) if gone.is_dir() else gone.unlink()
+  outcomes = []
+  for handler in (ocp.StandardCheckpointHandler(), orbax_nnx.NNXCheckpointHandler()):
+    try:
+      out = handler.restore(epath.Path(tmp_path / 'item'))
+      outcomes.append(jax.tree.map(lambda x: (type(x).__name__, np.asarray(x).tolist()), out))
+    except Exception as e:  # noqa: BLE001  (compared below)
+      outcomes.append(e)
+  stock, ours = outcomes
+  if not isinstance(stock, Exception):
+    assert ours == stock
+  else:
+    assert isinstance(ours, orbax_nnx.errors.OrbaxNNXError), ours
+    assert isinstance(ours, type(stock)), (stock, ours)
+    assert 'item' in str(ours)
