@@ -93,6 +93,14 @@ def aggregate_filename(handler: Any) -> str:
   return handler._aggregate_filename  # pylint: disable=protected-access
 
 
+def v1_partial_load() -> bool:
+  """Whether the active Orbax v1 `Context` asks loads for what the abstract tree names only
+  (`ctx.pytree.loading.partial_load`, as tunix sets it for LoRA restores)."""
+  from orbax.checkpoint.experimental.v1._src.context import context as context_lib
+
+  return bool(context_lib.get_context().pytree.loading.partial_load)
+
+
 def global_type_handler_registry() -> Any:
   """Orbax's global TypeHandler registry (what a handler built without one reads with)."""
   return type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY

@@ -28,6 +28,7 @@ refuses abstract leaves it does not know).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any, Awaitable
 
 import orbax.checkpoint as ocp
@@ -67,9 +68,13 @@ class NNXHandler:
     return background()
 
   async def load(self, directory, abstract_checkpointable: Any = None) -> Awaitable[Any]:
-    """Loads into `abstract_checkpointable` (an abstract NNX object, a live one, or `NNXRestore`)."""
+    """Loads into `abstract_checkpointable` (an abstract NNX object, a live one, or `NNXRestore`). The active
+    Context's `pytree.loading.partial_load` is honoured: stored leaves the target does not name are skipped
+    (`extra='ignore'`)."""
     args = (abstract_checkpointable if isinstance(abstract_checkpointable, NNXRestore)
             else NNXRestore(target=abstract_checkpointable))
+    if compat.v1_partial_load():
+      args = dataclasses.replace(args, extra='ignore')
 
     async def background() -> Any:
       return await asyncio.to_thread(self._v0.restore, epath.Path(directory), args)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import pytest
 from flax import nnx
 from helpers import assert_same_state, data_only
 from orbax.checkpoint.experimental import v1
@@ -197,3 +198,30 @@ def test_lora_batchnorm_rng_state_through_v1(tmp_path):
   assert {'LoRAParam', 'BatchStat', 'RngKey', 'RngCount', 'Param'} <= kinds, kinds
   target = nnx.state(nnx.eval_shape(lambda: Tower(nnx.Rngs(5, dropout=6))))
   assert_same_state(v1.load_checkpointables(tmp_path / 'c', {'model': target})['model'], nnx.state(model))
+
+
+def test_partial_load_of_the_active_context_is_honoured(tmp_path):
+  """tunix's LoRA restore: a full model saved through `training.Checkpointer`, its LoRA params loaded alone inside
+  a Context with `pytree.loading.partial_load = True`; without it, the stored leaves the target lacks are an
+  error."""
+  class Lora(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.LoRA(4, 2, 4, rngs=rngs)
+      self.dense = nnx.Linear(4, 4, rngs=rngs)
+
+  saved = Lora(nnx.Rngs(0))
+  saved.lin.lora_b.set_value(jnp.arange(8.0).reshape(2, 4))
+  with v1.training.Checkpointer(tmp_path / 'run') as ckptr:
+    ckptr.save_checkpointables(1, {'model_params': nnx.state(saved)})
+    fresh = Lora(nnx.Rngs(1))
+    with pytest.raises(Exception) as raised:  # v1 wraps every load error in its NoEntryError
+      ckptr.load_checkpointables(1, {'model_params': nnx.state(fresh, nnx.LoRAParam)})
+    assert isinstance(raised.value.__cause__, orbax_nnx.errors.StructureMismatchError)
+    assert 'dense/kernel' in str(raised.value.__cause__)
+    context = v1.Context()
+    context.pytree.loading.partial_load = True
+    with context:
+      out = ckptr.load_checkpointables(1, {'model_params': nnx.state(fresh, nnx.LoRAParam)})
+  nnx.update(fresh, out['model_params'])
+  np.testing.assert_array_equal(np.asarray(fresh.lin.lora_b.get_value()), np.arange(8.0).reshape(2, 4))
+  assert set(out['model_params']) == {'lin'}
