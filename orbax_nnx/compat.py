@@ -93,12 +93,24 @@ def aggregate_filename(handler: Any) -> str:
   return handler._aggregate_filename  # pylint: disable=protected-access
 
 
-def v1_partial_load() -> bool:
-  """Whether the active Orbax v1 `Context` asks loads for what the abstract tree names only
-  (`ctx.pytree.loading.partial_load`, as tunix sets it for LoRA restores)."""
+def v1_context() -> Any:
+  """The active Orbax v1 `Context` (a default one outside any `with ocp.Context(...)`)."""
   from orbax.checkpoint.experimental.v1._src.context import context as context_lib
 
-  return bool(context_lib.get_context().pytree.loading.partial_load)
+  return context_lib.get_context()
+
+
+def v1_handler_options(context: Any) -> dict[str, Any]:
+  """`NNXCheckpointHandler` options for Orbax v1's `context`: the PyTree handler Orbax v1 builds its own from
+  (format, compression, memory limits, hosts: Orbax's own function), and the format flags the wrapping PyTree
+  handler reads older items with."""
+  from orbax.checkpoint.experimental.v1._src.handlers import pytree_handler
+
+  impl = pytree_handler._create_v0_handler(  # pylint: disable=protected-access
+      context, type_handler_registry=type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY)
+  saving = context.array.saving
+  return {'handler_impl': impl, 'use_ocdbt': saving.use_ocdbt, 'use_zarr3': saving.use_zarr3,
+          'pytree_metadata_options': context.pytree.saving.pytree_metadata_options}
 
 
 def global_type_handler_registry() -> Any:

@@ -34,7 +34,7 @@ from typing import Any, Awaitable
 import orbax.checkpoint as ocp
 from etils import epath
 
-from orbax_nnx import compat, nnx_tree
+from orbax_nnx import compat, errors, nnx_tree
 from orbax_nnx.handlers import NNXCheckpointHandler, NNXRestore, NNXSave
 
 TYPESTR = 'orbax_nnx.v1.NNXHandler'  # what v1 records for items this handler saved (module.qualname)
@@ -48,12 +48,20 @@ class NNXHandler:
   checkpointable) maps any supported layout onto the target.
   """
 
-  def __init__(self):
-    self._v0 = NNXCheckpointHandler()
-
   async def save(self, directory, checkpointable: Any) -> Awaitable[None]:
-    """Starts the save (device-to-host copies now); the returned awaitable writes and commits."""
-    commit_futures = await self._v0.async_save(directory.path, NNXSave(checkpointable))
+    """Starts the save (device-to-host copies now); the returned awaitable writes and commits. The active
+    Context's array saving options (format, compression, OCDBT file size, memory limits) apply as they do to
+    Orbax v1's own PyTree handler; per-leaf `storage_options` are refused by name."""
+    context = compat.v1_context()
+    saving = context.array.saving
+    if saving.storage_options != type(saving.storage_options)() or saving.scoped_storage_options_creator is not None:
+      raise errors.UnsupportedArgumentError(
+          'Context array.saving.storage_options / scoped_storage_options_creator (per-leaf dtype, chunks) is not'
+          ' applied to NNX objects: save without it, or give per-leaf ocp.SaveArgs through'
+          ' orbax_nnx.NNXSave(save_args=...) with the v0 API.')
+    v0 = NNXCheckpointHandler(**compat.v1_handler_options(context))
+    commit_futures = await v0.async_save(directory.path, NNXSave(
+        checkpointable, ocdbt_target_data_file_size=saving.ocdbt_target_data_file_size))
 
     async def background() -> None:
       path = await directory.await_creation()
@@ -62,7 +70,7 @@ class NNXHandler:
       name = f'orbax_nnx_v1_{path.name}_{path.parent.name}'
       await asyncio.to_thread(ocp.multihost.sync_global_processes, f'{name}_committed')
       if ocp.multihost.process_index() == 0:
-        await asyncio.to_thread(self._v0.finalize, epath.Path(path))
+        await asyncio.to_thread(v0.finalize, epath.Path(path))
       await asyncio.to_thread(ocp.multihost.sync_global_processes, f'{name}_finalized')
 
     return background()
@@ -71,19 +79,21 @@ class NNXHandler:
     """Loads into `abstract_checkpointable` (an abstract NNX object, a live one, or `NNXRestore`). The active
     Context's `pytree.loading.partial_load` is honoured: stored leaves the target does not name are skipped
     (`extra='ignore'`)."""
+    context = compat.v1_context()
     args = (abstract_checkpointable if isinstance(abstract_checkpointable, NNXRestore)
             else NNXRestore(target=abstract_checkpointable))
-    if compat.v1_partial_load():
+    if context.pytree.loading.partial_load:
       args = dataclasses.replace(args, extra='ignore')
+    v0 = NNXCheckpointHandler(**compat.v1_handler_options(context))
 
     async def background() -> Any:
-      return await asyncio.to_thread(self._v0.restore, epath.Path(directory), args)
+      return await asyncio.to_thread(v0.restore, epath.Path(directory), args)
 
     return background()
 
   async def metadata(self, directory) -> Any:
     """The stored tree's metadata (Orbax's, as for a pytree)."""
-    return self._v0.metadata(epath.Path(directory))
+    return NNXCheckpointHandler(**compat.v1_handler_options(compat.v1_context())).metadata(epath.Path(directory))
 
   def is_handleable(self, checkpointable: Any) -> bool:
     return nnx_tree.contains_nnx(checkpointable)

@@ -22,7 +22,7 @@ from orbax_nnx import compat
                                   'process_index_for_subdir', 'serialize_shardings',
                                   'global_type_handler_registry', 'sharding_from_serialized',
                                   'type_handler_registry_of', 'type_handler_metadata_key', 'aggregate_filename',
-                                  'check_handler_options', 'standard_handler', 'v1_partial_load'])
+                                  'check_handler_options', 'standard_handler', 'v1_context', 'v1_handler_options'])
 def test_symbol_exists_and_is_callable(name):
   assert callable(getattr(compat, name)), f'orbax_nnx.compat.{name} is gone: find its new home in this release'
 

@@ -225,3 +225,27 @@ def test_partial_load_of_the_active_context_is_honoured(tmp_path):
   nnx.update(fresh, out['model_params'])
   np.testing.assert_array_equal(np.asarray(fresh.lin.lora_b.get_value()), np.arange(8.0).reshape(2, 4))
   assert set(out['model_params']) == {'lin'}
+
+
+def test_the_contexts_array_saving_options_apply_as_to_v1s_own_handler(tmp_path):
+  """NNX objects saved through v1 are stored as v1's own PyTreeHandler stores a pytree under the same Context
+  (zarr3 by default, OCDBT or not); per-leaf storage options are refused by name."""
+  model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  tree = {'w': np.arange(6.0).reshape(2, 3)}
+  for name, use_ocdbt in (('ocdbt', True), ('plain', False)):
+    context = v1.Context()
+    context.array.saving.use_ocdbt = use_ocdbt
+    with context:
+      v1.save_checkpointables(tmp_path / name, {'model': model, 'tree': tree})
+      out = v1.load_checkpointables(tmp_path / name, {'model': nnx.eval_shape(lambda: nnx.state(model))})
+    np.testing.assert_array_equal(np.asarray(out['model']['kernel'].get_value()), np.asarray(model.kernel.get_value()))
+    for item in ('model', 'tree'):
+      flags = json.loads((tmp_path / name / item / '_METADATA').read_text())
+      assert flags['use_zarr3'] is True and flags.get('use_ocdbt', True) is use_ocdbt, (name, item, flags)
+      assert (tmp_path / name / item / 'manifest.ocdbt').exists() is use_ocdbt
+  context = v1.Context()
+  context.array.saving.storage_options = type(context.array.saving.storage_options)(dtype=np.float16)
+  with context, pytest.raises(Exception) as raised:
+    v1.save_checkpointables(tmp_path / 'cast', {'model': model})
+  chain = [raised.value, raised.value.__cause__, raised.value.__context__]
+  assert any(isinstance(e, orbax_nnx.errors.UnsupportedArgumentError) and 'storage_options' in str(e) for e in chain)
