@@ -77,13 +77,21 @@ class NNXHandler:
 
   async def load(self, directory, abstract_checkpointable: Any = None) -> Awaitable[Any]:
     """Loads into `abstract_checkpointable` (an abstract NNX object, a live one, or `NNXRestore`). The active
-    Context's `pytree.loading.partial_load` is honoured: stored leaves the target does not name are skipped
-    (`extra='ignore'`)."""
+    Context's `pytree.loading.partial_load` skips stored leaves the target does not name (`extra='ignore'`),
+    `array.loading.enable_padding_and_truncation` pads or truncates as Orbax does (`strict=False`);
+    `raise_array_data_missing_error=False` is refused by name."""
     context = compat.v1_context()
     args = (abstract_checkpointable if isinstance(abstract_checkpointable, NNXRestore)
             else NNXRestore(target=abstract_checkpointable))
+    loading = context.array.loading
+    if not loading.raise_array_data_missing_error:
+      raise errors.UnsupportedArgumentError(
+          'Context array.loading.raise_array_data_missing_error=False (zeros for unwritten ranges) is not applied'
+          ' to NNX objects: stored data that is missing is always an error (MissingDataError). Load without it.')
     if context.pytree.loading.partial_load:
       args = dataclasses.replace(args, extra='ignore')
+    if loading.enable_padding_and_truncation:
+      args = dataclasses.replace(args, strict=False)
     v0 = NNXCheckpointHandler(**compat.v1_handler_options(context))
 
     async def background() -> Any:

@@ -249,3 +249,24 @@ def test_the_contexts_array_saving_options_apply_as_to_v1s_own_handler(tmp_path)
     v1.save_checkpointables(tmp_path / 'cast', {'model': model})
   chain = [raised.value, raised.value.__cause__, raised.value.__context__]
   assert any(isinstance(e, orbax_nnx.errors.UnsupportedArgumentError) and 'storage_options' in str(e) for e in chain)
+
+
+def test_the_contexts_array_loading_options_are_honoured_or_refused(tmp_path):
+  """`enable_padding_and_truncation` pads a grown target as Orbax does; `raise_array_data_missing_error=False`
+  (zeros for unwritten data) is refused by name."""
+  v1.save_checkpointables(tmp_path / 'c', {'model': nnx.State({'emb': nnx.Param(jnp.arange(6.0).reshape(3, 2))})})
+  grown = {'model': nnx.State({'emb': nnx.Param(jax.ShapeDtypeStruct((4, 2), jnp.float32))})}
+  context = v1.Context()
+  context.array.loading.enable_padding_and_truncation = True
+  with context:
+    out = v1.load_checkpointables(tmp_path / 'c', grown)
+  np.testing.assert_array_equal(np.asarray(out['model']['emb'].get_value()),
+                                np.concatenate([np.arange(6.0).reshape(3, 2), np.zeros((1, 2))]))
+  context = v1.Context()
+  context.array.loading.raise_array_data_missing_error = False
+  with context, pytest.raises(Exception) as raised:
+    v1.load_checkpointables(tmp_path / 'c', {'model': nnx.State({'emb': nnx.Param(jax.ShapeDtypeStruct((3, 2),
+                                                                                                      jnp.float32))})})
+  chain = [raised.value, raised.value.__cause__, raised.value.__context__]
+  assert any(isinstance(e, orbax_nnx.errors.UnsupportedArgumentError) and 'raise_array_data_missing_error' in str(e)
+             for e in chain)
