@@ -116,7 +116,7 @@ def run(tool: str, src: str, dst: str, unroll: bool) -> dict:
   subprocess.run(['sync'], check=False)
   t0 = time.perf_counter()
   out = subprocess.run([sys.executable, __file__, '--worker', tool, src, dst, '1' if unroll else '0'],
-                       capture_output=True, text=True, check=False)
+                       capture_output=True, text=True, check=False, env=common.WORKER_ENV)
   wall = time.perf_counter() - t0
   if out.returncode:
     raise RuntimeError(out.stderr[-4000:])

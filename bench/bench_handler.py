@@ -19,6 +19,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(__file__))
+import common  # noqa: E402
+
 
 def _vmhwm_mib() -> float:
   """Peak resident set of this process (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
@@ -84,7 +87,7 @@ def worker(op: str, impl: str, directory: str, mib: int) -> dict:
 
 def run(op, impl, directory, mib):
   out = subprocess.run([sys.executable, __file__, '--worker', op, impl, directory, str(mib)],
-                       capture_output=True, text=True, check=False)
+                       capture_output=True, text=True, check=False, env=common.WORKER_ENV)
   if out.returncode:
     raise RuntimeError(out.stderr[-4000:])
   return json.loads(out.stdout.strip().splitlines()[-1])

@@ -88,7 +88,7 @@ def main() -> None:
     for _ in range(args.reps):
       for mode in modes:
         out = subprocess.run([sys.executable, __file__, '--worker', mode, path, str(args.layers)],
-                             capture_output=True, text=True, check=False)
+                             capture_output=True, text=True, check=False, env=common.WORKER_ENV)
         if out.returncode:
           raise RuntimeError(out.stderr[-4000:])
         results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))

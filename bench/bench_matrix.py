@@ -87,7 +87,7 @@ def worker(mode: str, src: str, dst: str, budget_mib: str) -> dict:
 def run(mode: str, src: str, dst: str, budget_mib: int) -> dict:
   import subprocess
   out = subprocess.run([sys.executable, __file__, '--worker', mode, src, dst, str(budget_mib)],
-                       capture_output=True, text=True, check=False)
+                       capture_output=True, text=True, check=False, env=common.WORKER_ENV)
   if out.returncode:
     raise RuntimeError(out.stderr[-4000:])
   return json.loads(out.stdout.strip().splitlines()[-1])
