@@ -23,12 +23,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
 
 
-def _vmhwm_mib() -> float:
-  """Peak resident set of this process (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
-  with open('/proc/self/status') as f:
-    return int(next(line for line in f if line.startswith('VmHWM')).split()[1]) / 1024
-
-
 def build_state(mib: int):
   import jax
   import jax.numpy as jnp
@@ -69,7 +63,7 @@ def worker(op: str, impl: str, directory: str, mib: int) -> dict:
     del model, opt, state
   ckptr = ocp.AsyncCheckpointer(orbax_nnx.NNXCheckpointHandler() if impl == 'ours'
                                 else ocp.StandardCheckpointHandler())
-  rss0 = _vmhwm_mib() * 1024
+  rss0 = common.vmhwm_mib() * 1024
   t0, c0 = time.perf_counter(), time.process_time()
   if op == 'save':
     args = orbax_nnx.NNXSave(state) if impl == 'ours' else ocp.args.StandardSave(state)
@@ -80,7 +74,7 @@ def worker(op: str, impl: str, directory: str, mib: int) -> dict:
     out = ckptr.restore(path, args=args)
     jax.block_until_ready(out)
   wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-  rss = _vmhwm_mib() * 1024
+  rss = common.vmhwm_mib() * 1024
   return {'wall': wall, 'cpu': cpu, 'peak_rss_mib': rss / 1024, 'rss_before_mib': rss0 / 1024,
           'state_mib': nbytes / 2**20}
 
