@@ -321,9 +321,10 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
         _check_plain_untargeted(meta)
         return self._pytree.restore(directory, args=args)
       # Orbax's empty `transforms` restores what the item names and drops the rest: `extra='ignore'`
-      partial = args.partial_restore or (args.transforms == {} and args.item is not None)
+      empty_transforms = args.transforms == {} and args.item is not None
+      partial = args.partial_restore or empty_transforms
       for name in ('transforms', 'legacy_transform_fn'):
-        if getattr(args, name) is not None and not (name == 'transforms' and args.transforms == {} and partial):
+        if getattr(args, name) is not None and not (name == 'transforms' and empty_transforms):
           raise errors.UnsupportedArgumentError(
               f'PyTreeRestore({name}=...) is not supported for NNX items: pass rules=[(pattern, replacement)]'
               ' to orbax_nnx.NNXRestore or orbax_nnx.restore, which also stack and unroll layers.')

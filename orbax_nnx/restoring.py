@@ -241,15 +241,8 @@ _DAMAGE_MARKERS = ('DATA_LOSS', 'NOT_FOUND', 'OUT_OF_RANGE', 'Error reading', 'E
 
 def looks_damaged(error: BaseException) -> bool:
   """Whether an exception from Orbax/tensorstore (or its causes) says the stored data is damaged."""
-  seen = 0
-  while error is not None and seen < 8:
-    if isinstance(error, (FileNotFoundError, EOFError)):
-      return True
-    text = f'{error}'
-    if any(marker in text for marker in _DAMAGE_MARKERS):
-      return True
-    error, seen = error.__cause__ or error.__context__, seen + 1
-  return False
+  return any(isinstance(e, (FileNotFoundError, EOFError)) or any(marker in f'{e}' for marker in _DAMAGE_MARKERS)
+             for e in untrusted.causes(error))
 
 
 @contextlib.contextmanager

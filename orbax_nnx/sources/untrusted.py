@@ -47,16 +47,19 @@ def is_permission_error(e: BaseException) -> bool:
       text.startswith('Forbidden') or 'PERMISSION_DENIED' in text or 'Permission denied' in text)
 
 
+def causes(error: BaseException | None, limit: int = 8) -> Iterator[BaseException]:
+  """`error` and the exceptions it was raised from or during (at most `limit`)."""
+  for _ in range(limit):
+    if error is None:
+      return
+    yield error
+    error = error.__cause__ or error.__context__
+
+
 def is_missing_data(e: BaseException) -> bool:
   """Whether `e` (or one of its causes) says a stored file or object is not there: a FileNotFoundError, or
   tensorstore's NOT_FOUND (through Orbax, a ValueError)."""
-  for _ in range(8):
-    if e is None:
-      return False
-    if isinstance(e, FileNotFoundError) or 'NOT_FOUND' in str(e):
-      return True
-    e = e.__cause__ or e.__context__
-  return False
+  return any(isinstance(c, FileNotFoundError) or 'NOT_FOUND' in str(c) for c in causes(e))
 
 
 def damaged(directory: epath.PathLike, reason: str, cause: BaseException) -> errors.CorruptCheckpointError:
