@@ -47,7 +47,16 @@ get_ts_context = tensorstore_utils.get_ts_context
 build_array_read_spec = tensorstore_utils.build_array_read_spec
 build_array_write_spec = tensorstore_utils.build_array_write_spec
 process_index_for_subdir = ocdbt_utils.get_process_index_for_subdir
-serialize_shardings = jax_array_handlers._async_serialize_shardings  # pylint: disable=protected-access
+# Orbax's `_sharding` file: one JSON document, each array's serialized sharding under its own key
+sharding_file_spec = tensorstore_utils.get_sharding_tensorstore_spec
+
+
+def serialized_sharding(sharding: Any) -> str | None:
+  """What Orbax's `ArrayHandler` writes for `sharding` in the `_sharding` file (None: nothing)."""
+  value = _sharding_metadata.from_jax_sharding(sharding) if sharding is not None else None
+  return value.to_serialized_string() if value is not None else None
+
+
 create_type_handler_registry = type_handler_registry.create_type_handler_registry
 sharding_from_serialized = _sharding_metadata.from_serialized_string
 ZarrMetadata = _value_metadata.ZarrMetadata
@@ -173,8 +182,7 @@ def composite_registry_in_flight(depth: int = 12) -> Any:
 
 def array_handler_options(handler: Any) -> dict[str, Any]:
   """What an `ArrayHandler` was built with, for writes made beside its `serialize` (per-block writes):
-  its array metadata store, whether it writes the sharding file, its primary host, its metadata key."""
+  its array metadata store, its primary host, its metadata key."""
   return {'array_metadata_store': handler._array_metadata_store,  # pylint: disable=protected-access
-          'write_sharding_file': handler._enable_write_sharding_file,  # pylint: disable=protected-access
           'primary_host': handler._primary_host,  # pylint: disable=protected-access
           'metadata_key': handler._metadata_key}  # pylint: disable=protected-access

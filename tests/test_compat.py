@@ -19,7 +19,7 @@ from orbax_nnx import compat
                                   'CommitFuture', 'ArrayMetadataStore', 'ArrayHandler', 'ParamInfo', 'SaveArgs',
                                   'get_ts_context', 'build_array_read_spec', 'create_type_handler_registry',
                                   'register_handler_type', 'get_handler_type', 'build_array_write_spec',
-                                  'process_index_for_subdir', 'serialize_shardings',
+                                  'process_index_for_subdir', 'sharding_file_spec', 'serialized_sharding',
                                   'global_type_handler_registry', 'sharding_from_serialized',
                                   'type_handler_registry_of', 'type_handler_metadata_key', 'aggregate_filename',
                                   'check_handler_options', 'standard_handler', 'v1_context', 'v1_handler_options'])
@@ -93,15 +93,18 @@ def test_array_handler_options_and_write_spec(tmp_path):
   """Per-block writes build Orbax's own write spec and reuse the handler's options."""
   store = compat.ArrayMetadataStore()
   options = compat.array_handler_options(compat.ArrayHandler(array_metadata_store=store))
-  assert options['array_metadata_store'] is store and options['write_sharding_file'] is True
+  assert options['array_metadata_store'] is store
   assert options['primary_host'] == 0 and options['metadata_key'] is None
   info = compat.ParamInfo(name='w', parent_dir=tmp_path, is_ocdbt_checkpoint=True, use_zarr3=False)
   spec = compat.build_array_write_spec(info=info, arg=compat.SaveArgs(chunk_byte_size=4096), global_shape=(64, 32),
                                        local_shape=(64, 32), dtype=np.dtype('float32'), use_ocdbt=True,
                                        process_index=compat.process_index_for_subdir(True))
   assert spec.metadata.chunk_shape == (32, 32) and spec.json['driver'] == 'zarr'
-  params = inspect.signature(compat.serialize_shardings).parameters
-  assert list(params)[:2] == ['shardings', 'infos'] and 'primary_host' in params
+  sharding_spec = compat.sharding_file_spec(tmp_path.as_posix(), 'a.b')
+  assert sharding_spec['driver'] == 'json' and sharding_spec['json_pointer'].startswith('/')
+  assert sharding_spec['kvstore']['path'].endswith('_sharding')
+  assert json.loads(compat.serialized_sharding(jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+  assert compat.serialized_sharding(None) is None
 
 
 def test_type_handler_registry_and_metadata_key_are_read():

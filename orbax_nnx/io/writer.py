@@ -29,6 +29,7 @@ import tensorstore as ts
 from orbax_nnx import compat
 from orbax_nnx.io.reader import Pending, announce, announce_regions, layer_of, reads_directly, results
 from orbax_nnx.io.regions import evaluate, normalize
+from orbax_nnx.io.sharding_file import ShardingFile
 from orbax_nnx.io.source_arrays import ChunkLedger, SourceArrays
 from orbax_nnx.nnx_tree import DiskPath
 from orbax_nnx.planning.expressions import Expr, reads
@@ -108,7 +109,21 @@ class WriteSession:
     self.prefetch_pool.shutdown(wait=True)
 
 
-class LazyArrayHandler(compat.ArrayHandler):
+class _BatchedShardingsArrayHandler(compat.ArrayHandler):
+  """Orbax's `ArrayHandler`, its `_sharding` entries written through the save's `ShardingFile` (one write
+  per serialize call) instead of one tensorstore per array."""
+
+  def __init__(self, sharding_file: ShardingFile, **kwargs: Any):
+    super().__init__(enable_write_sharding_file=False, **kwargs)
+    self.sharding_file = sharding_file
+
+  async def serialize(self, values, infos, args=None):
+    futures = await super().serialize(values, infos, args)
+    await self.sharding_file.write(values, infos)
+    return futures
+
+
+class LazyArrayHandler(_BatchedShardingsArrayHandler):
   """Writes LazyArrays as `jax.Array`s, a bounded window at a time: reads run ahead of the writer and
   ready arrays are written in batches (one Orbax serialize call each, its writes concurrent). Arrays of
   a quarter of the session's budget or more are written block by block instead (`_BlockedWrite`), so
@@ -117,7 +132,7 @@ class LazyArrayHandler(compat.ArrayHandler):
   async def serialize(self, values: Sequence[LazyArray], infos: Sequence[compat.ParamInfo],
                       args: Sequence[compat.SaveArgs] | None = None):
     args = list(args or [compat.SaveArgs()] * len(values))
-    base = super()
+    base = super()  # (its serialize records the shardings of each batch)
     # leaves reading the same stored arrays go together, so each stored chunk is decoded once
     order = sorted(range(len(values)), key=lambda i: write_order(values[i]))
     options = compat.array_handler_options(self)
@@ -130,6 +145,7 @@ class LazyArrayHandler(compat.ArrayHandler):
         together[hit[0]].append(i)
         aligns[i] = hit[1]
     groups = {i: members for members in together.values() for i in members}
+    options['sharding_file'] = self.sharding_file
     blocked = {i: _BlockedWrite(values[i], infos[i], args[i], options, align=aligns.get(i))
                for i in order if _is_blocked(values[i]) or i in groups}
 
@@ -337,9 +353,7 @@ async def write_blocked(writes: list[_BlockedWrite], ahead_bytes: int) -> None:
     await options['array_metadata_store'].write(checkpoint_dir=writes[0].info.parent_dir,
                                                 array_metadatas=[w.spec.metadata for w in writes],
                                                 process_index=jax.process_index())
-  if options['write_sharding_file']:
-    await compat.serialize_shardings([w.value.sharding for w in writes], [w.info for w in writes],
-                                     primary_host=options['primary_host'])
+  await options['sharding_file'].write([w.value for w in writes], [w.info for w in writes])
 
 
 def lockstep_align(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays) -> tuple[DiskPath, tuple] | None:
@@ -422,11 +436,11 @@ class _OneWriteAtATime(compat.ArrayMetadataStore):
 
 def streaming_pytree_handler(**options: Any) -> ocp.PyTreeCheckpointHandler:
   """A PyTreeCheckpointHandler that also writes LazyArray leaves (local registry only)."""
-  store = _OneWriteAtATime()
+  store, shardings = _OneWriteAtATime(), ShardingFile()
   registry = compat.create_type_handler_registry(
       *[(ty, h) for ty, h in compat.default_type_handlers() if ty is not jax.Array],
-      (jax.Array, compat.ArrayHandler(array_metadata_store=store)),
-      (LazyArray, LazyArrayHandler(array_metadata_store=store)),
+      (jax.Array, _BatchedShardingsArrayHandler(shardings, array_metadata_store=store)),
+      (LazyArray, LazyArrayHandler(shardings, array_metadata_store=store)),
   )
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, **options)
 
