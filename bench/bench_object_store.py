@@ -1,5 +1,6 @@
 """Latency-bound work on `gs://`: requests and wall time through a proxy that adds a fixed delay to every
-request (tests/object_store.py: fake-gcs-server behind `Proxy`), ours next to plain Orbax on the same tree in
+request (tests/object_store.py: fake-gcs-server behind `Proxy`, run in a process of its own so that its
+threads do not share the GIL with what is timed), ours next to plain Orbax on the same tree in
 the same run. An unscanned Linen train state of small leaves (`layers_N`, Adam moments: 9 leaves a layer), so
 requests, not bytes, set the time. Each (leaves, delay) pair is one table.
 
@@ -29,7 +30,7 @@ def main() -> None:
 
   from object_store import FakeGCS
 
-  server = FakeGCS()
+  server = FakeGCS(proxy_process=True)  # the proxy's threads must not share the GIL with what is timed
   try:
     for layers in args.layers:
       for delay in args.delay_ms:

