@@ -151,6 +151,19 @@ def test_refusals(tmp_path, linen_ckpt, case):
   assert not (epath.Path(src) / 'sub').exists()
 
 
+def test_dst_is_checked_while_src_is_planned_and_its_error_comes_first(tmp_path, linen_ckpt):
+  """DST is checked beside the planning, yet a bad DST is still what is reported when both are wrong."""
+  src, _ = linen_ckpt
+  (tmp_path / 'dst').mkdir()
+  (tmp_path / 'dst' / 'notes.txt').write_text('keep me')
+  with pytest.raises(errors.DestinationError, match='notes.txt'):
+    convert(src, tmp_path / 'dst', overwrite=True, rules=[('no_such_leaf', 'x')])  # an unmatched rule too
+  with pytest.raises(errors.OrbaxNNXError) as planned:  # DST fine: the planning error itself
+    convert(src, tmp_path / 'new', rules=[('no_such_leaf', 'x')])
+  assert not isinstance(planned.value, errors.DestinationError)
+  assert (tmp_path / 'dst' / 'notes.txt').read_text() == 'keep me' and not (tmp_path / 'new').exists()
+
+
 def test_overwrite_replaces_dst(tmp_path, linen_ckpt):
   src, _ = linen_ckpt
   convert(src, tmp_path / 'dst')
