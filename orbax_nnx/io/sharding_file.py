@@ -45,18 +45,16 @@ class ShardingFile:
       document, entries = files[json.dumps(spec['kvstore'], sort_keys=True)]
       document.update((k, v) for k, v in spec.items() if k != 'json_pointer')
       entries[_pointer_key(spec['json_pointer'])] = serialized
-    if not files:
-      return
-    context = infos[0].ts_context
-    await asyncio.to_thread(self._lock.acquire)  # waits off the event loop
-    try:
-      for document, entries in files.values():
-        stored = await (await ts.KvStore.open(document['kvstore'], context=context)).read(b'')
+    if files:  # off the event loop, whole: a cancelled caller cannot leave the lock taken
+      await asyncio.to_thread(self._merge, list(files.values()), infos[0].ts_context)
+
+  def _merge(self, files: list[tuple[dict, dict[str, str]]], context: ts.Context) -> None:
+    with self._lock:
+      for document, entries in files:
+        stored = ts.KvStore.open(document['kvstore'], context=context).result().read(b'').result()
         merged = json.loads(stored.value) if stored.state == 'value' else {}
         merged.update(entries)
-        await (await ts.open(document, open=True, context=context)).write(merged)
-    finally:
-      self._lock.release()
+        ts.open(document, open=True, context=context).result().write(merged).result()
 
 
 def _pointer_key(pointer: str) -> str:
