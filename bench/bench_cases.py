@@ -5,7 +5,8 @@ attention q/k/v/o, mlp wi_0/wi_1/wo, two norms), saved with plain Orbax, scanned
 (`layers_N`), converted to NNX three ways. The source's leaves are `jax.Array`s (`--source-type jax`, the
 default: what a training run saves, with `_sharding`) or numpy arrays (`--source-type numpy`: what an in-memory
 converter saves). Orbax restores each as it was saved, so the type changes what the peers cost: restoring
-1,085 small jax.Arrays took 1.55-1.65 s against 0.72 s as numpy, saving them 1.71-1.86 s against 1.55 s.
+1,085 small jax.Arrays took 1.55-1.65 s against 0.72 s as numpy; saving 1,080 took 1.46-1.53 s against
+0.92-0.95 s.
 
 - ours: `orbax_nnx.convert(src, dst[, scan_layers=False])`, no other flag;
 - in-memory: what MaxText's converter does (restore everything, rewrite with numpy, save);
