@@ -59,7 +59,7 @@ class NNXHandler:
           'Context array.saving.storage_options / scoped_storage_options_creator (per-leaf dtype, chunks) is not'
           ' applied to NNX objects: save without it, or give per-leaf ocp.SaveArgs through'
           ' orbax_nnx.NNXSave(save_args=...) with the v0 API.')
-    v0 = NNXCheckpointHandler(**compat.v1_handler_options(context))
+    v0 = _v0_handler(context)
     commit_futures = await v0.async_save(directory.path, NNXSave(
         checkpointable, ocdbt_target_data_file_size=saving.ocdbt_target_data_file_size))
 
@@ -92,7 +92,7 @@ class NNXHandler:
       args = dataclasses.replace(args, extra='ignore')
     if loading.enable_padding_and_truncation:
       args = dataclasses.replace(args, strict=False)
-    v0 = NNXCheckpointHandler(**compat.v1_handler_options(context))
+    v0 = _v0_handler(context)
 
     async def background() -> Any:
       return await asyncio.to_thread(v0.restore, epath.Path(directory), args)
@@ -101,13 +101,18 @@ class NNXHandler:
 
   async def metadata(self, directory) -> Any:
     """The stored tree's metadata (Orbax's, as for a pytree)."""
-    return NNXCheckpointHandler(**compat.v1_handler_options(compat.v1_context())).metadata(epath.Path(directory))
+    return _v0_handler(compat.v1_context()).metadata(epath.Path(directory))
 
   def is_handleable(self, checkpointable: Any) -> bool:
     return nnx_tree.contains_nnx(checkpointable)
 
   def is_abstract_handleable(self, abstract_checkpointable: Any) -> bool:
     return isinstance(abstract_checkpointable, NNXRestore) or nnx_tree.contains_nnx(abstract_checkpointable)
+
+
+def _v0_handler(context: Any) -> NNXCheckpointHandler:
+  """Our v0 handler, built with what `context` asks of Orbax v1's own PyTree handler."""
+  return NNXCheckpointHandler(**compat.v1_handler_options(context))
 
 
 def context(**options: Any):

@@ -43,7 +43,8 @@ class ShardingFile:
       if serialized is None:
         continue
       document, entries = files[json.dumps(spec['kvstore'], sort_keys=True)]
-      document.update((k, v) for k, v in spec.items() if k != 'json_pointer')
+      if not document:
+        document.update((k, v) for k, v in spec.items() if k != 'json_pointer')
       entries[_pointer_key(spec['json_pointer'])] = serialized
     if files:  # off the event loop, whole: a cancelled caller cannot leave the lock taken
       await asyncio.to_thread(self._merge, list(files.values()), infos[0].ts_context)
