@@ -20,7 +20,7 @@ import numpy as np
 
 from orbax_nnx import errors
 from orbax_nnx.io.buffers import aligned_empty
-from orbax_nnx.io.regions import evaluate, normalize, read_regions, start
+from orbax_nnx.io.regions import evaluate, normalize, read_regions, region_key, start
 from orbax_nnx.io.source_arrays import DEFAULT_CACHE_BYTES, ChunkLedger, SourceArrays, chunk_bounds
 from orbax_nnx.nnx_tree import DiskPath, Path, path_str
 from orbax_nnx.planning.expressions import Cast, Expr, Read, Take, reads
@@ -69,11 +69,15 @@ class Pending:
   def result(self) -> jax.Array:
     return results([self])[0]
 
+  def hosts(self) -> dict[tuple, np.ndarray]:
+    """Every distinct addressable shard on host (`region_key` -> data), once the reads are done."""
+    slabbed = self.futures[_SLABS].result() if _SLABS in self.futures else None
+    return {key: slabbed[key] if slabbed is not None else self.futures[key].result() for key in self.by_index}
+
   def pieces(self) -> list[tuple[np.ndarray, jax.Device]]:
     """(host shard, device) for every addressable device, once the reads are done."""
-    slabbed = self.futures[_SLABS].result() if _SLABS in self.futures else None
-    return [(slabbed[key] if slabbed is not None else self.futures[key].result(), device)
-            for key, devices in self.by_index.items() for device in devices]
+    hosts = self.hosts()
+    return [(hosts[key], device) for key, devices in self.by_index.items() for device in devices]
 
 
 def results(jobs: Sequence[Pending]) -> list[jax.Array]:
@@ -184,7 +188,7 @@ def _shards(leaf: TargetLeaf, sharding) -> dict[tuple, tuple[tuple[slice, ...], 
   out: dict[tuple, tuple[tuple[slice, ...], list]] = {}
   for device, index in sharding.addressable_devices_indices_map(leaf.shape).items():
     norm = normalize(index, leaf.shape)
-    out.setdefault(tuple((s.start, s.stop) for s in norm), (norm, []))[1].append(device)
+    out.setdefault(region_key(norm), (norm, []))[1].append(device)
   return out
 
 

@@ -48,6 +48,11 @@ def normalize(index: Index, shape: tuple[int, ...]) -> tuple[slice, ...]:
   return tuple(out) + tuple(slice(0, n) for n in shape[len(index):])
 
 
+def region_key(region: tuple[slice, ...]) -> tuple[tuple[int, int], ...]:
+  """A normalized region as a hashable key: `((start, stop), ...)`."""
+  return tuple((s.start, s.stop) for s in region)
+
+
 def evaluate(expr: Expr, index: tuple[slice, ...], source: SourceArrays) -> np.ndarray:
   """The values of `expr` in the region `index` (normalized slices)."""
   if isinstance(expr, Read):

@@ -2,11 +2,12 @@
 
 `LazyArray` is a plain leaf (not a pytree node, no `__array__`) holding a plan
 expression. `LazyArrayHandler`, an Orbax `ArrayHandler` used only through a local
-type-handler registry, turns each lazy leaf into a `jax.Array` (per-shard region reads)
-just before Orbax writes it, and drops it once written; large arrays are written block by
-block into Orbax's own write spec instead: peak memory is a bounded window, not the
-checkpoint, nor the largest array. `_METADATA` records `jax.Array`, so plain Orbax reads
-the result. Leans on Orbax's serialization internals: pinned to orbax-checkpoint 0.12.
+type-handler registry, reads each lazy leaf's shards onto host just before it is written,
+writes them into the tensorstore spec Orbax's own handler would (`orbax_writes`) and drops
+them once written; large arrays are written block by block the same way: peak memory is a
+bounded window, not the checkpoint, nor the largest array. `_METADATA` records `jax.Array`,
+so plain Orbax reads the result as it reads a saved `jax.Array`. Leans on Orbax's
+serialization internals: pinned to orbax-checkpoint 0.12.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorstore as ts
 
 from orbax_nnx import compat
+from orbax_nnx.io import orbax_writes
 from orbax_nnx.io.reader import Pending, announce, announce_regions, layer_of, reads_directly, results
-from orbax_nnx.io.regions import evaluate, normalize
+from orbax_nnx.io.regions import evaluate
 from orbax_nnx.io.sharding_file import ShardingFile
 from orbax_nnx.io.source_arrays import ChunkLedger, SourceArrays
 from orbax_nnx.nnx_tree import DiskPath
@@ -43,6 +44,9 @@ class LazyArray:
     self.expr, self.leaf, self.sharding, self.session = expr, leaf, sharding, session
     self.size = math.prod(leaf.shape)  # (asked for many times per array while the writer's window moves)
     self.nbytes = self.size * leaf.dtype.itemsize
+    # written from host into Orbax's write spec (`orbax_writes`); typed PRNG keys (`dtype` is their key data's)
+    # go through Orbax's serialize, which records their impl
+    self.direct = leaf.key_impl is None and orbax_writes.writes_directly(self)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -125,7 +129,7 @@ class _BatchedShardingsArrayHandler(compat.ArrayHandler):
 
 class LazyArrayHandler(_BatchedShardingsArrayHandler):
   """Writes LazyArrays as `jax.Array`s, a bounded window at a time: reads run ahead of the writer and
-  ready arrays are written in batches (one Orbax serialize call each, its writes concurrent). Arrays of
+  ready arrays are written in batches, each batch's writes concurrent (from host, `orbax_writes`). Arrays of
   a quarter of the session's budget or more are written block by block instead (`_BlockedWrite`), so
   the writer never holds one whole: memory stays flat as arrays grow."""
 
@@ -178,11 +182,19 @@ class LazyArrayHandler(_BatchedShardingsArrayHandler):
           session.progress(values[j])
 
       async def write(items: list[tuple[int, Pending]]) -> None:
-        # one serialize call per batch: Orbax writes its arrays concurrently (per-array latency paid once)
-        arrays = results([read for _, read in items])
-        futures = await base.serialize(arrays, [infos[j] for j, _ in items], [args[j] for j, _ in items])
-        del arrays
-        await asyncio.to_thread(lambda: [f.result() for f in futures])
+        # a batch's arrays are written at once (per-array latency paid once): straight from their host shards
+        # into Orbax's write spec (`orbax_writes`), or through Orbax's serialize (PRNG keys, empty arrays)
+        direct, rest = [], []
+        for j, read in items:
+          (direct if values[j].direct else rest).append((j, read))
+        if direct:
+          await orbax_writes.write_whole([values[j] for j, _ in direct], [read.hosts() for _, read in direct],
+                                         [infos[j] for j, _ in direct], [args[j] for j, _ in direct], options)
+        if rest:
+          arrays = results([read for _, read in rest])
+          futures = await base.serialize(arrays, [infos[j] for j, _ in rest], [args[j] for j, _ in rest])
+          del arrays
+          await asyncio.to_thread(lambda: [f.result() for f in futures])
 
       async def flush(left_running: int = WRITES_IN_FLIGHT):
         """Starts writing the batch; waits until at most `left_running` batch writes are still running
@@ -247,7 +259,7 @@ def write_order(value: LazyArray) -> list:
 
 
 def _is_blocked(value: LazyArray) -> bool:
-  return value.nbytes >= value.session.blocked_min_bytes and value.leaf.key_impl is None and bool(value.shape)
+  return value.nbytes >= value.session.blocked_min_bytes and bool(value.shape) and value.direct
 
 
 class _BlockedWrite:
@@ -271,13 +283,10 @@ class _BlockedWrite:
     if not arg.shard_axes and value.leaf.layer_axis is not None:  # a stacked array: split by layer first
       arg = dataclasses.replace(arg, shard_axes=(value.leaf.layer_axis,))
     arg = dataclasses.replace(arg, chunk_byte_size=min(arg.chunk_byte_size or limit, limit))
-    self.spec = compat.build_array_write_spec(
-        info=info, arg=arg, global_shape=shape, local_shape=local, dtype=value.dtype,
-        use_ocdbt=info.is_ocdbt_checkpoint, process_index=compat.process_index_for_subdir(info.is_ocdbt_checkpoint),
-        metadata_key=options['metadata_key'])
+    self.spec = orbax_writes.write_spec(value, info, arg, options, local)
     chunk = tuple(self.spec.metadata.chunk_shape)
     merge_bytes = limit if align is None else 0  # aligned blocks are single chunks: never across source chunks
-    self.blocks = [b for region in _own_regions(shape, value.sharding)
+    self.blocks = [b for region in orbax_writes.own_regions(shape, value.sharding)
                    for b in _chunk_blocks(region, chunk, value.dtype.itemsize, merge_bytes, tuple(arg.shard_axes))]
     self.needs: list[dict] = []  # chunks each block's reads go through
 
@@ -285,21 +294,12 @@ class _BlockedWrite:
     session = self.value.session
     self.needs = announce_regions(self.value.expr, self.blocks, session.source, session.prefetch_pool)
 
-  async def open(self):
-    """Creates the array (its primary host) and opens it for writing blocks."""
-    await self.info.await_path_creation()
-    primary = self.options['primary_host']
-    if primary is None or jax.process_index() == primary:
-      await ts.open(ts.Spec(self.spec.json), create=True, open=True, context=self.info.ts_context)
-    return await ts.open(ts.Spec(self.spec.json), open=True, assume_metadata=True, context=self.info.ts_context)
-
-
 async def write_blocked(writes: list[_BlockedWrite], ahead_bytes: int) -> None:
   """Writes the blocks of `writes`, evaluated ahead within `ahead_bytes` (at least one block). Several
   writes (layer targets of one stored array, `lockstep_align`) go source chunk by source chunk: every
   block one stored chunk feeds, in every array, then the next chunk, so each is decoded once and dropped."""
   session = writes[0].value.session
-  stores = [await w.open() for w in writes]
+  stores = [await orbax_writes.open_array(w.spec, w.info, w.options) for w in writes]
   items = [(k, p) for k, w in enumerate(writes) for p in range(len(w.blocks))]
   if len(writes) > 1:
     items.sort(key=lambda kp: (sorted(writes[kp[0]].needs[kp[1]]), kp[0]))
@@ -348,12 +348,8 @@ async def write_blocked(writes: list[_BlockedWrite], ahead_bytes: int) -> None:
     for _, future, _ in pending:  # an error: nothing may still be reading into a block
       future.cancel()
   # each array's Orbax metadata and sharding, all in one write (Orbax rewrites the per-process file each time)
-  options = writes[0].options
-  if options['array_metadata_store'] is not None:
-    await options['array_metadata_store'].write(checkpoint_dir=writes[0].info.parent_dir,
-                                                array_metadatas=[w.spec.metadata for w in writes],
-                                                process_index=jax.process_index())
-  await options['sharding_file'].write([w.value for w in writes], [w.info for w in writes])
+  await orbax_writes.record([w.value for w in writes], [w.info for w in writes], [w.spec for w in writes],
+                            writes[0].options)
 
 
 def lockstep_align(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays) -> tuple[DiskPath, tuple] | None:
@@ -386,16 +382,6 @@ def _evaluate_block(expr: Expr, block: tuple[slice, ...], dtype, source: SourceA
 
 def _nbytes(block: tuple[slice, ...], dtype) -> int:
   return int(np.prod([s.stop - s.start for s in block], dtype=np.int64)) * np.dtype(dtype).itemsize
-
-
-def _own_regions(shape: tuple[int, ...], sharding) -> list[tuple[slice, ...]]:
-  """The distinct shard regions this process writes: each shard's lowest-numbered holder writes it."""
-  owner: dict[tuple, int] = {}
-  for device, index in sharding.devices_indices_map(shape).items():
-    key = tuple((s.start, s.stop) for s in normalize(index, shape))
-    owner[key] = min(owner.get(key, device.id), device.id)
-  local = {d.id for d in sharding.addressable_devices}
-  return [tuple(slice(a, b) for a, b in key) for key, d in sorted(owner.items()) if d in local]
 
 
 def _chunk_blocks(region: tuple[slice, ...], chunk: tuple[int, ...], itemsize: int, block_bytes: int,
