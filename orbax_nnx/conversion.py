@@ -480,9 +480,10 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
     linen: which Linen tree to write (`orbax_nnx.LinenOutput`: linen_style 'maxtext' | 'flax', template); its
       fields may also be passed as keywords.
     memory_budget: the bytes held (an int, or '512MiB', '5GB'): half for decoded source chunks kept for other
-      regions (at least one chunk), half for converted arrays in flight; arrays over a quarter of that half
-      are written block by block. None: arrays in flight sized from what is read (`io.budget.default_in_flight`:
-      1/96 of it, 32-256 MiB; more when one stored chunk feeds many targets) and a chunk cache up to the
+      regions (at least one chunk), half for converted arrays in flight; arrays of three quarters of that half
+      or more are written block by block. None: arrays in flight sized from what is read
+      (`io.budget.default_in_flight`: 1/96 of it, 64-256 MiB; more when one stored chunk feeds many targets) and
+      a chunk cache up to the
       largest stored array read, so that each chunk is decoded once; the report says what was chosen.
       (`buffer_bytes=` is its old name.)
     overwrite: replace an existing checkpoint at DST (never anything else).
