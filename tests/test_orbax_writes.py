@@ -36,8 +36,8 @@ def _cases() -> list[tuple[str, jax.Array, ocp.SaveArgs]]:
   ]
 
 
-def _infos(directory, names, ocdbt):
-  return [compat.ParamInfo(name=n, parent_dir=epath.Path(directory), is_ocdbt_checkpoint=ocdbt, use_zarr3=False,
+def _infos(directory, names, ocdbt, zarr3=False):
+  return [compat.ParamInfo(name=n, parent_dir=epath.Path(directory), is_ocdbt_checkpoint=ocdbt, use_zarr3=zarr3,
                            ts_context=compat.get_ts_context(use_ocdbt=ocdbt)) for n in names]
 
 
@@ -54,8 +54,9 @@ def _files(root) -> dict[str, bytes]:
   return out
 
 
-@pytest.mark.parametrize('ocdbt', [False, True], ids=['per-array-files', 'ocdbt'])
-def test_host_shards_are_written_as_orbax_writes_the_arrays(tmp_path, ocdbt):
+@pytest.mark.parametrize('ocdbt,zarr3', [(False, False), (False, True), (True, False)],
+                         ids=['per-array-files', 'zarr3', 'ocdbt'])
+def test_host_shards_are_written_as_orbax_writes_the_arrays(tmp_path, ocdbt, zarr3):
   names, arrays, args = zip(*_cases())
   theirs, ours = tmp_path / 'orbax', tmp_path / 'ours'
   theirs.mkdir()
@@ -65,13 +66,13 @@ def test_host_shards_are_written_as_orbax_writes_the_arrays(tmp_path, ocdbt):
   handler = compat.ArrayHandler(use_replica_parallel=False, array_metadata_store=compat.ArrayMetadataStore())
 
   async def orbax_save():
-    for future in await handler.serialize(list(arrays), _infos(theirs, names, ocdbt), list(args)):
+    for future in await handler.serialize(list(arrays), _infos(theirs, names, ocdbt, zarr3), list(args)):
       await asyncio.to_thread(future.result)
   asyncio.run(orbax_save())
 
   options = {'array_metadata_store': compat.ArrayMetadataStore(), 'primary_host': 0, 'metadata_key': None,
              'sharding_file': ShardingFile()}
-  asyncio.run(orbax_writes.write_whole(list(arrays), [_hosts(a) for a in arrays], _infos(ours, names, ocdbt),
+  asyncio.run(orbax_writes.write_whole(list(arrays), [_hosts(a) for a in arrays], _infos(ours, names, ocdbt, zarr3),
                                        list(args), options))
 
   if ocdbt:  # the same keys and values in the database (its files are laid out by commit)
@@ -97,7 +98,7 @@ def test_host_shards_are_written_as_orbax_writes_the_arrays(tmp_path, ocdbt):
   if ocdbt:  # (restoring needs the per-process databases merged, which the handler's finalize does)
     return
   restored = asyncio.run(compat.ArrayHandler().deserialize(
-      _infos(ours, names, ocdbt), [ocp.ArrayRestoreArgs(sharding=a.sharding) for a in arrays]))
+      _infos(ours, names, ocdbt, zarr3), [ocp.ArrayRestoreArgs(sharding=a.sharding) for a in arrays]))
   for array, arg, back in zip(arrays, args, restored):
     expected = np.asarray(array).astype(arg.dtype) if arg.dtype is not None else np.asarray(array)
     assert back.dtype == expected.dtype and back.sharding == array.sharding
