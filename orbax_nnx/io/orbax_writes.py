@@ -50,13 +50,17 @@ def write_spec(value: Any, info: compat.ParamInfo, arg: compat.SaveArgs | None, 
       metadata_key=options['metadata_key'])
 
 
-async def open_array(spec: Any, info: compat.ParamInfo, options: dict) -> ts.TensorStore:
-  """The array of `spec`, opened for writing: created by the primary host, assumed by the others."""
+async def open_array(spec: Any, info: compat.ParamInfo, options: dict,
+                     transaction: ts.Transaction | None = None) -> ts.TensorStore:
+  """The array of `spec`, opened for writing (in `transaction`, if given): created by the primary host, assumed
+  by the others."""
   await info.await_path_creation()
   primary = options['primary_host']
   if primary is None or jax.process_index() == primary:
-    return await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
-  return await ts.open(ts.Spec(spec.json), open=True, assume_metadata=True, context=info.ts_context)
+    return await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context,
+                         transaction=transaction)
+  return await ts.open(ts.Spec(spec.json), open=True, assume_metadata=True, context=info.ts_context,
+                       transaction=transaction)
 
 
 async def record(values: Sequence[Any], infos: Sequence[compat.ParamInfo], specs: Sequence[Any],
@@ -91,15 +95,26 @@ async def write_whole(values: Sequence[Any], hosts: Sequence[dict[tuple, np.ndar
     args: their `SaveArgs`.
     options: `compat.array_handler_options` of the handler, plus its `sharding_file`.
   """
+  # one atomic transaction for the batch, as Orbax's handler writes one (OCDBT): its metadata and chunks go in
+  # one commit instead of a commit per write
+  transaction = ts.Transaction(atomic=True) if infos and infos[0].is_ocdbt_checkpoint else None
+
   async def one(value, shards, info, arg):
     await info.await_path_creation()
     spec = write_spec(value, info, arg, options)
-    store = await open_array(spec, info, options)
+    store = await open_array(spec, info, options, transaction)
     await asyncio.gather(*(store[region].write(shards[region_key(region)], can_reference_source_data_indefinitely=True)
                            for region in own_regions(value.shape, value.sharding)))
     return spec
 
-  specs = await asyncio.gather(*(one(*each) for each in zip(values, hosts, infos, args)))
+  try:
+    specs = await asyncio.gather(*(one(*each) for each in zip(values, hosts, infos, args)))
+    if transaction is not None:
+      await transaction.commit_async()
+  except BaseException:
+    if transaction is not None:
+      transaction.abort()
+    raise
   await record(values, infos, specs, options)
 
 
