@@ -54,9 +54,8 @@ def write_spec(value: Any, info: compat.ParamInfo, arg: compat.SaveArgs | None, 
 
 async def open_array(spec: Any, info: compat.ParamInfo, options: dict,
                      transaction: ts.Transaction | None = None) -> ts.TensorStore:
-  """The array of `spec`, opened for writing (in `transaction`, if given): created by the primary host, assumed
-  by the others."""
-  await info.await_path_creation()
+  """The array of `spec` (built once its directory existed: `write_spec`), opened for writing (in `transaction`,
+  if given): created by the primary host, assumed by the others."""
   primary = options['primary_host']
   if primary is None or jax.process_index() == primary:
     return await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context,

@@ -33,7 +33,8 @@ class ShardingFile:
 
   async def write(self, arrays: Sequence[jax.Array], infos: Sequence[compat.ParamInfo]) -> None:
     """Records the shardings of `arrays` (a PRNG key array's as Orbax stores it: its key data's)."""
-    await asyncio.gather(*(info.await_path_creation() for info in infos))  # one event-loop pass for all
+    for info in infos:  # (one directory: once it exists, the rest return at once)
+      await info.await_path_creation()
     if not ocp.multihost.is_primary_host(self.primary_host):
       return
     files: dict[str, tuple[dict, dict[str, str]]] = collections.defaultdict(lambda: ({}, {}))
