@@ -12,7 +12,8 @@ converter saves). Orbax restores each as it was saved, so the type changes what 
 - in-memory: what MaxText's converter does (restore everything, rewrite with numpy, save);
 - plain: Orbax restore + save of the same tree, unchanged (the cost of moving the bytes at all).
 
-Wall time is the whole process (imports included), peak RSS its VmHWM.
+Wall time is the whole process (imports included), peak RSS its VmHWM. Every run starts with the source in the
+page cache (`common.warm_page_cache`): a tool holding several GiB evicts it for whichever tool runs next.
 
     .venv/bin/python bench/bench_cases.py [--sizes small,big] [--only unscanned,scanned,unrolled] [--reps 1]
                                           [--source-type jax|numpy]
@@ -122,6 +123,7 @@ def worker(tool: str, src: str, dst: str, unroll: str) -> None:
 def run(tool: str, src: str, dst: str, unroll: bool) -> dict:
   shutil.rmtree(dst, ignore_errors=True)
   subprocess.run(['sync'], check=False)
+  common.warm_page_cache(src)
   t0 = time.perf_counter()
   out = subprocess.run([sys.executable, __file__, '--worker', tool, src, dst, '1' if unroll else '0'],
                        capture_output=True, text=True, check=False, env=common.WORKER_ENV)

@@ -86,6 +86,7 @@ def worker(mode: str, src: str, dst: str, budget_mib: str) -> dict:
 
 def run(mode: str, src: str, dst: str, budget_mib: int) -> dict:
   import subprocess
+  common.warm_page_cache(src)
   out = subprocess.run([sys.executable, __file__, '--worker', mode, src, dst, str(budget_mib)],
                        capture_output=True, text=True, check=False, env=common.WORKER_ENV)
   if out.returncode:
