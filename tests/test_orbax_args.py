@@ -127,16 +127,19 @@ def test_save_args_and_ocdbt_file_size_reach_orbax(tmp_path):
   meta = orbax_nnx.read_item_metadata(path)
   assert meta.leaves[('w0', 'value')].dtype == jnp.bfloat16 and meta.leaves[('w1', 'value')].dtype == jnp.float32
 
-  def data_files(p):
-    return [f for f in p.rglob('*') if f.is_file() and f.parent.name == 'd']
+  def data_sizes(p):
+    return [f.stat().st_size for f in p.rglob('*') if f.is_file() and f.parent.name == 'd']
+  array_bytes = 64 * 64 * 4
   default = save(tmp_path / 'b', state, ocp.args.PyTreeSave)
   small = save(tmp_path / 'c', state, ocp.args.PyTreeSave, ocdbt_target_data_file_size=4096)
-  assert len(data_files(small)) > len(data_files(default))
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:  # stock Orbax, same bytes, same option
     ckptr.save(tmp_path / 'stock', args=ocp.args.PyTreeSave(nnx.to_pure_dict(nnx.State(
         {k: {'value': v} for k, v in nnx.to_pure_dict(state).items()})), ocdbt_target_data_file_size=4096))
-  stock = len(data_files(tmp_path / 'stock'))  # OCDBT packs files by size: within one or two of stock
-  assert stock > len(data_files(default)) and abs(len(data_files(small)) - stock) <= 2
+  # How many files OCDBT writes depends on when its writes flush; whether a file holds a whole array does not.
+  whole = 0.75 * array_bytes  # one array, compressed
+  assert max(data_sizes(default)) > whole
+  assert max(data_sizes(small)) < whole and max(data_sizes(tmp_path / 'stock')) < whole
+  assert sum(data_sizes(small)) > 4 * array_bytes * 0.9
   out = orbax_nnx.restore(small, jax.tree.map(lambda x: sds(x.shape), state))
   assert_same_state(out, state)
 
