@@ -9,14 +9,14 @@ from etils import epath
 
 from orbax_nnx import nnx_tree, options
 from orbax_nnx.handlers import NNXCheckpointHandler, NNXRestore
-from orbax_nnx.io import heap
+from orbax_nnx.io import operation
 from orbax_nnx.sources import listing
 from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 
 
 @options.takes_options('mapping')
 @listing.looking_once
-@heap.freezing_older_objects
+@operation.moves_bytes
 def restore(path: epath.PathLike, target: Any = None, *, missing: str = 'error', extra: str = 'error',
             mapping: options.Mapping | None = None, memory_budget: int | str | None = None,
             default_sharding: jax.sharding.Sharding | None = None, exclude: Any = nnx_tree.DEFAULT_EXCLUDE,

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 
 from orbax_nnx import errors, options, sizes
-from orbax_nnx.io import budget, heap
+from orbax_nnx.io import budget, operation
 from orbax_nnx.io.regions import evaluate, row_blocks
 from orbax_nnx.io.source_arrays import SourceArrays
 from orbax_nnx.mapping.layout import MODEL, OPTIMIZER, Layout, detect
@@ -88,7 +88,7 @@ def canonical_view(layout: Layout, only: Only = 'all', unroll: bool = True) -> P
 
 @options.takes_options('mapping')
 @listing.looking_once
-@heap.freezing_older_objects
+@operation.moves_bytes
 def compare(a, b, *, values: bool = False, atol: float = 0.0, rtol: float = 0.0, only: Only = 'all',
             mapping: options.Mapping | None = None, layout_a: str | None = None, layout_b: str | None = None,
             memory_budget: int | str | None = None, step_a: int | None = None, step_b: int | None = None,

@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from orbax_nnx import errors, nnx_tree, options, sizes, version
-from orbax_nnx.io import budget, heap
+from orbax_nnx.io import budget, operation
 from orbax_nnx.io.destination import check_destination
 from orbax_nnx.io.reader import layer_of
 from orbax_nnx.io.source_arrays import SourceArrays
@@ -448,7 +448,7 @@ def _record_path(path: tuple, disk: tuple[str, ...], flavour: str) -> tuple:
 
 @options.takes_options('mapping', 'linen', renamed={'format': 'flavour', 'buffer_bytes': 'memory_budget'})
 @listing.looking_once
-@heap.freezing_older_objects
+@operation.moves_bytes
 def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nnx', 'linen'] = 'auto',
             scan_layers: bool | None = None, flavour: Literal['raw', 'pure'] = 'raw',
             include: Literal['all', 'params'] = 'all', dtype: Any = None, target: Any = None,

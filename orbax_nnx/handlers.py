@@ -19,7 +19,7 @@ from etils import epath
 from flax import nnx
 
 from orbax_nnx import compat, errors, nnx_tree, options, restoring, sizes, version
-from orbax_nnx.io import heap
+from orbax_nnx.io import operation
 from orbax_nnx.sources import listing
 from orbax_nnx.sources.metadata import CUSTOM_KEY, is_legacy_item, read_item_metadata
 
@@ -280,7 +280,7 @@ class NNXCheckpointHandler(ocp.AsyncCheckpointHandler):
   # -- restore ----------------------------------------------------------------
 
   @listing.looking_once
-  @heap.freezing_older_objects
+  @operation.moves_bytes
   def restore(self, directory: epath.Path, item: Any = None, restore_args: Any = None, transforms: Any = None,
               transforms_default_to_original: bool = True, legacy_transform_fn: Any = None,
               args: ocp.args.CheckpointArgs | None = None) -> Any:

@@ -23,7 +23,7 @@ from flax import nnx
 
 from orbax_nnx import errors, nnx_tree, options, safetensors_export, sizes
 from orbax_nnx.conversion import ConvertReport, run_conversion
-from orbax_nnx.io import heap
+from orbax_nnx.io import operation
 from orbax_nnx.planning.planner import plan
 from orbax_nnx.restoring import restore_planned
 from orbax_nnx.sources import listing
@@ -41,7 +41,7 @@ def _cast_abstract(state: nnx.State, dtype) -> nnx.State:
 
 @options.takes_options('mapping')
 @listing.looking_once
-@heap.freezing_older_objects
+@operation.moves_bytes
 def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter: Any = nnx.Param,
                 mesh: jax.sharding.Mesh | None = None, mapping: options.Mapping | None = None,
                 missing: str = 'error', extra: str = 'ignore', memory_budget: int | str | None = None,
@@ -140,7 +140,7 @@ def _export_filter(filter: Any) -> str:
 
 @options.takes_options('mapping', 'linen', renamed={'buffer_bytes': 'memory_budget'})
 @listing.looking_once
-@heap.freezing_older_objects
+@operation.moves_bytes
 def export_params(src: epath.PathLike, dst: epath.PathLike, *, format: Literal['nnx', 'linen', 'safetensors'] = 'nnx',
                   dtype: Any = 'bfloat16', scan_layers: bool | None = None, filter: Any = nnx.Param,
                   merge_lora: bool = False, target: Any = None, export_rules: Sequence | None = None,

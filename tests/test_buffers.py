@@ -1,6 +1,6 @@
 """io.buffers: aligned host buffers (zero-copy device_put), large ones mapped from the OS."""
 
-import mmap
+import ctypes
 
 import jax
 import numpy as np
@@ -9,10 +9,10 @@ import pytest
 from orbax_nnx.io import buffers
 
 
-def _base_chain(array):
-  while array is not None:
-    yield array
-    array = array.obj if isinstance(array, memoryview) else getattr(array, 'base', None)
+def _mapped(array):
+  while isinstance(array, np.ndarray):
+    array = array.base
+  return isinstance(array, ctypes.Array)  # the exporter of a mapped buffer
 
 
 @pytest.mark.parametrize('shape,dtype,mapped', [
@@ -23,9 +23,89 @@ def test_aligned_writable_and_mapped_from_the_threshold(shape, dtype, mapped):
   out = buffers.aligned_empty(shape, dtype)
   assert out.shape == shape and out.dtype == np.dtype(dtype) and out.flags.c_contiguous and out.flags.writeable
   assert out.ctypes.data % 64 == 0 or not out.size
-  assert any(isinstance(b, mmap.mmap) for b in _base_chain(out)) is mapped
+  assert _mapped(out) is mapped
   out[...] = 1
   placed = jax.device_put(out, jax.devices()[0], may_alias=True)
   if out.size:
     assert placed.unsafe_buffer_pointer() == out.ctypes.data  # aliased, not copied
   np.testing.assert_array_equal(np.asarray(placed), np.ones(shape, dtype))
+
+
+MIB = 1 << 20
+
+
+def test_recycled_mappings_are_reused_only_once_nothing_holds_them():
+  with buffers.recycling():
+    first = buffers.aligned_empty((MIB,), np.uint8)
+    address = first.ctypes.data
+    del first
+    second = buffers.aligned_empty((MIB // 4,), np.float32)  # same bytes, another shape: the same mapping
+    assert second.ctypes.data == address
+    view = second[10:20]  # a view keeps the mapping as the array would
+    view[...] = 7
+    del second
+    third = buffers.aligned_empty((MIB,), np.uint8)
+    assert third.ctypes.data != address
+    third[...] = 1
+    np.testing.assert_array_equal(view, np.full(10, 7, np.float32))
+    other_size = buffers.aligned_empty((2 * MIB,), np.uint8)
+    assert other_size.ctypes.data != address
+
+
+def test_an_aliased_device_array_keeps_its_mapping():
+  with buffers.recycling():
+    host = buffers.aligned_empty((MIB // 4,), np.float32)
+    host[...] = np.arange(host.size, dtype=np.float32)
+    placed = jax.device_put(host, jax.devices()[0], may_alias=True)
+    address = host.ctypes.data
+    assert placed.unsafe_buffer_pointer() == address
+    del host
+    later = buffers.aligned_empty((MIB // 4,), np.float32)
+    assert later.ctypes.data != address
+    later[...] = -1
+    np.testing.assert_array_equal(np.asarray(placed), np.arange(MIB // 4, dtype=np.float32))
+
+
+def test_mappings_are_kept_only_inside_the_block_and_up_to_the_limit():
+  def kept():
+    return buffers._recycler._bytes
+
+  dropped = buffers.aligned_empty((MIB,), np.uint8)
+  del dropped
+  assert kept() == 0
+  with buffers.recycling():
+    with buffers.recycling():  # nested blocks share the pool
+      arrays = [buffers.aligned_empty((MIB,), np.uint8) for _ in range(buffers.RECYCLED_BYTES // MIB + 3)]
+      del arrays
+      assert kept() == buffers.RECYCLED_BYTES
+    assert kept() == buffers.RECYCLED_BYTES
+  assert kept() == 0
+
+
+@pytest.mark.parametrize('scan_layers', [True, False])
+def test_conversions_through_recycled_buffers_are_bit_exact(tmp_path, monkeypatch, scan_layers):
+  """A scanned checkpoint of 2-4 MiB arrays (a chunk each) converted with a 4 MiB budget: every read and
+  block buffer is a mapping, most of them reused, and the values are the stored ones moved, bit for bit."""
+  import orbax.checkpoint as ocp
+
+  import orbax_nnx
+
+  rng = np.random.default_rng(0)
+  layers = {f'w{i}': {'kernel': rng.standard_normal((256, 4, 256 * (1 + i % 2)), np.float32)} for i in range(6)}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / 'src', {'params': {'params': {'layers': layers}}, 'step': np.int32(3)})
+  mappings = []
+  fresh = buffers.mmap.mmap
+  monkeypatch.setattr(buffers.mmap, 'mmap', lambda *a, **k: mappings.append(1) or fresh(*a, **k))
+  orbax_nnx.convert(tmp_path / 'src', tmp_path / 'dst', scan_layers=scan_layers, memory_budget=4 * MIB)
+  monkeypatch.undo()
+  out = ocp.PyTreeCheckpointHandler().restore(tmp_path / 'dst')['model']
+  for name, leaf in layers.items():
+    moved = np.moveaxis(leaf['kernel'], 1, 0)
+    if scan_layers:
+      np.testing.assert_array_equal(out['layers'][name]['kernel']['value'], moved)
+    else:
+      for i in range(4):
+        np.testing.assert_array_equal(out[f'layers_{i}'][name]['kernel']['value'], moved[i])
+  taken = 6 * 2 if scan_layers else 6  # at least each source chunk and each stacked block
+  assert len(mappings) < taken, (len(mappings), taken)

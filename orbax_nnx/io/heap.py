@@ -10,13 +10,10 @@ what it allocated; `gc.unfreeze()` at its end hands them back to the oldest gene
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import threading
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
-_F = TypeVar('_F', bound=Callable)
 _lock = threading.Lock()
 _depth = 0  # operations running (nested or in other threads): the heap is unfrozen when the last one ends
 _froze = False  # whether the outermost block froze the heap (not when the caller had frozen it already)
@@ -44,14 +41,3 @@ def older_objects_frozen() -> Iterator[None]:
       if _depth == 0 and _froze:
         gc.unfreeze()
         _froze = False
-
-
-def freezing_older_objects(fn: _F) -> _F:
-  """`fn` runs inside `older_objects_frozen()` (the public operations that read or write array bytes)."""
-
-  @functools.wraps(fn)
-  def wrapper(*args, **kwargs):
-    with older_objects_frozen():
-      return fn(*args, **kwargs)
-
-  return wrapper  # type: ignore[return-value]
