@@ -7,7 +7,10 @@
 Importing this package registers `NNXCheckpointHandler` with Orbax.
 """
 
-from orbax_nnx import errors, llama, testing, v1
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from orbax_nnx import errors, v1
 from orbax_nnx.api import restore
 from orbax_nnx.compare import compare
 from orbax_nnx.conversion import convert
@@ -27,7 +30,19 @@ from orbax_nnx.serving import export_params, load_params
 from orbax_nnx.sources.metadata import read_item_metadata, resolve_item
 from orbax_nnx.version import __version__
 
+if TYPE_CHECKING:
+  from orbax_nnx import llama, testing
+
 v1.register()  # Orbax v1: NNX objects saved and loaded by orbax_nnx.v1.NNXHandler
+
+_ON_FIRST_USE = ('llama', 'testing')  # they define NNX Modules, so importing them imports flax.nnx
+
+
+def __getattr__(name: str) -> Any:
+  if name in _ON_FIRST_USE:
+    return importlib.import_module(f'{__name__}.{name}')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
 
 __all__ = [
     'LayerGroup',

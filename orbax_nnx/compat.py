@@ -10,7 +10,6 @@ import inspect
 import sys
 from typing import Any
 
-from flax.nnx import graphlib
 from jax._src import mesh as _mesh_lib
 from orbax.checkpoint._src import asyncio_utils
 from orbax.checkpoint._src.arrays import sharding as _arrays_sharding
@@ -32,10 +31,17 @@ from orbax.checkpoint._src.serialization import (
 )
 from orbax.checkpoint._src.serialization import types as serialization_types
 
+from orbax_nnx.lazy_flax import graphlib, nnx_loaded
+
 run_sync = asyncio_utils.run_sync
 """Runs a coroutine to completion from synchronous code (Orbax's own helper)."""
 
-is_graph_node = graphlib.is_graph_node
+
+def is_graph_node(x: Any) -> bool:
+  """`flax.nnx.graphlib.is_graph_node`; False while the program has not imported `flax.nnx` (nothing can be one)."""
+  return nnx_loaded() and graphlib.is_graph_node(x)
+
+
 get_concrete_mesh = _mesh_lib.get_concrete_mesh
 get_sharding_or_format = _arrays_sharding.get_sharding_or_format
 CommitFuture = future_lib.CommitFutureAwaitingContractedSignals

@@ -16,10 +16,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
 
 from orbax_nnx import compat, errors, nnx_tree, options, restoring, sizes, version
 from orbax_nnx.io import operation
+from orbax_nnx.lazy_flax import nnx
 from orbax_nnx.sources import listing
 from orbax_nnx.sources.metadata import CUSTOM_KEY, is_legacy_item, read_item_metadata
 

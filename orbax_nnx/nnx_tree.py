@@ -15,18 +15,30 @@ import sys
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
-import flax
 import jax
-from flax import nnx
 
 from orbax_nnx import compat
+from orbax_nnx.lazy_flax import flax, nnx, nnx_loaded
 
 Key = str | int
 Path = tuple[Key, ...]
 DiskPath = tuple[str, ...]
 Flavour = Literal['raw', 'pure']
 
-DEFAULT_EXCLUDE = (nnx.Cache, nnx.Intermediate)
+
+
+class _CacheOrIntermediate:
+  """The NNX filter of Variables left out of checkpoints by default: `nnx.Cache` and `nnx.Intermediate` (a
+  predicate, so that defining it imports no Flax)."""
+
+  def __call__(self, path: Any, value: Any) -> bool:
+    return isinstance(value, (nnx.Cache, nnx.Intermediate))
+
+  def __repr__(self) -> str:
+    return '(nnx.Cache, nnx.Intermediate)'
+
+
+DEFAULT_EXCLUDE = _CacheOrIntermediate()
 VALUE_KEY = 'value'
 
 
@@ -47,6 +59,8 @@ def is_graph_node(x: Any) -> bool:
 
 def contains_nnx(item: Any) -> bool:
   """Whether `item` holds any NNX object (State, Variable, Module, Optimizer)."""
+  if not nnx_loaded():  # then nothing can be one: Orbax v1 asks this of every plain pytree it saves
+    return False
   found = False
 
   def visit(x):
@@ -228,6 +242,7 @@ def resolve_variable_type(type_name: str) -> type[nnx.Variable]:
   Nothing is imported or evaluated on behalf of checkpoint content: a class
   whose module the program has not imported falls back to `nnx.Variable`.
   """
+  base = nnx.Variable  # imports flax.nnx (on first use here): Flax's own Variable types always resolve
   module_name, _, qualname = type_name.rpartition('.')
   while module_name:
     module = sys.modules.get(module_name)
@@ -237,12 +252,12 @@ def resolve_variable_type(type_name: str) -> type[nnx.Variable]:
         obj = getattr(obj, part, None)
         if obj is None:
           break
-      if isinstance(obj, type) and issubclass(obj, nnx.Variable):
+      if isinstance(obj, type) and issubclass(obj, base):
         return obj
       break
     module_name, _, head = module_name.rpartition('.')
     qualname = f'{head}.{qualname}'
-  return nnx.Variable
+  return base
 
 
 _DEFAULT_ATTRS = {'hijax': False, 'ref': False}

@@ -14,10 +14,10 @@ from typing import Any, Literal
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from orbax_nnx import compat, errors, nnx_tree, shardings
 from orbax_nnx.io import budget
+from orbax_nnx.lazy_flax import nnx
 from orbax_nnx.nnx_tree import VALUE_KEY, DiskPath, Path, path_str
 from orbax_nnx.sources import untrusted
 from orbax_nnx.sources.metadata import ItemMetadata

@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from flax import nnx
 
 from orbax_nnx import errors, nnx_tree, options, safetensors_export, sizes
 from orbax_nnx.conversion import ConvertReport, run_conversion
 from orbax_nnx.io import operation
+from orbax_nnx.lazy_flax import nnx, nnx_loaded
 from orbax_nnx.planning.planner import plan
 from orbax_nnx.restoring import restore_planned
 from orbax_nnx.sources import listing
@@ -42,7 +42,7 @@ def _cast_abstract(state: nnx.State, dtype) -> nnx.State:
 @options.takes_options('mapping')
 @listing.looking_once
 @operation.moves_bytes
-def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter: Any = nnx.Param,
+def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter: Any = None,
                 mesh: jax.sharding.Mesh | None = None, mapping: options.Mapping | None = None,
                 missing: str = 'error', extra: str = 'ignore', memory_budget: int | str | None = None,
                 step: int | None = None, item: str | None = None) -> Any:
@@ -62,7 +62,7 @@ def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter:
       `nnx.get_abstract_model`), or a live module (updated in place and returned).
     dtype: casts floating leaves while reading (e.g. `jnp.bfloat16`); None keeps the target's dtypes.
     filter: a Flax filter (`nnx.Param`, `nnx.LoRAParam`, `(nnx.Param, nnx.BatchStat)`, ...) selecting the
-      target's Variables to load.
+      target's Variables to load; None (the default) is `nnx.Param`.
     mesh: shards leaves by their `out_sharding` names when the target carries no shardings.
     mapping: how the checkpoint's leaves map onto the target (`orbax_nnx.Mapping`: rules, layout, groups,
       scan_axis, param_scan_axis); its fields may also be passed as keywords.
@@ -87,6 +87,8 @@ def load_params(path: epath.PathLike, target: Any, *, dtype: Any = None, filter:
   errors.check_choice('extra', extra, ('error', 'ignore'))
   directory = resolve_item(path, step=step, item=item)
   module = target if nnx_tree.is_graph_node(target) else None
+  if filter is None:
+    filter = nnx.Param
   state = nnx.state(target, filter) if module is not None else _filter(target, filter)
   if not jax.tree.leaves(state) and jax.tree.leaves(target):
     raise errors.OptionError(f'filter={filter!r} selects no Variable of the target, so nothing would load.'
@@ -126,13 +128,13 @@ def _filter(state: Any, filter: Any) -> nnx.State:
   return nnx.filter_state(state, filter) if hasattr(nnx, 'filter_state') else state.filter(filter)
 
 
-_FILTERS = {'Param': nnx.Param, 'LoRAParam': nnx.LoRAParam}
+_FILTERS = ('Param', 'LoRAParam')
 
 
 def _export_filter(filter: Any) -> str:
   """'Param' or 'LoRAParam': what `export_params` accepts as `filter` (the Variable type, or its name)."""
-  for name, var_type in _FILTERS.items():
-    if filter is var_type or filter == name:
+  for name in _FILTERS:
+    if (isinstance(filter, str) and filter == name) or (nnx_loaded() and filter is getattr(nnx, name)):
       return name
   raise errors.OptionError(f'filter={filter!r}: export_params exports nnx.Param (default) or nnx.LoRAParam'
                            " (also accepted by name: 'Param', 'LoRAParam').")
@@ -142,7 +144,7 @@ def _export_filter(filter: Any) -> str:
 @listing.looking_once
 @operation.moves_bytes
 def export_params(src: epath.PathLike, dst: epath.PathLike, *, format: Literal['nnx', 'linen', 'safetensors'] = 'nnx',
-                  dtype: Any = 'bfloat16', scan_layers: bool | None = None, filter: Any = nnx.Param,
+                  dtype: Any = 'bfloat16', scan_layers: bool | None = None, filter: Any = 'Param',
                   merge_lora: bool = False, target: Any = None, export_rules: Sequence | None = None,
                   mapping: options.Mapping | None = None, linen: options.LinenOutput | None = None,
                   max_shard_size: int | str = safetensors_export.DEFAULT_SHARD_BYTES,

@@ -20,10 +20,10 @@ SIGNATURES = {
     'LinenOutput': 'linen_style=None, template=None',
     'Mapping': 'rules=(), layout=None, groups=None, scan_axis=None, param_scan_axis=1',
     'NNXCheckpointHandler': '**options',
-    'NNXRestore': "target=None, missing='error', extra='error', default_sharding=None, exclude=(Cache, Intermediate),"
+    'NNXRestore': "target=None, missing='error', extra='error', default_sharding=None, exclude=(nnx.Cache, nnx.Intermediate),"
                   ' rules=(), scan_axis=None, param_scan_axis=1, strict=True, support_layout=False, restore_args=None,'
                   ' memory_budget=None, layout=None, groups=(), item=None, transforms=None',
-    'NNXSave': "item=None, custom_metadata=None, flavour='raw', exclude=(Cache, Intermediate), save_args=None,"
+    'NNXSave': "item=None, custom_metadata=None, flavour='raw', exclude=(nnx.Cache, nnx.Intermediate), save_args=None,"
                ' ocdbt_target_data_file_size=None',
     'Plan': 'source, entries, leaves, missing, unused, inferred=<factory>',
     'View': 'ops=()',
@@ -33,17 +33,17 @@ SIGNATURES = {
     'convert': "src, dst, *, to='auto', scan_layers=None, flavour='raw', include='all', dtype=None, target=None,"
                ' mapping=None, linen=None, memory_budget=None, overwrite=False, step=None, item=None, progress=None',
     'detect_layout': 'path, *, layout=None, groups=None, step=None, item=None',
-    'export_params': "src, dst, *, format='nnx', dtype='bfloat16', scan_layers=None, filter=Param, merge_lora=False,"
+    'export_params': "src, dst, *, format='nnx', dtype='bfloat16', scan_layers=None, filter='Param', merge_lora=False,"
                      ' target=None, export_rules=None, mapping=None, linen=None, max_shard_size=5368709120,'
                      ' memory_budget=None, overwrite=False, step=None, item=None, progress=None',
     'inspect': 'path, *, depth=None, pattern=None, layout=None, groups=None, step=None, item=None',
-    'load_params': "path, target, *, dtype=None, filter=Param, mesh=None, mapping=None, missing='error',"
+    'load_params': "path, target, *, dtype=None, filter=None, mesh=None, mapping=None, missing='error',"
                    " extra='ignore', memory_budget=None, step=None, item=None",
-    'plan': 'source, target, *, mapping=None, exclude=(Cache, Intermediate), step=None, item=None',
+    'plan': 'source, target, *, mapping=None, exclude=(nnx.Cache, nnx.Intermediate), step=None, item=None',
     'read_item_metadata': 'directory, handler=None',
     'resolve_item': 'path, *, step=None, item=None',
     'restore': "path, target=None, *, missing='error', extra='error', mapping=None, memory_budget=None,"
-               ' default_sharding=None, exclude=(Cache, Intermediate), strict=True, support_layout=False,'
+               ' default_sharding=None, exclude=(nnx.Cache, nnx.Intermediate), strict=True, support_layout=False,'
                ' restore_args=None, step=None, item=None',
 }
 NOT_CALLABLE = {'errors', 'llama', 'nnx_registry', 'testing', 'v1', 'view', '__version__'}

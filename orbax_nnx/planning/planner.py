@@ -15,9 +15,9 @@ from typing import Any, Union
 
 import jax
 import numpy as np
-from flax import nnx
 
 from orbax_nnx import compat, errors, nnx_tree, options
+from orbax_nnx.lazy_flax import nnx, nnx_loaded
 from orbax_nnx.mapping.axes import AmbiguousAxisError, Evidence, layer_axis
 from orbax_nnx.mapping.groups import MODEL, OPTIMIZER, is_train_state, model_start
 from orbax_nnx.mapping.layout import CanonPath, Layout
@@ -49,9 +49,6 @@ class TargetLeaf:
   const: Any = None  # a constant value instead of a stored leaf
 
 
-_NON_PARAM = (nnx.RngState, nnx.BatchStat, nnx.Cache, nnx.Intermediate)
-
-
 def target_leaves(target: Any, exclude=nnx_tree.DEFAULT_EXCLUDE) -> list[TargetLeaf]:
   """Flattens a target and gives each leaf its canonical path.
 
@@ -66,6 +63,7 @@ def target_leaves(target: Any, exclude=nnx_tree.DEFAULT_EXCLUDE) -> list[TargetL
   else:
     prefix = (MODEL,)
   out = []
+  non_param = (nnx.RngState, nnx.BatchStat, nnx.Cache, nnx.Intermediate) if nnx_loaded() else ()
   for path, leaf in flat:
     value = nnx_tree.value_of(leaf)
     canon = prefix + tuple(str(k) for k in path)
@@ -73,7 +71,7 @@ def target_leaves(target: Any, exclude=nnx_tree.DEFAULT_EXCLUDE) -> list[TargetL
     if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
       impl = compat.key_impl(dtype)
       shape, dtype = shape + tuple(impl.key_shape), np.dtype('uint32')
-    param_like = not isinstance(leaf, _NON_PARAM)
+    param_like = not isinstance(leaf, non_param)
     sharding = leaf.get_metadata().get('out_sharding') if isinstance(leaf, nnx.Variable) else None
     out.append(TargetLeaf(tuple(path), canon, shape, np.dtype(dtype), impl, param_like,
                           tuple(sharding) if sharding else None))

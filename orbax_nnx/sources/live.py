@@ -8,10 +8,10 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
-from flax import nnx
 
 from orbax_nnx import errors, nnx_tree
 from orbax_nnx.io.buffers import aligned_empty, transposed
+from orbax_nnx.lazy_flax import nnx
 from orbax_nnx.nnx_tree import DiskPath
 from orbax_nnx.sources.metadata import CUSTOM_KEY, ItemMetadata, LeafInfo
 
