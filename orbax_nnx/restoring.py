@@ -303,7 +303,8 @@ def restore_planned(meta: ItemMetadata, target: Any, *, missing: MissingPolicy =
   if memory_budget is None and found.kind == 'safetensors':
     # exact reads keep no chunks: host buffers in flight sized from what is read, as conversions size theirs
     # (337 MiB bf16 into a Llama: 0.51 -> 0.42 s and RSS growth 1.39 -> 1.13x the loaded bytes, vs 1 GiB)
-    values = execute(the_plan, sharding_for, inflight_bytes=budget.default_in_flight(the_plan.bytes_read()))
+    values = execute(the_plan, sharding_for,
+                     inflight_bytes=budget.default_in_flight(the_plan.bytes_read(), writes=False))
   elif memory_budget is None:
     values = execute(the_plan, sharding_for)
   else:  # half for decoded chunks kept for other regions, half for host buffers in flight

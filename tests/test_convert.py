@@ -470,13 +470,15 @@ def test_first_reads_start_before_the_save_within_half_the_buffer(tmp_path, monk
 
 
 def test_the_default_in_flight_is_sized_from_what_is_read_and_reported(tmp_path, monkeypatch, capsys):
-  """Without a memory_budget, arrays in flight are 1/96 of what is read, within 64-256 MiB, and at most an eighth
-  of the memory available; the report and `plan` say what was chosen."""
+  """Without a memory_budget, arrays in flight are 1/96 of what is read, within 64-256 MiB (32-256 MiB for a load),
+  and at most an eighth of the memory available; the report and `plan` say what was chosen."""
   monkeypatch.setattr(budget, 'available_bytes', lambda: 64 * 2**30)
   assert budget.default_in_flight(190 * 2**20) == 64 * 2**20
   assert budget.default_in_flight(3 * 2**30) == 64 * 2**20
   assert budget.default_in_flight(12 * 2**30) == 128 * 2**20
   assert budget.default_in_flight(100 * 2**30) == 256 * 2**20
+  assert budget.default_in_flight(190 * 2**20, writes=False) == 32 * 2**20  # a load's floor
+  assert budget.default_in_flight(12 * 2**30, writes=False) == 128 * 2**20
   monkeypatch.setattr(budget, 'available_bytes', lambda: 80 * 2**20)
   assert budget.default_in_flight(3 * 2**30) == 10 * 2**20
   monkeypatch.undo()
