@@ -26,7 +26,6 @@ DiskPath = tuple[str, ...]
 Flavour = Literal['raw', 'pure']
 
 
-
 class _CacheOrIntermediate:
   """The NNX filter of Variables left out of checkpoints by default: `nnx.Cache` and `nnx.Intermediate` (a
   predicate, so that defining it imports no Flax)."""
