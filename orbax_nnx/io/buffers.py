@@ -29,9 +29,10 @@ class _Recycler:
 
   A fresh mapping costs a page fault per 4 KiB page on first touch: a 2.8 GiB scanned conversion moved 6 GiB
   through 4 MiB buffers, 1.7 M faults and 11-12 s of system time in a 15.5 s run; with its mappings reused,
-  0.14-0.19 M faults, 5-7 s and 11.4-13.4 s, at the same peak RSS. A buffer's mapping comes back here only when the last object holding its data
-  is gone (a finalizer on the buffer object that exports it to numpy; a consumer that keeps the data, as
-  tensorstore and `jax.device_put` do, keeps a reference), so no live array ever shares a reused mapping.
+  0.14-0.19 M faults, 5-7 s and 11.4-13.4 s, at the same peak RSS. A buffer's mapping comes back here only
+  when the last object holding its data is gone (a finalizer on the buffer object that exports it to numpy;
+  a consumer that keeps the data, as tensorstore and `jax.device_put` do, keeps a reference), so no live
+  array ever shares a reused mapping.
   """
 
   def __init__(self, limit: int):
