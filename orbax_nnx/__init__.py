@@ -44,6 +44,10 @@ def __getattr__(name: str) -> Any:
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(_ON_FIRST_USE))
+
+
 __all__ = [
     'LayerGroup',
     'Layout',

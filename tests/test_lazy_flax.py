@@ -45,6 +45,7 @@ def test_conversions_inspection_and_the_cli_import_no_flax(tmp_path):
 
 
 def test_modules_that_define_nnx_modules_load_on_first_use():
+  assert {'llama', 'testing', 'convert'} <= set(dir(orbax_nnx))
   assert orbax_nnx.llama.Llama.__module__ == 'orbax_nnx.llama'
   assert orbax_nnx.testing.__name__ == 'orbax_nnx.testing'
   assert lazy_flax.nnx.Param is __import__('flax.nnx', fromlist=['Param']).Param
