@@ -483,8 +483,8 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
       regions (at least one chunk), half for converted arrays in flight; arrays of three quarters of that half
       or more are written block by block. None: arrays in flight sized from what is read
       (`io.budget.default_in_flight`: 1/96 of it, 64-256 MiB; more when one stored chunk feeds many targets) and
-      a chunk cache up to the
-      largest stored array read, so that each chunk is decoded once; the report says what was chosen.
+      a chunk cache up to the largest stored array read, so that each chunk is decoded once; the report says
+      what was chosen.
       (`buffer_bytes=` is its old name.)
     overwrite: replace an existing checkpoint at DST (never anything else).
     step: the step of a manager root.

@@ -302,7 +302,10 @@ async def write_blocked(writes: list[_BlockedWrite], ahead_bytes: int) -> None:
   writes (layer targets of one stored array, `lockstep_align`) go source chunk by source chunk: every
   block one stored chunk feeds, in every array, then the next chunk, so each is decoded once and dropped."""
   session = writes[0].value.session
-  stores = [await orbax_writes.open_array(w.spec, w.info, w.options) for w in writes]
+  stores = []
+  for w in writes:
+    await w.info.await_path_creation()  # (its directory exists before its array is created in it)
+    stores.append(await orbax_writes.open_array(w.spec, w.info, w.options))
   items = [(k, p) for k, w in enumerate(writes) for p in range(len(w.blocks))]
   if len(writes) > 1:
     items.sort(key=lambda kp: (sorted(writes[kp[0]].needs[kp[1]]), kp[0]))
