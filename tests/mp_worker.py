@@ -108,6 +108,19 @@ orbax_nnx.export_params(mngr_dir, epath.Path(root) / 'decode', dtype='bfloat16')
 decode_target = {'layers': {'w': {'value': jax.ShapeDtypeStruct((L, EMB, MLP), jax.numpy.bfloat16, sharding=rsh)}}}
 decoded = ocp.StandardCheckpointer().restore(epath.Path(root) / 'decode', decode_target)
 report['export'] = check(decoded['layers']['w']['value'], w.astype(jax.numpy.bfloat16))
+# 5b. the unrolled NNX params of step 4 in their stored dtype: copied as stored, each chunk by one process
+from orbax_nnx.sources import chunk_stream  # noqa: E402
+
+copied_chunks = []
+_check = chunk_stream.check_stored
+chunk_stream.check_stored = lambda data, fmt, key: (copied_chunks.append(key), _check(data, fmt, key))
+orbax_nnx.export_params(epath.Path(root) / 'converted', epath.Path(root) / 'copied', dtype=None)
+chunk_stream.check_stored = _check
+copied = ocp.StandardCheckpointer().restore(epath.Path(root) / 'copied', {f'layers_{i}': {'w': {'value': jax.ShapeDtypeStruct(
+    (EMB, MLP), np.float32, sharding=jax.sharding.NamedSharding(restore_mesh, P('b')))}} for i in range(L)})
+report['export_copied'] = bool(copied_chunks) and all(
+    check(copied[f'layers_{i}']['w']['value'], w[i]) for i in range(L))
+report['copied_chunks'] = len(copied_chunks)
 
 # 6. Hugging Face safetensors (process 0 writes them): each process reads only its shards' byte ranges
 import safetensors.numpy  # noqa: E402

@@ -60,6 +60,11 @@ class SourceArrays:
     self._lock = threading.Lock()
     self.bytes_read = 0
 
+  def count_read(self, nbytes: int) -> None:
+    """Counts `nbytes` (decoded) as read: stored chunks copied as they are (`chunk_copy`)."""
+    with self._lock:
+      self.bytes_read += nbytes
+
   def open_ahead(self, paths) -> None:
     """Starts opening the stored arrays at `paths` all at once (each open waits on storage latency:
     one after another, a thousand small leaves spend most of their time there)."""

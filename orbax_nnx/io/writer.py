@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from orbax_nnx import compat
-from orbax_nnx.io import orbax_writes
+from orbax_nnx.io import chunk_copy, orbax_writes
 from orbax_nnx.io.reader import Pending, announce, announce_regions, layer_of, reads_directly, results
 from orbax_nnx.io.regions import evaluate
 from orbax_nnx.io.sharding_file import ShardingFile
@@ -104,6 +104,8 @@ class WriteSession:
     bytes as in flight from its start, so the budget holds."""
     room = self.buffer_bytes // 2
     for value in sorted(values, key=write_order):
+      if chunk_copy.stored_source(value, self.blocked_min_bytes) is not None:  # copied, if formats agree
+        continue
       if _is_blocked(value) or value.nbytes > room or not reads_directly(
           value.expr, value.leaf, value.sharding, self.source):
         break
@@ -160,8 +162,12 @@ class LazyArrayHandler(_BatchedShardingsArrayHandler):
       if not values:
         return
       session = values[0].session
+      # stored arrays written unchanged whose chunks can be copied as they are: no read, no encode
+      copies = await chunk_copy.select(values, infos, args, [i for i in order if i not in groups], options,
+                                       session.blocked_min_bytes)
+      todo = [i for i in order if i not in copies]
       needs = {}  # chunks each array's reads go through
-      for i in order:  # every region in evaluation order, so each stored chunk is dropped after its last reader
+      for i in todo:  # every region in evaluation order, so each stored chunk is dropped after its last reader
         if i in blocked:
           blocked[i].announce()
         else:
@@ -173,7 +179,7 @@ class LazyArrayHandler(_BatchedShardingsArrayHandler):
       # bytes held: reads in flight (those primed before the save from the start), the batch, and the batches
       # being written
       inflight, batch_bytes = session.primed_bytes, 0
-      for i in blocked:  # written block by block after all: its early reads are not used
+      for i in itertools.chain(blocked, copies):  # written block by block or copied: early reads are not used
         if session.primed.pop(id(values[i]), None) is not None:
           inflight -= values[i].nbytes
       position = 0
@@ -215,7 +221,8 @@ class LazyArrayHandler(_BatchedShardingsArrayHandler):
           inflight -= nbytes
 
       try:
-        for k, i in enumerate(order):
+        await chunk_copy.copy([copies[i] for i in order if i in copies], options, session.buffer_bytes, done)
+        for k, i in enumerate(todo):
           if i in blocked:  # read-ahead stopped here, so everything before it is in the batch
             position = k + 1
             members = groups.get(i, [i])
@@ -229,13 +236,13 @@ class LazyArrayHandler(_BatchedShardingsArrayHandler):
             continue
           # keep reads running ahead of the writer, up to the byte budget (which the batches count against);
           # a blocked array stops the read-ahead: its blocks are read while it is written
-          while position < len(order) and order[position] not in blocked and (not window or (
-              inflight + values[order[position]].nbytes <= session.buffer_bytes and
-              ledger.room_for(needs[order[position]], ((j, read.done) for j, read in window)))):
-            ledger.hold(order[position], needs[order[position]])
-            if id(values[order[position]]) not in session.primed:  # (primed: counted from the start)
-              inflight += values[order[position]].nbytes
-            window.append((order[position], values[order[position]].start()))
+          while position < len(todo) and todo[position] not in blocked and (not window or (
+              inflight + values[todo[position]].nbytes <= session.buffer_bytes and
+              ledger.room_for(needs[todo[position]], ((j, read.done) for j, read in window)))):
+            ledger.hold(todo[position], needs[todo[position]])
+            if id(values[todo[position]]) not in session.primed:  # (primed: counted from the start)
+              inflight += values[todo[position]].nbytes
+            window.append((todo[position], values[todo[position]].start()))
             position += 1
           index, pending = window.popleft()
           assert index == i
@@ -244,8 +251,8 @@ class LazyArrayHandler(_BatchedShardingsArrayHandler):
           ledger.release(i)
           batch_bytes += values[i].nbytes
           del pending
-          stalled = position < len(order) and (order[position] in blocked or not ledger.fits(needs[order[position]])
-                                              or inflight + values[order[position]].nbytes > session.buffer_bytes)
+          stalled = position < len(todo) and (todo[position] in blocked or not ledger.fits(needs[todo[position]])
+                                             or inflight + values[todo[position]].nbytes > session.buffer_bytes)
           if len(batch) >= MAX_BATCH or (stalled and not window) or batch_bytes >= MAX_BATCH_BYTES:
             await flush()
         await flush(left_running=0)

@@ -364,6 +364,73 @@ def _clip(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...] | None:
   return tuple(out)
 
 
+_SCRATCH = threading.local()
+_BLOCK_MAX = 128 * 1024  # zstd's largest block (decoded)
+
+
+def check_stored(data: bytes, fmt: ChunkFormat, key: str) -> None:
+  """Checks that the stored value `data` of the (unsharded) chunk at `key` is a whole chunk: raw bytes of its
+  size, or one zstd frame, nothing after it, whose blocks are all there and decode to its size.
+
+  A zstd frame that declares its size (tensorstore's do) is checked by its structure: the header, then each
+  block's header and length. That finds what truncation, concatenation or a foreign value does, without
+  decoding; damage inside a compressed block is found when the chunk is decoded, as it would have been
+  in the source. Other frames are decoded through a small scratch buffer. Raises ValueError."""
+  if not fmt.compressed:
+    if len(data) != fmt.nbytes:
+      raise ValueError(f'chunk {key} holds {len(data)} bytes, not {fmt.nbytes}')
+    return
+  try:
+    size = zstandard.frame_content_size(data)
+  except zstandard.ZstdError as e:
+    raise ValueError(f'chunk {key} is not a zstd frame ({e})') from e
+  if size >= 0:
+    _check_frame(memoryview(data), size, fmt.nbytes, key)
+    return
+  scratch = getattr(_SCRATCH, 'buffer', None)
+  if scratch is None:
+    scratch = _SCRATCH.buffer = memoryview(bytearray(BAND_BYTES))
+  done = 0
+  with zstandard.ZstdDecompressor().stream_reader(data, read_size=len(data) or 1, closefd=False) as reader:
+    while done < fmt.nbytes:
+      n = reader.readinto(scratch[:min(len(scratch), fmt.nbytes - done)])
+      if not n:
+        raise ValueError(f'chunk {key} ends after {done} of {fmt.nbytes} bytes')
+      done += n
+    if reader.read(1):
+      raise ValueError(f'chunk {key} decodes to more than {fmt.nbytes} bytes')
+
+
+def _check_frame(data: memoryview, size: int, nbytes: int, key: str) -> None:
+  """The structure of one zstd frame that declares `size` decoded bytes (RFC 8878, section 3.1.1)."""
+  if size != nbytes:
+    raise ValueError(f'chunk {key} declares {size} decoded bytes, not {nbytes}')
+  params = zstandard.get_frame_parameters(data)
+  at = zstandard.frame_header_size(data)
+  known, compressed = 0, 0  # decoded bytes of raw and RLE blocks; compressed blocks (each at most _BLOCK_MAX)
+  while True:
+    if at + 3 > len(data):
+      raise ValueError(f'chunk {key} ends inside a block header, at byte {at} of {len(data)}')
+    header = int.from_bytes(data[at:at + 3], 'little')
+    last, kind, length = header & 1, (header >> 1) & 3, header >> 3
+    if kind == 3 or length > _BLOCK_MAX:
+      raise ValueError(f'chunk {key} has an invalid zstd block at byte {at}')
+    at += 3 + (1 if kind == 1 else length)
+    if at > len(data):
+      raise ValueError(f'chunk {key} ends inside a block, {len(data)} of at least {at} bytes')
+    if kind == 2:
+      compressed += 1
+    else:
+      known += length
+    if last:
+      break
+  end = at + (4 if params.has_checksum else 0)
+  if end != len(data):
+    raise ValueError(f'chunk {key} is {len(data)} bytes, its zstd frame {end}')
+  if known > size or known + compressed * _BLOCK_MAX < size:
+    raise ValueError(f'chunk {key}: its blocks cannot decode to the {size} bytes its frame declares')
+
+
 def _fill(reader: Any, view: memoryview, key: str) -> None:
   """Reads exactly `len(view)` decoded bytes into `view`."""
   done = 0

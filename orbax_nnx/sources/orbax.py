@@ -7,6 +7,7 @@ import itertools
 import math
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import tensorstore as ts
@@ -30,6 +31,7 @@ class OrbaxArray:
     self.unit_bytes = chunk_stream.UNIT_BYTES  # these two: set before the first read, if at all
     self.min_stream_bytes = chunk_stream.MIN_STREAM_BYTES  # smaller chunks: tensorstore decodes them
     self._unit: tuple[int, ...] | None = None
+    self._stored: tuple | None | bool = False  # `stored_chunks`; False: not looked at yet
 
   @property
   def unit(self) -> tuple[int, ...]:
@@ -55,6 +57,16 @@ class OrbaxArray:
   def read_unit(self, cell: tuple[int, ...], passed: Callable[[tuple[int, ...], np.ndarray], None]) -> np.ndarray:
     """The unit at grid position `cell` (see `unit`), under `unit_lock(cell)`: `ChunkStreams.read_unit`."""
     return self._streams_for(None).read_unit(cell, self.unit_bytes, passed)
+
+  def stored_chunks(self) -> tuple[Any, chunk_stream.ChunkFormat, dict] | None:
+    """(kvstore, chunk format, zarr metadata) of an array whose chunks are stored one per key in a codec
+    `chunk_stream` decodes (not sharded): what copying them as they are needs. None otherwise."""
+    if self._stored is False:
+      metadata = self.store.spec().to_json().get('metadata', {})
+      fmt = chunk_stream.chunk_format(metadata)
+      ok = fmt is not None and fmt.shard is None and fmt.chunk == self.chunk
+      self._stored = (self.store.kvstore, fmt, metadata) if ok else None
+    return self._stored
 
   casts = True  # `read(..., dtype=)` converts while decoding, chunk by chunk
 

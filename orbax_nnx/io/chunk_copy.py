@@ -1,0 +1,221 @@
+"""Target arrays that are stored arrays unchanged, written by copying their stored chunks.
+
+A renamed leaf (Linen `params/params/.../kernel` -> NNX `.../kernel/value`, an unscanned layer, a param
+exported in its stored dtype) has the same shape, dtype and values as a stored array. When the zarr
+metadata Orbax's own write spec gives the target (chunked as the source is) equals the source's, each
+stored chunk is a valid chunk of the target as it is: it is read once, checked by decoding it into a
+small scratch buffer (a damaged chunk is refused as a normal read would refuse it), and written under the
+same key. Nothing is re-encoded, which is most of what a decode-and-rewrite costs.
+
+Arrays whose formats differ (zarr v2 into v3, another compression, a sharded zarr v3 source, a user's
+chunk size) go through the normal read and write instead (`select` leaves them out). What is recorded
+(Orbax's array metadata, `_sharding`, `_METADATA`) is what a normal write records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import json
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import tensorstore as ts
+
+from orbax_nnx import compat
+from orbax_nnx.io import orbax_writes
+from orbax_nnx.planning.expressions import Read
+from orbax_nnx.sources import chunk_stream, untrusted
+
+BATCH_BYTES = 16 * 2**20  # arrays copied in one atomic transaction (one larger array goes alone, chunk by chunk)
+# batches at once: one is read while another commits and records its metadata (each record waits its turn on a
+# thread of the default executor: more of them waiting at once could take every thread the turn needs)
+BATCHES_IN_FLIGHT = 2
+
+
+@dataclasses.dataclass
+class ChunkCopy:
+  """One target array written by copying the chunks of the stored array it equals."""
+  index: int  # its position in the handler's call
+  value: Any  # the LazyArray
+  info: compat.ParamInfo
+  spec: Any  # Orbax's write spec, chunked as the source
+  kvstore: Any  # the source array's kvstore (its chunk keys relative to it)
+  fmt: chunk_stream.ChunkFormat
+
+  @property
+  def cells(self) -> list[tuple[int, ...]]:
+    """The grid positions of the chunks this process copies (chunk k of the grid, in C order, by process
+    k mod the process count: every chunk written once)."""
+    grid = [range(-(-n // c)) for n, c in zip(self.value.shape, self.fmt.chunk)]
+    count, index = jax.process_count(), jax.process_index()
+    return [cell for k, cell in enumerate(itertools.product(*grid)) if k % count == index]
+
+
+def stored_source(value: Any, limit_bytes: int) -> tuple[Any, chunk_stream.ChunkFormat, dict] | None:
+  """(kvstore, chunk format, metadata) of the stored array `value` (a LazyArray) is, unchanged, when its
+  chunks are stored in a format `chunk_stream` checks and hold at most `limit_bytes` each; else None.
+  Opens the stored array (blocking)."""
+  expr = value.expr
+  if (type(expr) is not Read or not value.direct or tuple(expr.shape) != tuple(value.shape)
+      or np.dtype(expr.dtype) != np.dtype(value.dtype)):
+    return None
+  stored = getattr(value.session.source.store(expr.source), 'stored_chunks', None)
+  found = stored() if stored is not None else None
+  if found is None or found[1].nbytes > limit_bytes:
+    return None
+  return found
+
+
+class _Formats:
+  """Zarr metadata as tensorstore completes it when it creates an array (defaults filled in), from the
+  partial metadata of a write spec: created once per distinct spec, in memory."""
+
+  def __init__(self):
+    self._done: dict[str, dict] = {}
+
+  async def complete(self, spec_json: dict) -> dict:
+    spec = {k: v for k, v in spec_json.items() if k in ('driver', 'dtype', 'metadata')}
+    key = json.dumps(spec, sort_keys=True)
+    if key not in self._done:
+      store = await ts.open({**spec, 'kvstore': {'driver': 'memory'}}, create=True, context=ts.Context())
+      self._done[key] = store.spec().to_json()['metadata']
+    return self._done[key]
+
+
+async def select(values: Sequence[Any], infos: Sequence[compat.ParamInfo], args: Sequence[compat.SaveArgs],
+                 indices: Sequence[int], options: dict, limit_bytes: int) -> dict[int, ChunkCopy]:
+  """The arrays among `indices` written by copying stored chunks: a stored array unchanged (`stored_source`)
+  whose target, chunked as the source, gets the source's zarr metadata from Orbax's write spec.
+
+  Args:
+    values: the handler's LazyArrays.
+    infos: their ParamInfos.
+    args: their SaveArgs (a chunk size of the user's, a dtype, is honoured: then the formats differ).
+    indices: the candidates.
+    options: `compat.array_handler_options` of the handler.
+    limit_bytes: the largest chunk (decoded bytes) copied: a copy holds a chunk's stored bytes.
+
+  Returns:
+    index -> ChunkCopy, for the arrays copied.
+  """
+  found = await asyncio.to_thread(lambda: {i: stored_source(values[i], limit_bytes) for i in indices})
+  formats = _Formats()
+  out = {}
+  for i, hit in found.items():
+    if hit is None:
+      continue
+    kvstore, fmt, metadata = hit
+    await infos[i].await_path_creation()
+    local = tuple(min(c, n) for c, n in zip(fmt.chunk, values[i].shape))
+    spec = orbax_writes.write_spec(values[i], infos[i], args[i], options, local)
+    if await formats.complete(spec.json) == metadata:
+      out[i] = ChunkCopy(i, values[i], infos[i], spec, kvstore, fmt)
+  return out
+
+
+async def copy(copies: Sequence[ChunkCopy], options: dict, window_bytes: int,
+               done: Callable[[int], None]) -> None:
+  """Writes `copies`: small arrays together in atomic transactions of up to `BATCH_BYTES`, a larger one
+  alone, chunk by chunk. `BATCHES_IN_FLIGHT` batches run at once (one commits while the next is read), within
+  `window_bytes` of stored chunks read, checked or being written (at least one chunk). Calls `done(index)` once an array is
+  written and recorded.
+
+  Raises:
+    CorruptCheckpointError / MissingDataError: a stored chunk cannot be read or does not decode to a whole
+      chunk; it names the array.
+  """
+  running: collections.deque = collections.deque()  # (bytes held, task)
+  inflight = 0
+  try:
+    for batch in _batches(copies):
+      held = min(sum(c.value.nbytes for c in batch), window_bytes)
+      while running and (inflight + held > window_bytes or len(running) >= BATCHES_IN_FLIGHT):
+        nbytes, task = running.popleft()
+        await task
+        inflight -= nbytes
+      running.append((held, asyncio.ensure_future(_copy_batch(batch, options, window_bytes, done))))
+      inflight += held
+    while running:
+      await running.popleft()[1]
+  finally:
+    for _, task in running:  # an error: the batches still running are cancelled (their transactions aborted)
+      task.cancel()
+
+
+async def _copy_batch(batch: list[ChunkCopy], options: dict, window_bytes: int,
+                      done: Callable[[int], None]) -> None:
+  ocdbt = batch[0].info.is_ocdbt_checkpoint
+  transaction = ts.Transaction(atomic=True) if ocdbt and sum(c.value.nbytes for c in batch) <= BATCH_BYTES \
+      else None
+  try:
+    stores = await asyncio.gather(*(orbax_writes.open_array(c.spec, c.info, options, transaction) for c in batch))
+    await _copy_chunks(list(zip(batch, stores)), window_bytes)
+    if transaction is not None:
+      await transaction.commit_async()
+  except BaseException:
+    if transaction is not None:
+      transaction.abort()
+    raise
+  await orbax_writes.record([c.value for c in batch], [c.info for c in batch], [c.spec for c in batch], options)
+  for c in batch:
+    done(c.index)
+
+
+def _batches(copies: Sequence[ChunkCopy]) -> list[list[ChunkCopy]]:
+  batches: list[list[ChunkCopy]] = []
+  size = BATCH_BYTES
+  for c in copies:
+    if size + c.value.nbytes > BATCH_BYTES:
+      batches.append([])
+      size = 0
+    batches[-1].append(c)
+    size += c.value.nbytes
+  return batches
+
+
+async def _copy_chunks(pairs: list[tuple[ChunkCopy, ts.TensorStore]], window_bytes: int) -> None:
+  """Copies every chunk of `pairs` (a copy, its opened target), a window of them at a time."""
+  running: collections.deque = collections.deque()  # (bytes, task)
+  inflight = 0
+
+  async def one(c: ChunkCopy, target: ts.KvStore, cell: tuple[int, ...]) -> None:
+    key = c.fmt.key(cell)
+    where = f'{"/".join(c.value.expr.source)} (chunk {key})'
+    directory = c.value.session.source.meta.directory
+    try:
+      result = await c.kvstore.read(key)
+      if result.state != 'value':  # not stored: not stored in the target either (same metadata, same fill)
+        return
+      data = result.value
+      chunk_stream.check_stored(data, c.fmt, key)  # (a frame's structure: no decode)
+    except Exception as e:
+      raise untrusted.damaged(directory, f'{where}: {e}', e) from e
+    await target.write(key, data)
+    c.value.session.source.count_read(math.prod(_clipped(cell, c.fmt.chunk, c.value.shape)) * c.fmt.dtype.itemsize)
+
+  try:
+    for c, store in pairs:
+      target = store.kvstore
+      for cell in c.cells:
+        nbytes = c.fmt.nbytes
+        while running and inflight + nbytes > window_bytes:
+          size, task = running.popleft()
+          await task
+          inflight -= size
+        running.append((nbytes, asyncio.ensure_future(one(c, target, cell))))
+        inflight += nbytes
+    while running:
+      await running.popleft()[1]
+  finally:
+    for _, task in running:  # an error: the copies still running are not waited for
+      task.cancel()
+
+
+def _clipped(cell: tuple[int, ...], chunk: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(min(c, n - i * c) for i, c, n in zip(cell, chunk, shape))
