@@ -153,15 +153,12 @@ async def _copy_batch(batch: list[ChunkCopy], options: dict, window_bytes: int,
   ocdbt = batch[0].info.is_ocdbt_checkpoint
   transaction = ts.Transaction(atomic=True) if ocdbt and sum(c.value.nbytes for c in batch) <= BATCH_BYTES \
       else None
-  try:
+
+  async def write() -> None:
     stores = await asyncio.gather(*(orbax_writes.open_array(c.spec, c.info, options, transaction) for c in batch))
     await _copy_chunks(list(zip(batch, stores)), window_bytes)
-    if transaction is not None:
-      await transaction.commit_async()
-  except BaseException:
-    if transaction is not None:
-      transaction.abort()
-    raise
+
+  await orbax_writes.in_transaction(transaction, write())
   await orbax_writes.record([c.value for c in batch], [c.info for c in batch], [c.spec for c in batch], options)
   for c in batch:
     done(c.index)

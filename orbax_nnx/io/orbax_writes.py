@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import jax
@@ -108,15 +108,22 @@ async def write_whole(values: Sequence[Any], hosts: Sequence[dict[tuple, np.ndar
                            for region in own_regions(value.shape, value.sharding)))
     return spec
 
+  specs = await in_transaction(transaction, asyncio.gather(*(one(*each) for each in zip(values, hosts, infos, args))))
+  await record(values, infos, specs, options)
+
+
+async def in_transaction(transaction: ts.Transaction | None, work: Awaitable[Any]) -> Any:
+  """Awaits `work` (writes made in `transaction`, if any), then commits the transaction; aborts it if
+  anything fails or is cancelled. Returns what `work` returns."""
   try:
-    specs = await asyncio.gather(*(one(*each) for each in zip(values, hosts, infos, args)))
+    out = await work
     if transaction is not None:
       await transaction.commit_async()
+    return out
   except BaseException:
     if transaction is not None:
       transaction.abort()
     raise
-  await record(values, infos, specs, options)
 
 
 def own_regions(shape: tuple[int, ...], sharding: jax.sharding.Sharding) -> list[tuple[slice, ...]]:
