@@ -20,7 +20,7 @@ import dataclasses
 import itertools
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -48,13 +48,12 @@ class ChunkCopy:
   kvstore: Any  # the source array's kvstore (its chunk keys relative to it)
   fmt: chunk_stream.ChunkFormat
 
-  @property
-  def cells(self) -> list[tuple[int, ...]]:
+  def cells(self) -> Iterator[tuple[int, ...]]:
     """The grid positions of the chunks this process copies (chunk k of the grid, in C order, by process
-    k mod the process count: every chunk written once)."""
+    k mod the process count: every chunk written once), one at a time."""
     grid = [range(-(-n // c)) for n, c in zip(self.value.shape, self.fmt.chunk)]
     count, index = jax.process_count(), jax.process_index()
-    return [cell for k, cell in enumerate(itertools.product(*grid)) if k % count == index]
+    return (cell for k, cell in enumerate(itertools.product(*grid)) if k % count == index)
 
 
 def stored_source(value: Any, limit_bytes: int) -> tuple[Any, chunk_stream.ChunkFormat, dict] | None:
@@ -194,12 +193,13 @@ async def _copy_chunks(pairs: list[tuple[ChunkCopy, ts.TensorStore]], window_byt
     except Exception as e:
       raise untrusted.damaged(directory, f'{where}: {e}', e) from e
     await target.write(key, data)
-    c.value.session.source.count_read(math.prod(_clipped(cell, c.fmt.chunk, c.value.shape)) * c.fmt.dtype.itemsize)
+    bounds = chunk_stream.chunk_bounds(cell, c.fmt.chunk, c.value.shape)
+    c.value.session.source.count_read(math.prod(b.stop - b.start for b in bounds) * c.fmt.dtype.itemsize)
 
   try:
     for c, store in pairs:
       target = store.kvstore
-      for cell in c.cells:
+      for cell in c.cells():
         nbytes = c.fmt.nbytes
         while running and inflight + nbytes > window_bytes:
           size, task = running.popleft()
@@ -213,6 +213,3 @@ async def _copy_chunks(pairs: list[tuple[ChunkCopy, ts.TensorStore]], window_byt
     for _, task in running:  # an error: the copies still running are not waited for
       task.cancel()
 
-
-def _clipped(cell: tuple[int, ...], chunk: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-  return tuple(min(c, n - i * c) for i, c, n in zip(cell, chunk, shape))
