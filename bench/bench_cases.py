@@ -16,7 +16,10 @@ Wall time is the whole process (imports included), peak RSS its VmHWM. Every run
 page cache (`common.warm_page_cache`): a tool holding several GiB evicts it for whichever tool runs next.
 
     .venv/bin/python bench/bench_cases.py [--sizes small,big] [--only unscanned,scanned,unrolled] [--reps 1]
-                                          [--source-type jax|numpy]
+                                          [--source-type jax|numpy] [--zarr3]
+
+`--zarr3` saves the source in zarr v3 (MaxText's default); the peers then save zarr v3 too, as ours does (a
+conversion keeps its source's zarr version).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def source_tree(size: str, scanned: bool, source_type: str = 'numpy') -> dict:
                                 'nu': {'params': _layer_params(rng, layers, emb, mlp, scanned, 0.01)}}, None, None]]}
 
 
-def in_memory(src: str, dst: str, unroll: bool) -> None:
+def in_memory(src: str, dst: str, unroll: bool, zarr3: bool) -> None:
   """The MaxText way: the whole checkpoint in host memory, a numpy rewrite, one save."""
   import numpy as np
   import orbax.checkpoint as ocp
@@ -100,32 +103,33 @@ def in_memory(src: str, dst: str, unroll: bool) -> None:
                        'opt_state': {'0': {'count': {'value': np.asarray(adam['count'])},
                                            'mu': nnx(adam['mu']['params']), 'nu': nnx(adam['nu']['params'])}}}}
   del tree, adam
-  common.save_plain(dst, new)
+  common.save_plain(dst, new, use_zarr3=zarr3)
 
 
-def plain(src: str, dst: str) -> None:
+def plain(src: str, dst: str, zarr3: bool) -> None:
   import orbax.checkpoint as ocp
   from etils import epath
-  common.save_plain(dst, ocp.PyTreeCheckpointHandler().restore(epath.Path(src)))
+  common.save_plain(dst, ocp.PyTreeCheckpointHandler().restore(epath.Path(src)), use_zarr3=zarr3)
 
 
-def worker(tool: str, src: str, dst: str, unroll: str) -> None:
+def worker(tool: str, src: str, dst: str, unroll: str, zarr3: str) -> None:
   if tool == 'ours':
     import orbax_nnx
     orbax_nnx.convert(src, dst, to='nnx', **({'scan_layers': False} if unroll == '1' else {}))
   elif tool == 'in-memory':
-    in_memory(src, dst, unroll == '1')
+    in_memory(src, dst, unroll == '1', zarr3 == '1')
   else:
-    plain(src, dst)
+    plain(src, dst, zarr3 == '1')
   print(json.dumps({'rss_mib': common.vmhwm_mib()}))
 
 
-def run(tool: str, src: str, dst: str, unroll: bool) -> dict:
+def run(tool: str, src: str, dst: str, unroll: bool, zarr3: bool) -> dict:
   shutil.rmtree(dst, ignore_errors=True)
   subprocess.run(['sync'], check=False)
   common.warm_page_cache(src)
   t0 = time.perf_counter()
-  out = subprocess.run([sys.executable, __file__, '--worker', tool, src, dst, '1' if unroll else '0'],
+  out = subprocess.run([sys.executable, __file__, '--worker', tool, src, dst, '1' if unroll else '0',
+                        '1' if zarr3 else '0'],
                        capture_output=True, text=True, check=False, env=common.WORKER_ENV)
   wall = time.perf_counter() - t0
   if out.returncode:
@@ -143,9 +147,10 @@ def main() -> None:
   parser.add_argument('--only', default='unscanned,scanned,unrolled')
   parser.add_argument('--reps', type=int, default=1)
   parser.add_argument('--source-type', choices=('jax', 'numpy'), default='jax')
+  parser.add_argument('--zarr3', action='store_true', help='sources (and the peers\' outputs) in zarr v3')
   args = parser.parse_args()
   cases = {'unscanned': (False, False), 'scanned': (True, False), 'unrolled': (True, True)}
-  print(f'source leaves: {args.source_type}')
+  print(f'source leaves: {args.source_type}, zarr {"v3" if args.zarr3 else "v2"}')
   print(f'{"case":<26} {"ours s":>7} {"in-mem s":>9} {"plain s":>8} {"/in-mem":>8} {"/plain":>7}'
         f' {"RSS MiB ours/in-mem/plain":>27} {"RSS/ckpt":>9}')
   for size in args.sizes.split(','):
@@ -154,11 +159,12 @@ def main() -> None:
       sources = {}
       for scanned in sorted({cases[c][0] for c in args.only.split(',')}):
         sources[scanned] = os.path.join(root, f'src_{scanned}')
-        common.save_plain(sources[scanned], source_tree(size, scanned, args.source_type))
+        common.save_plain(sources[scanned], source_tree(size, scanned, args.source_type),
+                          use_zarr3=args.zarr3)
       for case in args.only.split(','):
         scanned, unroll = cases[case]
         src = sources[scanned]
-        figures = {tool: [run(tool, src, os.path.join(root, tool), unroll) for _ in range(args.reps)]
+        figures = {tool: [run(tool, src, os.path.join(root, tool), unroll, args.zarr3) for _ in range(args.reps)]
                    for tool in ('ours', 'in-memory', 'plain')}
         med = {t: statistics.median(r['wall'] for r in rs) for t, rs in figures.items()}
         rss = {t: max(r['rss_mib'] for r in rs) for t, rs in figures.items()}
@@ -173,6 +179,6 @@ def main() -> None:
 
 if __name__ == '__main__':
   if len(sys.argv) > 1 and sys.argv[1] == '--worker':
-    worker(*sys.argv[2:6])
+    worker(*sys.argv[2:7])
   else:
     main()

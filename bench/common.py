@@ -70,16 +70,21 @@ def run_worker(script: str, *args) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def save_plain(path: str, tree, chunk_mib: int | None = None) -> None:
+def save_plain(path: str, tree, chunk_mib: int | None = None, use_zarr3: bool = False) -> None:
   """Plain Orbax save. `chunk_mib` caps stored chunks (as a sharded save on many devices would);
-  None stores each array as one chunk, the worst case for reading layer slices."""
+  None stores each array as one chunk, the worst case for reading layer slices. `use_zarr3`: zarr v3, as
+  MaxText saves by default (`checkpoint_storage_use_zarr3`), through the PyTree handler MaxText uses."""
   import jax
   import orbax.checkpoint as ocp
-  ckptr = ocp.StandardCheckpointer()
   save_args = None
   if chunk_mib:
     save_args = jax.tree.map(lambda x: ocp.SaveArgs(chunk_byte_size=chunk_mib * 2**20) if np.ndim(x) else
                              ocp.SaveArgs(), tree)
+  if use_zarr3:
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_zarr3=True)) as ckptr:
+      ckptr.save(path, args=ocp.args.PyTreeSave(tree, save_args=save_args))
+    return
+  ckptr = ocp.StandardCheckpointer()
   ckptr.save(path, tree, save_args=save_args)
   ckptr.wait_until_finished()
 

@@ -175,7 +175,7 @@ def _preset(args, scan_layers: bool | None):
 
 def cmd_plan(args) -> int:
   """The plan `convert` would run with the same flags (the same function builds both)."""
-  from orbax_nnx.conversion import plan_conversion
+  from orbax_nnx.conversion import describe_output, output_options, plan_conversion
   from orbax_nnx.sources.metadata import resolve_item
 
   src_item = resolve_item(args.src, step=args.step, item=args.item)
@@ -198,6 +198,7 @@ def cmd_plan(args) -> int:
     print(f'MISSING {m}')
   print(f'# {len(the_plan.entries)} leaves, {the_plan.bytes_read() / 2**20:.1f} MiB to read')
   print(_memory_line(args, the_plan.bytes_read()))
+  print(describe_output(output_options(layout)))
   return 0 if not the_plan.missing else 1
 
 

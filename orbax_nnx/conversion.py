@@ -421,7 +421,7 @@ def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: 
     tree = _shape_containers(tree, structure, target.framework)
     save_args = _shape_containers(save_args, structure, target.framework)
     session.prime([leaf for leaf in jax.tree.leaves(tree) if isinstance(leaf, LazyArray)])
-    handler = streaming_pytree_handler()
+    handler = streaming_pytree_handler(**output_options(layout))
     with ocp.Checkpointer(handler) as ckptr:
       ckptr.save(dst, args=ocp.args.PyTreeSave(item=tree, save_args=save_args, custom_metadata=custom,
                                                ocdbt_target_data_file_size=_ocdbt_file_bytes(the_plan)),
@@ -429,6 +429,20 @@ def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: 
   finally:
     session.close()
   return source.bytes_read, session.bytes_written, buffer_bytes, cache_bytes
+
+
+def output_options(layout: Layout) -> dict[str, Any]:
+  """Orbax handler options of a conversion's output: the zarr version its source is stored in (a MaxText
+  checkpoint, zarr v3 by default, stays zarr v3; arrays written unchanged can then be copied as stored:
+  `chunk_copy`), zarr v2 (Orbax's default) for a source that records none (Hugging Face files, older saves).
+  OCDBT always (Orbax's default: one set of data files whatever the leaf count)."""
+  return {'use_zarr3': bool(layout.meta.flags.get('use_zarr3', False))}
+
+
+def describe_output(options: Mapping[str, Any]) -> str:
+  """One line saying what `output_options` chose and why (for `plan`)."""
+  version = 'v3' if options['use_zarr3'] else 'v2'
+  return f'# output: Orbax OCDBT, zarr {version} (the zarr version of the source; v2 where it records none)'
 
 
 def _ocdbt_file_bytes(the_plan: Plan) -> int | None:

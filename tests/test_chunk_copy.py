@@ -1,5 +1,7 @@
 """Arrays a conversion writes unchanged are copied chunk by chunk, as stored (`orbax_nnx.io.chunk_copy`)."""
 
+import json
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -10,7 +12,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import orbax_nnx
-from orbax_nnx import errors
+from orbax_nnx import cli, errors
 from orbax_nnx.io import chunk_copy
 from orbax_nnx.io.source_arrays import SourceArrays
 from orbax_nnx.sources import chunk_stream
@@ -39,8 +41,8 @@ def _arrays(path) -> dict:
   return out
 
 
-def _metadata(path, name: str) -> dict:
-  store = ts.open({'driver': 'zarr', 'kvstore': {'driver': 'ocdbt', 'base': f'file://{path}', 'path': f'{name}/'}},
+def _metadata(path, name: str, driver: str = 'zarr') -> dict:
+  store = ts.open({'driver': driver, 'kvstore': {'driver': 'ocdbt', 'base': f'file://{path}', 'path': f'{name}/'}},
                   open=True).result()
   return store.spec().to_json()['metadata']
 
@@ -104,11 +106,29 @@ def test_chunks_of_a_sharded_save_are_copied_in_its_chunking(tmp_path, checked):
   np.testing.assert_array_equal(_arrays(tmp_path / 'dst')['model/dense/kernel/value'], value)
 
 
-def test_a_source_in_another_format_is_decoded_and_rewritten(tmp_path, checked):
-  """A zarr v3 source (sharded chunks, zstd level 3) is not what the output's write spec describes: its arrays
-  go through the normal read and write, bit for bit."""
+def test_a_zarr3_source_is_copied_shard_by_shard_and_stays_zarr3(tmp_path, checked, capsys):
+  """A zarr v3 source (MaxText's default: one zstd chunk per `sharding_indexed` shard) converts to zarr v3:
+  each shard is checked (index crc32c, inner frame) and copied, the metadata is the source's, and `plan`
+  says which format the output gets."""
   tree = _linen(np.random.default_rng(2), layers=1)
   src = _save(tmp_path / 'src', tree, use_zarr3=True)
+  assert cli.main(['plan', str(src)]) == 0
+  assert '# output: Orbax OCDBT, zarr v3 (the zarr version of the source' in capsys.readouterr().out
+  orbax_nnx.convert(src, tmp_path / 'dst', to='nnx')
+  assert sorted(checked) == sorted(['c/0/0', 'c/0/0', 'c/0', 'c/0'])
+  _assert_renamed(_arrays(src), _arrays(tmp_path / 'dst'))
+  assert _metadata(tmp_path / 'dst', 'model.layers_0.mlp.kernel.value', 'zarr3') == \
+      _metadata(src, 'params.params.layers_0.mlp.kernel', 'zarr3')
+  assert json.loads((tmp_path / 'dst' / '_METADATA').read_text())['use_zarr3'] is True
+
+
+def test_a_source_in_another_format_is_decoded_and_rewritten(tmp_path, checked, capsys):
+  """An uncompressed source is not what the output's write spec describes (Orbax compresses): its arrays go
+  through the normal read and write, bit for bit."""
+  tree = _linen(np.random.default_rng(2), layers=1)
+  src = _save(tmp_path / 'src', tree, use_compression=False)
+  assert cli.main(['plan', str(src)]) == 0
+  assert '# output: Orbax OCDBT, zarr v2' in capsys.readouterr().out
   orbax_nnx.convert(src, tmp_path / 'dst', to='nnx')
   assert not checked
   _assert_renamed(_arrays(src), _arrays(tmp_path / 'dst'))
@@ -144,3 +164,44 @@ def test_check_stored_refuses_what_is_not_one_whole_frame(damage):
     chunk_stream.check_stored(bad, fmt, '0.0')
   with pytest.raises(ValueError, match='chunk 0.0 holds'):
     chunk_stream.check_stored(data[:-4], chunk_stream.ChunkFormat(np.dtype('<f4'), (300, 200), False, str), '0.0')
+
+
+def _shard(frames: list[bytes | None], checksum: bool = True) -> bytes:
+  """A zarr v3 shard as tensorstore writes it: the chunks, then their (offset, size) index and its crc32c."""
+  data, index = b'', []
+  for frame in frames:
+    index += [2**64 - 1] * 2 if frame is None else [len(data), len(frame)]
+    data += frame or b''
+  table = np.array(index, '<u8').tobytes()
+  return data + table + (chunk_stream.crc32c(table).to_bytes(4, 'little') if checksum else b'')
+
+
+@pytest.mark.parametrize('damage', ['bad-crc', 'outside', 'cut', 'shorter-than-the-index', 'bad-frame'])
+def test_check_stored_refuses_a_damaged_shard(damage):
+  """A shard is refused when its index fails its crc32c or points outside the shard's data, or a chunk it
+  points at is not a whole frame; chunks never written (all ones in the index) are fine."""
+  fmt = chunk_stream.ChunkFormat(np.dtype('<f4'), (30, 20), True, lambda cell: 'c/0/0', shard=(1, 2))
+  data = np.random.default_rng(5).standard_normal((30, 20)).astype(np.float32).tobytes()
+  frame = zstandard.ZstdCompressor(level=3).compress(data)
+  good = _shard([frame, frame])
+  chunk_stream.check_stored(good, fmt, 'c/0/0')
+  chunk_stream.check_stored(_shard([None, frame]), fmt, 'c/0/0')
+  chunk_stream.check_stored(_shard([None, None]), fmt, 'c/0/0')
+  table = np.frombuffer(good[-36:-4], '<u8').copy()
+  table[3] += 1  # the second chunk one byte longer: past the data
+  outside = good[:-36] + table.tobytes() + chunk_stream.crc32c(table.tobytes()).to_bytes(4, 'little')
+  bad = {'bad-crc': good[:-1] + bytes([good[-1] ^ 1]), 'outside': outside, 'cut': good[:10] + good[-36:][:-2],
+         'shorter-than-the-index': good[-20:], 'bad-frame': _shard([frame, frame[:-5]])}[damage]
+  with pytest.raises(ValueError, match='shard c/0/0|chunk c/0/0 \\(chunk 1 of the shard\\)'):
+    chunk_stream.check_stored(bad, fmt, 'c/0/0')
+
+
+def test_a_damaged_zarr3_shard_is_refused_by_name_and_nothing_is_left(tmp_path):
+  src = _save(tmp_path / 'src', _linen(np.random.default_rng(6), layers=2), use_zarr3=True)
+  kv = ts.KvStore.open({'driver': 'ocdbt', 'base': f'file://{src}'}).result()
+  key = b'params.params.layers_1.mlp.kernel/c/0/0'
+  value = kv.read(key).result().value
+  kv.write(key, value[:8] + bytes([value[8] ^ 0xFF]) + value[9:-1] + bytes([value[-1] ^ 1])).result()
+  with pytest.raises(errors.CorruptCheckpointError, match='layers_1/mlp/kernel.*crc32c'):
+    orbax_nnx.convert(src, tmp_path / 'dst', to='nnx')
+  assert not (tmp_path / 'dst').exists()

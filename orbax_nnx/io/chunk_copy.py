@@ -3,14 +3,14 @@
 A renamed leaf (Linen `params/params/.../kernel` -> NNX `.../kernel/value`, an unscanned layer, a param
 exported in its stored dtype) has the same shape, dtype and values as a stored array. When the zarr
 metadata Orbax's own write spec gives the target (chunked as the source is) equals the source's, each
-stored chunk is a valid chunk of the target as it is: it is read once, checked by decoding it into a
-small scratch buffer (a damaged chunk is refused as a normal read would refuse it), and written under the
-same key. Nothing is re-encoded, which is most of what a decode-and-rewrite costs.
+stored value (a chunk, or a zarr v3 shard of chunks) is valid in the target as it is: it is read once,
+checked (`chunk_stream.check_stored`: a damaged value is refused by name) and written under the same key.
+Nothing is decoded or re-encoded, which is most of what a decode-and-rewrite costs. A conversion writes
+the zarr version its source is stored in (`conversion.output_options`), so both kinds are copied.
 
-Arrays whose formats differ (zarr v2 into v3, another compression, a sharded zarr v3 source, a user's
-chunk size) go through the normal read and write instead (`select` leaves them out). What is recorded
-(Orbax's array metadata, `_sharding`, `_METADATA`) is what a normal write records.
-"""
+Arrays whose formats differ (another compression, a user's chunk size, several chunks per shard) go
+through the normal read and write instead (`select` leaves them out). What is recorded (Orbax's array
+metadata, `_sharding`, `_METADATA`) is what a normal write records."""
 
 from __future__ import annotations
 
@@ -49,16 +49,17 @@ class ChunkCopy:
   fmt: chunk_stream.ChunkFormat
 
   def cells(self) -> Iterator[tuple[int, ...]]:
-    """The grid positions of the chunks this process copies (chunk k of the grid, in C order, by process
-    k mod the process count: every chunk written once), one at a time."""
-    grid = [range(-(-n // c)) for n, c in zip(self.value.shape, self.fmt.chunk)]
+    """The grid positions of the stored values (chunks, or shards) this process copies (value k of the grid,
+    in C order, by process k mod the process count: every value written once), one at a time."""
+    grid = [range(-(-n // c)) for n, c in zip(self.value.shape, self.fmt.stored)]
     count, index = jax.process_count(), jax.process_index()
     return (cell for k, cell in enumerate(itertools.product(*grid)) if k % count == index)
 
 
 def stored_source(value: Any, limit_bytes: int) -> tuple[Any, chunk_stream.ChunkFormat, dict] | None:
   """(kvstore, chunk format, metadata) of the stored array `value` (a LazyArray) is, unchanged, when its
-  chunks are stored in a format `chunk_stream` checks and hold at most `limit_bytes` each; else None.
+  chunks are stored in a format `chunk_stream` checks, each stored value (chunk or shard) of at most
+  `limit_bytes` decoded; else None.
   Opens the stored array (blocking)."""
   expr = value.expr
   if (type(expr) is not Read or not value.direct or tuple(expr.shape) != tuple(value.shape)
@@ -66,7 +67,7 @@ def stored_source(value: Any, limit_bytes: int) -> tuple[Any, chunk_stream.Chunk
     return None
   stored = getattr(value.session.source.store(expr.source), 'stored_chunks', None)
   found = stored() if stored is not None else None
-  if found is None or found[1].nbytes > limit_bytes:
+  if found is None or found[1].stored_nbytes > limit_bytes:
     return None
   return found
 
@@ -111,7 +112,7 @@ async def select(values: Sequence[Any], infos: Sequence[compat.ParamInfo], args:
       continue
     kvstore, fmt, metadata = hit
     await infos[i].await_path_creation()
-    local = tuple(min(c, n) for c, n in zip(fmt.chunk, values[i].shape))
+    local = tuple(min(c, n) for c, n in zip(fmt.stored, values[i].shape))
     spec = orbax_writes.write_spec(values[i], infos[i], args[i], options, local)
     if await formats.complete(spec.json) == metadata:
       out[i] = ChunkCopy(i, values[i], infos[i], spec, kvstore, fmt)
@@ -193,14 +194,14 @@ async def _copy_chunks(pairs: list[tuple[ChunkCopy, ts.TensorStore]], window_byt
     except Exception as e:
       raise untrusted.damaged(directory, f'{where}: {e}', e) from e
     await target.write(key, data)
-    bounds = chunk_stream.chunk_bounds(cell, c.fmt.chunk, c.value.shape)
+    bounds = chunk_stream.chunk_bounds(cell, c.fmt.stored, c.value.shape)
     c.value.session.source.count_read(math.prod(b.stop - b.start for b in bounds) * c.fmt.dtype.itemsize)
 
   try:
     for c, store in pairs:
       target = store.kvstore
       for cell in c.cells():
-        nbytes = c.fmt.nbytes
+        nbytes = c.fmt.stored_nbytes
         while running and inflight + nbytes > window_bytes:
           size, task = running.popleft()
           await task

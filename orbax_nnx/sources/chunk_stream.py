@@ -65,6 +65,21 @@ class ChunkFormat:
   def nbytes(self) -> int:
     return math.prod(self.chunk) * self.dtype.itemsize
 
+  @property
+  def stored(self) -> tuple[int, ...]:
+    """The shape one stored value covers: a chunk, or a shard of chunks (sharded zarr v3)."""
+    return self.chunk if self.shard is None else tuple(c * n for c, n in zip(self.chunk, self.shard))
+
+  @property
+  def stored_nbytes(self) -> int:
+    """The decoded size of one stored value (`stored`)."""
+    return math.prod(self.stored) * self.dtype.itemsize
+
+  @property
+  def index_bytes(self) -> int:
+    """The size of a shard's chunk index (16 bytes per chunk, and its crc32c)."""
+    return 16 * math.prod(self.shard or ()) + (4 if self.index_checksum else 0)
+
 
 def chunk_format(metadata: dict[str, Any]) -> ChunkFormat | None:
   """The chunk format of a zarr array from its metadata (the `.zarray` / `zarr.json` JSON), or None
@@ -278,24 +293,28 @@ class ChunkStreams:
     if index is not None:
       return index
     fmt = self.fmt
-    count = math.prod(fmt.shard)
-    size = 16 * count + (4 if fmt.index_checksum else 0)
-    window = slice(-size, None) if fmt.index_at_end else slice(0, size)
+    window = slice(-fmt.index_bytes, None) if fmt.index_at_end else slice(0, fmt.index_bytes)
     try:
       result = self.kvstore.read(key, byte_range=window).result()
     except ValueError as e:  # shorter than an index: not a shard tensorstore wrote
       raise MissingChunk(key) from e
     if result.state != 'value':
       raise MissingChunk(key)
-    data = bytes(result.value)
-    if fmt.index_checksum and crc32c(data[:-4]) != int.from_bytes(data[-4:], 'little'):
-      raise ValueError(f'shard {key}: its chunk index fails its crc32c checksum (the shard is damaged)')
-    index = np.frombuffer(data, '<u8', count=2 * count).reshape(count, 2)
+    index = shard_index(bytes(result.value), fmt, key)
     with self._lock:
       self._indexes[key] = index
       while len(self._indexes) > MAX_SHARD_INDEXES:
         self._indexes.popitem(last=False)
     return index
+
+
+def shard_index(data: bytes, fmt: ChunkFormat, key: str) -> np.ndarray:
+  """The (offset, size) pairs of a shard's chunks (C order) from its stored index `data`, checked against
+  its crc32c. Raises ValueError when the checksum fails."""
+  if fmt.index_checksum and crc32c(data[:-4]) != int.from_bytes(data[-4:], 'little'):
+    raise ValueError(f'shard {key}: its chunk index fails its crc32c checksum (the shard is damaged)')
+  count = math.prod(fmt.shard)
+  return np.frombuffer(data, '<u8', count=2 * count).reshape(count, 2)
 
 
 def _crc32c_table() -> list[int]:
@@ -369,13 +388,33 @@ _BLOCK_MAX = 128 * 1024  # zstd's largest block (decoded)
 
 
 def check_stored(data: bytes, fmt: ChunkFormat, key: str) -> None:
-  """Checks that the stored value `data` of the (unsharded) chunk at `key` is a whole chunk: raw bytes of its
-  size, or one zstd frame, nothing after it, whose blocks are all there and decode to its size.
+  """Checks that the stored value `data` at `key` is what the format stores there: a whole chunk, or (sharded
+  zarr v3) a shard whose chunk index passes its crc32c and points only at whole chunks inside the shard.
 
-  A zstd frame that declares its size (tensorstore's do) is checked by its structure: the header, then each
-  block's header and length. That finds what truncation, concatenation or a foreign value does, without
-  decoding; damage inside a compressed block is found when the chunk is decoded, as it would have been
-  in the source. Other frames are decoded through a small scratch buffer. Raises ValueError."""
+  A chunk is raw bytes of its size, or one zstd frame, nothing after it, whose blocks are all there and
+  decode to its size. A zstd frame that declares its size (tensorstore's do) is checked by its structure:
+  the header, then each block's header and length. That finds what truncation, concatenation or a foreign
+  value does, without decoding; damage inside a compressed block is found when the chunk is decoded, as it
+  would have been in the source. Other frames are decoded through a small scratch buffer. Raises ValueError."""
+  if fmt.shard is None:
+    _check_chunk(memoryview(data), fmt, key)
+    return
+  view, size = memoryview(data), fmt.index_bytes
+  if len(view) < size:
+    raise ValueError(f'shard {key} is {len(view)} bytes, shorter than its chunk index ({size} bytes)')
+  index = shard_index(bytes(view[-size:] if fmt.index_at_end else view[:size]), fmt, key)
+  start, stop = (0, len(view) - size) if fmt.index_at_end else (size, len(view))
+  for n, (offset, nbytes) in enumerate(index.tolist()):
+    if offset == _MISSING and nbytes == _MISSING:  # never written: the fill value, as in the source
+      continue
+    if offset < start or offset + nbytes > stop:
+      raise ValueError(f'shard {key}: its index places chunk {n} at bytes {offset}..{offset + nbytes}, outside '
+                       f'the shard\'s data ({start}..{stop})')
+    _check_chunk(view[offset:offset + nbytes], fmt, f'{key} (chunk {n} of the shard)')
+
+
+def _check_chunk(data: memoryview, fmt: ChunkFormat, key: str) -> None:
+  """`check_stored` of one chunk's stored bytes."""
   if not fmt.compressed:
     if len(data) != fmt.nbytes:
       raise ValueError(f'chunk {key} holds {len(data)} bytes, not {fmt.nbytes}')
@@ -385,7 +424,7 @@ def check_stored(data: bytes, fmt: ChunkFormat, key: str) -> None:
   except zstandard.ZstdError as e:
     raise ValueError(f'chunk {key} is not a zstd frame ({e})') from e
   if size >= 0:
-    _check_frame(memoryview(data), size, fmt.nbytes, key)
+    _check_frame(data, size, fmt.nbytes, key)
     return
   scratch = getattr(_SCRATCH, 'buffer', None)
   if scratch is None:

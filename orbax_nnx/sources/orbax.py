@@ -59,12 +59,12 @@ class OrbaxArray:
     return self._streams_for(None).read_unit(cell, self.unit_bytes, passed)
 
   def stored_chunks(self) -> tuple[Any, chunk_stream.ChunkFormat, dict] | None:
-    """(kvstore, chunk format, zarr metadata) of an array whose chunks are stored one per key in a codec
-    `chunk_stream` decodes (not sharded): what copying them as they are needs. None otherwise."""
+    """(kvstore, chunk format, zarr metadata) of an array whose chunks (or shards of chunks) are stored in
+    a format `chunk_stream` checks: what copying them as they are needs. None otherwise."""
     if self._stored is False:
       metadata = self.store.spec().to_json().get('metadata', {})
       fmt = chunk_stream.chunk_format(metadata)
-      ok = fmt is not None and fmt.shard is None and fmt.chunk == self.chunk
+      ok = fmt is not None and fmt.chunk == self.chunk
       self._stored = (self.store.kvstore, fmt, metadata) if ok else None
     return self._stored
 
