@@ -1,6 +1,7 @@
 """Pins every private Orbax / JAX / Flax API in `orbax_nnx.compat`: an upgrade that removes or
 changes one fails here, naming the symbol, before it fails somewhere obscure."""
 
+import asyncio
 import inspect
 import json
 
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 from flax import nnx
 
 import orbax_nnx
@@ -113,3 +115,34 @@ def test_type_handler_registry_and_metadata_key_are_read():
   assert compat.type_handler_registry_of(handler) is registry
   assert compat.type_handler_metadata_key(registry.get('np.ndarray')) == '.meta'
   assert compat.type_handler_metadata_key(ocp.type_handlers.NumpyHandler()) is None
+
+
+@pytest.mark.parametrize('zarr3', [False, True])
+def test_write_spec_info_builds_the_spec_the_param_info_builds(tmp_path, zarr3):
+  """`write_spec_info` hands Orbax's spec builder the fields it reads, with the directory read once: the same
+  spec as the ParamInfo itself gives. `parent_dir` is the resolved directory; an unresolved one raises, as
+  Orbax's property does, until `resolved_parent_dir` awaits its creation."""
+  info = compat.ParamInfo(name='a.w', parent_dir=epath.Path(tmp_path), is_ocdbt_checkpoint=True, use_zarr3=zarr3,
+                          ocdbt_target_data_file_size=2**20, use_compression=False)
+  kwargs = dict(arg=compat.SaveArgs(chunk_byte_size=4096), global_shape=(64, 32), local_shape=(64, 32),
+                dtype=np.dtype('float32'), use_ocdbt=True, process_index=compat.process_index_for_subdir(True))
+  ours = compat.build_array_write_spec(info=compat.write_spec_info(info), **kwargs)
+  theirs = compat.build_array_write_spec(info=info, **kwargs)
+  assert ours.json == theirs.json and ours.metadata == theirs.metadata
+  assert compat.parent_dir(info) == info.parent_dir == epath.Path(tmp_path)
+
+  class Deferred:  # what Orbax's `DeferredPath` is to the protocol: awaited before use
+    async def await_creation(self):
+      return epath.Path(tmp_path)
+
+    def __truediv__(self, other):
+      return self
+
+    @property
+    def path(self):
+      return epath.Path(tmp_path)
+
+  later = compat.ParamInfo(name='a.w', parent_dir=Deferred(), is_ocdbt_checkpoint=True)
+  with pytest.raises(ValueError, match='await_path_creation'):
+    compat.parent_dir(later)
+  assert asyncio.run(compat.resolved_parent_dir(later)) == epath.Path(tmp_path) == later.parent_dir

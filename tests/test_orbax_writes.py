@@ -71,9 +71,13 @@ def test_host_shards_are_written_as_orbax_writes_the_arrays(tmp_path, ocdbt, zar
   asyncio.run(orbax_save())
 
   options = {'array_metadata_store': compat.ArrayMetadataStore(), 'primary_host': 0, 'metadata_key': None,
-             'sharding_file': ShardingFile()}
-  asyncio.run(orbax_writes.write_whole(list(arrays), [_hosts(a) for a in arrays], _infos(ours, names, ocdbt, zarr3),
-                                       list(args), options))
+             'sharding_file': ShardingFile(), 'records': orbax_writes.Records()}
+
+  async def ours_save():
+    await orbax_writes.write_whole(list(arrays), [_hosts(a) for a in arrays], _infos(ours, names, ocdbt, zarr3),
+                                   list(args), options)
+    await options['records'].flush(options)
+  asyncio.run(ours_save())
 
   if ocdbt:  # the same keys and values in the database (its files are laid out by commit)
     def contents(root):

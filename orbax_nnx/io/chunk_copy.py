@@ -111,7 +111,7 @@ async def select(values: Sequence[Any], infos: Sequence[compat.ParamInfo], args:
     if hit is None:
       continue
     kvstore, fmt, metadata = hit
-    await infos[i].await_path_creation()
+    await compat.resolved_parent_dir(infos[i])
     local = tuple(min(c, n) for c, n in zip(fmt.stored, values[i].shape))
     spec = orbax_writes.write_spec(values[i], infos[i], args[i], options, local)
     if await formats.complete(spec.json) == metadata:
@@ -124,7 +124,7 @@ async def copy(copies: Sequence[ChunkCopy], options: dict, window_bytes: int,
   """Writes `copies`: small arrays together in atomic transactions of up to `BATCH_BYTES`, a larger one
   alone, chunk by chunk. `BATCHES_IN_FLIGHT` batches run at once (one commits while the next is read), within
   `window_bytes` of stored chunks read, checked or being written (at least one chunk). Calls `done(index)` once an array is
-  written and recorded.
+  written (and added to `options['records']`).
 
   Raises:
     CorruptCheckpointError / MissingDataError: a stored chunk cannot be read or does not decode to a whole
@@ -159,7 +159,7 @@ async def _copy_batch(batch: list[ChunkCopy], options: dict, window_bytes: int,
     await _copy_chunks(list(zip(batch, stores)), window_bytes)
 
   await orbax_writes.in_transaction(transaction, write())
-  await orbax_writes.record([c.value for c in batch], [c.info for c in batch], [c.spec for c in batch], options)
+  options['records'].add([c.value for c in batch], [c.info for c in batch], [c.spec for c in batch])
   for c in batch:
     done(c.index)
 

@@ -47,7 +47,7 @@ def write_spec(value: Any, info: compat.ParamInfo, arg: compat.SaveArgs | None, 
   if local_shape is None:
     local_shape = tuple(value.sharding.shard_shape(value.shape))
   return compat.build_array_write_spec(
-      info=info, arg=arg, global_shape=tuple(value.shape), local_shape=local_shape, dtype=value.dtype,
+      info=compat.write_spec_info(info), arg=arg, global_shape=tuple(value.shape), local_shape=local_shape, dtype=value.dtype,
       use_ocdbt=info.is_ocdbt_checkpoint, process_index=compat.process_index_for_subdir(info.is_ocdbt_checkpoint),
       metadata_key=options['metadata_key'])
 
@@ -62,6 +62,26 @@ async def open_array(spec: Any, info: compat.ParamInfo, options: dict,
                          transaction=transaction)
   return await ts.open(ts.Spec(spec.json), open=True, assume_metadata=True, context=info.ts_context,
                        transaction=transaction)
+
+
+class Records:
+  """The arrays one handler call writes directly, recorded once at its end (`flush`). Orbax's array metadata
+  store and `_sharding` are each a read-modify-write of one whole document: a record per batch would parse
+  and rewrite both once per batch, O(batches x arrays)."""
+
+  def __init__(self):
+    self._written: list[tuple[Any, compat.ParamInfo, Any]] = []
+
+  def add(self, values: Sequence[Any], infos: Sequence[compat.ParamInfo], specs: Sequence[Any]) -> None:
+    """Adds written arrays (their write specs) to what `flush` records."""
+    self._written.extend(zip(values, infos, specs))
+
+  async def flush(self, options: dict) -> None:
+    """Records every array added so far (`record`), in one write of each document."""
+    written, self._written = self._written, []
+    if written:
+      values, infos, specs = zip(*written)
+      await record(values, infos, specs, options)
 
 
 async def record(values: Sequence[Any], infos: Sequence[compat.ParamInfo], specs: Sequence[Any],
@@ -94,14 +114,15 @@ async def write_whole(values: Sequence[Any], hosts: Sequence[dict[tuple, np.ndar
     hosts: for each, its addressable shards: region key (`((start, stop), ...)`) -> host data.
     infos: their Orbax `ParamInfo`s.
     args: their `SaveArgs`.
-    options: `compat.array_handler_options` of the handler, plus its `sharding_file`.
+    options: `compat.array_handler_options` of the handler, plus its `sharding_file` and the `records` the
+      arrays are added to (recorded when the caller flushes them).
   """
   # one atomic transaction for the batch, as Orbax's handler writes one (OCDBT): its metadata and chunks go in
   # one commit instead of a commit per write
   transaction = ts.Transaction(atomic=True) if infos and infos[0].is_ocdbt_checkpoint else None
 
   async def one(value, shards, info, arg):
-    await info.await_path_creation()
+    await compat.resolved_parent_dir(info)
     spec = write_spec(value, info, arg, options)
     store = await open_array(spec, info, options, transaction)
     await asyncio.gather(*(store[region].write(shards[region_key(region)], can_reference_source_data_indefinitely=True)
@@ -109,7 +130,7 @@ async def write_whole(values: Sequence[Any], hosts: Sequence[dict[tuple, np.ndar
     return spec
 
   specs = await in_transaction(transaction, asyncio.gather(*(one(*each) for each in zip(values, hosts, infos, args))))
-  await record(values, infos, specs, options)
+  options['records'].add(values, infos, specs)
 
 
 async def in_transaction(transaction: ts.Transaction | None, work: Awaitable[Any]) -> Any:

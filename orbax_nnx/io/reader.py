@@ -62,9 +62,10 @@ class Pending:
     return all(future.done() for future in self.futures.values())
 
   async def wait(self) -> None:
-    """Waits for every shard read without blocking the event loop."""
+    """Waits for every shard read without blocking the event loop (a read already done costs no wakeup)."""
     for future in self.futures.values():
-      await asyncio.wrap_future(future)
+      if not future.done():
+        await asyncio.wrap_future(future)
 
   def result(self) -> jax.Array:
     return results([self])[0]

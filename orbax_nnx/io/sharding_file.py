@@ -15,6 +15,7 @@ import collections
 import json
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -33,14 +34,17 @@ class ShardingFile:
 
   async def write(self, arrays: Sequence[jax.Array], infos: Sequence[compat.ParamInfo]) -> None:
     """Records the shardings of `arrays` (a PRNG key array's as Orbax stores it: its key data's)."""
-    for info in infos:  # (one directory: once it exists, the rest return at once)
-      await info.await_path_creation()
+    directories = [await compat.resolved_parent_dir(info) for info in infos]  # (one: once it exists, at once)
     if not ocp.multihost.is_primary_host(self.primary_host):
       return
     files: dict[str, tuple[dict, dict[str, str]]] = collections.defaultdict(lambda: ({}, {}))
-    for array, info in zip(arrays, infos):
-      spec = compat.sharding_file_spec(info.parent_dir.as_posix(), info.name)
-      serialized = compat.serialized_sharding(_stored(array).sharding)
+    serialized_of: dict[Any, str | None] = {}  # (arrays of a save mostly share a few shardings)
+    for array, info, directory in zip(arrays, infos, directories):
+      spec = compat.sharding_file_spec(directory.as_posix(), info.name)
+      sharding = _stored(array).sharding
+      if sharding not in serialized_of:
+        serialized_of[sharding] = compat.serialized_sharding(sharding)
+      serialized = serialized_of[sharding]
       if serialized is None:
         continue
       document, entries = files[json.dumps(spec['kvstore'], sort_keys=True)]

@@ -155,6 +155,7 @@ class LazyArrayHandler(_BatchedShardingsArrayHandler):
         aligns[i] = hit[1]
     groups = {i: members for members in together.values() for i in members}
     options['sharding_file'] = self.sharding_file
+    options['records'] = orbax_writes.Records()  # recorded once, when every array is written
     blocked = {i: _BlockedWrite(values[i], infos[i], args[i], options, align=aligns.get(i))
                for i in order if _is_blocked(values[i]) or i in groups}
 
@@ -256,6 +257,7 @@ class LazyArrayHandler(_BatchedShardingsArrayHandler):
           if len(batch) >= MAX_BATCH or (stalled and not window) or batch_bytes >= MAX_BATCH_BYTES:
             await flush()
         await flush(left_running=0)
+        await options['records'].flush(options)
       finally:
         for *_, task in writing:  # an error: the writes still running are not waited for
           task.cancel()
@@ -311,7 +313,7 @@ async def write_blocked(writes: list[_BlockedWrite], ahead_bytes: int) -> None:
   session = writes[0].value.session
   stores = []
   for w in writes:
-    await w.info.await_path_creation()  # (its directory exists before its array is created in it)
+    await compat.resolved_parent_dir(w.info)  # (its directory exists before its array is created in it)
     stores.append(await orbax_writes.open_array(w.spec, w.info, w.options))
   items = [(k, p) for k, w in enumerate(writes) for p in range(len(w.blocks))]
   if len(writes) > 1:
@@ -360,9 +362,7 @@ async def write_blocked(writes: list[_BlockedWrite], ahead_bytes: int) -> None:
   finally:
     for _, future, _ in pending:  # an error: nothing may still be reading into a block
       future.cancel()
-  # each array's Orbax metadata and sharding, all in one write (Orbax rewrites the per-process file each time)
-  await orbax_writes.record([w.value for w in writes], [w.info for w in writes], [w.spec for w in writes],
-                            writes[0].options)
+  writes[0].options['records'].add([w.value for w in writes], [w.info for w in writes], [w.spec for w in writes])
 
 
 def lockstep_align(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays) -> tuple[DiskPath, tuple] | None:
