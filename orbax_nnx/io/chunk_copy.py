@@ -33,8 +33,8 @@ from orbax_nnx.planning.expressions import Read
 from orbax_nnx.sources import chunk_stream, untrusted
 
 BATCH_BYTES = 16 * 2**20  # arrays copied in one atomic transaction (one larger array goes alone, chunk by chunk)
-# batches at once: one is read while another commits and records its metadata (each record waits its turn on a
-# thread of the default executor: more of them waiting at once could take every thread the turn needs)
+# batches at once: one is read while the other commits (their arrays are recorded once, at the end of the save:
+# `orbax_writes.Records`)
 BATCHES_IN_FLIGHT = 2
 
 
