@@ -23,6 +23,7 @@ from helpers import assert_same_state, host, sds
 
 import orbax_nnx
 from orbax_nnx import errors
+from orbax_nnx.sources import chunk_stream
 
 L, D, F = 3, 4, 6
 RNG = np.random.default_rng(0)
@@ -107,6 +108,24 @@ def test_convert_between_stores(gcs, tmp_path):
     check_unrolled(orbax_nnx.load_params(dst, unrolled_target()))
   orbax_nnx.convert(gs_src, epath.Path(gcs) / 'nnx', scan_layers=True, overwrite=True)  # replaces a checkpoint
   assert orbax_nnx.detect_layout(epath.Path(gcs) / 'nnx').groups[0].style == 'stacked'
+
+
+def test_a_zarr3_checkpoint_stays_zarr3_its_unchanged_arrays_copied_on_the_store(gcs, monkeypatch):
+  """MaxText saves zarr v3: a convert on the store writes zarr v3, the arrays it writes unchanged (the heads of
+  the params and of the moment, the Adam count) copied shard by shard through the store (each checked), the
+  moved stacked ones and the cast step rewritten; every value equal."""
+  src = epath.Path(gcs) / 'linen_zarr3'
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_zarr3=True)) as ckptr:
+    ckptr.save(src, args=ocp.args.PyTreeSave(linen_state()))
+  checked = []
+  check = chunk_stream.check_stored
+  monkeypatch.setattr(chunk_stream, 'check_stored', lambda data, fmt, key: (checked.append(key), check(data, fmt, key)))
+  dst = epath.Path(gcs) / 'nnx_zarr3'
+  orbax_nnx.convert(src, dst, to='nnx')
+  assert sorted(checked) == ['c', 'c/0/0', 'c/0/0']  # the Adam count (a scalar's one chunk: `c`), two heads
+  assert json.loads((dst / '_METADATA').read_text())['use_zarr3'] is True
+  report = orbax_nnx.compare(src, dst, values=True)
+  assert report.equal, report.summary()
 
 
 def test_export_params_to_orbax_and_to_safetensors(gcs):
