@@ -69,7 +69,7 @@ def test_two_processes(tmp_path):
   for r in reports:
     assert r['devices'] == 8 and r['local'] == 4
     assert r['nnx_restore'] and r['linen_restore'] and r['load_params'] and r['convert'] and r['export'], r
-    assert r['blocked_convert'] and r['export_copied'], r
+    assert r['blocked_convert'] and r['export_copied'] and r['zarr3_copied'] and r['zarr3_convert'], r
     assert r['hf_restore'] and r['hf_export'], r
     assert r['hf_read'] < 0.7 * r['linen_bytes'], r  # safetensors: only this process's byte ranges
     # each process reads its half of the shards (plus a little metadata), not the whole array
@@ -87,6 +87,7 @@ def test_two_processes_on_an_object_store(gcs):
   for r in (json.loads(out.strip().splitlines()[-1]) for out in outputs):
     assert r['nnx_restore'] and r['linen_restore'] and r['load_params'] and r['convert'] and r['export'], r
     assert r['blocked_convert'] and r['export_copied'] and r['hf_restore'] and r['hf_export'], r
+    assert r['zarr3_copied'] and r['zarr3_convert'], r
 
 
 def _launch(args: list[str], n: int = 2) -> None:
