@@ -49,6 +49,7 @@ from orbax_nnx.planning.planner import Plan, build
 from orbax_nnx.planning.targets import LayoutTarget, layout_target, model_target
 from orbax_nnx.sources import listing
 from orbax_nnx.sources.metadata import CUSTOM_KEY, ItemMetadata, read_item_metadata, resolve_item
+from orbax_nnx.sources.zarr_headers import storage_format
 
 OCDBT_FILE_BYTES = 64 * 2**20  # OCDBT buffers a data file in memory until it is this big
 
@@ -436,7 +437,7 @@ def output_options(layout: Layout) -> dict[str, Any]:
   checkpoint, zarr v3 by default, stays zarr v3; arrays written unchanged can then be copied as stored:
   `chunk_copy`), zarr v2 (Orbax's default) for a source that records none (Hugging Face files, older saves).
   OCDBT always (Orbax's default: one set of data files whatever the leaf count)."""
-  return {'use_zarr3': bool(layout.meta.flags.get('use_zarr3', False))}
+  return {'use_zarr3': storage_format(layout.meta.flags)[1]}
 
 
 def describe_output(options: Mapping[str, Any]) -> str:

@@ -253,8 +253,7 @@ class _OrbaxLeaves(Mapping):
   def read_specs(self) -> zarr_headers.ReadSpecs:
     """Orbax's tensorstore read specs for this item's arrays: one tensorstore context (so one copy of its
     cached manifest and index nodes) for its headers and every array read of the operation."""
-    return zarr_headers.ReadSpecs(self._directory, bool(self._flags.get('use_ocdbt', True)),
-                                  bool(self._flags.get('use_zarr3', False)))
+    return zarr_headers.ReadSpecs(self._directory, *zarr_headers.storage_format(self._flags))
 
   def _load(self) -> dict[DiskPath, LeafInfo]:
     if self._leaves is None:

@@ -16,7 +16,7 @@ from orbax_nnx.io.buffers import aligned_empty
 from orbax_nnx.nnx_tree import DiskPath
 from orbax_nnx.sources import chunk_stream
 from orbax_nnx.sources.metadata import ItemMetadata
-from orbax_nnx.sources.zarr_headers import ReadSpecs
+from orbax_nnx.sources.zarr_headers import ReadSpecs, storage_format
 
 
 class OrbaxArray:
@@ -161,8 +161,7 @@ class OrbaxOpener:
     self.directory = meta.directory
     self.specs = getattr(meta.leaves, 'read_specs', None)  # the item's own (`read_item_metadata`)
     if self.specs is None:
-      self.specs = ReadSpecs(meta.directory, bool(meta.flags.get('use_ocdbt', True)),
-                             bool(meta.flags.get('use_zarr3', False)))
+      self.specs = ReadSpecs(meta.directory, *storage_format(meta.flags))
 
   def __call__(self, path: DiskPath) -> OrbaxArray:
     return self.finish(self.start(path))

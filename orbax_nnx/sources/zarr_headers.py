@@ -33,6 +33,12 @@ ARRAY_METADATA_DIR = 'array_metadatas'  # Orbax's per-process array metadata fil
 KEY_IMPLS = ('threefry2x32', 'rbg', 'unsafe_rbg')  # JAX's PRNG implementations, by the names Orbax records
 
 
+def storage_format(flags: Mapping[str, Any]) -> tuple[bool, bool]:
+  """(use_ocdbt, use_zarr3): how an Orbax item's arrays are stored, as its `_METADATA` JSON (`flags`) records it;
+  Orbax's defaults (OCDBT, zarr v2) where it records nothing."""
+  return bool(flags.get('use_ocdbt', True)), bool(flags.get('use_zarr3', False))
+
+
 def read(directory: epath.Path, flags: Mapping[str, Any], handler: Any,
          specs: Callable[[], 'ReadSpecs'] | None = None) -> tuple[dict[DiskPath, Any], bool] | None:
   """`({path: Orbax value metadata}, has empty nodes)` from the headers, or None where Orbax must be asked.
@@ -45,7 +51,7 @@ def read(directory: epath.Path, flags: Mapping[str, Any], handler: Any,
   has_empty = len(leaves) != len(entries)
   if not leaves:
     return {}, has_empty
-  use_ocdbt, use_zarr3 = bool(flags.get('use_ocdbt', True)), bool(flags.get('use_zarr3', False))
+  use_ocdbt, use_zarr3 = storage_format(flags)
   names = {path: '.'.join(path) for path in leaves}
   headers = _read_headers(list(names.values()), use_zarr3,
                           specs or (lambda: ReadSpecs(directory, use_ocdbt, use_zarr3)))
