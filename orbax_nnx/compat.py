@@ -58,8 +58,8 @@ class _WriteSpecInfo:
   """The `ParamInfo` fields Orbax's `build_array_write_spec` reads, as plain attributes (see `write_spec_info`)."""
   __slots__ = ('name', 'parent_dir', 'use_compression', 'use_zarr3', 'ocdbt_target_data_file_size')
 
-  def __init__(self, info: ParamInfo, parent_dir: Any):
-    self.name, self.parent_dir = info.name, parent_dir
+  def __init__(self, info: ParamInfo, parent_dir: Any, name: str):
+    self.name, self.parent_dir = name, parent_dir
     self.use_compression, self.use_zarr3 = info.use_compression, info.use_zarr3
     self.ocdbt_target_data_file_size = info.ocdbt_target_data_file_size
 
@@ -79,9 +79,10 @@ async def resolved_parent_dir(info: ParamInfo) -> Any:
   return parent_dir(info)
 
 
-def write_spec_info(info: ParamInfo) -> _WriteSpecInfo:
-  """What `build_array_write_spec` is given for `info`: its fields, the directory resolved once (`parent_dir`)."""
-  return _WriteSpecInfo(info, parent_dir(info))
+def write_spec_info(info: ParamInfo, name: str | None = None) -> _WriteSpecInfo:
+  """What `build_array_write_spec` is given for `info`: its fields, the directory resolved once (`parent_dir`);
+  `name` in place of its name, if given."""
+  return _WriteSpecInfo(info, parent_dir(info), info.name if name is None else name)
 
 
 build_array_write_spec = tensorstore_utils.build_array_write_spec

@@ -17,8 +17,11 @@ created by the primary host alone, as Orbax does; the other processes open it as
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
-from collections.abc import Awaitable, Sequence
+import re
+import threading
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import jax
@@ -38,7 +41,8 @@ def write_spec(value: Any, info: compat.ParamInfo, arg: compat.SaveArgs | None, 
     value: the array to be written.
     info: its Orbax `ParamInfo`, its directory known (`await_path_creation` awaited).
     arg: its `SaveArgs` (`dtype`, `chunk_byte_size`, `shard_axes` are honoured as Orbax honours them).
-    options: `compat.array_handler_options` of the handler the array goes through.
+    options: `compat.array_handler_options` of the handler the array goes through; with `write_specs`
+      (`WriteSpecs`), arrays of one format share one build of the spec.
     local_shape: the write shape, if not the shard shape.
 
   Returns:
@@ -46,22 +50,91 @@ def write_spec(value: Any, info: compat.ParamInfo, arg: compat.SaveArgs | None, 
   """
   if local_shape is None:
     local_shape = tuple(value.sharding.shard_shape(value.shape))
+  specs = options.get('write_specs')
+  if specs is None:
+    return _build_spec(info.name, value, info, arg, options, local_shape)
+  return specs.get(value, info, arg, options, local_shape)
+
+
+def _build_spec(name: str, value: Any, info: compat.ParamInfo, arg: compat.SaveArgs | None, options: dict,
+                local_shape: tuple[int, ...]) -> Any:
   return compat.build_array_write_spec(
-      info=compat.write_spec_info(info), arg=arg, global_shape=tuple(value.shape), local_shape=local_shape, dtype=value.dtype,
-      use_ocdbt=info.is_ocdbt_checkpoint, process_index=compat.process_index_for_subdir(info.is_ocdbt_checkpoint),
-      metadata_key=options['metadata_key'])
+      info=compat.write_spec_info(info, name=name), arg=arg, global_shape=tuple(value.shape),
+      local_shape=local_shape, dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
+      process_index=compat.process_index_for_subdir(info.is_ocdbt_checkpoint), metadata_key=options['metadata_key'])
+
+
+class NamedSpec:
+  """A write spec made from a `WriteSpecs` template: Orbax's `.json` and `.metadata` for one array."""
+  __slots__ = ('json', 'metadata')
+
+  def __init__(self, json: dict, metadata: Any):
+    self.json, self.metadata = json, metadata
+
+
+class WriteSpecs:
+  """The write specs of one handler call, Orbax's builder run once per distinct array format.
+
+  Building a spec is pure Python (paths, kvstore spec, chunk choice, metadata: about 0.1 ms per array, on the
+  writer thread). Arrays that differ only in name (the layers of a model) get the same spec but for the name,
+  so it is built once with a placeholder name and the placeholder replaced per array (`NamedSpec`). The first
+  array of each format checks that this equals Orbax's own spec for its name; where it does not, or a name is
+  not plain (letters, digits, `_`, `.`, `-`: nothing a path builder could escape), specs are built as Orbax
+  builds them."""
+
+  PLACEHOLDER = 'orbax_nnx.name.placeholder'
+  _PLAIN = re.compile(r'[A-Za-z0-9_.\-]+')
+
+  def __init__(self):
+    self._templates: dict[tuple, Any] = {}  # format -> spec with the placeholder name (None: build each)
+
+  def get(self, value: Any, info: compat.ParamInfo, arg: compat.SaveArgs | None, options: dict,
+          local_shape: tuple[int, ...]) -> Any:
+    """`value`'s write spec (see `write_spec`)."""
+    name = info.name
+    directory = str(compat.parent_dir(info))
+    if not self._PLAIN.fullmatch(name) or self.PLACEHOLDER in directory:
+      return _build_spec(name, value, info, arg, options, local_shape)
+    key = (directory, tuple(value.shape), tuple(local_shape), value.dtype, None if arg is None else (
+        arg.dtype, arg.chunk_byte_size, tuple(arg.shard_axes or ())), info.use_compression, info.use_zarr3,
+        info.is_ocdbt_checkpoint, info.ocdbt_target_data_file_size, options['metadata_key'])
+    if key not in self._templates:
+      template = _build_spec(self.PLACEHOLDER, value, info, arg, options, local_shape)
+      own = _build_spec(name, value, info, arg, options, local_shape)
+      named = _named(template, self.PLACEHOLDER, name)
+      self._templates[key] = template if (named.json, named.metadata) == (own.json, own.metadata) else None
+      return own
+    template = self._templates[key]
+    if template is None:
+      return _build_spec(name, value, info, arg, options, local_shape)
+    return _named(template, self.PLACEHOLDER, name)
+
+
+def _named(template: Any, placeholder: str, name: str) -> NamedSpec:
+  def substitute(node):
+    if isinstance(node, dict):
+      return {k: substitute(v) for k, v in node.items()}
+    if isinstance(node, list):
+      return [substitute(v) for v in node]
+    return node.replace(placeholder, name) if isinstance(node, str) else node
+  return NamedSpec(substitute(template.json), dataclasses.replace(template.metadata, param_name=name))
 
 
 async def open_array(spec: Any, info: compat.ParamInfo, options: dict,
                      transaction: ts.Transaction | None = None) -> ts.TensorStore:
   """The array of `spec` (built once its directory existed: `write_spec`), opened for writing (in `transaction`,
   if given): created by the primary host, assumed by the others."""
+  return await start_open(spec, info, options, transaction)
+
+
+def start_open(spec: Any, info: compat.ParamInfo, options: dict,
+               transaction: ts.Transaction | None = None) -> ts.Future:
+  """`open_array`, started: its tensorstore future."""
   primary = options['primary_host']
   if primary is None or jax.process_index() == primary:
-    return await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context,
-                         transaction=transaction)
-  return await ts.open(ts.Spec(spec.json), open=True, assume_metadata=True, context=info.ts_context,
-                       transaction=transaction)
+    return ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context, transaction=transaction)
+  return ts.open(ts.Spec(spec.json), open=True, assume_metadata=True, context=info.ts_context,
+                 transaction=transaction)
 
 
 class Records:
@@ -120,17 +193,70 @@ async def write_whole(values: Sequence[Any], hosts: Sequence[dict[tuple, np.ndar
   # one atomic transaction for the batch, as Orbax's handler writes one (OCDBT): its metadata and chunks go in
   # one commit instead of a commit per write
   transaction = ts.Transaction(atomic=True) if infos and infos[0].is_ocdbt_checkpoint else None
-
-  async def one(value, shards, info, arg):
+  specs = []
+  for value, info, arg in zip(values, infos, args):
     await compat.resolved_parent_dir(info)
-    spec = write_spec(value, info, arg, options)
-    store = await open_array(spec, info, options, transaction)
-    await asyncio.gather(*(store[region].write(shards[region_key(region)], can_reference_source_data_indefinitely=True)
-                           for region in own_regions(value.shape, value.sharding)))
-    return spec
-
-  specs = await in_transaction(transaction, asyncio.gather(*(one(*each) for each in zip(values, hosts, infos, args))))
+    specs.append(write_spec(value, info, arg, options))
+  written = _AllWritten(asyncio.get_running_loop(), len(values))
+  for value, shards, info, spec in zip(values, hosts, infos, specs):
+    pieces = [(region, shards[region_key(region)]) for region in own_regions(value.shape, value.sharding)]
+    written.open_then_write(start_open(spec, info, options, transaction), pieces)
+  await in_transaction(transaction, written.future)
   options['records'].add(values, infos, specs)
+
+
+class _AllWritten:
+  """Arrays opened and written by tensorstore callbacks, `future` done once every write is (or with the first
+  error). A chain of callbacks per array costs a fraction of an asyncio task awaiting each step (one event-loop
+  wakeup per batch, not two per array): measured 0.58 s against 0.76 s (medians) for 1,080 arrays of 150-380 KiB."""
+
+  def __init__(self, loop: asyncio.AbstractEventLoop, arrays: int):
+    self.loop, self.future = loop, loop.create_future()
+    self._lock = threading.Lock()
+    self._left = arrays  # an array counts until it is opened, then one per write
+    if not arrays:
+      self.future.set_result(None)
+
+  def open_then_write(self, opening: ts.Future, pieces: list[tuple[tuple[slice, ...], np.ndarray]]) -> None:
+    """Writes `pieces` (region, data) into the array `opening` opens."""
+    def opened(future: ts.Future) -> None:
+      try:
+        store = future.result()
+        if not pieces:  # (this process owns no shard of it: opening it was all)
+          self._step()
+          return
+        with self._lock:
+          self._left += len(pieces) - 1
+        writes = [store[region].write(data, can_reference_source_data_indefinitely=True) for region, data in pieces]
+      except BaseException as e:  # (raised in a tensorstore thread: handed to the awaiting task)
+        self._fail(e)
+        return
+      for write in writes:
+        write.add_done_callback(self._written)
+    opening.add_done_callback(opened)
+
+  def _written(self, future: Any) -> None:
+    error = future.exception()
+    if error is not None:
+      self._fail(error)
+    else:
+      self._step()
+
+  def _step(self) -> None:
+    with self._lock:
+      self._left -= 1
+      last = self._left == 0
+    if last:
+      self._settle(lambda: self.future.done() or self.future.set_result(None))
+
+  def _fail(self, error: BaseException) -> None:
+    self._settle(lambda: self.future.done() or self.future.set_exception(error))
+
+  def _settle(self, action: Callable[[], Any]) -> None:
+    try:
+      self.loop.call_soon_threadsafe(action)
+    except RuntimeError:  # the loop closed: the save failed and nobody awaits these writes any more
+      pass
 
 
 async def in_transaction(transaction: ts.Transaction | None, work: Awaitable[Any]) -> Any:

@@ -156,6 +156,7 @@ class LazyArrayHandler(_BatchedShardingsArrayHandler):
     groups = {i: members for members in together.values() for i in members}
     options['sharding_file'] = self.sharding_file
     options['records'] = orbax_writes.Records()  # recorded once, when every array is written
+    options['write_specs'] = orbax_writes.WriteSpecs()  # built once per distinct array format
     blocked = {i: _BlockedWrite(values[i], infos[i], args[i], options, align=aligns.get(i))
                for i in order if _is_blocked(values[i]) or i in groups}
 
