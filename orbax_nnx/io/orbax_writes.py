@@ -86,7 +86,7 @@ class WriteSpecs:
   _PLAIN = re.compile(r'[A-Za-z0-9_.\-]+')
 
   def __init__(self):
-    self._templates: dict[tuple, Any] = {}  # format -> spec with the placeholder name (None: build each)
+    self._templates: dict[tuple, _Template | None] = {}  # format -> its template (None: build each)
 
   def get(self, value: Any, info: compat.ParamInfo, arg: compat.SaveArgs | None, options: dict,
           local_shape: tuple[int, ...]) -> Any:
@@ -99,25 +99,42 @@ class WriteSpecs:
         arg.dtype, arg.chunk_byte_size, tuple(arg.shard_axes or ())), info.use_compression, info.use_zarr3,
         info.is_ocdbt_checkpoint, info.ocdbt_target_data_file_size, options['metadata_key'])
     if key not in self._templates:
-      template = _build_spec(self.PLACEHOLDER, value, info, arg, options, local_shape)
+      template = _Template(_build_spec(self.PLACEHOLDER, value, info, arg, options, local_shape), self.PLACEHOLDER)
       own = _build_spec(name, value, info, arg, options, local_shape)
-      named = _named(template, self.PLACEHOLDER, name)
+      named = template.named(name)
       self._templates[key] = template if (named.json, named.metadata) == (own.json, own.metadata) else None
       return own
     template = self._templates[key]
     if template is None:
       return _build_spec(name, value, info, arg, options, local_shape)
-    return _named(template, self.PLACEHOLDER, name)
+    return template.named(name)
 
 
-def _named(template: Any, placeholder: str, name: str) -> NamedSpec:
-  def substitute(node):
-    if isinstance(node, dict):
-      return {k: substitute(v) for k, v in node.items()}
-    if isinstance(node, list):
-      return [substitute(v) for v in node]
-    return node.replace(placeholder, name) if isinstance(node, str) else node
-  return NamedSpec(substitute(template.json), dataclasses.replace(template.metadata, param_name=name))
+class _Template:
+  """A write spec built with the placeholder name, and where in its json the placeholder is."""
+
+  def __init__(self, spec: Any, placeholder: str):
+    self.spec, self.placeholder = spec, placeholder
+    self.paths: list[tuple] = []  # key paths (dict keys, list indices) of the strings holding the placeholder
+
+    def find(node, path):
+      items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+      for key, child in items:
+        find(child, path + (key,))
+      if isinstance(node, str) and placeholder in node:
+        self.paths.append(path)
+    find(spec.json, ())
+
+  def named(self, name: str) -> NamedSpec:
+    """The spec for `name`: the containers on the way to each placeholder copied, the rest shared (read only)."""
+    json = dict(self.spec.json)
+    for path in self.paths:
+      node = json
+      for key in path[:-1]:
+        node[key] = node[key].copy()
+        node = node[key]
+      node[path[-1]] = node[path[-1]].replace(self.placeholder, name)
+    return NamedSpec(json, dataclasses.replace(self.spec.metadata, param_name=name))
 
 
 async def open_array(spec: Any, info: compat.ParamInfo, options: dict,
