@@ -39,6 +39,7 @@ import common  # noqa: E402
 
 # name: (layers, emb, mlp)
 SIZES = {'small': (40, 192, 512), 'big': (16, 1024, 4096)}  # ~0.2 GiB and ~3 GiB with Adam
+TOOLS = ('ours', 'in-memory', 'plain')
 NAMES = ('q', 'k', 'v', 'o', 'wi_0', 'wi_1', 'wo', 'pre_norm', 'post_norm')
 
 
@@ -164,8 +165,10 @@ def main() -> None:
       for case in args.only.split(','):
         scanned, unroll = cases[case]
         src = sources[scanned]
-        figures = {tool: [run(tool, src, os.path.join(root, tool), unroll, args.zarr3) for _ in range(args.reps)]
-                   for tool in ('ours', 'in-memory', 'plain')}
+        figures: dict[str, list[dict]] = {tool: [] for tool in TOOLS}
+        for _ in range(args.reps):  # the tools take turns: a machine slowing down mid-run weighs on all three
+          for tool in TOOLS:
+            figures[tool].append(run(tool, src, os.path.join(root, tool), unroll, args.zarr3))
         med = {t: statistics.median(r['wall'] for r in rs) for t, rs in figures.items()}
         rss = {t: max(r['rss_mib'] for r in rs) for t, rs in figures.items()}
         ckpt_mib = _bytes(src) / 2**20
