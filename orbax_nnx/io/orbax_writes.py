@@ -93,7 +93,7 @@ class WriteSpecs:
     """`value`'s write spec (see `write_spec`)."""
     name = info.name
     directory = str(compat.parent_dir(info))
-    if not self._PLAIN.fullmatch(name) or self.PLACEHOLDER in directory:
+    if not isinstance(name, str) or not self._PLAIN.fullmatch(name) or self.PLACEHOLDER in directory:
       return _build_spec(name, value, info, arg, options, local_shape)
     key = (directory, tuple(value.shape), tuple(local_shape), value.dtype, None if arg is None else (
         arg.dtype, arg.chunk_byte_size, tuple(arg.shard_axes or ())), info.use_compression, info.use_zarr3,
