@@ -211,21 +211,26 @@ async def write_whole(values: Sequence[Any], hosts: Sequence[dict[tuple, np.ndar
   # one commit instead of a commit per write
   transaction = ts.Transaction(atomic=True) if infos and infos[0].is_ocdbt_checkpoint else None
   specs = []
-  for value, info, arg in zip(values, infos, args):
-    await compat.resolved_parent_dir(info)
-    specs.append(write_spec(value, info, arg, options))
-  written = _AllWritten(asyncio.get_running_loop(), len(values))
-  for value, shards, info, spec in zip(values, hosts, infos, specs):
-    pieces = [(region, shards[region_key(region)]) for region in own_regions(value.shape, value.sharding)]
-    written.open_then_write(start_open(spec, info, options, transaction), pieces)
-  await in_transaction(transaction, written.future)
+
+  async def write() -> None:
+    for value, info, arg in zip(values, infos, args):
+      await compat.resolved_parent_dir(info)
+      specs.append(write_spec(value, info, arg, options))
+    written = _AllWritten(asyncio.get_running_loop(), len(values))
+    for value, shards, info, spec in zip(values, hosts, infos, specs):
+      pieces = [(region, shards[region_key(region)]) for region in own_regions(value.shape, value.sharding)]
+      written.open_then_write(start_open(spec, info, options, transaction), pieces)
+    await written.future
+
+  await in_transaction(transaction, write())
   options['records'].add(values, infos, specs)
 
 
 class _AllWritten:
   """Arrays opened and written by tensorstore callbacks, `future` done once every write is (or with the first
   error). A chain of callbacks per array costs a fraction of an asyncio task awaiting each step (one event-loop
-  wakeup per batch, not two per array): measured 0.58 s against 0.76 s (medians) for 1,080 arrays of 150-380 KiB."""
+  wakeup per batch, not two per array): tensorstore alone created and wrote 1,080 arrays of 150-380 KiB in
+  batches of 80 in 0.58 s this way against 0.76 s (medians of 5)."""
 
   def __init__(self, loop: asyncio.AbstractEventLoop, arrays: int):
     self.loop, self.future = loop, loop.create_future()
