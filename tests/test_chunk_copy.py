@@ -70,21 +70,36 @@ def _assert_renamed(src: dict, dst: dict) -> None:
     assert out.tobytes() == value.tobytes(), name
 
 
-@pytest.mark.parametrize('small_batches', [False, True], ids=['transactions', 'one-array-at-a-time'])
-def test_renamed_arrays_are_copied_as_stored(tmp_path, checked, monkeypatch, small_batches):
+@pytest.mark.parametrize('mode', ['transactions', 'one-array-at-a-time', 'small-window'])
+def test_renamed_arrays_are_copied_as_stored(tmp_path, checked, monkeypatch, mode):
   """A Linen -> NNX convert renames every array: each stored chunk is checked and copied once, none decoded;
   the copies restore bit for bit with plain Orbax, with the source's zarr metadata, and are counted as read.
-  Batches of one array write without a transaction (how arrays larger than a batch are written)."""
-  if small_batches:
+  A batch's arrays are copied in tensorstore callbacks; batches of one array write without a transaction (how
+  arrays larger than a batch are written), and a batch whose chunks do not fit the window at once goes a window
+  of chunks at a time: both through asyncio tasks, and both checked here too."""
+  paths = []
+
+  def spying(name):
+    real = getattr(chunk_copy, name)
+
+    def spy(*args):
+      paths.append(name)
+      return real(*args)
+    return spy
+  for name in ('_open_then_copy', '_copy_chunks'):
+    monkeypatch.setattr(chunk_copy, name, spying(name))
+  if mode == 'one-array-at-a-time':
     monkeypatch.setattr(chunk_copy, 'BATCH_BYTES', 1)
+  budget = '8KiB' if mode == 'small-window' else None
   tree = _linen(np.random.default_rng(0))
   src = _save(tmp_path / 'src', tree)
   decoded = []
   for name in ('read', 'start_read_into', 'chunk_parts'):
     monkeypatch.setattr(SourceArrays, name, lambda *a, name=name: decoded.append(name))
-  report = orbax_nnx.convert(src, tmp_path / 'dst', to='nnx')
+  report = orbax_nnx.convert(src, tmp_path / 'dst', to='nnx', memory_budget=budget)
   stored = _arrays(src)
   assert sorted(checked) == sorted(['0.0'] * 4 + ['0'] * 4)  # one chunk per array: 4 of 2 axes, 4 of 1
+  assert set(paths) == {'_open_then_copy' if mode == 'transactions' else '_copy_chunks'}
   assert not decoded
   assert report.bytes_read == sum(v.nbytes for v in stored.values())
   _assert_renamed(stored, _arrays(tmp_path / 'dst'))

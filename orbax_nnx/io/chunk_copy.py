@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -153,15 +154,87 @@ async def _copy_batch(batch: list[ChunkCopy], options: dict, window_bytes: int,
   ocdbt = batch[0].info.is_ocdbt_checkpoint
   transaction = ts.Transaction(atomic=True) if ocdbt and sum(c.value.nbytes for c in batch) <= BATCH_BYTES \
       else None
+  cells = {c.index: list(c.cells()) for c in batch}
 
   async def write() -> None:
+    if transaction is not None and sum(c.fmt.stored_nbytes * len(cells[c.index]) for c in batch) <= window_bytes:
+      # small arrays whose chunks fit the window at once: opened and copied in tensorstore callbacks (one
+      # event-loop wakeup for the batch, not several per array: `orbax_writes.Countdown`)
+      copied = orbax_writes.Countdown(asyncio.get_running_loop(), len(batch))
+      for c in batch:
+        _open_then_copy(orbax_writes.start_open(c.spec, c.info, options, transaction), c, cells[c.index], copied)
+      await copied.future
+      return
     stores = await asyncio.gather(*(orbax_writes.open_array(c.spec, c.info, options, transaction) for c in batch))
-    await _copy_chunks(list(zip(batch, stores)), window_bytes)
+    await _copy_chunks([(c, store, cells[c.index]) for c, store in zip(batch, stores)], window_bytes)
 
   await orbax_writes.in_transaction(transaction, write())
   options['records'].add([c.value for c in batch], [c.info for c in batch], [c.spec for c in batch])
   for c in batch:
     done(c.index)
+
+
+def _open_then_copy(opening: ts.Future, c: ChunkCopy, cells: list[tuple[int, ...]],
+                    countdown: orbax_writes.Countdown) -> None:
+  """Copies the stored values `cells` of `c` into the array `opening` opens, in callbacks; one step of
+  `countdown` when all are written (a damaged value fails it with the error `_stored_value` names)."""
+  def opened(future: ts.Future) -> None:
+    try:
+      target = future.result().kvstore
+    except BaseException as e:  # (raised in a tensorstore thread: handed to the awaiting task)
+      countdown.fail(e)
+      return
+    if not cells:  # (another process copies every value of it)
+      countdown.step()
+      return
+    countdown.add(len(cells) - 1)
+    for cell in cells:
+      key = c.fmt.key(cell)
+      c.kvstore.read(key).add_done_callback(functools.partial(got, target, cell, key))
+
+  def got(target: ts.KvStore, cell: tuple[int, ...], key: str, future: ts.Future) -> None:
+    try:
+      data = _stored_value(c, key, future.result())
+    except Exception as e:
+      countdown.fail(_damaged(c, key, e))
+      return
+    if data is None:
+      countdown.step()
+      return
+    try:
+      target.write(key, data).add_done_callback(functools.partial(written, cell))
+    except BaseException as e:
+      countdown.fail(e)
+
+  def written(cell: tuple[int, ...], future: ts.Future) -> None:
+    error = future.exception()
+    if error is not None:
+      countdown.fail(error)
+      return
+    _count_read(c, cell)
+    countdown.step()
+
+  opening.add_done_callback(opened)
+
+
+def _stored_value(c: ChunkCopy, key: str, result: Any) -> bytes | None:
+  """The value a read of `key` found, checked (`chunk_stream.check_stored`: a frame's structure, no decode);
+  None where nothing is stored (then nothing is stored in the target either: same metadata, same fill)."""
+  if result.state != 'value':
+    return None
+  chunk_stream.check_stored(result.value, c.fmt, key)
+  return result.value
+
+
+def _damaged(c: ChunkCopy, key: str, error: Exception) -> Exception:
+  """The typed error for a stored value of `c` that cannot be read or checked: it names the array and chunk."""
+  return untrusted.damaged(c.value.session.source.meta.directory,
+                           f'{"/".join(c.value.expr.source)} (chunk {key}): {error}', error)
+
+
+def _count_read(c: ChunkCopy, cell: tuple[int, ...]) -> None:
+  bounds = chunk_stream.chunk_bounds(cell, c.fmt.stored, c.value.shape)
+  c.value.session.source.count_read(math.prod(b.stop - b.start for b in bounds) * c.fmt.dtype.itemsize)
 
 
 def _batches(copies: Sequence[ChunkCopy]) -> list[list[ChunkCopy]]:
@@ -176,31 +249,28 @@ def _batches(copies: Sequence[ChunkCopy]) -> list[list[ChunkCopy]]:
   return batches
 
 
-async def _copy_chunks(pairs: list[tuple[ChunkCopy, ts.TensorStore]], window_bytes: int) -> None:
-  """Copies every chunk of `pairs` (a copy, its opened target), a window of them at a time."""
+async def _copy_chunks(items: list[tuple[ChunkCopy, ts.TensorStore, list[tuple[int, ...]]]],
+                       window_bytes: int) -> None:
+  """Copies the stored values of `items` (a copy, its opened target, the cells this process copies), a window
+  of them at a time."""
   running: collections.deque = collections.deque()  # (bytes, task)
   inflight = 0
 
   async def one(c: ChunkCopy, target: ts.KvStore, cell: tuple[int, ...]) -> None:
     key = c.fmt.key(cell)
-    where = f'{"/".join(c.value.expr.source)} (chunk {key})'
-    directory = c.value.session.source.meta.directory
     try:
-      result = await c.kvstore.read(key)
-      if result.state != 'value':  # not stored: not stored in the target either (same metadata, same fill)
-        return
-      data = result.value
-      chunk_stream.check_stored(data, c.fmt, key)  # (a frame's structure: no decode)
+      data = _stored_value(c, key, await c.kvstore.read(key))
     except Exception as e:
-      raise untrusted.damaged(directory, f'{where}: {e}', e) from e
+      raise _damaged(c, key, e) from e
+    if data is None:
+      return
     await target.write(key, data)
-    bounds = chunk_stream.chunk_bounds(cell, c.fmt.stored, c.value.shape)
-    c.value.session.source.count_read(math.prod(b.stop - b.start for b in bounds) * c.fmt.dtype.itemsize)
+    _count_read(c, cell)
 
   try:
-    for c, store in pairs:
+    for c, store, cells in items:
       target = store.kvstore
-      for cell in c.cells():
+      for cell in cells:
         nbytes = c.fmt.stored_nbytes
         while running and inflight + nbytes > window_bytes:
           size, task = running.popleft()
@@ -213,4 +283,3 @@ async def _copy_chunks(pairs: list[tuple[ChunkCopy, ts.TensorStore]], window_byt
   finally:
     for _, task in running:  # an error: the copies still running are not waited for
       task.cancel()
-
