@@ -158,6 +158,7 @@ def test_a_damaged_chunk_is_refused_by_name_and_nothing_is_left(tmp_path):
   with pytest.raises(errors.CorruptCheckpointError, match='layers_1/mlp/kernel') as info:
     orbax_nnx.convert(src, tmp_path / 'dst', to='nnx')
   assert str(src) in str(info.value)
+  assert info.value.__cause__ is not None  # what the check found, kept as the cause
   assert not (tmp_path / 'dst').exists()
 
 

@@ -227,9 +227,12 @@ def _stored_value(c: ChunkCopy, key: str, result: Any) -> bytes | None:
 
 
 def _damaged(c: ChunkCopy, key: str, error: Exception) -> Exception:
-  """The typed error for a stored value of `c` that cannot be read or checked: it names the array and chunk."""
-  return untrusted.damaged(c.value.session.source.meta.directory,
-                           f'{"/".join(c.value.expr.source)} (chunk {key}): {error}', error)
+  """The typed error for a stored value of `c` that cannot be read or checked: it names the array and chunk,
+  and `error` is its cause (also where it is handed to a waiting task rather than raised)."""
+  out = untrusted.damaged(c.value.session.source.meta.directory,
+                          f'{"/".join(c.value.expr.source)} (chunk {key}): {error}', error)
+  out.__cause__ = error
+  return out
 
 
 def _count_read(c: ChunkCopy, cell: tuple[int, ...]) -> None:
