@@ -211,3 +211,25 @@ def test_a_failed_write_is_raised_and_nothing_is_left_waiting(tmp_path):
   with pytest.raises(ValueError, match='mismatch with target dimension'):
     asyncio.run(save())
   assert options['records']._written == []  # noqa: SLF001
+
+
+def test_countdown_settles_once_every_split_step_is_done():
+  """`Countdown`: a step split into none is done at once (a process owning no shard of an array), one split into
+  two needs both; the future settles only then, from any thread, and a later error changes nothing."""
+  import threading
+
+  async def run():
+    countdown = orbax_writes.Countdown(asyncio.get_running_loop(), 2)
+    countdown.split(0)
+    countdown.split(2)
+    worker = threading.Thread(target=countdown.step)
+    worker.start()
+    worker.join()
+    await asyncio.sleep(0.01)
+    assert not countdown.future.done()
+    countdown.step()
+    await asyncio.wait_for(countdown.future, timeout=10)
+    countdown.fail(ValueError('late'))
+    await asyncio.sleep(0.01)
+    assert countdown.future.exception() is None
+  asyncio.run(run())

@@ -184,10 +184,7 @@ def _open_then_copy(opening: ts.Future, c: ChunkCopy, cells: list[tuple[int, ...
     except BaseException as e:  # (raised in a tensorstore thread: handed to the awaiting task)
       countdown.fail(e)
       return
-    if not cells:  # (another process copies every value of it)
-      countdown.step()
-      return
-    countdown.add(len(cells) - 1)
+    countdown.split(len(cells))  # (none: another process copies every value of it)
     for cell in cells:
       key = c.fmt.key(cell)
       c.kvstore.read(key).add_done_callback(functools.partial(got, target, cell, key))

@@ -228,7 +228,7 @@ async def write_whole(values: Sequence[Any], hosts: Sequence[dict[tuple, np.ndar
 
 class Countdown:
   """An asyncio future settled from tensorstore callbacks, which may run on any thread: done once `step` has been
-  called as often as counted (`add`), or failed with the first error (`fail`). Work chained in callbacks (an
+  called as often as counted (`split`), or failed with the first error (`fail`). Work chained in callbacks (an
   array opened, then written) costs one event-loop wakeup per batch, where an asyncio task awaiting each step
   costs two per array: tensorstore alone created and wrote 1,080 arrays of 150-380 KiB in batches of 80 in
   0.58 s this way against 0.76 s (medians of 5)."""
@@ -240,10 +240,13 @@ class Countdown:
     if not count:
       self.future.set_result(None)
 
-  def add(self, count: int) -> None:
-    """Counts `count` more steps (from a step not yet taken: the count cannot reach zero meanwhile)."""
-    with self._lock:
-      self._left += count
+  def split(self, parts: int) -> None:
+    """The step in progress (not yet taken) becomes `parts` steps; with none, it is done."""
+    if not parts:
+      self.step()
+      return
+    with self._lock:  # (the step in progress still counts: the count cannot reach zero meanwhile)
+      self._left += parts - 1
 
   def step(self) -> None:
     """One counted step is done."""
@@ -279,10 +282,7 @@ def open_then_write(opening: ts.Future, pieces: list[tuple[tuple[slice, ...], np
   def opened(future: ts.Future) -> None:
     try:
       store = future.result()
-      if not pieces:  # (this process owns no shard of it: opening it was all)
-        countdown.step()
-        return
-      countdown.add(len(pieces) - 1)
+      countdown.split(len(pieces))  # (none: this process owns no shard of it, opening it was all)
       writes = [store[region].write(data, can_reference_source_data_indefinitely=True) for region, data in pieces]
     except BaseException as e:  # (raised in a tensorstore thread: handed to the awaiting task)
       countdown.fail(e)
