@@ -8,7 +8,7 @@ converter saves). Orbax restores each as it was saved, so the type changes what 
 1,085 small jax.Arrays took 1.55-1.65 s against 0.72 s as numpy; saving 1,080 took 1.46-1.53 s against
 0.92-0.95 s.
 
-- ours: `orbax_nnx.convert(src, dst[, scan_layers=False])`, no other flag;
+- ours: the command line, `orbax-nnx convert SRC DST --to nnx --quiet [--no-scan-layers]`, no other flag;
 - in-memory: what MaxText's converter does (restore everything, rewrite with numpy, save);
 - plain: Orbax restore + save of the same tree, unchanged (the cost of moving the bytes at all).
 
@@ -114,9 +114,12 @@ def plain(src: str, dst: str, zarr3: bool) -> None:
 
 
 def worker(tool: str, src: str, dst: str, unroll: str, zarr3: str) -> None:
-  if tool == 'ours':
-    import orbax_nnx
-    orbax_nnx.convert(src, dst, to='nnx', **({'scan_layers': False} if unroll == '1' else {}))
+  if tool == 'ours':  # the command line, as a user runs it; its peak RSS is printed once it has exited main
+    import atexit
+
+    from orbax_nnx import cli
+    atexit.register(lambda: print(json.dumps({'rss_mib': common.vmhwm_mib()}), flush=True))
+    cli.run(['convert', src, dst, '--to', 'nnx', '--quiet', *(['--no-scan-layers'] if unroll == '1' else [])])
   elif tool == 'in-memory':
     in_memory(src, dst, unroll == '1', zarr3 == '1')
   else:

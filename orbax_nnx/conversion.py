@@ -504,7 +504,8 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
     overwrite: replace an existing checkpoint at DST (never anything else).
     step: the step of a manager root.
     item: the item inside a step dir with several items.
-    progress: called with each array as it is written (it has `.nbytes`).
+    progress: called with each array as it is written (it has `.nbytes`). If it has a `planned` method, that is
+      called first, once, with the number of arrays and their bytes.
 
   Returns:
     A `ConvertReport` (leaves, bytes read and written, seconds, peak RSS).
@@ -543,6 +544,9 @@ def run_conversion(src: epath.PathLike, dst: epath.PathLike, *, to: str, scan_la
           target=target, mapping=mapping, linen=linen)
     finally:
       dst = checked.result()
+  if progress is not None and callable(getattr(progress, 'planned', None)):
+    progress.planned(len(the_plan.entries),
+                     sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in the_plan.leaves.values()))
   records = [written.records.get(p) or {'path': list(_record_path(p, written.disk[p], flavour)),
                                         'type': written.types[p], 'metadata': {}}
              for p in the_plan.entries] if chosen['to'] == 'nnx' else []

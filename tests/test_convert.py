@@ -496,3 +496,24 @@ def test_the_default_in_flight_is_sized_from_what_is_read_and_reported(tmp_path,
   from orbax_nnx import cli
   assert cli.main(['plan', str(tmp_path / 'src')]) == 0
   assert '# memory: default: 64 MiB of arrays in flight' in capsys.readouterr().out
+
+
+def test_progress_is_told_the_planned_totals_once_then_each_array(tmp_path, linen_ckpt, capsys):
+  calls = []
+
+  class Progress:
+    def planned(self, leaves, nbytes):
+      calls.append(('planned', leaves, nbytes))
+
+    def __call__(self, array):
+      calls.append(('array', array.nbytes))
+
+  src, _ = linen_ckpt
+  report = convert(src, tmp_path / 'nnx', to='nnx', scan_layers=False, progress=Progress())
+  (kind, leaves, nbytes), *arrays = calls
+  assert kind == 'planned' and all(c[0] == 'array' for c in arrays)
+  assert leaves == report.leaves == len(arrays) and nbytes == sum(c[1] for c in arrays) == report.bytes_written
+  from orbax_nnx import cli  # the command line's progress lines carry the same totals (one plan, not two)
+  assert cli.main(['convert', str(src), str(tmp_path / 'cli'), '--to', 'nnx', '--no-scan-layers']) == 0
+  last = capsys.readouterr().err.strip().splitlines()[-1]
+  assert last == f'progress: {leaves}/{leaves} leaves, {nbytes / 2**20:.0f}/{nbytes / 2**20:.0f} MiB', last
