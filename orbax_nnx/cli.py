@@ -27,6 +27,7 @@ import json
 import os
 import re
 import sys
+from typing import NoReturn
 
 from orbax_nnx import sizes
 
@@ -477,7 +478,7 @@ def main(argv=None) -> int:
     return 1
 
 
-def run(argv=None) -> None:
+def run(argv=None) -> NoReturn:
   """The `orbax-nnx` program: `main`, then exit with its status.
 
   The process ends next, so every object still alive is first moved out of the collector's reach (`gc.freeze`):
