@@ -66,7 +66,7 @@ def test_an_aliased_device_array_keeps_its_mapping():
     np.testing.assert_array_equal(np.asarray(placed), np.arange(MIB // 4, dtype=np.float32))
 
 
-def test_mappings_are_kept_only_inside_the_block_and_up_to_the_limit():
+def test_mappings_are_kept_only_inside_the_block():
   def kept():
     return buffers._recycler._bytes
 
@@ -75,10 +75,10 @@ def test_mappings_are_kept_only_inside_the_block_and_up_to_the_limit():
   assert kept() == 0
   with buffers.recycling():
     with buffers.recycling():  # nested blocks share the pool
-      arrays = [buffers.aligned_empty((MIB,), np.uint8) for _ in range(buffers.RECYCLED_BYTES // MIB + 3)]
+      arrays = [buffers.aligned_empty((MIB,), np.uint8) for _ in range(40)]  # (no fixed cap: 40 MiB kept)
       del arrays
-      assert kept() == buffers.RECYCLED_BYTES
-    assert kept() == buffers.RECYCLED_BYTES
+      assert kept() == 40 * MIB
+    assert kept() == 40 * MIB
   assert kept() == 0
 
 
@@ -128,3 +128,30 @@ def test_a_fresh_mapping_first_lets_kept_ones_of_its_size_go():
     assert buffers._recycler._bytes == MIB and larger.nbytes == 2 * MIB + 1
     again = buffers.aligned_empty((MIB,), np.uint8)  # the one left is reused
     assert buffers._recycler._bytes == 0 and again.nbytes == MIB
+
+
+def test_live_and_kept_bytes_stay_within_the_peak_and_the_smallest_kept_go_first():
+  """Kept mappings of other sizes are let go only as far as the peak bound needs, the smallest first: a
+  32 MiB stream unit kept between two uses is not given up for a 1 MiB buffer while smaller ones can go."""
+  recycler = buffers._recycler
+  base = recycler._live  # (mapped buffers other tests left alive count as live when the block begins)
+
+  def state():
+    return recycler._live - base, recycler._bytes, sorted((size, len(kept)) for size, kept in recycler._free.items() if kept)
+
+  with buffers.recycling():
+    small = [buffers.aligned_empty((MIB,), np.uint8) for _ in range(2)]
+    large = buffers.aligned_empty((4 * MIB,), np.uint8)  # peak: 6 MiB live
+    large_address = large.ctypes.data
+    del small, large
+    assert state() == (0, 6 * MIB, [(MIB, 2), (4 * MIB, 1)])
+    middle = buffers.aligned_empty((2 * MIB,), np.uint8)  # 0 + 6 + 2 > 6: the two 1 MiB ones go, not the 4 MiB
+    assert state() == (2 * MIB, 4 * MIB, [(4 * MIB, 1)])
+    again = buffers.aligned_empty((4 * MIB,), np.uint8)  # the kept 4 MiB mapping, reused
+    assert again.ctypes.data == large_address and state() == (6 * MIB, 0, [])
+    del middle
+    more = buffers.aligned_empty((3 * MIB,), np.uint8)  # 4 + 2 + 3 > 6: a new peak, so nothing stays kept
+    assert state() == (7 * MIB, 0, [])
+    del again, more
+    assert state() == (0, 7 * MIB, [(3 * MIB, 1), (4 * MIB, 1)])
+  assert recycler._bytes == 0 and recycler._live == base
