@@ -1,6 +1,8 @@
 """Arrays a conversion writes unchanged are copied chunk by chunk, as stored (`orbax_nnx.io.chunk_copy`)."""
 
+import dataclasses
 import json
+import threading
 
 import jax
 import numpy as np
@@ -159,6 +161,34 @@ def test_a_damaged_chunk_is_refused_by_name_and_nothing_is_left(tmp_path):
     orbax_nnx.convert(src, tmp_path / 'dst', to='nnx')
   assert str(src) in str(info.value)
   assert info.value.__cause__ is not None  # what the check found, kept as the cause
+  assert not (tmp_path / 'dst').exists()
+
+
+def test_a_read_that_cannot_start_fails_the_batch_instead_of_leaving_it_waiting(tmp_path, monkeypatch):
+  """An error raised while a copy's reads are being started (in a tensorstore callback, where nobody would see
+  it) fails the convert with that error; nothing is left waiting and nothing is finalized."""
+  src = _save(tmp_path / 'src', _linen(np.random.default_rng(5), layers=2))
+  real = chunk_copy._open_then_copy
+
+  def no_key(cell):
+    raise RuntimeError('no read for you')
+
+  def open_then_copy(opening, c, cells, countdown):  # the stored keys fail only inside the callback
+    return real(opening, dataclasses.replace(c, fmt=dataclasses.replace(c.fmt, key=no_key)), cells, countdown)
+  monkeypatch.setattr(chunk_copy, '_open_then_copy', open_then_copy)
+  outcome = []
+
+  def run():  # (a daemon thread: were the batch left waiting, the test fails instead of hanging the suite)
+    try:
+      orbax_nnx.convert(src, tmp_path / 'dst', to='nnx')
+      outcome.append(None)
+    except Exception as e:
+      outcome.append(e)
+  thread = threading.Thread(target=run, daemon=True)
+  thread.start()
+  thread.join(timeout=120)
+  assert outcome, 'the convert was left waiting on a copy whose reads never started'
+  assert isinstance(outcome[0], RuntimeError) and 'no read for you' in str(outcome[0]), outcome
   assert not (tmp_path / 'dst').exists()
 
 

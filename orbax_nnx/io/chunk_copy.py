@@ -181,13 +181,12 @@ def _open_then_copy(opening: ts.Future, c: ChunkCopy, cells: list[tuple[int, ...
   def opened(future: ts.Future) -> None:
     try:
       target = future.result().kvstore
+      countdown.split(len(cells))  # (none: another process copies every value of it)
+      for cell in cells:  # (a read that cannot even start fails the batch: nothing may be left waiting)
+        key = c.fmt.key(cell)
+        c.kvstore.read(key).add_done_callback(functools.partial(got, target, cell, key))
     except BaseException as e:  # (raised in a tensorstore thread: handed to the awaiting task)
       countdown.fail(e)
-      return
-    countdown.split(len(cells))  # (none: another process copies every value of it)
-    for cell in cells:
-      key = c.fmt.key(cell)
-      c.kvstore.read(key).add_done_callback(functools.partial(got, target, cell, key))
 
   def got(target: ts.KvStore, cell: tuple[int, ...], key: str, future: ts.Future) -> None:
     try:
