@@ -6,6 +6,7 @@ upgrade removes or changes it. No other module imports an underscore name of ano
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 from typing import Any
@@ -70,6 +71,19 @@ def parent_dir(info: ParamInfo) -> Any:
   it is resolved, else Orbax's property (which raises while the directory is still being created)."""
   stored = info._parent_dir  # noqa: SLF001 (Orbax's property only adds that check)
   return stored if isinstance(stored, epath.Path) else info.parent_dir
+
+
+def planned_parent_dir(info: ParamInfo) -> Any:
+  """`info`'s directory, whether it exists yet or is still being created (Orbax's `PathAwaitingCreation`)."""
+  stored = info._parent_dir  # noqa: SLF001
+  return stored if isinstance(stored, epath.Path) else stored.path
+
+
+def with_ts_context(info: ParamInfo, context: Any) -> ParamInfo:
+  """A copy of `info` (a plain class, not a dataclass) whose tensorstore context is `context`."""
+  other = copy.copy(info)
+  other.ts_context = context
+  return other
 
 
 async def resolved_parent_dir(info: ParamInfo) -> Any:

@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from orbax_nnx import compat
-from orbax_nnx.io import chunk_copy, orbax_writes
+from orbax_nnx.io import chunk_copy, durability, orbax_writes
 from orbax_nnx.io.reader import Pending, announce, announce_regions, layer_of, reads_directly, results
 from orbax_nnx.io.regions import evaluate
 from orbax_nnx.io.sharding_file import ShardingFile
@@ -141,6 +141,8 @@ class LazyArrayHandler(_BatchedShardingsArrayHandler):
   async def serialize(self, values: Sequence[LazyArray], infos: Sequence[compat.ParamInfo],
                       args: Sequence[compat.SaveArgs] | None = None):
     args = list(args or [compat.SaveArgs()] * len(values))
+    deferred = durability.Deferred(infos)  # every write of the save synced once, at its end
+    infos = deferred.infos
     base = super()  # (its serialize records the shardings of each batch)
     # leaves reading the same stored arrays go together, so each stored chunk is decoded once
     order = sorted(range(len(values)), key=lambda i: write_order(values[i]))
@@ -259,6 +261,7 @@ class LazyArrayHandler(_BatchedShardingsArrayHandler):
             await flush()
         await flush(left_running=0)
         await options['records'].flush(options)
+        await deferred.sync()
       finally:
         for *_, task in writing:  # an error: the writes still running are not waited for
           task.cancel()

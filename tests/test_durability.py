@@ -1,0 +1,74 @@
+"""A conversion's writes are synced once, at their end, before Orbax commits the checkpoint."""
+
+import os
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorstore as ts
+from etils import epath
+
+import orbax_nnx
+from orbax_nnx import compat
+from orbax_nnx.io import durability, orbax_writes
+
+
+def test_a_convert_syncs_every_file_it_wrote_before_the_checkpoint_is_committed(tmp_path, monkeypatch):
+  """Its writes (blocked and batched) skip tensorstore's per-file fsync; every file and folder they wrote is
+  fsynced from the temporary folder, before Orbax renames it into place; the values are the source's."""
+  rng = np.random.default_rng(0)
+  layers = [rng.standard_normal((256, 1024)).astype(np.float32) for _ in range(3)]  # 1 MiB each: blocked
+  small = {f'b{i}': rng.standard_normal(64).astype(np.float32) for i in range(5)}
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / 'src', {'model': {**{f'layers_{i}': {'w': {'value': w}} for i, w in enumerate(layers)},
+                                            **{k: {'value': v} for k, v in small.items()}}})
+  synced, syncs = [], []
+  fsync = durability._fsync
+  monkeypatch.setattr(durability, '_fsync', lambda path: (synced.append(path), fsync(path)))
+  sync_tree = durability.sync_tree
+  monkeypatch.setattr(durability, 'sync_tree',
+                      lambda folders: (syncs.append(os.path.exists(tmp_path / 'dst')), sync_tree(folders)))
+  contexts = []
+  start_open = orbax_writes.start_open
+  monkeypatch.setattr(orbax_writes, 'start_open', lambda spec, info, *a: (
+      contexts.append(info.ts_context['file_io_sync'].to_json()), start_open(spec, info, *a))[1])
+
+  orbax_nnx.convert(tmp_path / 'src', tmp_path / 'dst', to='linen', scan_layers=True, memory_budget=2**20)
+
+  assert syncs == [False]  # once, before the checkpoint was in place
+  assert contexts and set(contexts) == {False}
+  tmp_item = synced[-1]  # folders last, the deepest first: the item folder is the last
+  written = {os.path.relpath(p, tmp_item) for p in synced}
+  ours = {os.path.relpath(os.path.join(root, name), tmp_path / 'dst')
+          for root, dirs, files in os.walk(tmp_path / 'dst' / 'ocdbt.process_0') for name in files + dirs}
+  assert ours and ours <= written, ours - written
+  assert {'_sharding', 'ocdbt.process_0', 'ocdbt.process_0/d'} <= written
+  restored = ocp.StandardCheckpointer().restore(tmp_path / 'dst')['params']['params']
+  np.testing.assert_array_equal(np.asarray(restored['layers']['w']), np.stack(layers, axis=1))
+  for k, v in small.items():
+    np.testing.assert_array_equal(np.asarray(restored[k]), v)
+
+
+def test_object_store_writes_keep_orbaxs_context_and_sync_nothing():
+  context = ts.Context()
+  remote = [compat.ParamInfo(name=n, parent_dir=epath.Path('gs://bucket/ckpt'), ts_context=context) for n in 'ab']
+  deferred = durability.Deferred(remote)
+  assert deferred.folders == [] and [i.ts_context for i in deferred.infos] == [context, context]
+  local = durability.Deferred([compat.ParamInfo(name='a', parent_dir=epath.Path('/tmp/x'), ts_context=context)])
+  assert local.folders == ['/tmp/x'] and local.infos[0].ts_context['file_io_sync'].to_json() is False
+  assert local.infos[0].ts_context.parent is context and context['file_io_sync'].to_json() is True
+
+
+def test_a_file_removed_while_syncing_is_skipped_and_other_errors_raise(tmp_path, monkeypatch):
+  (tmp_path / 'kept').write_bytes(b'x')
+  walk = os.walk
+  monkeypatch.setattr(os, 'walk', lambda folder, onerror: (
+      (root, dirs, files + (['gone'] if root == str(tmp_path) else [])) for root, dirs, files in walk(
+          folder, onerror=onerror)))
+  synced = []
+  fsync = os.fsync
+  monkeypatch.setattr(os, 'fsync', lambda fd: (synced.append(fd), fsync(fd)))
+  durability.sync_tree([str(tmp_path)])
+  assert len(synced) == 2  # the file kept and the folder
+  with pytest.raises(NotADirectoryError):
+    durability.sync_tree([str(tmp_path / 'kept' / 'not-a-folder')])
