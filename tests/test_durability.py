@@ -14,8 +14,9 @@ from orbax_nnx.io import durability, orbax_writes
 
 
 def test_a_convert_syncs_every_file_it_wrote_before_the_checkpoint_is_committed(tmp_path, monkeypatch):
-  """Its writes (blocked and batched) skip tensorstore's per-file fsync; every file and folder they wrote is
-  fsynced from the temporary folder, before Orbax renames it into place; the values are the source's."""
+  """Its writes (blocked and batched) skip tensorstore's per-file fsync; passes start in the background as it
+  writes, and at its end every file and folder it wrote is fsynced from the temporary folder, before Orbax
+  renames it into place; the values are the source's."""
   rng = np.random.default_rng(0)
   layers = [rng.standard_normal((256, 1024)).astype(np.float32) for _ in range(3)]  # 1 MiB each: blocked
   small = {f'b{i}': rng.standard_normal(64).astype(np.float32) for i in range(5)}
@@ -24,10 +25,12 @@ def test_a_convert_syncs_every_file_it_wrote_before_the_checkpoint_is_committed(
                                             **{k: {'value': v} for k, v in small.items()}}})
   synced, syncs = [], []
   fsync = durability._fsync
-  monkeypatch.setattr(durability, '_fsync', lambda path: (synced.append(path), fsync(path)))
+  monkeypatch.setattr(durability, '_fsync', lambda path, early=None: (early is None and synced.append(path),
+                                                                       fsync(path, early)))
   sync_tree = durability.sync_tree
-  monkeypatch.setattr(durability, 'sync_tree',
-                      lambda folders: (syncs.append(os.path.exists(tmp_path / 'dst')), sync_tree(folders)))
+  monkeypatch.setattr(durability, 'sync_tree', lambda folders, early=None: (
+      syncs.append((early is None, os.path.exists(tmp_path / 'dst'))), sync_tree(folders, early)))
+  monkeypatch.setattr(durability, 'EARLY_SYNC_BYTES', 2**20)
   contexts = []
   start_open = orbax_writes.start_open
   monkeypatch.setattr(orbax_writes, 'start_open', lambda spec, info, *a: (
@@ -35,9 +38,10 @@ def test_a_convert_syncs_every_file_it_wrote_before_the_checkpoint_is_committed(
 
   orbax_nnx.convert(tmp_path / 'src', tmp_path / 'dst', to='linen', scan_layers=True, memory_budget=2**20)
 
-  assert syncs == [False]  # once, before the checkpoint was in place
+  # early passes while it wrote, then the last one; all before the checkpoint was in place
+  assert syncs[-1] == (True, False) and (False, False) in syncs[:-1] and set(syncs) == {(False, False), (True, False)}
   assert contexts and set(contexts) == {False}
-  tmp_item = synced[-1]  # folders last, the deepest first: the item folder is the last
+  tmp_item = synced[-1]  # (the last pass's) folders last, the deepest first: the item folder is the last
   written = {os.path.relpath(p, tmp_item) for p in synced}
   ours = {os.path.relpath(os.path.join(root, name), tmp_path / 'dst')
           for root, dirs, files in os.walk(tmp_path / 'dst' / 'ocdbt.process_0') for name in files + dirs}
@@ -72,3 +76,23 @@ def test_a_file_removed_while_syncing_is_skipped_and_other_errors_raise(tmp_path
   assert len(synced) == 2  # the file kept and the folder
   with pytest.raises(NotADirectoryError):
     durability.sync_tree([str(tmp_path / 'kept' / 'not-a-folder')])
+
+
+def test_an_early_pass_skips_files_unchanged_since_the_last_and_the_last_pass_syncs_all(tmp_path, monkeypatch):
+  for name in 'abc':
+    (tmp_path / name).write_bytes(b'x')
+  fsyncs = []
+  fsync = os.fsync
+  monkeypatch.setattr(os, 'fsync', lambda fd: (fsyncs.append(os.fstat(fd).st_ino), fsync(fd)))
+  early: dict = {}
+  durability.sync_tree([str(tmp_path)], early)
+  assert len(fsyncs) == 4 and sorted(early) == [str(tmp_path / n) for n in 'abc']
+  (tmp_path / 'b').write_bytes(b'xy')  # changed
+  (tmp_path / 'd').write_bytes(b'x')  # new
+  fsyncs.clear()
+  durability.sync_tree([str(tmp_path)], early)
+  assert sorted(fsyncs) == sorted([(tmp_path / 'b').stat().st_ino, (tmp_path / 'd').stat().st_ino,
+                                   tmp_path.stat().st_ino])
+  fsyncs.clear()
+  durability.sync_tree([str(tmp_path)])
+  assert len(fsyncs) == 5

@@ -159,6 +159,7 @@ class LazyArrayHandler(_BatchedShardingsArrayHandler):
     options['sharding_file'] = self.sharding_file
     options['records'] = orbax_writes.Records()  # recorded once, when every array is written
     options['write_specs'] = orbax_writes.WriteSpecs()  # built once per distinct array format
+    options['deferred'] = deferred
     blocked = {i: _BlockedWrite(values[i], infos[i], args[i], options, align=aligns.get(i))
                for i in order if _is_blocked(values[i]) or i in groups}
 
@@ -189,6 +190,8 @@ class LazyArrayHandler(_BatchedShardingsArrayHandler):
       position = 0
 
       def done(j: int) -> None:
+        if j not in blocked:  # (a blocked array's blocks are counted as they are written)
+          deferred.wrote(values[j].nbytes)
         session.leaves_written += 1
         session.bytes_written += values[j].nbytes
         if session.progress is not None:
@@ -263,6 +266,7 @@ class LazyArrayHandler(_BatchedShardingsArrayHandler):
         await options['records'].flush(options)
         await deferred.sync()
       finally:
+        deferred.close()
         for *_, task in writing:  # an error: the writes still running are not waited for
           task.cancel()
 
@@ -315,6 +319,7 @@ async def write_blocked(writes: list[_BlockedWrite], ahead_bytes: int) -> None:
   writes (layer targets of one stored array, `lockstep_align`) go source chunk by source chunk: every
   block one stored chunk feeds, in every array, then the next chunk, so each is decoded once and dropped."""
   session = writes[0].value.session
+  deferred = writes[0].options['deferred']
   stores = []
   for w in writes:
     await compat.resolved_parent_dir(w.info)  # (its directory exists before its array is created in it)
@@ -360,9 +365,12 @@ async def write_blocked(writes: list[_BlockedWrite], ahead_bytes: int) -> None:
       while len(writing) > in_flight:
         done_bytes, write = writing.popleft()
         await write
+        deferred.wrote(done_bytes)
         inflight -= done_bytes
     while writing:
-      await writing.popleft()[1]
+      done_bytes, write = writing.popleft()
+      await write
+      deferred.wrote(done_bytes)
   finally:
     for _, future, _ in pending:  # an error: nothing may still be reading into a block
       future.cancel()
