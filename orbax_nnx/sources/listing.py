@@ -23,12 +23,10 @@ from typing import Any, TypeVar
 
 from etils import epath
 
+from orbax_nnx.sources import untrusted
+
 _F = TypeVar('_F', bound=Callable[..., Any])
 _LISTED: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar('orbax_nnx_listed', default=None)
-
-
-def _is_local(path: epath.PathLike) -> bool:
-  return '://' not in os.fspath(path)
 
 
 def _filesystem(path: str) -> Any:
@@ -44,7 +42,7 @@ def forget(folder: epath.PathLike, below: bool = False) -> None:
   """Drops the client's cached listing of `folder` (and of its parents; with `below`, of every folder inside it
   too), so the next question goes to the store: gcsfs caches listings per process, and a long-lived process must
   see steps written since it last looked."""
-  if _is_local(folder):
+  if untrusted.is_local(folder):
     return
   fs = _filesystem(os.fspath(folder))
   if fs is None or not hasattr(fs, 'invalidate_cache'):
@@ -92,7 +90,7 @@ def look(folder: epath.PathLike) -> None:
   there (or not readable) is left for the caller's own checks to report."""
   listed = _LISTED.get()
   path = os.fspath(folder)
-  if listed is None or _is_local(path) or path in listed:
+  if listed is None or untrusted.is_local(path) or path in listed:
     return
   fs = _filesystem(path)
   if fs is None or not hasattr(fs, 'invalidate_cache'):
