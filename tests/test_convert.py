@@ -444,6 +444,33 @@ def test_layers_of_chunks_that_span_them_are_written_in_lockstep(tmp_path, monke
     assert 512 % chunk[0] == 0 and chunk[1] == 512, chunk  # inside one source chunk
 
 
+def test_blocks_of_an_array_moved_off_its_layer_axis_read_each_unit_together(tmp_path, monkeypatch):
+  """A stacked array stored as one chunk decoded in 4 MiB units of rows, its layer axis moved (scanned Linen ->
+  NNX stacked), written in 1 MiB blocks of one layer's rows: the blocks reading one unit are evaluated one after
+  another (every layer's rows of that unit), not layer by layer through every unit; values are exact and each
+  stored byte is read once."""
+  from orbax_nnx.io import writer
+  from orbax_nnx.sources import chunk_stream
+
+  monkeypatch.setattr(chunk_stream, 'MIN_STREAM_BYTES', 0)
+  monkeypatch.setattr(chunk_stream, 'UNIT_BYTES', 4 * 2**20)
+  w = np.random.default_rng(0).standard_normal((2048, 4, 512)).astype(np.float32)  # 16 MiB, 4 units of 512 rows
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / 'src', {'params': {'params': {'layers': {'w': w}}}, 'step': np.int32(2)})
+  evaluated = []
+  evaluate = writer._evaluate_block
+  monkeypatch.setattr(writer, '_evaluate_block', lambda expr, block, *a: (
+      evaluated.append(block), evaluate(expr, block, *a))[1])
+  report = orbax_nnx.convert(tmp_path / 'src', tmp_path / 'dst', param_scan_axis=1, memory_budget=16 * 2**20)
+  units = [(b[1].start // 512, -(-b[1].stop // 512)) for b in evaluated]  # the rows each block reads, in units
+  assert len(evaluated) > 4 and all(hi - lo == 1 for lo, hi in units), evaluated
+  assert [u for u, _ in units] == sorted(u for u, _ in units)  # unit by unit
+  assert len({b[0].start for b in evaluated[:4]}) == 4  # every layer of the first unit first
+  assert report.bytes_read == w.nbytes + 4
+  np.testing.assert_array_equal(host(orbax_nnx.restore(tmp_path / 'dst')['model']['layers']['w']),
+                                np.moveaxis(w, 1, 0))
+
+
 def test_first_reads_start_before_the_save_within_half_the_buffer(tmp_path, monkeypatch):
   """Small arrays' reads are primed before Orbax's save setup (round trips on an object store), in write order,
   within half of the bytes in flight (half the memory budget); the output is still bit-exact. (The arrays are

@@ -152,6 +152,12 @@ class SourceArrays:
     whole = all(r.start % c == 0 and (r.stop == n or r.stop % c == 0) for r, c, n in zip(region, store.chunk, shape))
     return store, region, cells, whole, squeeze, chunk
 
+  def units_of(self, path: DiskPath, index: tuple) -> list[tuple[DiskPath, tuple[int, ...]]]:
+    """The keys of the decode units a partial read of `index` goes through (those `expect` announces), in
+    grid order; none for a region of whole chunks. Announces nothing."""
+    _, _, cells, whole, _, _ = self._cells(path, index)
+    return [] if whole else [(path, cell) for cell in cells]
+
   def expect(self, path: DiskPath, index: tuple, pool: concurrent.futures.Executor | None = None) -> dict:
     """Announces a partial region read to come: its chunks are kept until their last
     announced reader has used them (then dropped at once), and decoded ahead of time on

@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from orbax_nnx import compat
 from orbax_nnx.io import chunk_copy, durability, orbax_writes
 from orbax_nnx.io.reader import Pending, announce, announce_regions, layer_of, reads_directly, results
-from orbax_nnx.io.regions import evaluate
+from orbax_nnx.io.regions import evaluate, read_regions
 from orbax_nnx.io.sharding_file import ShardingFile
 from orbax_nnx.io.source_arrays import ChunkLedger, SourceArrays
 from orbax_nnx.nnx_tree import DiskPath
@@ -306,8 +306,14 @@ class _BlockedWrite:
     self.spec = orbax_writes.write_spec(value, info, arg, options, local)
     chunk = tuple(self.spec.metadata.chunk_shape)
     merge_bytes = limit if align is None else 0  # aligned blocks are single chunks: never across source chunks
-    self.blocks = [b for region in orbax_writes.own_regions(shape, value.sharding)
-                   for b in _chunk_blocks(region, chunk, value.dtype.itemsize, merge_bytes, tuple(arg.shard_axes))]
+    blocks = [b for region in orbax_writes.own_regions(shape, value.sharding)
+              for b in _chunk_blocks(region, chunk, value.dtype.itemsize, merge_bytes, tuple(arg.shard_axes))]
+    # in the order of the stored units they read (stable: as cut where that is the same), so the blocks reading
+    # one unit come together and it is dropped after them, instead of every layer of an array moved off its
+    # stored layer axis going through every unit, the whole chunk held
+    source = value.session.source
+    self.blocks = sorted(blocks, key=lambda b: sorted(
+        unit for path, index in read_regions(value.expr, b) for unit in source.units_of(path, index)))
     self.needs: list[dict] = []  # chunks each block's reads go through
 
   def announce(self) -> None:
