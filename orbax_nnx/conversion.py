@@ -41,6 +41,7 @@ from orbax_nnx.io.writer import (
   layer_chunk_args,
   lockstep_align,
   streaming_pytree_handler,
+  unit_aligned,
 )
 from orbax_nnx.mapping.layout import Layout, detect
 from orbax_nnx.mapping.layout import linen_style as choose_linen_style
@@ -362,6 +363,15 @@ def _lockstep_sources(the_plan: Plan, source: SourceArrays) -> frozenset:
   return frozenset(p for p, n in aligned.items() if n > 1 and p not in others)
 
 
+def _unit_aligned_sources(values) -> frozenset:
+  """Stored arrays read only by arrays written block by block, each block inside one decode unit
+  (`writer.unit_aligned`)."""
+  aligned, others = set(), set()
+  for value in values:
+    (aligned if unit_aligned(value) is not None else others).update(r.source for r in reads(value.expr))
+  return frozenset(aligned - others)
+
+
 def _default_buffer_bytes(the_plan: Plan, source: SourceArrays, lockstep: frozenset) -> int:
   """`budget.default_in_flight` of what the plan reads, or room for every target one stored chunk feeds (a
   stacked array unrolled from chunks that span its layers, not written in lockstep): they are copied out of
@@ -403,22 +413,26 @@ def write_plan(dst: epath.Path, layout: Layout, target: LayoutTarget, the_plan: 
   lockstep = _lockstep_sources(the_plan, source)
   if buffer_bytes is None:
     buffer_bytes = _default_buffer_bytes(the_plan, source, lockstep)
-  if cache_bytes is None:
-    # the chunks a group of layers is sliced from, kept until its last layer is read (at least the largest
-    # array read); arrays written in lockstep need only two of their chunks or units (one used, one ahead)
-    read = {r.source for e in the_plan.entries.values() for r in reads(e)}
-    cache_bytes = max([buffer_bytes] + [layout.leaves[p].nbytes for p in read - lockstep] +
-                      [2 * source.store(p).dtype.itemsize * math.prod(source.unit(p)) for p in lockstep])
-  source.cache_bytes = cache_bytes
   session = WriteSession(source, buffer_bytes, progress=progress, lockstep=lockstep)
   tree: dict = {}
   save_args: dict = {}
   try:
+    values = {}
     for path, expr in the_plan.entries.items():
       leaf = the_plan.leaves[path]
       disk = target.disk[path]
-      nnx_tree.set_path(tree, disk, LazyArray(expr, leaf, _default_sharding(leaf), session))
+      values[path] = LazyArray(expr, leaf, _default_sharding(leaf), session)
+      nnx_tree.set_path(tree, disk, values[path])
       nnx_tree.set_path(save_args, disk, layer_chunk_args(leaf, target.stacked.get(path)) or ocp.SaveArgs())
+    if cache_bytes is None:
+      # the chunks a group of layers is sliced from, kept until its last layer is read (at least the largest
+      # array read); arrays written in lockstep, or block by block unit by unit, need only two of their chunks
+      # or units (one used, one ahead)
+      by_unit = lockstep | _unit_aligned_sources(values.values())
+      read = {r.source for e in the_plan.entries.values() for r in reads(e)}
+      cache_bytes = max([buffer_bytes] + [layout.leaves[p].nbytes for p in read - by_unit] +
+                        [2 * source.store(p).dtype.itemsize * math.prod(source.unit(p)) for p in by_unit])
+    source.cache_bytes = cache_bytes
     tree = _shape_containers(tree, structure, target.framework)
     save_args = _shape_containers(save_args, structure, target.framework)
     session.prime([leaf for leaf in jax.tree.leaves(tree) if isinstance(leaf, LazyArray)])

@@ -446,26 +446,36 @@ def test_layers_of_chunks_that_span_them_are_written_in_lockstep(tmp_path, monke
 
 def test_blocks_of_an_array_moved_off_its_layer_axis_read_each_unit_together(tmp_path, monkeypatch):
   """A stacked array stored as one chunk decoded in 4 MiB units of rows, its layer axis moved (scanned Linen ->
-  NNX stacked), written in 1 MiB blocks of one layer's rows: the blocks reading one unit are evaluated one after
-  another (every layer's rows of that unit), not layer by layer through every unit; values are exact and each
-  stored byte is read once."""
+  NNX stacked), written block by block: each written chunk lies inside one unit, the blocks reading one unit
+  are evaluated one after another (every layer's rows of that unit), not layer by layer through every unit,
+  so the cache holds two units, not the array; values are exact and each stored byte is read once."""
+  from orbax_nnx import conversion
   from orbax_nnx.io import writer
   from orbax_nnx.sources import chunk_stream
 
+  monkeypatch.setattr(budget, 'default_in_flight', lambda read_bytes: 2**20)
   monkeypatch.setattr(chunk_stream, 'MIN_STREAM_BYTES', 0)
   monkeypatch.setattr(chunk_stream, 'UNIT_BYTES', 4 * 2**20)
   w = np.random.default_rng(0).standard_normal((2048, 4, 512)).astype(np.float32)  # 16 MiB, 4 units of 512 rows
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(tmp_path / 'src', {'params': {'params': {'layers': {'w': w}}}, 'step': np.int32(2)})
-  evaluated = []
+  evaluated, sources = [], []
   evaluate = writer._evaluate_block
   monkeypatch.setattr(writer, '_evaluate_block', lambda expr, block, *a: (
       evaluated.append(block), evaluate(expr, block, *a))[1])
-  report = orbax_nnx.convert(tmp_path / 'src', tmp_path / 'dst', param_scan_axis=1, memory_budget=16 * 2**20)
+  session = conversion.WriteSession.__init__
+  monkeypatch.setattr(conversion.WriteSession, '__init__', lambda self, source, *a, **k: (
+      sources.append(source), session(self, source, *a, **k))[1])
+  report = orbax_nnx.convert(tmp_path / 'src', tmp_path / 'dst', param_scan_axis=1)
+  assert sources[0].store(('params', 'params', 'layers', 'w')).unit == (512, 4, 512)
+  assert sources[0].cache_bytes == 2 * 4 * 2**20  # two units of the 16 MiB array
+  chunk = orbax_nnx.read_item_metadata(tmp_path / 'dst').leaves[
+      ('model', 'layers', 'w', 'value')].metadata.storage.chunk_shape
+  assert chunk[0] == 1 and 512 % chunk[1] == 0, chunk  # one layer, inside one unit's rows
   units = [(b[1].start // 512, -(-b[1].stop // 512)) for b in evaluated]  # the rows each block reads, in units
-  assert len(evaluated) > 4 and all(hi - lo == 1 for lo, hi in units), evaluated
+  assert len(evaluated) >= 16 and all(hi - lo == 1 for lo, hi in units), evaluated
   assert [u for u, _ in units] == sorted(u for u, _ in units)  # unit by unit
-  assert len({b[0].start for b in evaluated[:4]}) == 4  # every layer of the first unit first
+  assert {b[0].start for b in evaluated[:len(evaluated) // 4]} == set(range(4))  # every layer of the first unit
   assert report.bytes_read == w.nbytes + 4
   np.testing.assert_array_equal(host(orbax_nnx.restore(tmp_path / 'dst')['model']['layers']['w']),
                                 np.moveaxis(w, 1, 0))

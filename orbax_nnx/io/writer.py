@@ -33,7 +33,7 @@ from orbax_nnx.io.regions import evaluate, read_regions
 from orbax_nnx.io.sharding_file import ShardingFile
 from orbax_nnx.io.source_arrays import ChunkLedger, SourceArrays
 from orbax_nnx.nnx_tree import DiskPath
-from orbax_nnx.planning.expressions import Expr, reads
+from orbax_nnx.planning.expressions import Cast, Expr, Read, Transpose, reads
 from orbax_nnx.planning.planner import TargetLeaf
 
 
@@ -155,6 +155,8 @@ class LazyArrayHandler(_BatchedShardingsArrayHandler):
       if hit is not None and hit[0] in value.session.lockstep:
         together[hit[0]].append(i)
         aligns[i] = hit[1]
+      else:
+        aligns[i] = unit_aligned(value)
     groups = {i: members for members in together.values() for i in members}
     options['sharding_file'] = self.sharding_file
     options['records'] = orbax_writes.Records()  # recorded once, when every array is written
@@ -405,6 +407,37 @@ def lockstep_align(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays)
   if any(n % s or (s % a and a % s) for n, s, a in zip(leaf.shape, shard, align)):
     return None
   return stored.source, align
+
+
+def unit_aligned(value: LazyArray) -> tuple[int, ...] | None:
+  """The block shape of `value` when it is written block by block, each block inside one decode unit of what
+  it reads (`unit_align`); else None."""
+  return unit_align(value.expr, value.leaf, value.sharding, value.session.source) if _is_blocked(value) else None
+
+
+def unit_align(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays) -> tuple[int, ...] | None:
+  """The block shape that keeps each block of `expr`, a stored array maybe with its axes permuted (a layer axis
+  moved) and cast, inside one unit the stored array is decoded in (`SourceArrays.unit`: a chunk, or a unit of a
+  streamed chunk): with its blocks in unit order (`_BlockedWrite`), each unit is then read by its blocks one
+  after another and dropped. None when a unit spans the target, the target's shards do not align with the
+  blocks, or blocks would be under 1 MiB."""
+  inner = expr.expr if isinstance(expr, Cast) else expr
+  if isinstance(inner, Transpose) and isinstance(inner.expr, Read):
+    stored, perm = inner.expr, inner.perm
+  elif isinstance(inner, Read):
+    stored, perm = inner, tuple(range(len(inner.shape)))
+  else:
+    return None
+  if leaf.key_impl is not None or not leaf.shape or getattr(source.store(stored.source), 'exact', False):
+    return None
+  unit = source.unit(stored.source)
+  align = tuple(unit[p] for p in perm)
+  if align == tuple(leaf.shape) or math.prod(align) * leaf.dtype.itemsize < MIN_WRITE_BLOCK_BYTES:
+    return None
+  shard = tuple(sharding.shard_shape(leaf.shape))
+  if any(n % s or (s % a and a % s) for n, s, a in zip(leaf.shape, shard, align)):
+    return None
+  return align
 
 
 def _evaluate_block(expr: Expr, block: tuple[slice, ...], dtype, source: SourceArrays) -> np.ndarray:
