@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorstore as ts
 from etils import epath
 from flax import nnx
 
@@ -145,4 +146,9 @@ def test_write_spec_info_builds_the_spec_the_param_info_builds(tmp_path, zarr3):
   later = compat.ParamInfo(name='a.w', parent_dir=Deferred(), is_ocdbt_checkpoint=True)
   with pytest.raises(ValueError, match='await_path_creation'):
     compat.parent_dir(later)
+  assert compat.planned_parent_dir(later) == epath.Path(tmp_path) == compat.planned_parent_dir(info)
+  context = ts.Context()
+  copied = compat.with_ts_context(later, context)  # (ParamInfo is a plain class: copied, not replaced)
+  assert copied.ts_context is context and later.ts_context is not context and copied.name == 'a.w'
+  assert asyncio.run(compat.resolved_parent_dir(copied)) == epath.Path(tmp_path) == copied.parent_dir
   assert asyncio.run(compat.resolved_parent_dir(later)) == epath.Path(tmp_path) == later.parent_dir

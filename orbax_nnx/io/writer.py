@@ -403,8 +403,7 @@ def lockstep_align(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays)
   rest = shape[:axis] + shape[axis + 1:]
   if chunk[axis] < 2 or align == rest or math.prod(align) * leaf.dtype.itemsize < MIN_WRITE_BLOCK_BYTES:
     return None
-  shard = tuple(sharding.shard_shape(leaf.shape))
-  if any(n % s or (s % a and a % s) for n, s, a in zip(leaf.shape, shard, align)):
+  if not _shards_align(leaf.shape, sharding, align):
     return None
   return stored.source, align
 
@@ -434,10 +433,14 @@ def unit_align(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays) -> 
   align = tuple(unit[p] for p in perm)
   if align == tuple(leaf.shape) or math.prod(align) * leaf.dtype.itemsize < MIN_WRITE_BLOCK_BYTES:
     return None
-  shard = tuple(sharding.shard_shape(leaf.shape))
-  if any(n % s or (s % a and a % s) for n, s, a in zip(leaf.shape, shard, align)):
-    return None
-  return align
+  return align if _shards_align(leaf.shape, sharding, align) else None
+
+
+def _shards_align(shape: tuple[int, ...], sharding, align: tuple[int, ...]) -> bool:
+  """Whether the shards of `shape` placed with `sharding` tile evenly and nest with blocks of `align` (each
+  holds whole blocks, or each block whole shards)."""
+  shard = tuple(sharding.shard_shape(shape))
+  return not any(n % s or (s % a and a % s) for n, s, a in zip(shape, shard, align))
 
 
 def _evaluate_block(expr: Expr, block: tuple[slice, ...], dtype, source: SourceArrays) -> np.ndarray:
