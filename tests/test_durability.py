@@ -96,3 +96,24 @@ def test_an_early_pass_skips_files_unchanged_since_the_last_and_the_last_pass_sy
   fsyncs.clear()
   durability.sync_tree([str(tmp_path)])
   assert len(fsyncs) == 5
+
+
+def test_a_folder_its_filesystem_cannot_sync_is_skipped_but_a_file_is_not(tmp_path, monkeypatch):
+  import errno
+  import stat
+
+  (tmp_path / 'f').write_bytes(b'x')
+  fsync = os.fsync
+  refuse = {'folders'}
+
+  def fake(fd):
+    folder = stat.S_ISDIR(os.fstat(fd).st_mode)
+    if ('folders' if folder else 'files') in refuse:
+      raise OSError(errno.EINVAL, 'Invalid argument')
+    fsync(fd)
+
+  monkeypatch.setattr(os, 'fsync', fake)
+  durability.sync_tree([str(tmp_path)])
+  refuse = {'files'}
+  with pytest.raises(OSError, match='Invalid argument'):
+    durability.sync_tree([str(tmp_path)])

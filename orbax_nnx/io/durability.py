@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import os
 from collections.abc import Sequence
 
@@ -84,7 +85,8 @@ class Deferred:
 
 def sync_tree(folders: Sequence[str], synced: dict[str, tuple] | None = None) -> None:
   """Fsyncs every file under `folders`, then every folder (deepest first). A file removed while this runs (a
-  writer's temporary file, renamed) is skipped; any other error is raised.
+  writer's temporary file, renamed) is skipped, and so is a folder its filesystem cannot sync (EINVAL,
+  ENOTSUP); any other error is raised.
 
   `synced` (early passes): the files synced before, by path, with their inode, size and modification time
   then; a file whose stat still matches is skipped, and every file synced is recorded."""
@@ -96,7 +98,11 @@ def sync_tree(folders: Sequence[str], synced: dict[str, tuple] | None = None) ->
   with concurrent.futures.ThreadPoolExecutor(SYNC_THREADS) as pool:
     list(pool.map(lambda path: _fsync(path, synced), files))
   for folder in sorted(dirs, key=lambda d: -d.count(os.sep)):
-    _fsync(folder)
+    try:
+      _fsync(folder)
+    except OSError as error:  # a filesystem that cannot sync a folder (some FUSE mounts) has nothing to sync
+      if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        raise
 
 
 def _fsync(path: str, synced: dict[str, tuple] | None = None) -> None:
