@@ -16,7 +16,8 @@ converter saves). Orbax restores each as it was saved, so the type changes what 
   where the source has 85, and Orbax's save alone of 1,085 small arrays took 1.07 s against 0.57 s for the
   same bytes as 85 (numpy, in memory, 5 runs each); `plain` cannot pay that per-array cost, `plain-out` does.
 
-Wall time is the whole process (imports included), peak RSS its VmHWM. Every run starts with the source in the
+Wall time is the whole process (imports included), peak RSS its VmHWM. The tools take turns; a ratio is the
+median over turns of ours / the peer within each turn (with its range when `--reps` > 1). Every run starts with the source in the
 page cache (`common.warm_page_cache`): a tool holding several GiB evicts it for whichever tool runs next.
 
     .venv/bin/python bench/bench_cases.py [--sizes small,big] [--only unscanned,scanned,unrolled] [--reps 1]
@@ -145,6 +146,14 @@ def run(tool: str, src: str, dst: str, unroll: bool, zarr3: bool) -> dict:
   return {'wall': wall, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
+def paired_ratios(ours: list[dict], peer: list[dict]) -> tuple[float, float, float]:
+  """(median, lowest, highest) of ours / peer over the turns, each ratio within one turn: on a machine whose
+  speed drifts between turns (this VM's disk and page faults swing 2x within an hour) a turn's two runs share
+  the drift, where medians taken apart need not."""
+  ratios = [a['wall'] / b['wall'] for a, b in zip(ours, peer)]
+  return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def _bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
@@ -181,12 +190,16 @@ def main() -> None:
                                      unroll, args.zarr3))
         med = {t: statistics.median(r['wall'] for r in rs) for t, rs in figures.items()}
         rss = {t: max(r['rss_mib'] for r in rs) for t, rs in figures.items()}
+        ratio = {t: paired_ratios(figures['ours'], figures[t]) for t in TOOLS[1:]}
         ckpt_mib = _bytes(src) / 2**20
         print(f'{size + " " + case:<26} {med["ours"]:>7.2f} {med["in-memory"]:>9.2f} {med["plain"]:>8.2f}'
-              f' {med["plain-out"]:>8.2f} {med["ours"] / med["in-memory"]:>8.2f} {med["ours"] / med["plain"]:>7.2f}'
-              f' {med["ours"] / med["plain-out"]:>7.2f}'
+              f' {med["plain-out"]:>8.2f} {ratio["in-memory"][0]:>8.2f} {ratio["plain"][0]:>7.2f}'
+              f' {ratio["plain-out"][0]:>7.2f}'
               f' {rss["ours"]:>9.0f}/{rss["in-memory"]:.0f}/{rss["plain"]:.0f}'
               f' {rss["ours"] / ckpt_mib:>9.2f}   (checkpoint {ckpt_mib:.0f} MiB)', flush=True)
+        if args.reps > 1:
+          print(' ' * 26 + '  ratio ranges over turns: ' + ', '.join(
+              f'/{t} {lo:.2f}-{hi:.2f}' for t, (_, lo, hi) in ratio.items()), flush=True)
     finally:
       shutil.rmtree(root, ignore_errors=True)
 
