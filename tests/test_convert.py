@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import flax.linen as nn
 import jax
@@ -477,6 +478,79 @@ def test_blocks_of_an_array_moved_off_its_layer_axis_read_each_unit_together(tmp
   assert [u for u, _ in units] == sorted(u for u, _ in units)  # unit by unit
   assert {b[0].start for b in evaluated[:len(evaluated) // 4]} == set(range(4))  # every layer of the first unit
   assert report.bytes_read == w.nbytes + 4
+  np.testing.assert_array_equal(host(orbax_nnx.restore(tmp_path / 'dst')['model']['layers']['w']),
+                                np.moveaxis(w, 1, 0))
+
+
+def test_block_writes_overlap_within_the_bytes_ahead(tmp_path, monkeypatch):
+  """A large array's blocks, here 1 MiB inside 4 MiB stored units (`test_blocks_of_an_array_moved_off...`), are
+  written several at once (each alone would be its own OCDBT commit): half the blocks its bytes ahead hold are
+  writing while the rest are evaluated, and the blocks evaluated and not yet written never exceed those bytes;
+  values are exact. (Each write is held back until four have started, or for 2 s: one write at a time, as
+  before, would leave at most two running.)"""
+  import asyncio
+
+  from orbax_nnx.io import orbax_writes, writer
+  from orbax_nnx.sources import chunk_stream
+
+  monkeypatch.setattr(budget, 'default_in_flight', lambda read_bytes: 32 * 2**20)  # write blocks of 2 MiB
+  monkeypatch.setattr(chunk_stream, 'MIN_STREAM_BYTES', 0)
+  monkeypatch.setattr(chunk_stream, 'UNIT_BYTES', 4 * 2**20)
+  w = np.random.default_rng(1).standard_normal((6144, 4, 512)).astype(np.float32)  # 48 MiB: written in blocks
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp_path / 'src', {'params': {'params': {'layers': {'w': w}}}, 'step': np.int32(2)})
+  lock, held = threading.Lock(), []  # bytes evaluated and not yet written
+  seen = {'started': 0, 'running': 0, 'most running': 0, 'most held': 0, 'blocks': 0}
+
+  async def held_back(write, nbytes):
+    await write
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2
+    while seen['started'] < 4 and loop.time() < deadline:
+      await asyncio.sleep(0.005)
+    with lock:
+      held.remove(nbytes)
+      seen['running'] -= 1
+
+  class Region:
+    def __init__(self, region):
+      self.region = region
+
+    def write(self, data, **kwargs):
+      with lock:
+        seen['started'] += 1
+        seen['running'] += 1
+        seen['most running'] = max(seen['most running'], seen['running'])
+      return asyncio.ensure_future(held_back(self.region.write(data, **kwargs), data.nbytes))
+
+  class Store:
+    def __init__(self, store):
+      self.store = store
+
+    def __getitem__(self, index):
+      return Region(self.store[index])
+
+  open_array, evaluate = orbax_writes.open_array, writer._evaluate_block
+
+  async def spied_open(*args, **kwargs):
+    return Store(await open_array(*args, **kwargs))
+
+  def spied_evaluate(*args):
+    out = evaluate(*args)
+    with lock:
+      held.append(out.nbytes)
+      seen['most held'] = max(seen['most held'], sum(held))
+      seen['blocks'] += 1
+    return out
+
+  monkeypatch.setattr(orbax_writes, 'open_array', spied_open)
+  monkeypatch.setattr(writer, '_evaluate_block', spied_evaluate)
+  orbax_nnx.convert(tmp_path / 'src', tmp_path / 'dst', param_scan_axis=1)
+  ahead, block = writer.BLOCKS_AHEAD * 2 * 2**20, 2**20  # BLOCKS_AHEAD write blocks (32 MiB / 16)
+  assert writer.writes_in_flight(ahead, block) == 4
+  assert seen['blocks'] == w.nbytes // block, seen
+  assert 4 <= seen['most running'] <= 4 + 1, seen  # (+ the one started before the oldest is awaited)
+  assert seen['most held'] <= ahead, seen
   np.testing.assert_array_equal(host(orbax_nnx.restore(tmp_path / 'dst')['model']['layers']['w']),
                                 np.moveaxis(w, 1, 0))
 

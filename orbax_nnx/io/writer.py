@@ -344,11 +344,11 @@ async def write_blocked(writes: list[_BlockedWrite], ahead_bytes: int) -> None:
   def nbytes(item) -> int:
     return _nbytes(writes[item[0]].blocks[item[1]], writes[item[0]].value.dtype)
 
-  in_flight = WRITES_IN_FLIGHT
+  block = max(map(nbytes, items), default=1)
   if len(writes) > 1:  # lockstep blocks are small (a source chunk split over the layers): more of them at once,
-    block = max(map(nbytes, items), default=1)  # within fewer bytes ahead (measured at 2 MiB blocks: 128 ->
-    ahead_bytes = min(ahead_bytes, LOCKSTEP_BLOCKS_AHEAD * block)  # 32 MiB ahead, peak RSS -250 MiB)
-    in_flight = max(WRITES_IN_FLIGHT, LOCKSTEP_BLOCKS_AHEAD // 2)
+    # within fewer bytes ahead (measured at 2 MiB blocks: 128 -> 32 MiB ahead, peak RSS -250 MiB)
+    ahead_bytes = min(ahead_bytes, LOCKSTEP_BLOCKS_AHEAD * block)
+  in_flight = writes_in_flight(ahead_bytes, block, lockstep=len(writes) > 1)
 
   try:
     for _ in items:
@@ -383,6 +383,19 @@ async def write_blocked(writes: list[_BlockedWrite], ahead_bytes: int) -> None:
     for _, future, _ in pending:  # an error: nothing may still be reading into a block
       future.cancel()
   writes[0].options['records'].add([w.value for w in writes], [w.info for w in writes], [w.spec for w in writes])
+
+
+def writes_in_flight(ahead_bytes: int, block_bytes: int, lockstep: bool = False) -> int:
+  """Block writes left running while the next block is awaited. A write is an OCDBT commit of its own unless
+  others are running, which it then joins: one at a time, a 2.8 GiB scanned convert (2 MiB blocks inside its
+  stored units, 16 MiB ahead) made a commit per block, each rewriting the B-tree nodes above it. So half the
+  blocks `ahead_bytes` holds are writing while the other half are evaluated, at least `WRITES_IN_FLIGHT`
+  (in-process, medians of 3 alternating: 10.3 s, 11.0 s of user CPU, against 13.2 s, 12.0 s one at a time;
+  with twice the bytes ahead, 10.2 s, but +60 MiB peak RSS at 4 MiB blocks under a 128 MiB budget). Lockstep
+  writes (`lockstep_align`) keep `LOCKSTEP_BLOCKS_AHEAD` / 2 writing: every block ahead of them writing."""
+  if lockstep:
+    return LOCKSTEP_BLOCKS_AHEAD // 2
+  return max(WRITES_IN_FLIGHT, ahead_bytes // max(block_bytes, 1) // 2)
 
 
 def lockstep_align(expr: Expr, leaf: TargetLeaf, sharding, source: SourceArrays) -> tuple[DiskPath, tuple] | None:
@@ -505,9 +518,9 @@ MAX_BATCH = 4096  # arrays written in one batch (bytes bound it first: MAX_BATCH
 WRITE_BLOCK_BYTES = 32 * 2**20  # chunks (and write blocks) of arrays written block by block: at most this,
 MIN_WRITE_BLOCK_BYTES = 1 << 20  # and at least this (Orbax warns below 1 MiB)
 LOCKSTEP_BLOCKS_AHEAD = 16  # blocks evaluated or being written at once in lockstep writes (half of them writing)
-BLOCKS_AHEAD = 4  # blocks evaluated or being written at once (reads overlap writes; more buys nothing)
-WRITES_IN_FLIGHT = 1  # writes left running while the next block is awaited (a chunk's encode takes one thread;
-# two left running measured +15-20% peak RSS growth at 4x array size under a 32 MiB budget)
+BLOCKS_AHEAD = 4  # write blocks' worth of bytes evaluated or being written at once (reads overlap writes; more
+# bytes buy nothing: `writes_in_flight`)
+WRITES_IN_FLIGHT = 1  # batch writes left running while the next batch is read; at least this many block writes
 # bytes in one batch: many small arrays share a call (per-array write latency paid once, measured 6x on
 # 1,000 leaves); large ones go alone (batched, concurrent writes measured +35% peak RSS)
 MAX_BATCH_BYTES = 16 * 2**20
