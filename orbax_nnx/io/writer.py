@@ -392,7 +392,8 @@ def writes_in_flight(ahead_bytes: int, block_bytes: int, lockstep: bool = False)
   blocks `ahead_bytes` holds are writing while the other half are evaluated, at least `WRITES_IN_FLIGHT`
   (in-process, medians of 3 alternating: 10.3 s, 11.0 s of user CPU, against 13.2 s, 12.0 s one at a time;
   with twice the bytes ahead, 10.2 s, but +60 MiB peak RSS at 4 MiB blocks under a 128 MiB budget). Lockstep
-  writes (`lockstep_align`) keep `LOCKSTEP_BLOCKS_AHEAD` / 2 writing: every block ahead of them writing."""
+  writes (`lockstep_align`) keep `LOCKSTEP_BLOCKS_AHEAD` / 2 running: half the blocks they may hold ahead, or
+  all the blocks a smaller `ahead_bytes` holds."""
   if lockstep:
     return LOCKSTEP_BLOCKS_AHEAD // 2
   return max(WRITES_IN_FLIGHT, ahead_bytes // max(block_bytes, 1) // 2)
