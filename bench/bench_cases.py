@@ -17,8 +17,9 @@ converter saves). Orbax restores each as it was saved, so the type changes what 
   same bytes as 85 (numpy, in memory, 5 runs each); `plain` cannot pay that per-array cost, `plain-out` does.
 
 Wall time is the whole process (imports included), peak RSS its VmHWM. The tools take turns; a ratio is the
-median over turns of ours / the peer within each turn (with its range when `--reps` > 1). Every run starts with the source in the
-page cache (`common.warm_page_cache`): a tool holding several GiB evicts it for whichever tool runs next.
+median over turns of ours / the peer within each turn (with its range when `--reps` > 1). Every run starts with
+the source in the page cache (`common.warm_page_cache`): a tool holding several GiB evicts it for whichever tool
+runs next.
 
     .venv/bin/python bench/bench_cases.py [--sizes small,big] [--only unscanned,scanned,unrolled] [--reps 1]
                                           [--source-type jax|numpy] [--zarr3]
