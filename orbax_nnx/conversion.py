@@ -515,7 +515,8 @@ def convert(src: epath.PathLike, dst: epath.PathLike, *, to: Literal['auto', 'nn
       fields may also be passed as keywords.
     memory_budget: the bytes held (an int, or '512MiB', '5GB'): half for decoded source chunks kept for other
       regions (at least one chunk), half for converted arrays in flight; arrays of three quarters of that half
-      or more are written block by block. None: arrays in flight sized from what is read
+      or more are written block by block, and the output's B-tree node cache is a sixteenth of it (1 MiB at
+      least: `io.writer.node_cache_bytes`; Orbax's is 100 MB). None: arrays in flight sized from what is read
       (`io.budget.default_in_flight`: 1/96 of it, 64-256 MiB; more when one stored chunk feeds many targets) and
       a chunk cache up to the largest stored array read, so that each chunk is decoded once; the report says
       what was chosen.

@@ -10,7 +10,7 @@ from etils import epath
 
 import orbax_nnx
 from orbax_nnx import compat
-from orbax_nnx.io import durability, orbax_writes
+from orbax_nnx.io import durability, orbax_writes, writer
 
 
 def test_a_convert_syncs_every_file_it_wrote_before_the_checkpoint_is_committed(tmp_path, monkeypatch):
@@ -34,13 +34,18 @@ def test_a_convert_syncs_every_file_it_wrote_before_the_checkpoint_is_committed(
   contexts = []
   start_open = orbax_writes.start_open
   monkeypatch.setattr(orbax_writes, 'start_open', lambda spec, info, *a: (
-      contexts.append(info.ts_context['file_io_sync'].to_json()), start_open(spec, info, *a))[1])
+      contexts.append(info.ts_context), start_open(spec, info, *a))[1])
 
   orbax_nnx.convert(tmp_path / 'src', tmp_path / 'dst', to='linen', scan_layers=True, memory_budget=2**20)
 
   # early passes while it wrote, then the last one; all before the checkpoint was in place
   assert syncs[-1] == (True, False) and (False, False) in syncs[:-1] and set(syncs) == {(False, False), (True, False)}
-  assert contexts and set(contexts) == {False}
+  # one context for every write (one OCDBT writer): no per-file sync, and a node cache of a sixteenth of the
+  # bytes in flight (at least 1 MiB), not Orbax's 100 MB
+  assert contexts and len({id(c) for c in contexts}) == 1
+  assert contexts[0]['file_io_sync'].to_json() is False
+  assert contexts[0]['cache_pool#ocdbt'].to_json() == {'total_bytes_limit': writer.node_cache_bytes(2**19)} == {
+      'total_bytes_limit': 2**20}
   tmp_item = synced[-1]  # (the last pass's) folders last, the deepest first: the item folder is the last
   written = {os.path.relpath(p, tmp_item) for p in synced}
   ours = {os.path.relpath(os.path.join(root, name), tmp_path / 'dst')
@@ -53,7 +58,7 @@ def test_a_convert_syncs_every_file_it_wrote_before_the_checkpoint_is_committed(
     np.testing.assert_array_equal(np.asarray(restored[k]), v)
 
 
-def test_object_store_writes_keep_orbaxs_context_and_sync_nothing():
+def test_object_store_writes_sync_nothing_and_resources_go_into_one_child_per_context():
   context = ts.Context()
   remote = [compat.ParamInfo(name=n, parent_dir=epath.Path('gs://bucket/ckpt'), ts_context=context) for n in 'ab']
   deferred = durability.Deferred(remote)
@@ -61,6 +66,15 @@ def test_object_store_writes_keep_orbaxs_context_and_sync_nothing():
   local = durability.Deferred([compat.ParamInfo(name='a', parent_dir=epath.Path('/tmp/x'), ts_context=context)])
   assert local.folders == ['/tmp/x'] and local.infos[0].ts_context['file_io_sync'].to_json() is False
   assert local.infos[0].ts_context.parent is context and context['file_io_sync'].to_json() is True
+  # resources go into a child of each of Orbax's contexts, on any store, shared by the infos that shared one
+  other = ts.Context()
+  cache = {'cache_pool#ocdbt': {'total_bytes_limit': 12345}}
+  mixed = [*remote, compat.ParamInfo(name='c', parent_dir=epath.Path('gs://bucket/ckpt'), ts_context=other)]
+  limited = durability.Deferred(mixed, cache).infos
+  assert limited[0].ts_context is limited[1].ts_context is not limited[2].ts_context
+  assert [i.ts_context.parent for i in limited] == [context, context, other]
+  assert {i.ts_context['cache_pool#ocdbt'].to_json()['total_bytes_limit'] for i in limited} == {12345}
+  assert limited[0].ts_context['file_io_sync'].to_json() is True  # (an object store: nothing deferred)
 
 
 def test_a_file_removed_while_syncing_is_skipped_and_other_errors_raise(tmp_path, monkeypatch):

@@ -7,12 +7,12 @@ project's VM, 2.8 GiB as 4 MiB files: 5.9-15.3 s fsynced one by one, 2.6-7.0 s w
 together (64 MiB files fsynced one by one: 5.0-5.7 s).
 
 `Deferred` gives a save's arrays a tensorstore context whose file kvstore does not sync (`file_io_sync`,
-a child of Orbax's context: every other resource is shared), and `sync` then fsyncs every file and folder
-under the item's folder, before the writes' commit future completes: Orbax finalizes (renames the
-checkpoint into place, or writes its commit marker) only after that, so what it commits is as durable as a
-checkpoint whose files were each synced as written. Object stores (`gs://`) have nothing to sync: their
-writes are left as they are. Every write of one save must use the same context (one OCDBT writer per
-database), so a save is either deferred whole or not at all.
+a child of Orbax's context that also holds the writer's B-tree node cache: every other resource is shared),
+and `sync` then fsyncs every file and folder under the item's folder, before the writes' commit future
+completes: Orbax finalizes (renames the checkpoint into place, or writes its commit marker) only after that,
+so what it commits is as durable as a checkpoint whose files were each synced as written. Object stores
+(`gs://`) have nothing to sync: their writes are left as they are. Every write of one save must use the same
+context (one OCDBT writer per database), so a save is either deferred whole or not at all.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import asyncio
 import concurrent.futures
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import tensorstore as ts
 
@@ -35,19 +36,23 @@ EARLY_SYNC_BYTES = 64 * 2**20
 
 
 class Deferred:
-  """The deferred sync of one save's writes (`infos`: Orbax's, for every array the save writes)."""
+  """The deferred sync of one save's writes (`infos`: Orbax's, for every array the save writes), and the
+  tensorstore context they are written with (`infos`, rewritten): a child of Orbax's holding `resources` (any
+  store) and, on local files, `file_io_sync` off. One child per Orbax context, so the save keeps one OCDBT
+  writer per database."""
 
-  def __init__(self, infos: Sequence[compat.ParamInfo]):
+  def __init__(self, infos: Sequence[compat.ParamInfo], resources: Mapping[str, Any] | None = None):
     folders = {os.fspath(compat.planned_parent_dir(info)) for info in infos}
-    local = bool(folders) and all(untrusted.is_local(folder) for folder in folders) and all(
-        info.ts_context is not None for info in infos)
+    derived = bool(infos) and all(info.ts_context is not None for info in infos)
+    local = derived and all(untrusted.is_local(folder) for folder in folders)
     self.folders = sorted(folders) if local else []
+    spec = {**(resources or {}), **({'file_io_sync': False} if local else {})}
     contexts: dict[int, ts.Context] = {}
-    for info in infos if local else ():
+    for info in infos if derived and spec else ():
       if id(info.ts_context) not in contexts:
-        contexts[id(info.ts_context)] = ts.Context(ts.Context.Spec({'file_io_sync': False}), info.ts_context)
+        contexts[id(info.ts_context)] = ts.Context(ts.Context.Spec(spec), info.ts_context)
     self.infos = [compat.with_ts_context(info, contexts[id(info.ts_context)]) for info in infos] \
-        if local else list(infos)
+        if contexts else list(infos)
     self._unsynced = 0  # bytes written since the last early pass started
     self._early: concurrent.futures.Future | None = None
     self._pool: concurrent.futures.ThreadPoolExecutor | None = None
