@@ -46,6 +46,7 @@ def test_a_convert_syncs_every_file_it_wrote_before_the_checkpoint_is_committed(
   assert contexts[0]['file_io_sync'].to_json() is False
   assert contexts[0]['cache_pool#ocdbt'].to_json() == {'total_bytes_limit': writer.node_cache_bytes(2**19)} == {
       'total_bytes_limit': 2**20}
+  assert writer.node_cache_bytes(2**40) == compat.orbax_node_cache_bytes() == 100_000_000  # (Orbax's, pinned)
   tmp_item = synced[-1]  # (the last pass's) folders last, the deepest first: the item folder is the last
   written = {os.path.relpath(p, tmp_item) for p in synced}
   ours = {os.path.relpath(os.path.join(root, name), tmp_path / 'dst')

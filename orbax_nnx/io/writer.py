@@ -529,12 +529,12 @@ WRITES_IN_FLIGHT = 1  # batch writes left running while the next batch is read; 
 # 1,000 leaves); large ones go alone (batched, concurrent writes measured +35% peak RSS)
 MAX_BATCH_BYTES = 16 * 2**20
 MIN_NODE_CACHE_BYTES = 1 << 20  # the written checkpoint's B-tree node cache: at least this (`node_cache_bytes`)
-ORBAX_NODE_CACHE_BYTES = 100_000_000  # and at most Orbax's own (`tensorstore_utils`: 'cache_pool#ocdbt')
 
 
 def node_cache_bytes(buffer_bytes: int) -> int:
   """The written checkpoint's OCDBT B-tree node cache (tensorstore's `cache_pool#ocdbt`): a sixteenth of the
-  bytes in flight, `MIN_NODE_CACHE_BYTES` at least and Orbax's own 100 MB at most.
+  bytes in flight, `MIN_NODE_CACHE_BYTES` at least and Orbax's own (100 MB: `compat.orbax_node_cache_bytes`) at
+  most.
 
   Every commit writes new versions of the nodes it changes, and the cache keeps the old ones until its limit:
   under Orbax's 100 MB, a convert's peak RSS grew with the commits it made, so with the size of its arrays
@@ -544,7 +544,7 @@ def node_cache_bytes(buffer_bytes: int) -> int:
   the newest nodes: 1,083 arrays unrolled, and blocked writes to `gs://` through a 20 ms proxy, took the same
   time and requests at 1 MiB as at 100 MB (with no cache at all: +6% requests). Only a database of ~100,000
   keys committed faster with more (tensorstore alone: 27 ms a commit at 4 MiB, 17 ms at 100 MB)."""
-  return min(max(buffer_bytes // 16, MIN_NODE_CACHE_BYTES), ORBAX_NODE_CACHE_BYTES)
+  return min(max(buffer_bytes // 16, MIN_NODE_CACHE_BYTES), compat.orbax_node_cache_bytes())
 
 
 def layer_chunk_args(leaf: TargetLeaf, axis: int | None) -> ocp.SaveArgs | None:
